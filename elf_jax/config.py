@@ -1,0 +1,73 @@
+"""The defaults every `configs/*.py` file starts from: the reference's settings (SPEC.md).
+
+A config file calls `base_config()` and changes what its experiment needs; every field is
+overridable on the command line (`--config.eval.repeats=3`).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+# The reference's cross-architecture pool ("cross"); "-IN" names are instance norm.
+CROSS_POOL = ("ConvNet", "ConvNetBN", "ResNet18", "ResNet18BN", "VGG11", "VGG11BN")
+FULL_STRATEGY = "color_crop_cutout_flip_scale_rotate"
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Reference settings for CIFAR-10 with a ConvNetW512 teacher and the cross pool."""
+    c = ml_collections.ConfigDict()
+    c.dataset = "cifar10"
+    c.data_dir = ""  # TFDS data dir; "" = TFDS default (~/tensorflow_datasets)
+    c.zca = False
+    c.seed = 0
+    c.dtype = "float32"  # compute dtype of the networks: float32 | bfloat16
+
+    # Stage 1: the teacher ("feature model") trained on the full real training set.
+    c.teacher = ml_collections.ConfigDict()
+    c.teacher.arch = "ConvNetW512"
+    c.teacher.epochs = 200
+    c.teacher.lr = 0.01
+    c.teacher.momentum = 0.9
+    c.teacher.weight_decay = 5e-4
+    c.teacher.batch_size = 256
+    c.teacher.dsa_strategy = FULL_STRATEGY
+    c.teacher.lr_decay = True  # lr x0.1 once after epoch epochs//2 + 1
+    c.teacher.feature_epoch = 100  # the snapshot ELF uses
+    # Teacher per feature width: an eval net whose front has C channels uses the teacher
+    # of width C (SPEC: ConvNet fronts are 4x4x128 and take a width-128 ConvNet teacher).
+    # "" = this rule; otherwise one architecture name for every eval net.
+    c.teacher.override_arch = ""
+
+    # Stage 2: the synthetic set.
+    c.synset = ml_collections.ConfigDict()
+    c.synset.source = "distill"  # distill | import | real_random
+    c.synset.path = ""  # for source=import: a synset dir, .npz, or a reference .pt folder
+    c.synset.method = "dm"  # for source=distill: dc | dsa | dm | mtt | tesla
+    c.synset.ipc = 10
+    c.synset.iterations = 1000
+    c.synset.arch = "ConvNet"  # the distillation model
+
+    # Stage 3: the feature bank.
+    c.bank = ml_collections.ConfigDict()
+    c.bank.layer = ""  # "" = the teacher's front output (last conv block after pooling)
+    c.bank.batch_size = 256
+
+    # Stage 4: evaluation, the reference protocol.
+    c.eval = ml_collections.ConfigDict()
+    c.eval.pool = CROSS_POOL
+    c.eval.modes = ("task", "front_rear_task")
+    c.eval.repeats = 5
+    c.eval.epochs = 1000  # the loop runs epochs 0..epochs, as the reference
+    c.eval.lr = 0.01
+    c.eval.use_learned_lr = False  # MTT sets: the reference still uses 0.01
+    c.eval.momentum = 0.9
+    c.eval.weight_decay = 5e-4
+    c.eval.batch_size = 256
+    c.eval.dsa_strategy = FULL_STRATEGY
+    c.eval.kind = "ce"  # feature distance: ce | l2 | l1 | cos
+    c.eval.lambda_front = 1.0
+    c.eval.lambda_rear = 1.0
+    c.eval.repeat_strategy = "auto"  # auto | sequential | vmap | devices
+    c.eval.checkpoint_every = 100  # epochs between evaluation checkpoints
+    c.eval.width = 0  # >0 overrides the ConvNet-family width of pool nets (demo only)
+    return c
