@@ -1,0 +1,329 @@
+"""Synthetic (distilled) datasets: container, validation, hashing, storage.
+
+A ``SyntheticSet`` holds
+
+* ``images``  float32 ``[N, H, W, C]`` (NHWC, normalized space, ZCA-whitened if
+  ``metadata["zca"]``),
+* ``labels``  int32 ``[N]`` (hard) or float32 ``[N, K]`` (soft),
+* ``lr``      optional learned learning rate (MTT/TESLA), a positive finite float,
+* ``metadata`` a JSON dict with at least ``method``, ``dataset``, ``ipc``, ``arch``, ``zca``,
+  ``iteration`` and ``num_classes`` (filled in with defaults when missing).
+
+Storage formats
+---------------
+* orbax (``save_synset``/``load_synset``): a ``checkpoint.save_tree`` directory whose tree is
+  ``{"images", "labels"}`` and whose metadata is the set's metadata plus
+  ``kind="synthetic_set"``, ``label_kind`` (``"hard"``/``"soft"``), ``lr`` (float or null),
+  ``image_shape``, ``num_images`` and ``content_hash``; loading re-computes the hash and
+  refuses a set whose content does not match it.
+* ``.npz`` (``to_npz``/``from_npz``): arrays ``images``, ``labels``, optional ``lr`` and
+  ``metadata_json`` (the metadata dict as a JSON string).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import jax
+import numpy as np
+
+from elf_jax import checkpoint
+
+__all__ = [
+    "SyntheticSet",
+    "save_synset",
+    "load_synset",
+    "to_npz",
+    "from_npz",
+    "random_real_subset",
+    "SYNSET_KIND",
+]
+
+SYNSET_KIND = "synthetic_set"
+_REQUIRED_META = {
+    "method": "unknown",
+    "dataset": None,
+    "ipc": None,
+    "arch": None,
+    "zca": False,
+    "iteration": None,
+}
+
+
+def _host(x) -> np.ndarray:
+    return np.asarray(jax.device_get(x))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class SyntheticSet:
+    """A validated synthetic set (see the module docstring).
+
+    ``num_classes`` may be given explicitly (recommended for hard labels, since a set need
+    not contain every class); otherwise it is taken from ``metadata["num_classes"]``, from
+    the soft labels' width, or ``max(label) + 1``.
+    """
+
+    images: np.ndarray
+    labels: np.ndarray
+    lr: Optional[float] = None
+    metadata: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    num_classes: Optional[int] = None
+
+    def __post_init__(self):
+        images = _host(self.images)
+        if images.ndim != 4:
+            raise ValueError(
+                f"synthetic images must be NHWC [N, H, W, C], got shape {images.shape}; "
+                "convert NCHW arrays with images.transpose(0, 2, 3, 1)")
+        if images.shape[0] == 0:
+            raise ValueError("synthetic set is empty (0 images)")
+        if not np.issubdtype(images.dtype, np.floating) and images.dtype.name != "bfloat16":
+            raise ValueError(
+                f"synthetic images must be floating point (normalized), got {images.dtype}")
+        images = images.astype(np.float32)
+        if not np.isfinite(images).all():
+            bad = int(images.size - np.isfinite(images).sum())
+            raise ValueError(
+                f"synthetic images hold {bad} NaN/Inf value(s) (shape {images.shape}); the "
+                "distillation diverged: use an earlier (last good) checkpoint of the set")
+        n = images.shape[0]
+
+        labels = _host(self.labels)
+        meta = dict(self.metadata or {})
+        k = self.num_classes if self.num_classes is not None else meta.get("num_classes")
+        if labels.ndim == 1:
+            if not (np.issubdtype(labels.dtype, np.integer)
+                    or (np.issubdtype(labels.dtype, np.floating)
+                        and np.all(labels == np.round(labels)))):
+                raise ValueError(
+                    f"hard labels must be integers, got dtype {labels.dtype}")
+            labels = labels.astype(np.int32)
+            if k is None:
+                k = int(labels.max()) + 1
+            k = int(k)
+            lo, hi = int(labels.min()), int(labels.max())
+            if lo < 0 or hi >= k:
+                raise ValueError(
+                    f"labels must lie in [0, {k - 1}] for {k} classes, found range [{lo}, {hi}]; "
+                    "check num_classes or the label encoding")
+        elif labels.ndim == 2:
+            labels = labels.astype(np.float32)
+            if k is not None and int(k) != labels.shape[1]:
+                raise ValueError(
+                    f"soft labels have {labels.shape[1]} classes but num_classes is {k}")
+            k = labels.shape[1]
+            if not np.isfinite(labels).all():
+                raise ValueError("soft labels hold NaN/Inf values")
+        else:
+            raise ValueError(
+                f"labels must be [N] (hard, int) or [N, K] (soft), got shape {labels.shape}")
+        if labels.shape[0] != n:
+            raise ValueError(
+                f"{n} images but {labels.shape[0]} labels: they must have the same length")
+
+        lr = self.lr
+        if lr is not None:
+            arr = _host(lr)
+            if arr.size != 1:
+                raise ValueError(f"lr must be a scalar, got shape {arr.shape}")
+            lr = float(arr.reshape(()))
+            if not np.isfinite(lr):
+                raise ValueError(
+                    f"learned lr is {lr}: the distillation diverged; use an earlier checkpoint "
+                    "or evaluate without the learned lr")
+            if lr <= 0:
+                raise ValueError(f"learned lr must be positive, got {lr}")
+
+        for key, default in _REQUIRED_META.items():
+            meta.setdefault(key, default)
+        meta["num_classes"] = k
+        if meta.get("ipc") is None:
+            meta["ipc"] = _infer_ipc(labels, k)
+        meta = checkpoint._normalize_meta(meta)
+
+        object.__setattr__(self, "images", images)
+        object.__setattr__(self, "labels", labels)
+        object.__setattr__(self, "lr", lr)
+        object.__setattr__(self, "metadata", meta)
+        object.__setattr__(self, "num_classes", k)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def ipc(self) -> int:
+        """Images per class (metadata value; inferred from the labels when missing)."""
+        return int(self.metadata["ipc"])
+
+    @property
+    def soft(self) -> bool:
+        return self.labels.ndim == 2
+
+    @property
+    def image_shape(self) -> tuple:
+        return tuple(self.images.shape[1:])
+
+    @property
+    def method(self) -> str:
+        return self.metadata["method"]
+
+    @property
+    def dataset(self) -> Optional[str]:
+        return self.metadata["dataset"]
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def hard_labels(self) -> np.ndarray:
+        """Hard labels (argmax of soft labels)."""
+        return self.labels if not self.soft else self.labels.argmax(-1).astype(np.int32)
+
+    def content_hash(self) -> str:
+        """sha256 hex digest of the images and labels (shapes, dtypes and bytes)."""
+        h = hashlib.sha256()
+        for arr in (self.images, self.labels):
+            a = np.ascontiguousarray(arr)
+            h.update(f"{a.dtype.str}{a.shape};".encode())
+            h.update(a.tobytes())
+        return h.hexdigest()
+
+    def replace(self, **changes) -> "SyntheticSet":
+        """A copy with fields changed (re-validated); ``metadata`` entries are merged."""
+        if "metadata" in changes:
+            changes["metadata"] = {**self.metadata, **changes["metadata"]}
+        return dataclasses.replace(self, **changes)
+
+    def __repr__(self) -> str:
+        m = self.metadata
+        return (f"SyntheticSet(n={len(self)}, image_shape={self.image_shape}, "
+                f"classes={self.num_classes}, labels={'soft' if self.soft else 'hard'}, "
+                f"lr={self.lr}, method={m['method']!r}, dataset={m['dataset']!r}, "
+                f"ipc={m['ipc']}, arch={m['arch']!r})")
+
+
+def _infer_ipc(labels: np.ndarray, k: int) -> int:
+    hard = labels if labels.ndim == 1 else labels.argmax(-1)
+    counts = np.bincount(hard, minlength=k)
+    return int(counts.max())
+
+
+def _full_meta(s: SyntheticSet) -> dict:
+    return {
+        **s.metadata,
+        "kind": SYNSET_KIND,
+        "label_kind": "soft" if s.soft else "hard",
+        "lr": s.lr,  # exact (JSON float), not rounded through float32
+        "image_shape": list(s.image_shape),
+        "num_images": len(s),
+        "content_hash": s.content_hash(),
+    }
+
+
+_STORAGE_KEYS = ("kind", "label_kind", "lr", "image_shape", "num_images", "content_hash",
+                 "format", "elf_jax_version")
+
+
+def save_synset(path, s: SyntheticSet) -> Path:
+    """Writes ``s`` atomically with orbax (see the module docstring for the layout)."""
+    if not isinstance(s, SyntheticSet):
+        raise ValueError(f"save_synset expects a SyntheticSet, got {type(s).__name__}")
+    tree = {"images": s.images, "labels": s.labels}
+    return checkpoint.save_tree(path, tree, _full_meta(s))
+
+
+def _from_stored(where, images, labels, lr, meta: dict) -> SyntheticSet:
+    expected_hash = meta.get("content_hash")
+    user_meta = {k: v for k, v in meta.items() if k not in _STORAGE_KEYS}
+    s = SyntheticSet(images, labels, lr=lr, metadata=user_meta,
+                     num_classes=user_meta.get("num_classes"))
+    if expected_hash is not None and s.content_hash() != expected_hash:
+        raise ValueError(
+            f"synthetic set at {where} is corrupt: its content hash {s.content_hash()[:12]}... "
+            f"does not match the stored {expected_hash[:12]}...; re-create or re-export it")
+    return s
+
+
+def load_synset(path, expect: Optional[Mapping[str, Any]] = None) -> SyntheticSet:
+    """Loads a set written by ``save_synset``; ``expect`` = metadata that must match."""
+    meta = checkpoint.read_metadata(path)
+    if meta.get("kind") != SYNSET_KIND:
+        raise ValueError(
+            f"{path} is not a synthetic set (kind={meta.get('kind')!r}); pass a directory "
+            "written by save_synset")
+    tree, meta = checkpoint.load_tree(path, expect=expect)
+    return _from_stored(path, tree["images"], tree["labels"], meta.get("lr"), meta)
+
+
+def to_npz(path, s: SyntheticSet) -> Path:
+    """Exports ``s`` to a ``.npz`` file (arrays + ``metadata_json``)."""
+    path = Path(path)
+    if path.suffix != ".npz":
+        path = path.with_name(path.name + ".npz")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {"images": s.images, "labels": s.labels,
+              "metadata_json": np.asarray(json.dumps(_full_meta(s)))}
+    if s.lr is not None:
+        arrays["lr"] = np.asarray(s.lr, np.float64)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    tmp.replace(path)
+    return path
+
+
+def from_npz(path) -> SyntheticSet:
+    """Imports a set written by ``to_npz`` (or any npz with ``images`` and ``labels``, NHWC)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no file at {path}; check the path")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if "images" not in z or "labels" not in z:
+                raise ValueError(
+                    f"{path} has arrays {sorted(z.files)}; a synthetic set needs 'images' "
+                    "(NHWC) and 'labels'")
+            images, labels = z["images"], z["labels"]
+            lr = z["lr"] if "lr" in z else None
+            meta = json.loads(str(z["metadata_json"])) if "metadata_json" in z else {}
+    except (OSError, EOFError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not a readable .npz synthetic set ({e})") from e
+    return _from_stored(path, images, labels, lr, meta)
+
+
+def random_real_subset(key, dataset, ipc: int) -> SyntheticSet:
+    """``ipc`` random real images per class of ``dataset`` (an ``ArrayDataset``-like object
+    with ``images``, ``labels``, ``num_classes`` and ``name``), ordered by class; labelled
+    ``method="real_random"``.  ``ValueError`` if a class has fewer than ``ipc`` images."""
+    ipc = int(ipc)
+    if ipc < 1:
+        raise ValueError(f"ipc must be >= 1, got {ipc}")
+    labels = _host(dataset.labels)
+    if labels.ndim != 1:
+        raise ValueError("random_real_subset needs hard integer labels in the dataset")
+    k = int(getattr(dataset, "num_classes", int(labels.max()) + 1))
+    keys = jax.random.split(key, k)
+    picks = []
+    for c in range(k):
+        idx = np.flatnonzero(labels == c)
+        if idx.size < ipc:
+            raise ValueError(
+                f"class {c} of dataset {getattr(dataset, 'name', '?')!r} has only {idx.size} "
+                f"images but ipc={ipc} were requested; lower ipc to at most {idx.size}")
+        perm = _host(jax.random.permutation(keys[c], idx.size))
+        picks.append(idx[perm[:ipc]])
+    sel = np.concatenate(picks)
+    images = _host(dataset.images)[sel]
+    key_data = key if not jax.dtypes.issubdtype(getattr(key, "dtype", np.uint32),
+                                                jax.dtypes.prng_key) else jax.random.key_data(key)
+    meta = {
+        "method": "real_random",
+        "dataset": getattr(dataset, "name", None),
+        "ipc": ipc,
+        "arch": None,
+        "zca": bool(getattr(dataset, "zca", False)),
+        "iteration": 0,
+        "seed_key": _host(key_data).tolist(),
+        "indices_hash": hashlib.sha256(sel.astype(np.int64).tobytes()).hexdigest()[:16],
+    }
+    return SyntheticSet(images, labels[sel].astype(np.int32), metadata=meta, num_classes=k)
