@@ -1,0 +1,66 @@
+"""AlexNet / AlexNetBN of the dataset-distillation ``networks.py`` (32x32 or 28x28x1 input).
+
+conv5x5 128 p2 -> [BN] -> relu -> maxpool; conv5x5 192 p2 -> [BN] -> relu -> maxpool;
+conv3x3 256 p1; conv3x3 192 p1; conv3x3 192 p1 -> maxpool; dense. For 28x28 1-channel input
+the first conv uses padding 4 (reference rule), so every input size ends at 4x4x192.
+
+No ELF split in the reference: ``has_split`` is False and ``front`` raises.
+
+Parameter tree (torch names in brackets; plain AlexNet has no norms)::
+
+    block{i}/conv/{kernel, bias}      [features.<k>.weight/bias]
+    block{i}/norm/{scale, bias}       [features.<k+1>.weight/bias, AlexNetBN only]
+    classifier/{kernel, bias}         [fc.weight/bias; rows flattened H,W,C here]
+
+``capture_intermediates`` records ``block1..block5`` and ``pre_logits``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
+from flax import linen as nn
+
+from elf_jax.models import layers as L
+from elf_jax.models.convnet import ConvBlock
+
+# (features, kernel, padding, pool after)
+_ALEX_CFG = ((128, 5, 2, True), (192, 5, 2, True), (256, 3, 1, False), (192, 3, 1, False),
+             (192, 3, 1, True))
+
+
+class AlexNet(nn.Module):
+    num_classes: int = 10
+    norm: str = "none"
+    dtype: Any = jnp.float32
+    init_mode: str = "torch"
+    bn_axis_name: Any = None
+
+    has_split = False
+
+    def setup(self):
+        L.check_init(self.init_mode)
+        blocks = []
+        for i, (c, k, p, pool) in enumerate(_ALEX_CFG):
+            blk = ConvBlock(c, norm=self.norm, pool="maxpooling" if pool else "none",
+                            padding=p, kernel_size=k, dtype=self.dtype,
+                            init_mode=self.init_mode, bn_axis_name=self.bn_axis_name)
+            setattr(self, f"block{i + 1}", blk)
+            blocks.append(blk)
+        self.blocks = blocks
+        self.pre_logits = L.Tap()
+        self.classifier = L.Dense(self.num_classes, dtype=self.dtype, init_mode=self.init_mode)
+
+    def front(self, x, train: bool = False):
+        raise L.no_split_error("AlexNet")
+
+    def rear(self, f, train: bool = False):
+        raise L.no_split_error("AlexNet")
+
+    def __call__(self, x, train: bool = False):
+        L.check_images(x, "AlexNet")
+        first_pad = 4 if L.mnist_padding(x) else 2
+        for i, blk in enumerate(self.blocks):
+            x = blk(x, train, padding=first_pad if i == 0 else None)
+        return self.classifier(self.pre_logits(L.flatten(x)))
