@@ -1,0 +1,29 @@
+"""Interop with the PyTorch reference repositories (weights, expert buffers, synthetic sets).
+
+Everything lives in :mod:`elf_jax.interop.torch`; torch itself is imported only when a
+function needs it (``pip install 'elf_jax[torch]'``).
+"""
+
+from elf_jax.interop.torch import (  # noqa: F401
+    export_reference_synset,
+    flat_param_shapes,
+    flat_params_to_variables,
+    from_torch_state_dict,
+    load_reference_synset,
+    load_replay_buffer,
+    reference_state_dict_keys,
+    to_torch_state_dict,
+    variables_to_flat_params,
+)
+
+__all__ = [
+    "from_torch_state_dict",
+    "to_torch_state_dict",
+    "reference_state_dict_keys",
+    "flat_param_shapes",
+    "flat_params_to_variables",
+    "variables_to_flat_params",
+    "load_replay_buffer",
+    "load_reference_synset",
+    "export_reference_synset",
+]
