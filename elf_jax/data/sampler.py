@@ -1,0 +1,266 @@
+"""Class-indexed sampling and the grain input pipeline.
+
+* `ClassIndex(dataset)`: the whole split on the device; `sample_class(key, c, n)` draws n
+  distinct images of class c uniformly (the reference: `np.random.permutation(
+  indices_class[c])[:n]`). Jittable: `c` may be traced, `n` is static.
+* `StreamingClassSampler`: the same for datasets too big for memory; reads only the drawn
+  records from the array_record files.
+* `make_loader(...)`: a grain `DataLoader` of normalized batches, sharded by process.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import numpy as np
+
+import jax
+import jax.numpy as jnp
+
+from elf_jax.data.dataset import ArrayDataset
+
+
+@functools.partial(jax.jit, static_argnames=("n",))
+def _sample(images, table, counts, key, c, n):
+    k = table.shape[1]
+    u = jax.random.uniform(key, (k,))
+    u = jnp.where(jnp.arange(k) < counts[c], u, 2.0)  # padding slots lose
+    _, pos = jax.lax.top_k(-u, n)  # n smallest uniforms = a uniform n-subset
+    return images[table[c, pos]]
+
+
+@functools.partial(jax.jit, static_argnames=("n",))
+def _sample_all(images, table, counts, key, n):
+    keys = jax.random.split(key, table.shape[0])
+    cls = jnp.arange(table.shape[0])
+    return jax.vmap(lambda kk, c: _sample(images, table, counts, kk, c, n))(keys, cls)
+
+
+class ClassIndex:
+    """Per-class index of an in-memory dataset for fast class-conditional sampling.
+
+    `images` are kept as a device array; `table[c, :counts[c]]` are the indices of class c.
+    """
+
+    def __init__(self, dataset: ArrayDataset, *, device_put: bool = True):
+        labels = np.asarray(dataset.labels)
+        k = dataset.num_classes
+        counts = np.bincount(labels, minlength=k)
+        width = max(1, int(counts.max()) if counts.size else 1)
+        table = np.zeros((k, width), np.int32)
+        for c in range(k):
+            idx = np.flatnonzero(labels == c)
+            table[c, :len(idx)] = idx
+            if len(idx):
+                table[c, len(idx):] = idx[0]
+        self.num_classes = k
+        self.counts = counts
+        self.indices = [table[c, :counts[c]] for c in range(k)]
+        self.images = jnp.asarray(dataset.images) if device_put else dataset.images
+        self.labels = labels
+        self.table = jnp.asarray(table)
+        self._counts = jnp.asarray(counts, jnp.int32)
+
+    def _check(self, n: int, c=None):
+        n = int(n)
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        if isinstance(c, (int, np.integer)):
+            if not 0 <= c < self.num_classes:
+                raise ValueError(f"class {c} out of range [0, {self.num_classes})")
+            if n > self.counts[c]:
+                raise ValueError(f"class {c} has {self.counts[c]} images, cannot draw {n} "
+                                 "without replacement")
+        elif n > self.counts.min():
+            raise ValueError(f"n={n} exceeds the smallest class ({self.counts.min()} images); "
+                             "pass a Python int class to check that class only")
+        return n
+
+    def sample_class(self, key, c, n: int):
+        """n distinct images of class c, [n, H, W, C] (uniform without replacement)."""
+        n = self._check(n, c)
+        return _sample(self.images, self.table, self._counts, key, c, n)
+
+    def sample_all_classes(self, key, n: int):
+        """[num_classes, n, H, W, C]: n distinct images per class (independent keys)."""
+        n = self._check(n)
+        return _sample_all(self.images, self.table, self._counts, key, n)
+
+
+class StreamingClassSampler:
+    """Per-class sampling from array_record files without loading the split.
+
+    Labels are read once (cached as .npy under `<data_dir>/elf_jax_cache/labels`); each call
+    reads and decodes only the drawn records. Returns numpy float32 images normalized like
+    `load` (mean/std, then `zca` if given).
+    """
+
+    def __init__(self, name: str, split: str = "train", *, data_dir=None, normalize=True,
+                 zca=None, stats: str = "dc", download: bool = False, manual_dir=None):
+        from elf_jax.data import tfds_source
+        from elf_jax.data.api import resolve_info
+
+        self.info = resolve_info(name, stats=stats)
+        if self.info.source == "embedded":
+            raise ValueError(f"{self.info.name} is in memory: use ClassIndex(load(...))")
+        self._ts = tfds_source
+        self.source = tfds_source.open_source(self.info, split, data_dir, download=download,
+                                              manual_dir=manual_dir, raw=True)
+        labels = tfds_source.read_labels(self.info, split, data_dir, manual_dir=manual_dir)
+        self.num_classes = self.info.num_classes
+        self.indices = [np.flatnonzero(labels == c) for c in range(self.num_classes)]
+        self.counts = np.asarray([len(i) for i in self.indices])
+        self.normalize = normalize
+        self.zca = zca
+        self._lmap = tfds_source.label_map_for(self.info)
+
+    def _to_space(self, u8):
+        x = u8.astype(np.float32) / np.float32(255.0)
+        if self.normalize:
+            x = (x - np.asarray(self.info.mean, np.float32)) / np.asarray(self.info.std,
+                                                                         np.float32)
+        if self.zca is not None:
+            x = self.zca.apply(x)
+        return x
+
+    def sample_class(self, rng: np.random.Generator, c: int, n: int) -> np.ndarray:
+        if not 0 <= c < self.num_classes:
+            raise ValueError(f"class {c} out of range [0, {self.num_classes})")
+        if n > self.counts[c]:
+            raise ValueError(f"class {c} has {self.counts[c]} images, cannot draw {n}")
+        idx = np.sort(rng.choice(self.indices[c], size=n, replace=False))
+        recs = self.source.__getitems__([int(i) for i in idx])
+        u8, _ = self._ts.decode_records(recs, self.info.image_shape[-1], self._lmap)
+        return self._to_space(u8)
+
+    def sample_all_classes(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        return np.stack([self.sample_class(rng, c, n) for c in range(self.num_classes)])
+
+
+# ---------------------------------------------------------------------------- grain loader
+
+
+class _ArraySource:
+    """grain RandomAccessDataSource over in-memory [0,1] float images (embedded datasets)."""
+
+    def __init__(self, images, labels):
+        self.images, self.labels = images, labels
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return {"image": self.images[i], "label": self.labels[i]}
+
+
+class _RawTfdsSource:
+    """Wraps a raw (undecoded) TFDS data source; pickles cheaply for grain workers."""
+
+    def __init__(self, info, split, data_dir, manual_dir):
+        self.info, self.split, self.data_dir, self.manual_dir = info, split, data_dir, manual_dir
+        self._src = None
+
+    def _open(self):
+        if self._src is None:
+            from elf_jax.data import tfds_source
+
+            self._src = tfds_source.open_source(self.info, self.split, self.data_dir,
+                                                download=False, manual_dir=self.manual_dir,
+                                                raw=True)
+        return self._src
+
+    def __len__(self):
+        return len(self._open())
+
+    def __getitem__(self, i):
+        return self._open()[int(i)]
+
+    def __getstate__(self):
+        d = dict(self.__dict__)
+        d["_src"] = None
+        return d
+
+
+def _make_ops(info, normalize, zca, channels, lmap, batch_size, drop_remainder, raw_tfds):
+    import grain.python as grain
+
+    mean = np.asarray(info.mean, np.float32)
+    std = np.asarray(info.std, np.float32)
+
+    class Decode(grain.MapTransform):
+        def map(self, rec):
+            from elf_jax.data import tfds_source
+
+            data, lab = tfds_source.parse_record(rec)
+            img = tfds_source.decode_image(data, channels)
+            if lmap is not None:
+                lab = int(lmap[lab])
+            return {"image": img, "label": np.int32(lab)}
+
+    class ToSpace(grain.MapTransform):
+        def map(self, batch):
+            x = batch["image"]
+            x = x.astype(np.float32) / np.float32(255.0) if x.dtype == np.uint8 else x
+            if normalize:
+                x = (x - mean) / std
+            if zca is not None:
+                x = zca.apply(x)
+            return {"image": x.astype(np.float32), "label": batch["label"].astype(np.int32)}
+
+    ops = [Decode()] if raw_tfds else []
+    ops += [grain.Batch(batch_size=batch_size, drop_remainder=drop_remainder), ToSpace()]
+    return ops
+
+
+def make_loader(name: str, split: str, batch_size: int, seed: int = 0,
+                shard_index: Optional[int] = None, shard_count: Optional[int] = None, *,
+                data_dir=None, shuffle: bool = True, num_epochs: Optional[int] = 1,
+                drop_remainder: bool = True, worker_count: int = 0, normalize=None,
+                zca=None, stats: str = "dc", image_size=None, download: bool = True,
+                manual_dir=None):
+    """grain DataLoader over one split yielding {"image": float32 [B,H,W,C], "label": int32}.
+
+    Records are read from array_record on demand (embedded datasets from memory), shuffled
+    per epoch with `seed`, sharded: shard `shard_index` of `shard_count` (default: this JAX
+    process of all processes). `zca` is a fitted `ZCA` (e.g. `load(name, zca=True).zca`);
+    normalization defaults as in `load`. `num_epochs=None` repeats forever.
+    """
+    import grain.python as grain
+
+    from elf_jax.data import tfds_source
+    from elf_jax.data.api import resolve_info
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if shard_index is None:
+        shard_index = jax.process_index()
+    if shard_count is None:
+        shard_count = jax.process_count()
+    if not 0 <= shard_index < shard_count:
+        raise ValueError(f"shard_index {shard_index} not in [0, {shard_count})")
+    if normalize is None:
+        normalize = zca is None
+    info = resolve_info(name, stats=stats, image_size=image_size)
+    if info.source == "embedded":
+        from elf_jax.data.api import load_unit
+
+        x, y = load_unit(info, split)
+        source = _ArraySource(x, y)
+        raw = False
+        lmap = None
+    else:
+        tfds_source.ensure_prepared(info, data_dir, download=download, manual_dir=manual_dir)
+        info.tfds_split(split)
+        source = _RawTfdsSource(info, split, data_dir, manual_dir)
+        raw = True
+        lmap = tfds_source.label_map_for(info)
+    sampler = grain.IndexSampler(
+        num_records=len(source),
+        shard_options=grain.ShardOptions(shard_index=shard_index, shard_count=shard_count,
+                                         drop_remainder=True),
+        shuffle=shuffle, num_epochs=num_epochs, seed=seed)
+    ops = _make_ops(info, normalize, zca, info.image_shape[-1], lmap, batch_size,
+                    drop_remainder, raw)
+    return grain.DataLoader(data_source=source, sampler=sampler, operations=ops,
+                            worker_count=worker_count)

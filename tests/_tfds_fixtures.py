@@ -1,0 +1,60 @@
+"""Tiny TFDS datasets built locally (no network, no TensorFlow) for the data tests."""
+
+import dataclasses
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from elf_jax.data import registry
+
+NUM_CLASSES = 4
+SHAPE = (8, 8, 3)
+SPLIT_SIZES = {"train": 48, "test": 16}
+
+
+def example_image(split: str, i: int) -> np.ndarray:
+    rng = np.random.default_rng(1000 * (split == "test") + i)
+    return rng.integers(0, 256, SHAPE, dtype=np.uint8)
+
+
+def example_label(i: int) -> int:
+    return i % NUM_CLASSES
+
+
+class ElfTestTiny(tfds.core.GeneratorBasedBuilder):
+    """Images given as numpy arrays: preparing must work without TensorFlow."""
+
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+        return tfds.core.DatasetInfo(
+            builder=self,
+            features=tfds.features.FeaturesDict({
+                "image": tfds.features.Image(shape=SHAPE),
+                "label": tfds.features.ClassLabel(num_classes=NUM_CLASSES)}),
+            supervised_keys=("image", "label"))
+
+    def _split_generators(self, dl_manager):
+        return {s: self._generate_examples(s, n) for s, n in SPLIT_SIZES.items()}
+
+    def _generate_examples(self, split, n):
+        for i in range(n):
+            yield i, {"image": example_image(split, i), "label": example_label(i)}
+
+
+TEST_INFO = registry.DatasetInfo(
+    "elf_test_tiny", SHAPE, NUM_CLASSES, (0.5, 0.4, 0.3), (0.25, 0.2, 0.15), source="tfds",
+    tfds_name="elf_test_tiny", prepare_hint="(test dataset)")
+
+
+def register(monkeypatch, info=TEST_INFO):
+    reg = dict(registry.REGISTRY)
+    reg[info.name] = info
+    monkeypatch.setattr(registry, "REGISTRY", reg)
+    return info
+
+
+def expected_split(split):
+    n = SPLIT_SIZES[split]
+    return (np.stack([example_image(split, i) for i in range(n)]),
+            np.asarray([example_label(i) for i in range(n)], np.int32))
