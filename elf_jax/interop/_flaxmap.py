@@ -30,10 +30,17 @@ def _alexnet(cid):
 def _vgg(cid):
     # ("conv", i, "conv"|"norm"): the i-th conv layer of the VGG cfg (0-based)
     if cid[0] == "conv":
-        return (f"conv{cid[1] + 1}", cid[2])
-    if cid[0] == "mlp":
-        return (f"fc{cid[1] + 1}",)
+        return (f"block{cid[1] + 1}", cid[2])
     return ("classifier",)
+
+
+def _vgg_imagenet(cid):
+    # 64x64 VGG: the classifier is an MLP classifier/fc1..fc3 (torch classifier.0/3/6)
+    if cid[0] == "conv":
+        return (f"block{cid[1] + 1}", cid[2])
+    if cid[0] == "mlp":
+        return ("classifier", f"fc{cid[1] + 1}")
+    return ("classifier", "fc3")
 
 
 def _resnet(cid):
@@ -48,22 +55,22 @@ def _resnet(cid):
 def _mlp(cid):
     if cid[0] == "fc":
         return (f"fc{cid[1] + 1}",)
-    return ("classifier",)
+    return ("fc3",)
 
 
 def _lenet(cid):
     if cid[0] == "block":
-        return (f"conv{cid[1] + 1}",)
+        return (f"block{cid[1] + 1}", "conv")
     if cid[0] == "fc":
         return (f"fc{cid[1] + 1}",)
-    return ("classifier",)
+    return ("fc3",)
 
 
 _FAMILIES = {
     "convnet": _convnet,
     "alexnet": _alexnet,
     "vgg": _vgg,
-    "vgg_imagenet": _vgg,
+    "vgg_imagenet": _vgg_imagenet,
     "resnet": _resnet,
     "mlp": _mlp,
     "lenet": _lenet,
