@@ -7,7 +7,7 @@
   balanced. Within a split images are ordered by class, then by that permutation.
 * `digits`: scikit-learn's 1,797 8x8 digits (pixel values 0..16, scaled to [0, 1]). Split:
   per class, permuted with `default_rng(DIGITS_SEED)`, the first `round(0.8 * n_c)` go to
-  `train` (1,439 images), the rest to `test` (358). `image_size` 16 or 32 upsamples with
+  `train` (1,438 images), the rest to `test` (359). `image_size` 16 or 32 upsamples with
   bilinear interpolation (`jax.image.resize`, half-pixel centres) and clips to [0, 1].
   Its mean/std are computed from the train split at the chosen size.
 

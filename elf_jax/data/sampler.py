@@ -21,13 +21,20 @@ import jax.numpy as jnp
 from elf_jax.data.dataset import ArrayDataset
 
 
-@functools.partial(jax.jit, static_argnames=("n",))
-def _sample(images, table, counts, key, c, n):
+def _indices(table, counts, key, c, n):
     k = table.shape[1]
     u = jax.random.uniform(key, (k,))
     u = jnp.where(jnp.arange(k) < counts[c], u, 2.0)  # padding slots lose
-    _, pos = jax.lax.top_k(-u, n)  # n smallest uniforms = a uniform n-subset
-    return images[table[c, pos]]
+    _, pos = jax.lax.top_k(-u, n)  # n smallest uniforms = a uniform n-subset, random order
+    return table[c, pos]
+
+
+_indices_jit = jax.jit(_indices, static_argnames=("n",))
+
+
+@functools.partial(jax.jit, static_argnames=("n",))
+def _sample(images, table, counts, key, c, n):
+    return images[_indices(table, counts, key, c, n)]
 
 
 @functools.partial(jax.jit, static_argnames=("n",))
@@ -81,6 +88,11 @@ class ClassIndex:
         """n distinct images of class c, [n, H, W, C] (uniform without replacement)."""
         n = self._check(n, c)
         return _sample(self.images, self.table, self._counts, key, c, n)
+
+    def sample_class_indices(self, key, c, n: int):
+        """Dataset indices of the images `sample_class(key, c, n)` returns."""
+        n = self._check(n, c)
+        return _indices_jit(self.table, self._counts, key, c, n)
 
     def sample_all_classes(self, key, n: int):
         """[num_classes, n, H, W, C]: n distinct images per class (independent keys)."""

@@ -143,6 +143,11 @@ def imagenet_resized_to_sorted() -> np.ndarray:
 # ---------------------------------------------------------------------------- builders
 
 _tfds_mod = _tfds()
+# TFDS derives a builder's code path via importlib_resources for builders inside packages;
+# that module is not a dependency here, and we ship no checksums file, so pin it.
+from etils import epath as _epath  # noqa: E402
+
+_CODE_PATH = _epath.Path(__file__)
 
 
 def _center_resize(img, res: int):
@@ -199,6 +204,7 @@ class ElfTinyImagenet(_tfds_mod.core.GeneratorBasedBuilder):
     """
 
     VERSION = _tfds_mod.core.Version("1.0.0")
+    code_path = _CODE_PATH
     MANUAL_DOWNLOAD_INSTRUCTIONS = (
         "Download http://cs231n.stanford.edu/tiny-imagenet-200.zip and place the zip file, or "
         "its extracted folder `tiny-imagenet-200/`, in the manual dir (default "
@@ -272,6 +278,7 @@ class ElfImagenetSubset(_tfds_mod.core.GeneratorBasedBuilder):
     Label c is the c-th class of MTT's list for the subset.
     """
 
+    code_path = _CODE_PATH
     BUILDER_CONFIGS = [ElfImagenetSubsetConfig(subset=s, resolution=r)
                        for s in IMAGENET_SUBSETS for r in (128, 64)]
     MANUAL_DOWNLOAD_INSTRUCTIONS = (
@@ -314,12 +321,15 @@ class ElfImagenetSubset(_tfds_mod.core.GeneratorBasedBuilder):
         pb = tfds.builder(parent, data_dir=os.fspath(self.data_dir_root),
                           file_format="array_record")
         if pb.is_prepared():
-            return {"train": self._from_tfds(pb, "train", wnids),
-                    "validation": self._from_tfds(pb, "validation", wnids)}
+            return {"train": self._generate_examples("tfds", pb, wnids, "train"),
+                    "validation": self._generate_examples("tfds", pb, wnids, "validation")}
         raise DatasetNotPreparedError(
             f"no ImageNet source for {self.builder_config.name}: neither an ImageFolder copy "
             f"with the classes {wnids} in the manual dir ({manual}) nor a prepared "
             f"{parent} in {self.data_dir_root}. " + self.MANUAL_DOWNLOAD_INSTRUCTIONS)
+
+    def _generate_examples(self, kind, *args):
+        return self._from_folder(*args) if kind == "folder" else self._from_tfds(*args)
 
     def _from_folder(self, root: Path, wnids):
         res = self.builder_config.resolution
@@ -330,7 +340,7 @@ class ElfImagenetSubset(_tfds_mod.core.GeneratorBasedBuilder):
             for f in sorted(p for p in d.rglob("*") if p.is_file()):
                 yield f"{w}/{f.name}", {"image": _load_rgb_png(f, res), "label": c}
 
-    def _from_tfds(self, parent_builder, split, wnids):
+    def _from_tfds(self, parent_builder, wnids, split):
         decode = _tfds_mod.decode
         src = parent_builder.as_data_source(
             split, deserialize_method=decode.DeserializeMethod.RAW_BYTES)
