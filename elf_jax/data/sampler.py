@@ -274,5 +274,10 @@ def make_loader(name: str, split: str, batch_size: int, seed: int = 0,
         shuffle=shuffle, num_epochs=num_epochs, seed=seed)
     ops = _make_ops(info, normalize, zca, info.image_shape[-1], lmap, batch_size,
                     drop_remainder, raw)
+    if worker_count > 0:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():  # grain workers read absl flags
+            flags.FLAGS.mark_as_parsed()
     return grain.DataLoader(data_source=source, sampler=sampler, operations=ops,
                             worker_count=worker_count)
