@@ -1,0 +1,204 @@
+"""ONE per-device evaluation train step with the ELF objective.
+
+``train_step(state, batch, key, *, net, protocol, axis_name=None) -> (state, metrics)``
+
+Per minibatch ``(x, f, y)`` and one DSA draw ``A`` (key ``key``):
+
+* ``z = front(A(x))`` and ``logits_img = rear(z)`` (BatchNorm in training mode; its running
+  statistics are updated by this image path first),
+* for every mode but ``task``: ``logits_feat = rear(f)`` on the CLEAN teacher feature, also
+  in training mode,
+* ``loss = elf_objective(logits_img, logits_feat, z, f, y, mode, kind, lambda_front,
+  lambda_rear)``; SGD (torch-coupled weight decay, momentum) with the lr of this epoch.
+
+BatchNorm in ``rear(f)`` -- what the reference does and what we do. The reference calls
+``img_ftr, img_output = net(img)`` and then ``_, ftr_output = net(feature=ftr)`` with the
+network in ``train()`` mode, whenever the mode is not ``task`` (also in ``front_task``, where
+``ftr_output`` is not used). So in ``rear(f)`` every BN layer normalises with the batch
+statistics OF THE FEATURE BATCH, and its running statistics receive a second momentum update,
+from the feature batch, after the one from the image batch. We do the same: the rear is
+applied to ``f`` in training mode with the batch statistics left by the image path, and the
+final ``batch_stats`` are the ones after the feature path (in ``front_task`` too). This only
+matters for nets with BN in the rear (ResNet18BN, VGG11BN); instance norm and the ConvNet's
+dense rear have no running statistics.
+
+Everything that can vary between repeats of a vectorised run (learning rate, lambdas) lives
+in ``state.hparams`` as traced float32 scalars, so that repeats and lambda sweeps share one
+compiled program; everything else is static in ``protocol``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Mapping, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from elf_jax.elf.losses import elf_objective, mode_needs_features
+from elf_jax.train.protocol import EvalProtocol
+
+__all__ = ["EvalState", "init_state", "train_step", "jit_train_step", "make_variables", "augment"]
+
+
+class EvalState(NamedTuple):
+    """Everything needed to continue an evaluation training exactly."""
+
+    params: Any
+    batch_stats: Any  # {} for nets without BatchNorm
+    opt_state: Any
+    hparams: Mapping[str, jax.Array]  # lr (base), lambda_front, lambda_rear: float32 scalars
+    key: jax.Array  # raw uint32 PRNG key data for the data order and DSA of the coming epochs
+    epoch: jax.Array  # int32: the next epoch to run (== epochs completed)
+    step: jax.Array  # int32: optimizer steps taken
+
+
+def make_variables(params, batch_stats) -> dict:
+    if batch_stats:
+        return {"params": params, "batch_stats": batch_stats}
+    return {"params": params}
+
+
+def default_hparams(protocol: EvalProtocol, lr: Optional[float] = None) -> dict:
+    return {
+        "lr": jnp.asarray(protocol.lr if lr is None else lr, jnp.float32),
+        "lambda_front": jnp.asarray(protocol.lambda_front, jnp.float32),
+        "lambda_rear": jnp.asarray(protocol.lambda_rear, jnp.float32),
+    }
+
+
+def init_state(
+    net,
+    protocol: EvalProtocol,
+    init_key: jax.Array,
+    train_key: jax.Array,
+    sample_images: jax.Array,
+    hparams: Optional[Mapping[str, Any]] = None,
+) -> EvalState:
+    """Initialises the network (``net.init(init_key, x, train=False)``) and the optimizer."""
+    variables = net.init(init_key, sample_images, train=False)
+    params = variables["params"]
+    batch_stats = variables.get("batch_stats", {})
+    hp = default_hparams(protocol)
+    if hparams:
+        hp.update({k: jnp.asarray(v, jnp.float32) for k, v in hparams.items()})
+    return EvalState(
+        params=params,
+        batch_stats=batch_stats,
+        opt_state=protocol.optimizer().init(params),
+        hparams=hp,
+        key=jnp.asarray(train_key, jnp.uint32),
+        epoch=jnp.zeros((), jnp.int32),
+        step=jnp.zeros((), jnp.int32),
+    )
+
+
+def augment(key, images, protocol: EvalProtocol):
+    """DSA (mode S) on the images, or the identity for strategy ``none``/``""``."""
+    if protocol.dsa_strategy in ("", "none", None):
+        return images
+    from elf_jax.augment import dsa
+
+    return dsa(key, images, protocol.dsa_strategy, "S")
+
+
+def _merge(old, new):
+    """Deep-merges the returned mutable collection into the previous one."""
+    if not isinstance(old, Mapping):
+        return new
+    out = dict(old)
+    for k, v in new.items():
+        out[k] = _merge(old[k], v) if k in old else v
+    return out
+
+
+def _apply(net, params, batch_stats, x, method):
+    """``net.apply`` in training mode; returns ``(out, new_batch_stats)``."""
+    fn = getattr(net, method)
+    if batch_stats:
+        out, upd = net.apply(
+            {"params": params, "batch_stats": batch_stats},
+            x,
+            train=True,
+            method=fn,
+            mutable=["batch_stats"],
+        )
+        return out, _merge(batch_stats, upd["batch_stats"])
+    return net.apply({"params": params}, x, train=True, method=fn), batch_stats
+
+
+def train_step(
+    state: EvalState,
+    batch: Mapping[str, jax.Array],
+    key: jax.Array,
+    *,
+    net,
+    protocol: EvalProtocol,
+    axis_name: Optional[str] = None,
+):
+    """One SGD step of the ELF objective (see the module docstring).
+
+    Args:
+      state: :class:`EvalState`.
+      batch: ``{"images": [b,H,W,C], "labels": [b] int or [b,K] float, "features":
+        [b,h,w,c]}`` (``features`` only for modes other than ``task``).
+      key: PRNG key (raw or typed) for this step's DSA draw.
+      net: a Flax module from ``elf_jax.models.get_model`` (with ``front``/``rear``).
+      protocol: static :class:`EvalProtocol`.
+      axis_name: if set, gradients, BN statistics and metrics are averaged over this named
+        axis (``pmap``/``shard_map`` data parallelism).
+    Returns: ``(new_state, metrics)``; metrics: loss, task, front, rear, acc (float32).
+    """
+    mode = protocol.mode
+    need_f = mode_needs_features(mode)
+    images = batch["images"]
+    labels = batch["labels"]
+    feats = batch.get("features") if need_f else None
+    if need_f and feats is None:
+        raise ValueError(f"loss mode {mode!r} needs batch['features'] (the teacher feature bank)")
+    cdt = protocol.compute_dtype
+    x = augment(key, images, protocol).astype(cdt)
+
+    def loss_fn(params):
+        z, bs = _apply(net, params, state.batch_stats, x, "front")
+        logits_img, bs = _apply(net, params, bs, z, "rear")
+        logits_feat = None
+        if need_f:
+            logits_feat, bs = _apply(net, params, bs, feats.astype(cdt), "rear")
+        loss, aux = elf_objective(
+            logits_img,
+            logits_feat,
+            z,
+            feats,
+            labels,
+            mode,
+            protocol.kind,
+            state.hparams["lambda_front"],
+            state.hparams["lambda_rear"],
+        )
+        return loss, (aux, bs)
+
+    (_, (metrics, new_bs)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    if axis_name is not None:
+        grads = jax.lax.pmean(grads, axis_name)
+        metrics = jax.lax.pmean(metrics, axis_name)
+        new_bs = jax.lax.pmean(new_bs, axis_name)
+    direction, opt_state = protocol.optimizer().update(grads, state.opt_state, state.params)
+    lr = state.hparams["lr"] * protocol.lr_factor(state.epoch)
+    params = jax.tree.map(lambda p, d: (p - lr * d).astype(p.dtype), state.params, direction)
+    new_state = state._replace(
+        params=params,
+        batch_stats=jax.tree.map(lambda a, b: b.astype(a.dtype), state.batch_stats, new_bs)
+        if state.batch_stats
+        else state.batch_stats,
+        opt_state=opt_state,
+        step=state.step + 1,
+    )
+    return new_state, metrics
+
+
+@functools.partial(jax.jit, static_argnames=("net", "protocol", "axis_name"), donate_argnums=(0,))
+def jit_train_step(state, batch, key, *, net, protocol, axis_name=None):
+    """``train_step`` under ``jax.jit`` with the state donated."""
+    return train_step(state, batch, key, net=net, protocol=protocol, axis_name=axis_name)
