@@ -71,3 +71,31 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.checkpoint_every = 100  # epochs between evaluation checkpoints
     c.eval.width = 0  # >0 overrides the ConvNet-family width of pool nets (demo only)
     return c
+
+
+# Norm and pooling variants of the distillation model: the architectures a 2-core CPU can
+# train in the demo's budget whose fronts all fit one width-32 ConvNet teacher.
+DEMO_POOL = ("ConvNet", "ConvNetBN", "ConvNetLN", "ConvNetMP")
+
+
+def demo_config() -> ml_collections.ConfigDict:
+    """The main job on the embedded real `mnist5k`, sized for ~5 minutes on 2 CPU cores.
+
+    Full-size equivalent: `configs/cifar10_cross.py` (ConvNetW512 teacher for 200 epochs,
+    DM/MTT IPC-10 sets, the six-network cross pool, 1000 epochs x 5 repeats).
+    """
+    c = base_config()
+    c.dataset = "mnist5k"
+    c.teacher.epochs = 10
+    c.teacher.feature_epoch = 10
+    c.synset.source = "distill"
+    c.synset.method = "dm"
+    c.synset.ipc = 10
+    c.synset.iterations = 100
+    c.synset.batch_real = 64
+    c.eval.pool = DEMO_POOL
+    c.eval.width = 32  # pool nets and their teacher at width 32 instead of 128 / 512
+    c.eval.epochs = 200
+    c.eval.repeats = 2
+    c.eval.checkpoint_every = 50
+    return c

@@ -1,0 +1,82 @@
+"""`elf-jax`: the command line.
+
+    elf-jax demo                       the whole pipeline on the embedded mnist5k (no network)
+    elf-jax train-teacher --config configs/cifar10_cross.py --workdir runs/c10
+    elf-jax distill       --config ... --workdir ...
+    elf-jax features      --config ... --workdir ...
+    elf-jax evaluate      --config ... --workdir ...
+    elf-jax report        --config ... --workdir ...
+    elf-jax all           --config ... --workdir ...   (every stage, as the demo)
+
+Any config field can be overridden: `--config.eval.repeats=3`. Every stage resumes from
+what the workdir already holds.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "A configs/*.py file (its get_config()); default for `demo`: the "
+    "embedded mnist5k demo config.", lock_config=False)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for all outputs of the run.")
+
+COMMANDS = ("demo", "all", "train-teacher", "distill", "features", "evaluate", "report")
+
+
+def _log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def _main(argv) -> None:
+    from elf_jax import pipeline
+
+    if len(argv) != 2 or argv[1] not in COMMANDS:
+        raise app.UsageError(
+            f"usage: elf-jax {{{'|'.join(COMMANDS)}}} --config FILE --workdir DIR "
+            f"[--config.key=value ...]; got {' '.join(argv[1:]) or 'no command'}")
+    command = argv[1]
+    config = _CONFIG.value
+    if config is None:
+        if command != "demo":
+            raise app.UsageError(f"`elf-jax {command}` needs --config (e.g. configs/cifar10_cross.py)")
+        from elf_jax.config import demo_config
+
+        config = demo_config()
+    workdir = _WORKDIR.value or ("runs/demo" if command == "demo" else None)
+    if workdir is None:
+        raise app.UsageError(f"`elf-jax {command}` needs --workdir DIR")
+    pipeline.set_logger(_log)
+    start = time.perf_counter()
+    if command in ("demo", "all"):
+        _log(f"elf-jax {command}: dataset {config.dataset}, pool {list(config.eval.pool)}, "
+             f"workdir {workdir}")
+        pipeline.run_all(config, workdir)
+    elif command == "train-teacher":
+        pipeline.stage_teachers(config, workdir)
+    elif command == "distill":
+        pipeline.stage_synset(config, workdir)
+    elif command == "features":
+        pipeline.stage_features(config, workdir)
+    elif command == "evaluate":
+        pipeline.stage_evaluate(config, workdir)
+    elif command == "report":
+        pipeline.stage_report(config, workdir)
+    _log(f"elf-jax {command}: finished in {time.perf_counter() - start:.0f} s")
+
+
+def run() -> None:
+    """Console-script entry point; errors from bad input end the run with their message."""
+    try:
+        app.run(_main)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"elf-jax: error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    run()
