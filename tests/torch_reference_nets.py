@@ -304,6 +304,39 @@ class ResNet18(nn.Module):
         return self.classifier(out.reshape(out.shape[0], -1))
 
 
+# --------------------------------------------------------------------------- MLP, LeNet
+
+
+class MLP(nn.Module):
+    def __init__(self, channel, num_classes):
+        super().__init__()
+        self.fc_1 = nn.Linear(28 * 28 * 1 if channel == 1 else 32 * 32 * 3, 128)
+        self.fc_2 = nn.Linear(128, 128)
+        self.fc_3 = nn.Linear(128, num_classes)
+
+    def forward(self, x):
+        out = F.relu(self.fc_1(x.reshape(x.shape[0], -1)))
+        return self.fc_3(F.relu(self.fc_2(out)))
+
+
+class LeNet(nn.Module):
+    def __init__(self, channel, num_classes):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(channel, 6, kernel_size=5, padding=2 if channel == 1 else 0),
+            nn.ReLU(inplace=True), nn.MaxPool2d(kernel_size=2, stride=2),
+            nn.Conv2d(6, 16, kernel_size=5), nn.ReLU(inplace=True),
+            nn.MaxPool2d(kernel_size=2, stride=2))
+        self.fc_1 = nn.Linear(16 * 5 * 5, 120)
+        self.fc_2 = nn.Linear(120, 84)
+        self.fc_3 = nn.Linear(84, num_classes)
+
+    def forward(self, x):
+        out = self.features(x)
+        out = F.relu(self.fc_1(out.reshape(out.shape[0], -1)))
+        return self.fc_3(F.relu(self.fc_2(out)))
+
+
 # --------------------------------------------------------------------------- registry
 
 _CONVNET_NORMS = {"BN": "batchnorm", "LN": "layernorm", "IN": "instancenorm",
@@ -344,12 +377,16 @@ REFERENCE_NAMES = [
     "ConvNetD4_L4", "AlexNet", "AlexNetBN", "VGG11", "VGG11BN", "VGG11_L5", "VGG11BN_L5",
     "ResNet18", "ResNet18BN", "ResNet18_AP", "ResNet18BN_AP", "ResNet18_Layered",
     "ResNet18BN_Layered", "ResNet18ImageNet", "ResNet18BNImageNet", "ResNet18ImageNet_L4",
-    "VGG11ImageNet", "VGG11BNImageNet", "VGG11ImageNet_L6",
+    "VGG11ImageNet", "VGG11BNImageNet", "VGG11ImageNet_L6", "MLP", "LeNet",
 ]
 
 
 def get_reference_network(name: str, channel: int, num_classes: int, im_size=(32, 32)):
     """Build the reference PyTorch network for ``name`` (reference ``get_network`` names)."""
+    if name == "MLP":
+        return MLP(channel, num_classes)
+    if name == "LeNet":
+        return LeNet(channel, num_classes)
     if name == "AlexNet":
         return AlexNet(channel, num_classes)
     if name == "AlexNetBN":

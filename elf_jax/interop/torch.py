@@ -581,7 +581,7 @@ def variables_to_flat_params(name: str, variables, num_classes: int,
 
 # ============================================================================ replay buffers
 
-_GUESS_NAMES = ("ConvNet", "ConvNetD4", "ConvNetD5", "ConvNetW256", "ConvNetW512",
+_GUESS_NAMES = ("ConvNet", "ConvNetW32", "ConvNetW64", "ConvNetD4", "ConvNetD5", "ConvNetW256", "ConvNetW512",
                 "ConvNetD4W256", "ConvNetD4W512", "ConvNetLN", "ConvNetNN", "ConvNetNP",
                 "AlexNet", "AlexNetBN", "VGG11", "VGG11ImageNet", "ResNet18", "ResNet18_AP",
                 "ResNet18ImageNet", "MLP", "LeNet")
