@@ -1,0 +1,528 @@
+"""Shared machinery of the distillation methods: state, init, real-data sampling, siamese
+DSA, evaluation of the current set, and the checkpointed driver loop with best-set keeping.
+
+Every method is split into
+
+* a pure, jitted *step* ``(state, key, real data) -> (state, metrics)`` that updates the
+  synthetic set once (one outer iteration of the reference), and
+* a driver ``run_<method>(dataset, *, arch, ipc, iterations, ..., workdir, key)`` that calls
+  :func:`run_loop` here.
+
+:func:`run_loop` owns everything around the step: a tqdm bar, a NaN/Inf stop (the synthetic
+images or the learned lr; nothing is saved then, so the last good checkpoint stays), a
+checkpoint every ``checkpoint_every`` iterations (``StepCheckpoints``; state, best set and
+evaluation history), resume after a kill (iteration ``i`` uses ``fold_in(key, i)``, so a
+resumed run ends bit-identical to an uninterrupted one), and the periodic evaluation of the
+current set with the train runner, keeping the best set by test accuracy as the reference
+(``images_best.pt``) does.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from elf_jax.checkpoint import StepCheckpoints, check_expect
+from elf_jax.synset import SyntheticSet, load_synset, save_synset
+
+__all__ = [
+    "DistillState",
+    "DistillationDiverged",
+    "RealPool",
+    "EvalSettings",
+    "as_dataset",
+    "check_ipc",
+    "init_synthetic",
+    "make_optimizer",
+    "init_state",
+    "apply_grads",
+    "make_pool",
+    "sample_class",
+    "sample_all_classes",
+    "siamese_dsa",
+    "iteration_key",
+    "evaluate_set",
+    "run_loop",
+    "SIAMESE_PARAMS",
+]
+
+FULL_STRATEGY = "color_crop_cutout_flip_scale_rotate"
+
+
+def _siamese_params():
+    from elf_jax.augment import DSAParams
+
+    # The reference seeds DiffAugment for its siamese calls, which turns on batchmode: all
+    # samples share one draw, so a real batch of 256 and a synthetic batch of ipc images get
+    # exactly the same transformation.
+    return DSAParams(batchmode=True)
+
+
+SIAMESE_PARAMS = None  # filled lazily (augment may import late); see siamese_dsa
+
+
+class DistillationDiverged(ValueError):
+    """The synthetic images or the learned lr became NaN/Inf."""
+
+
+class DistillState(NamedTuple):
+    """What a distillation step carries.
+
+    syn: ``{"images": [N,H,W,C]}`` plus ``"lr"`` (scalar, MTT/TESLA) and ``"labels"``
+      (soft-label logits ``[N, K]``, TESLA with label learning) where the method learns them.
+    opt_state: optax state of the SGD(momentum) on ``syn``.
+    key: raw uint32 key data (the run's base key; iteration i uses ``fold_in(key, i)``).
+    iteration: int32, updates done so far.
+    """
+
+    syn: Any
+    opt_state: Any
+    key: jax.Array
+    iteration: jax.Array
+
+
+# ----------------------------------------------------------------------------- data
+def as_dataset(dataset, split: str = "train", **load_kw):
+    """An ``ArrayDataset`` (returned as is) or a dataset name (loaded)."""
+    if isinstance(dataset, str):
+        from elf_jax.data import load
+
+        return load(dataset, split, **load_kw)
+    for attr in ("images", "labels"):
+        if not hasattr(dataset, attr):
+            raise ValueError(f"dataset must be an ArrayDataset or a dataset name, got "
+                             f"{type(dataset).__name__} without .{attr}")
+    return dataset
+
+
+def num_classes_of(dataset) -> int:
+    labels = np.asarray(dataset.labels)
+    return int(getattr(dataset, "num_classes", None) or int(labels.max()) + 1)
+
+
+def check_ipc(dataset, ipc: int) -> np.ndarray:
+    """Per-class counts; ``ValueError`` if a class has fewer than ``ipc`` real images."""
+    if int(ipc) < 1:
+        raise ValueError(f"ipc must be >= 1, got {ipc}")
+    k = num_classes_of(dataset)
+    counts = np.bincount(np.asarray(dataset.labels), minlength=k)
+    small = [c for c in range(k) if counts[c] < ipc]
+    if small:
+        c = small[0]
+        raise ValueError(
+            f"ipc={ipc} but class {c} of dataset {getattr(dataset, 'name', '?')!r} has only "
+            f"{counts[c]} real images ({len(small)} class(es) too small; smallest "
+            f"{counts.min()}); lower ipc to at most {counts.min()}")
+    return counts
+
+
+def init_synthetic(key, dataset, ipc: int, init: str = "real"):
+    """``(images [K*ipc,H,W,C], labels [K*ipc])``, class-ordered (0,0,..,1,1,..), from
+    random real images of each class (``init="real"``, the reference default) or standard
+    normal noise (``init="noise"``)."""
+    counts = check_ipc(dataset, ipc)
+    k = len(counts)
+    labels = np.repeat(np.arange(k, dtype=np.int32), ipc)
+    images = np.asarray(dataset.images, np.float32)
+    if init == "noise":
+        out = np.asarray(jax.random.normal(key, (k * ipc,) + images.shape[1:], jnp.float32))
+    elif init == "real":
+        all_labels = np.asarray(dataset.labels)
+        keys = jax.random.split(key, k)
+        picks = []
+        for c in range(k):
+            idx = np.flatnonzero(all_labels == c)
+            perm = np.asarray(jax.random.permutation(keys[c], idx.size))
+            picks.append(idx[perm[:ipc]])
+        out = images[np.concatenate(picks)]
+    else:
+        raise ValueError(f"init must be 'real' or 'noise', got {init!r}")
+    return np.ascontiguousarray(out, np.float32), labels
+
+
+class RealPool(NamedTuple):
+    """The real training set on the device, indexed by class (for sampling inside jit)."""
+
+    images: jax.Array  # [M, H, W, C]
+    table: jax.Array  # [K, max_count] int32 indices of each class (padded)
+    counts: jax.Array  # [K] int32
+
+
+def make_pool(dataset) -> RealPool:
+    labels = np.asarray(dataset.labels)
+    k = num_classes_of(dataset)
+    counts = np.bincount(labels, minlength=k)
+    table = np.zeros((k, max(1, int(counts.max()))), np.int32)
+    for c in range(k):
+        idx = np.flatnonzero(labels == c)
+        table[c, :idx.size] = idx
+    return RealPool(jnp.asarray(dataset.images, jnp.float32), jnp.asarray(table),
+                    jnp.asarray(counts, jnp.int32))
+
+
+def sample_class(pool: RealPool, key, c, n: int):
+    """``n`` distinct random images of class ``c`` (``np.random.permutation(idx)[:n]``);
+    jittable, ``c`` may be traced, ``n`` static and <= the class count."""
+    width = pool.table.shape[1]
+    u = jax.random.uniform(key, (width,))
+    u = jnp.where(jnp.arange(width) < pool.counts[c], u, 2.0)
+    _, pos = jax.lax.top_k(-u, n)
+    return pool.images[pool.table[c, pos]]
+
+
+def sample_all_classes(pool: RealPool, key, n: int):
+    """``[K, n, H, W, C]``: ``n`` random images of every class."""
+    k = pool.table.shape[0]
+    keys = jax.random.split(key, k)
+    return jax.vmap(lambda kk, c: sample_class(pool, kk, c, n))(keys, jnp.arange(k))
+
+
+def real_batch_size(dataset, wanted: int) -> int:
+    """The reference takes ``permutation(class)[:n]``, i.e. all images of a class smaller
+    than ``n``; with static shapes every class gives ``min(n, smallest class)``."""
+    counts = np.bincount(np.asarray(dataset.labels), minlength=num_classes_of(dataset))
+    return int(max(1, min(int(wanted), int(counts.min()))))
+
+
+def siamese_dsa(key, real, syn, strategy: str):
+    """The same DSA draw (group and parameters, batch mode) on a real and a synthetic batch
+    of one class (the reference's seeded ``DiffAugment`` pair)."""
+    if strategy in (None, "", "none", "None"):
+        return real, syn
+    from elf_jax.augment import dsa
+
+    p = _siamese_params()
+    return dsa(key, real, strategy, "S", p), dsa(key, syn, strategy, "S", p)
+
+
+def per_class_siamese(key, real, syn, strategy: str):
+    """Siamese DSA class by class: ``real [K,B,...]``, ``syn [K,ipc,...]``, one key per class.
+    ``lax.map`` (not ``vmap``) so each class runs only its drawn group."""
+    if strategy in (None, "", "none", "None"):
+        return real, syn
+    keys = jax.random.split(key, real.shape[0])
+    return jax.lax.map(lambda a: siamese_dsa(a[0], a[1], a[2], strategy), (keys, real, syn))
+
+
+# ----------------------------------------------------------------------------- state
+def make_optimizer(lrs: Mapping[str, float], momentum: float = 0.5) -> optax.GradientTransformation:
+    """SGD with momentum (PyTorch semantics: ``buf = m*buf + g; p -= lr*buf``) with one lr
+    per entry of the synthetic-parameter dict (``images``, ``lr``, ``labels``)."""
+    transforms = {k: optax.sgd(float(v), momentum=momentum or None) for k, v in lrs.items()}
+    return optax.multi_transform(transforms, lambda p: {k: k for k in p})
+
+
+def init_state(syn: Mapping[str, Any], optimizer, key) -> DistillState:
+    syn = {k: jnp.asarray(v, jnp.float32) for k, v in syn.items()}
+    return DistillState(syn=syn, opt_state=optimizer.init(syn), key=raw_key(key),
+                        iteration=jnp.zeros((), jnp.int32))
+
+
+def raw_key(key) -> jax.Array:
+    key = jnp.asarray(key) if not hasattr(key, "dtype") else key
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        return jax.random.key_data(key)
+    return jnp.asarray(key, jnp.uint32)
+
+
+def iteration_key(state: DistillState):
+    """The typed key of the coming iteration: ``fold_in(base key, iteration)``."""
+    return jax.random.fold_in(jax.random.wrap_key_data(state.key), state.iteration)
+
+
+def apply_grads(state: DistillState, grads, optimizer) -> DistillState:
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.syn)
+    syn = optax.apply_updates(state.syn, updates)
+    return state._replace(syn=syn, opt_state=opt_state, iteration=state.iteration + 1)
+
+
+def all_finite(tree) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+# ----------------------------------------------------------------------------- evaluation
+@dataclasses.dataclass(frozen=True)
+class EvalSettings:
+    """Periodic evaluation of the current set (a short run of the train runner).
+
+    every: evaluate at iterations ``every, 2*every, ...`` and at the last one (0 = never;
+      then the final set is returned). at_start: also evaluate the initial set (iteration
+      0; like the reference it never becomes the "best" set unless nothing else is
+      evaluated). epochs/repeats/batch_size/lr/dsa_strategy: the evaluation protocol
+      (reference: 1000 epochs, lr 0.01, DSA on; shorter here by default to fit a CPU).
+    arch/model_kwargs: the evaluation net (default: the distillation net).
+    use_learned_lr: train with the set's learned lr (MTT/TESLA) instead of ``lr``.
+    """
+
+    every: int = 0
+    at_start: bool = False
+    epochs: int = 300
+    repeats: int = 1
+    batch_size: int = 256
+    lr: float = 0.01
+    dsa_strategy: str = FULL_STRATEGY
+    arch: Optional[str] = None
+    model_kwargs: Optional[tuple] = None  # tuple of (key, value) pairs (hashable)
+    use_learned_lr: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        return self.every > 0
+
+    def due(self, it: int, iterations: int) -> bool:
+        if not self.enabled:
+            return False
+        if it == 0:
+            return self.at_start
+        return it % self.every == 0 or it == iterations
+
+
+def evaluate_set(images, labels, lr, test, settings: EvalSettings, arch: str, model_kwargs,
+                 key) -> tuple:
+    """``(mean, std)`` test accuracy of ConvNet-style evaluation training on the set."""
+    from elf_jax.models import get_model
+    from elf_jax.train import EvalProtocol, run_evaluation
+
+    labels = np.asarray(labels)
+    k = labels.shape[1] if labels.ndim == 2 else num_classes_of(test)
+    kw = dict(settings.model_kwargs) if settings.model_kwargs is not None else dict(model_kwargs)
+    net = get_model(settings.arch or arch, k, **kw)
+    base_lr = float(lr) if (settings.use_learned_lr and lr is not None) else settings.lr
+    protocol = EvalProtocol(lr=base_lr, epochs=settings.epochs, batch_size=settings.batch_size,
+                            dsa_strategy=settings.dsa_strategy or "none", mode="task")
+    out = run_evaluation(net, protocol, np.asarray(images), labels, np.asarray(test.images),
+                         np.asarray(test.labels), repeats=settings.repeats, key=key,
+                         strategy="sequential", progress=False, desc="distill-eval")
+    return float(out["mean"]), float(out["std"])
+
+
+# ----------------------------------------------------------------------------- driver
+def _fingerprint(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _tqdm():
+    try:
+        from tqdm.auto import tqdm
+
+        return tqdm
+    except ImportError:  # pragma: no cover
+        return None
+
+
+def run_loop(
+    *,
+    method: str,
+    state: DistillState,
+    advance: Callable[[DistillState], tuple],
+    iterations: int,
+    to_synset: Callable[[Mapping[str, Any], dict], SyntheticSet],
+    run_meta: Mapping[str, Any],
+    workdir=None,
+    checkpoint_every: int = 100,
+    max_to_keep: int = 2,
+    eval_settings: EvalSettings = EvalSettings(),
+    test=None,
+    arch: str = "ConvNet",
+    model_kwargs: Optional[Mapping[str, Any]] = None,
+    progress: bool = True,
+    callback: Optional[Callable[[int, dict], None]] = None,
+    log_every: int = 10,
+) -> SyntheticSet:
+    """The driver shared by all methods (see the module docstring).
+
+    advance(state) -> (state, metrics): one jitted distillation iteration; metrics must hold
+      ``loss`` and ``finite`` (all synthetic parameters finite after the update).
+    to_synset(syn, extra_meta) -> SyntheticSet of the given synthetic parameters.
+    run_meta: JSON settings that must match when ``workdir`` is resumed (method, dataset,
+      ipc, arch, hyperparameters; ``iterations`` may grow, so it is left out of the check).
+    callback(iteration, metrics): after every iteration (tests use it to simulate a kill).
+    Returns the best set by evaluation accuracy (evaluation enabled) or the final set; both
+    are also written to ``workdir/synset_best`` and ``workdir/synset_final``.
+    """
+    iterations = int(iterations)
+    if iterations < 0:
+        raise ValueError(f"iterations must be >= 0, got {iterations}")
+    model_kwargs = dict(model_kwargs or {})
+    run_meta = {"kind": "elf_jax.distill/1", "method": method, **dict(run_meta)}
+    run_meta["settings_hash"] = _fingerprint({k: v for k, v in run_meta.items()
+                                             if k != "settings_hash"})
+    checkpoint_every = max(1, int(checkpoint_every or iterations or 1))
+    if eval_settings.enabled and test is None:
+        raise ValueError("evaluation is on (eval_every > 0) but no test set was given")
+    best = {k: jnp.asarray(v) for k, v in state.syn.items()}
+    best = {"syn": best, "acc": jnp.asarray(-1.0, jnp.float32),
+            "iteration": jnp.asarray(-1, jnp.int32)}
+    history: list = []
+
+    ck = None
+    if workdir is not None:
+        workdir = Path(workdir).absolute()
+        workdir.mkdir(parents=True, exist_ok=True)
+        ck = StepCheckpoints(workdir / "checkpoints", max_to_keep=max_to_keep)
+        latest = ck.latest_step()
+        if latest is not None:
+            meta = ck.read_meta(latest)
+            check_expect(meta, {k: run_meta[k] for k in ("kind", "method", "settings_hash")},
+                         where=f"distillation checkpoints in {ck.directory} (another run's "
+                               "settings; use another workdir or delete it to start over)")
+            tree, meta = ck.restore(latest, like={"state": state._asdict(), "best": best})
+            state = DistillState(**tree["state"])
+            best = tree["best"]
+            history = list(meta.get("history", []))
+
+    def save(it):
+        if ck is None or it in ck.all_steps():
+            return
+        ck.save(it, {"state": state._asdict(), "best": best},
+                {**run_meta, "iteration": it, "history": history,
+                 "best_acc": float(best["acc"]), "best_iteration": int(best["iteration"])})
+
+    tq = _tqdm() if progress else None
+    it = int(state.iteration)
+    bar = tq(total=iterations, initial=min(it, iterations), desc=f"distill {method}",
+             unit="it", leave=False, dynamic_ncols=True) if tq and it < iterations else None
+    tic = time.perf_counter()
+    try:
+        while True:
+            if eval_settings.due(it, iterations) and not any(h["iteration"] == it
+                                                             for h in history):
+                syn_host = jax.device_get(state.syn)
+                s = to_synset(syn_host, {"iteration": it})
+                ekey = jax.random.fold_in(jax.random.wrap_key_data(state.key), 1_000_003 + it)
+                mean, std = evaluate_set(s.images, s.labels, s.lr, test, eval_settings, arch,
+                                         model_kwargs, ekey)
+                history.append({"iteration": it, "acc": mean, "std": std})
+                if it > 0 and mean > float(best["acc"]):
+                    best = {"syn": {k: jnp.asarray(v) for k, v in syn_host.items()},
+                            "acc": jnp.asarray(mean, jnp.float32),
+                            "iteration": jnp.asarray(it, jnp.int32)}
+                if bar is not None:
+                    bar.write(f"[{method}] iteration {it}: eval acc {mean:.4f} +- {std:.4f} "
+                              f"(best {float(best['acc']):.4f} @ {int(best['iteration'])})")
+            if it % checkpoint_every == 0 or it == iterations:
+                save(it)
+            if it >= iterations:
+                break
+            state, metrics = advance(state)
+            it += 1
+            loss = float(metrics["loss"])
+            if not bool(metrics["finite"]) or not np.isfinite(loss):
+                last = ck.latest_step() if ck is not None else None
+                where = (f"the last good checkpoint (iteration {last}) is kept in {ck.directory}"
+                         if last is not None else "nothing was saved (no workdir)")
+                what = ", ".join(k for k in state.syn
+                                 if not np.isfinite(np.asarray(state.syn[k])).all()) or "loss"
+                raise DistillationDiverged(
+                    f"{method}: the synthetic {what} became NaN/Inf at iteration {it} (loss "
+                    f"{loss}); stopping. {where}. Lower lr_img (or lr_lr for the learned lr).")
+            if bar is not None:
+                bar.update(1)
+                if it % max(1, log_every) == 0 or it == iterations:
+                    bar.set_postfix({k: f"{float(v):.4g}" for k, v in metrics.items()
+                                     if k != "finite"})
+            if callback is not None:
+                callback(it, metrics)
+    finally:
+        if bar is not None:
+            bar.close()
+        if ck is not None:
+            ck.close()
+
+    seconds = time.perf_counter() - tic
+    final = to_synset(jax.device_get(state.syn), {"iteration": it, "history": history})
+    if eval_settings.enabled and int(best["iteration"]) >= 0:
+        result = to_synset(jax.device_get(best["syn"]),
+                           {"iteration": int(best["iteration"]), "best_acc": float(best["acc"]),
+                            "history": history})
+    else:
+        result = final
+    if workdir is not None:
+        save_synset(workdir / "synset_final", final)
+        save_synset(workdir / "synset_best", result)
+    result = result.replace(metadata={"seconds_this_call": seconds})
+    return result
+
+
+def load_result(workdir, which: str = "best") -> SyntheticSet:
+    """The set a finished run wrote (``best`` or ``final``)."""
+    return load_synset(Path(workdir) / f"synset_{which}")
+
+
+# ----------------------------------------------------------------------------- driver glue
+def apply_front(net, variables, x):
+    """The embedding ``front(x)`` in training mode (BatchNorm: batch statistics)."""
+    if not getattr(net, "has_split", False):
+        raise ValueError(f"{type(net).__name__} has no front/rear split, so it has no "
+                         "embedding; distill with a ConvNet/VGG/ResNet family network")
+    if "batch_stats" in variables:
+        out, _ = net.apply(variables, x, train=True, method=net.front, mutable=["batch_stats"])
+        return out
+    return net.apply(variables, x, train=True, method=net.front)
+
+
+def prepare(dataset, *, ipc, init, key, eval_settings: EvalSettings, test_dataset,
+            data_kw=None):
+    """Loads/validates the data and draws the initial set.
+
+    Returns ``(train, test, images0, labels0, num_classes, key_init, key_run)``."""
+    train = as_dataset(dataset, "train", **(data_kw or {}))
+    check_ipc(train, ipc)
+    test = None
+    if eval_settings.enabled:
+        if test_dataset is None:
+            name = dataset if isinstance(dataset, str) else getattr(dataset, "name", None)
+            if name is None:
+                raise ValueError("eval_every > 0 needs test_dataset (the dataset has no name "
+                                 "to load its test split from)")
+            test = as_dataset(name, "test", **(data_kw or {}))
+        else:
+            test = as_dataset(test_dataset, "test", **(data_kw or {}))
+    key = jax.random.key(0) if key is None else key
+    if not jnp.issubdtype(getattr(key, "dtype", jnp.uint32), jax.dtypes.prng_key):
+        key = jax.random.wrap_key_data(jnp.asarray(key, jnp.uint32))
+    k_init, k_run = jax.random.split(key)
+    images0, labels0 = init_synthetic(k_init, train, ipc, init)
+    return train, test, images0, labels0, num_classes_of(train), k_init, k_run
+
+
+def synset_factory(*, method, dataset, ipc, arch, model_kwargs, num_classes, hard_labels,
+                   extra=None):
+    """``to_synset(syn, meta)`` for :func:`run_loop`: soft labels from ``syn["labels"]``
+    (logits, stored as probabilities) when present, else the hard class-ordered labels."""
+    base = {"method": method, "dataset": getattr(dataset, "name", None), "ipc": int(ipc),
+            "arch": arch, "zca": getattr(dataset, "zca", None) is not None,
+            "model_kwargs": dict(model_kwargs or {}), **dict(extra or {})}
+
+    def to_synset(syn, meta):
+        syn = {k: np.asarray(v) for k, v in syn.items()}
+        if "labels" in syn:
+            z = syn["labels"] - syn["labels"].max(-1, keepdims=True)
+            labels = np.exp(z) / np.exp(z).sum(-1, keepdims=True)
+        else:
+            labels = hard_labels
+        lr = float(syn["lr"]) if "lr" in syn else None
+        return SyntheticSet(syn["images"], labels, lr=lr, metadata={**base, **meta},
+                            num_classes=num_classes)
+
+    return to_synset
+
+
+def eval_settings_from(eval_every=0, eval_epochs=300, eval_repeats=1, eval_arch=None,
+                       eval_model_kwargs=None, eval_lr=0.01, eval_use_learned_lr=False,
+                       eval_dsa_strategy=FULL_STRATEGY, eval_at_start=False,
+                       eval_batch_size=256) -> EvalSettings:
+    mk = None if eval_model_kwargs is None else tuple(sorted(dict(eval_model_kwargs).items()))
+    return EvalSettings(every=int(eval_every or 0), at_start=bool(eval_at_start),
+                        epochs=int(eval_epochs), repeats=int(eval_repeats),
+                        batch_size=int(eval_batch_size), lr=float(eval_lr),
+                        dsa_strategy=eval_dsa_strategy, arch=eval_arch, model_kwargs=mk,
+                        use_learned_lr=bool(eval_use_learned_lr))
