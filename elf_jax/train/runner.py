@@ -58,6 +58,7 @@ __all__ = [
 
 REPEAT_STRATEGIES = ("auto", "sequential", "vmap", "devices")
 METRIC_KEYS = ("loss", "task", "front", "rear", "acc")
+_EPOCH_KEYS = METRIC_KEYS + ("finite",)
 
 
 class EvaluationDiverged(FloatingPointError):
@@ -118,6 +119,10 @@ def run_epoch(state: EvalState, data: Mapping[str, jax.Array], *, net, protocol:
         key=jax.random.key_data(k_next),
         epoch=state.epoch + 1,
     )
+    # 1.0 if every parameter / BN statistic is still finite after this epoch (the loss of an
+    # epoch is computed before its last update, so the state can break first)
+    leaves = jax.tree.leaves((state.params, state.batch_stats))
+    metrics["finite"] = jnp.all(jnp.stack([jnp.all(jnp.isfinite(l)) for l in leaves])).astype(jnp.float32)
     return state, metrics
 
 
@@ -129,7 +134,8 @@ def run_chunk(state, data, n_run, *, net, protocol: EvalProtocol, chunk_epochs: 
             return run_epoch(s, data, net=net, protocol=protocol)
 
         def skip(s):
-            return s, {k: jnp.zeros((), jnp.float32) for k in METRIC_KEYS}
+            return s, {k: jnp.ones((), jnp.float32) if k == "finite" else jnp.zeros((), jnp.float32)
+                       for k in _EPOCH_KEYS}
 
         return lax.cond(i < n_run, go, skip, st)
 
@@ -358,16 +364,17 @@ def run_evaluation(
             n_run = min(k, num_epochs - epoch)
             states, ms = chunk_fn(states, data, jnp.asarray(n_run, jnp.int32))
             ms = {k_: np.asarray(v)[:, :n_run] for k_, v in ms.items()}
-            bad = ~np.isfinite(ms["loss"])
+            bad = ~np.isfinite(ms["loss"]) | (ms["finite"] < 1)
             if bad.any():
-                r, e = np.argwhere(bad)[0]
+                e = int(np.argwhere(bad.any(0))[0, 0])  # the first bad epoch, then its repeat
+                r = int(np.argwhere(bad[:, e])[0, 0])
                 last_good = mngr.latest_step() if mngr is not None else None
                 where = (f"the last good checkpoint (epoch {last_good}) is kept in {mngr.directory}"
                          if last_good is not None else "no checkpoint was written"
                          if mngr is not None else "no workdir was given, so nothing was saved")
                 raise EvaluationDiverged(
-                    f"{desc}: the training loss became NaN/Inf at repeat {int(r)}, epoch "
-                    f"{epoch + int(e)} (of 0..{protocol.epochs}); stopping. {where}. Lower the "
+                    f"{desc}: the training diverged (NaN/Inf loss or parameters) at repeat {r}, "
+                    f"epoch {epoch + e} (of 0..{protocol.epochs}); stopping. {where}. Lower the "
                     "learning rate or check the synthetic set / feature bank for extreme values.")
             for k_ in METRIC_KEYS:
                 history[k_][:, epoch : epoch + n_run] = ms[k_]

@@ -113,9 +113,11 @@ def _merge(old, new):
     return out
 
 
-def _apply(net, params, batch_stats, x, method):
-    """``net.apply`` in training mode; returns ``(out, new_batch_stats)``."""
+def _apply(net, params, batch_stats, x, method, rng):
+    """``net.apply`` in training mode; returns ``(out, new_batch_stats)``. ``rng`` feeds the
+    ``dropout`` stream (only the ImageNet VGG heads use it)."""
     fn = getattr(net, method)
+    rngs = {"dropout": rng}
     if batch_stats:
         out, upd = net.apply(
             {"params": params, "batch_stats": batch_stats},
@@ -123,9 +125,10 @@ def _apply(net, params, batch_stats, x, method):
             train=True,
             method=fn,
             mutable=["batch_stats"],
+            rngs=rngs,
         )
         return out, _merge(batch_stats, upd["batch_stats"])
-    return net.apply({"params": params}, x, train=True, method=fn), batch_stats
+    return net.apply({"params": params}, x, train=True, method=fn, rngs=rngs), batch_stats
 
 
 def train_step(
@@ -158,14 +161,17 @@ def train_step(
     if need_f and feats is None:
         raise ValueError(f"loss mode {mode!r} needs batch['features'] (the teacher feature bank)")
     cdt = protocol.compute_dtype
-    x = augment(key, images, protocol).astype(cdt)
+    if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.wrap_key_data(key)
+    k_aug, k_drop_img, k_drop_feat = jax.random.split(key, 3)
+    x = augment(k_aug, images, protocol).astype(cdt)
 
     def loss_fn(params):
-        z, bs = _apply(net, params, state.batch_stats, x, "front")
-        logits_img, bs = _apply(net, params, bs, z, "rear")
+        z, bs = _apply(net, params, state.batch_stats, x, "front", k_drop_img)
+        logits_img, bs = _apply(net, params, bs, z, "rear", k_drop_img)
         logits_feat = None
         if need_f:
-            logits_feat, bs = _apply(net, params, bs, feats.astype(cdt), "rear")
+            logits_feat, bs = _apply(net, params, bs, feats.astype(cdt), "rear", k_drop_feat)
         loss, aux = elf_objective(
             logits_img,
             logits_feat,

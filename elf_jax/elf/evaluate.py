@@ -1,0 +1,381 @@
+"""Evaluate a synthetic set on one architecture (``evaluate_synset``) or a pool
+(``cross_evaluate``), with the baseline loss and with ELF.
+
+Both follow the reference protocol (:class:`elf_jax.train.EvalProtocol`) and return plain
+dicts; ``cross_evaluate``'s result is the input of :mod:`elf_jax.report`::
+
+    {"results": {arch: {mode: {"accs": [...], "mean", "std", "seconds"}}},
+     "summary": {arch: {mode: {"mean", "std"}, "gain": ELF mean - baseline mean}},
+     "pool", "modes", "repeats", "protocol", "num_classes"}
+
+Within ``cross_evaluate`` every (architecture, mode) uses the same base key, so repeat ``r``
+of the baseline and of ELF start from the same initial weights (a paired comparison).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from elf_jax.elf.losses import mode_needs_features
+from elf_jax.train.protocol import EvalProtocol
+from elf_jax.train.runner import run_evaluation
+
+__all__ = ["evaluate_synset", "cross_evaluate", "validate_inputs", "describe_split"]
+
+BASELINE_MODE = "task"
+ELF_MODE = "front_rear_task"
+
+_SPLITS = (
+    # (canonical name prefix, description) -- SPEC.md "Front/rear splits"; first match wins
+    ("ResNet18ImageNet", "front = 7x7/2 stem, maxpool, stages 64/128/256; rear = 512 stage, pool, dense"),
+    ("ResNet18BNImageNet", "front = 7x7/2 stem, maxpool, stages 64/128/256; rear = 512 stage, pool, dense"),
+    ("ResNet18", "front = stem, stages 64/128/256 and the first 512 block; rear = second 512 block, avg-pool, dense"),
+    ("VGG11ImageNet", "front = up to the 4th pool; rear = [512,512,M] and the MLP head"),
+    ("VGG11BNImageNet", "front = up to the 4th pool; rear = [512,512,M] and the MLP head"),
+    ("VGG11", "front = [64,M,128,M,256,256,M,512]; rear = [512,M,512,512,M], dense"),
+    ("ConvNet", "front = all conv blocks; rear = dense"),
+    ("ViT", "front = patch embedding and the first blocks; rear = remaining blocks and head"),
+)
+
+
+def describe_split(arch: str) -> str:
+    """A one-line description of ``arch``'s ELF split (front | rear)."""
+    try:
+        from elf_jax.models import canonical_name
+
+        canon = canonical_name(arch)
+    except Exception:  # noqa: BLE001
+        canon = arch
+    for prefix, text in _SPLITS:
+        if canon.startswith(prefix):
+            return text
+    return "its declared front/rear"
+
+
+def _host(x, what: str) -> np.ndarray:
+    if x is None:
+        raise ValueError(f"{what} is missing (None)")
+    return np.asarray(jax.device_get(x))
+
+
+def _num_bad(a: np.ndarray) -> int:
+    a = a.astype(np.float32) if a.dtype.kind not in "fc" else a
+    return int(a.size - np.isfinite(a).sum())
+
+
+def _check_labels(labels: np.ndarray, n: int, k: int, what: str) -> None:
+    if labels.ndim == 1:
+        if labels.shape[0] != n:
+            raise ValueError(f"{what}: {labels.shape[0]} labels for {n} images")
+        if not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(f"{what}: hard labels must be integers, got dtype {labels.dtype}")
+        if labels.size and (labels.min() < 0 or labels.max() >= k):
+            raise ValueError(
+                f"{what}: labels must lie in [0, {k - 1}] for {k} classes, found range "
+                f"[{int(labels.min())}, {int(labels.max())}]; pass num_classes= or fix the labels")
+    elif labels.ndim == 2:
+        if labels.shape != (n, k):
+            raise ValueError(
+                f"{what}: soft labels must have shape [{n}, {k}] (images x classes), got "
+                f"{tuple(labels.shape)}")
+        if _num_bad(labels):
+            raise ValueError(f"{what}: soft labels hold {_num_bad(labels)} NaN/Inf value(s)")
+    else:
+        raise ValueError(f"{what}: labels must be int [N] or float [N, K], got shape {labels.shape}")
+
+
+def _infer_num_classes(labels: np.ndarray, test_labels: np.ndarray) -> int:
+    if labels.ndim == 2:
+        return int(labels.shape[1])
+    hi = int(labels.max()) if labels.size else 0
+    if test_labels is not None and test_labels.ndim == 1 and test_labels.size:
+        hi = max(hi, int(test_labels.max()))
+    return hi + 1
+
+
+def _front_shape(net, image_shape) -> tuple:
+    x = jax.ShapeDtypeStruct((1,) + tuple(image_shape), jnp.float32)
+
+    def f(k, x):
+        v = net.init(k, x, train=False)
+        return net.apply(v, x, train=False, method=net.front)
+
+    return tuple(jax.eval_shape(f, jax.random.PRNGKey(0), x).shape[1:])
+
+
+def validate_inputs(
+    arch: str,
+    net,
+    images: np.ndarray,
+    labels: np.ndarray,
+    test_images: np.ndarray,
+    test_labels: np.ndarray,
+    features: Optional[np.ndarray],
+    num_classes: int,
+    mode: str,
+) -> None:
+    """``ValueError`` for anything that would make the evaluation meaningless."""
+    if images.ndim != 4:
+        raise ValueError(f"synthetic images must be NHWC [N, H, W, C], got shape {images.shape}")
+    n = images.shape[0]
+    if n == 0:
+        raise ValueError("the synthetic set is empty (0 images)")
+    if _num_bad(images):
+        raise ValueError(
+            f"the synthetic images hold {_num_bad(images)} NaN/Inf value(s) (shape "
+            f"{images.shape}); the distillation diverged: use its last good checkpoint")
+    _check_labels(labels, n, num_classes, "synthetic set")
+    if test_images.ndim != 4 or test_images.shape[1:] != images.shape[1:]:
+        raise ValueError(
+            f"test images have shape {test_images.shape} but the synthetic images "
+            f"{images.shape}: both must be [N, H, W, C] with the same H, W, C")
+    if _num_bad(test_images):
+        raise ValueError(f"the test images hold {_num_bad(test_images)} NaN/Inf value(s)")
+    tl = test_labels if test_labels.ndim == 1 else test_labels.argmax(-1)
+    _check_labels(tl.astype(np.int64), test_images.shape[0], num_classes, "test set")
+    if not mode_needs_features(mode):
+        return
+    if not getattr(net, "has_split", False):
+        raise ValueError(
+            f"{arch} has no declared ELF front/rear split, so loss mode {mode!r} cannot be used; "
+            "evaluate it with mode 'task' or choose an architecture with a split")
+    if features is None:
+        raise ValueError(
+            f"loss mode {mode!r} needs the teacher feature bank for {arch} (features=None); "
+            "build one with elf_jax.elf.build_bank")
+    front = _front_shape(net, images.shape[1:])
+    if features.ndim < 2 or features.shape[0] != n or tuple(features.shape[1:]) != front:
+        raise ValueError(
+            f"feature bank shape {tuple(features.shape)} does not fit {arch}: its split "
+            f"({describe_split(arch)}) gives a front output of {front} per image for "
+            f"{tuple(images.shape[1:])} inputs, so the bank must be {(n,) + front}; build the "
+            f"bank with a teacher whose front outputs {front} (e.g. a width-{front[-1]} ConvNet)")
+    if _num_bad(features):
+        raise ValueError(f"the feature bank holds {_num_bad(features)} NaN/Inf value(s)")
+
+
+def _features_for(features, arch: str, net, image_shape):
+    """Resolves ``features`` (array, FeatureBank, mapping arch -> either, or callable
+    ``(arch, front_shape) -> either``) for ``arch``."""
+    if features is None:
+        return None
+    if callable(features) and not hasattr(features, "shape") and not isinstance(features, Mapping):
+        features = features(arch, _front_shape(net, image_shape))
+    elif isinstance(features, Mapping):
+        if arch not in features:
+            raise ValueError(
+                f"no feature bank for {arch}: the features mapping has {sorted(features)}")
+        features = features[arch]
+    if hasattr(features, "features") and not hasattr(features, "shape"):  # FeatureBank
+        features = features.features
+    return features
+
+
+def _resolve_net(arch, num_classes: int, protocol: EvalProtocol, model_overrides):
+    if isinstance(arch, str):
+        from elf_jax.models import get_model
+
+        ovr = dict(model_overrides or {})
+        if protocol.dtype != "float32":
+            ovr.setdefault("dtype", protocol.compute_dtype)
+        return arch, get_model(arch, num_classes, **ovr)
+    return type(arch).__name__, arch
+
+
+def evaluate_synset(
+    arch: Union[str, Any],
+    images,
+    labels,
+    test_images,
+    test_labels,
+    features=None,
+    protocol: EvalProtocol = EvalProtocol(),
+    repeats: int = 5,
+    key=None,
+    workdir=None,
+    *,
+    num_classes: Optional[int] = None,
+    learned_lr: Optional[float] = None,
+    strategy: str = "auto",
+    chunk_epochs: Optional[int] = None,
+    checkpoint_every: int = 100,
+    model_overrides: Optional[Mapping[str, Any]] = None,
+    hparams: Optional[Mapping[str, Any]] = None,
+    progress: bool = True,
+    return_states: bool = False,
+) -> dict:
+    """Trains ``repeats`` fresh ``arch`` networks on the synthetic set and tests them.
+
+    Args:
+      arch: a registry name (``get_model``) or a Flax module.
+      images, labels: the synthetic set (NHWC float; int ``[N]`` or soft ``[N, K]``).
+      test_images, test_labels: the real test set.
+      features: teacher features ``[N, ...front]`` (array or ``FeatureBank``); required for
+        every mode but ``task``.
+      protocol: :class:`EvalProtocol` (mode, kind, lambdas, epochs, dtype, ...).
+      repeats, key: repeats and base key (default ``PRNGKey(0)``).
+      workdir: checkpoint/resume directory (None: no checkpoints).
+      num_classes: default inferred (soft labels' width, else max label + 1).
+      learned_lr: an MTT/TESLA set's learned lr; used when ``protocol.use_learned_lr``.
+      strategy: repeat strategy (``auto`` | ``sequential`` | ``vmap`` | ``devices``).
+      model_overrides: ``get_model`` overrides (e.g. ``width``).
+      hparams: per-repeat ``lr``/``lambda_front``/``lambda_rear`` (e.g. a lambda sweep).
+    Returns: ``{"arch", "mode", "accs" (list), "mean", "std", "seconds", "strategy",
+      "train_loss" [R, E+1], "train_acc", "resumed_from", "lr"}``.
+    """
+    if hasattr(images, "images") and hasattr(images, "labels") and labels is None:
+        syn = images
+        images, labels = syn.images, syn.labels
+        num_classes = num_classes or getattr(syn, "num_classes", None)
+        if learned_lr is None:
+            learned_lr = getattr(syn, "lr", None)
+    images = _host(images, "synthetic images")
+    labels = _host(labels, "synthetic labels")
+    test_images = _host(test_images, "test images")
+    test_labels = _host(test_labels, "test labels")
+    k = int(num_classes) if num_classes else _infer_num_classes(labels, test_labels)
+    name, net = _resolve_net(arch, k, protocol, model_overrides)
+    features = _features_for(features, name, net, images.shape[1:])
+    if features is not None:
+        features = _host(features, "feature bank")
+    validate_inputs(name, net, images, labels, test_images, test_labels, features, k, protocol.mode)
+    if not mode_needs_features(protocol.mode):
+        features = None
+    if labels.ndim == 1:
+        labels = labels.astype(np.int32)
+    else:
+        labels = labels.astype(np.float32)
+
+    lr = protocol.lr
+    if protocol.use_learned_lr and learned_lr is not None:
+        lr = float(np.asarray(learned_lr))
+        if not np.isfinite(lr) or lr <= 0:
+            raise ValueError(f"the synthetic set's learned lr is {lr}; expected a positive number")
+    hp = dict(hparams or {})
+    hp.setdefault("lr", lr)
+    out = run_evaluation(
+        net,
+        protocol,
+        images,
+        labels,
+        test_images,
+        test_labels,
+        features,
+        repeats=repeats,
+        key=key,
+        strategy=strategy,
+        chunk_epochs=chunk_epochs,
+        workdir=workdir,
+        checkpoint_every=checkpoint_every,
+        hparams=hp,
+        progress=progress,
+        desc=f"{name} {protocol.mode}",
+        run_info={"arch": name},
+        return_states=return_states,
+    )
+    out.update(
+        arch=name,
+        mode=protocol.mode,
+        accs=[float(a) for a in out["accs"]],
+        lr=lr,
+        num_classes=k,
+    )
+    return out
+
+
+def cross_evaluate(
+    pool: Sequence[str],
+    images,
+    labels,
+    test_images,
+    test_labels,
+    features=None,
+    *,
+    modes: Sequence[str] = (BASELINE_MODE, ELF_MODE),
+    protocol: EvalProtocol = EvalProtocol(),
+    repeats: int = 5,
+    key=None,
+    workdir=None,
+    num_classes: Optional[int] = None,
+    learned_lr: Optional[float] = None,
+    strategy: str = "auto",
+    chunk_epochs: Optional[int] = None,
+    checkpoint_every: int = 100,
+    model_overrides: Union[None, Mapping[str, Any], Callable[[str], Mapping[str, Any]]] = None,
+    progress: bool = True,
+    on_result: Optional[Callable[[str, str, dict], None]] = None,
+) -> dict:
+    """Every architecture of ``pool`` x every loss mode of ``modes``.
+
+    ``features``: one array/``FeatureBank`` for all, a mapping ``arch -> features``, or a
+    callable ``(arch, front_shape) -> features`` (e.g. choosing the teacher by the front's
+    channel count). ``model_overrides``: a dict for all or a callable ``arch -> dict``.
+    Inputs are validated for every (arch, mode) BEFORE any training starts.
+    ``on_result(arch, mode, result)`` is called after each run (for incremental reports).
+    Returns the dict described in the module docstring.
+    """
+    pool = list(pool)
+    modes = list(modes)
+    if not pool:
+        raise ValueError("the architecture pool is empty")
+    key = jax.random.PRNGKey(0) if key is None else key
+    images_h = _host(images, "synthetic images")
+    labels_h = _host(labels, "synthetic labels")
+    test_labels_h = _host(test_labels, "test labels")
+    k = int(num_classes) if num_classes else _infer_num_classes(labels_h, test_labels_h)
+
+    def overrides(arch):
+        return model_overrides(arch) if callable(model_overrides) else (model_overrides or {})
+
+    # validate everything first: a bad bank for the 6th architecture should not cost 5 runs
+    resolved = {}
+    for arch in pool:
+        name, net = _resolve_net(arch, k, protocol, overrides(arch))
+        feats = None
+        if any(mode_needs_features(m) for m in modes):
+            feats = _features_for(features, name, net, images_h.shape[1:])
+            feats = None if feats is None else _host(feats, "feature bank")
+        for mode in modes:
+            validate_inputs(name, net, images_h, labels_h, _host(test_images, "test images"),
+                            test_labels_h, feats, k, mode)
+        resolved[arch] = feats
+
+    results: dict = {}
+    for arch in pool:
+        results[arch] = {}
+        for mode in modes:
+            p = dataclasses.replace(protocol, mode=mode)
+            wd = None if workdir is None else Path(workdir) / arch / mode
+            r = evaluate_synset(
+                arch, images_h, labels_h, test_images, test_labels,
+                resolved[arch] if mode_needs_features(mode) else None,
+                p, repeats, key, wd,
+                num_classes=k, learned_lr=learned_lr, strategy=strategy,
+                chunk_epochs=chunk_epochs, checkpoint_every=checkpoint_every,
+                model_overrides=overrides(arch), progress=progress,
+            )
+            entry = {kk: r[kk] for kk in ("accs", "mean", "std", "seconds", "strategy", "lr")}
+            results[arch][mode] = entry
+            if on_result is not None:
+                on_result(arch, mode, entry)
+    summary = {}
+    for arch, by_mode in results.items():
+        s = {m: {"mean": e["mean"], "std": e["std"]} for m, e in by_mode.items()}
+        if BASELINE_MODE in by_mode and ELF_MODE in by_mode:
+            s["gain"] = by_mode[ELF_MODE]["mean"] - by_mode[BASELINE_MODE]["mean"]
+        summary[arch] = s
+    return {
+        "results": results,
+        "summary": summary,
+        "pool": pool,
+        "modes": modes,
+        "repeats": int(repeats),
+        "num_classes": k,
+        "protocol": protocol.to_dict(),
+    }
