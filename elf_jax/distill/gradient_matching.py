@@ -1,0 +1,273 @@
+"""DC and DSA: gradient matching (Zhao et al. 2021; Zhao & Bilen 2021), as the reference
+``distill_DSA.py`` / DC ``main.py``.
+
+One iteration (one jitted step): a freshly initialized network; ``outer_loop`` rounds of
+
+1. (BatchNorm nets) running statistics from 16 real images per class, then frozen;
+2. for every class c: the CE gradient of the network's parameters on ``batch_real`` real
+   images of c (a constant) and on the ipc synthetic images of c (differentiable w.r.t. the
+   images); DSA: both batches go through the same DSA draw (siamese); the distance between
+   the two gradients (``dis_metric``) summed over classes;
+3. one SGD step on the images (lr_img 0.1, momentum 0.5);
+4. except after the last round: ``inner_loop`` epochs of training the network on the
+   (detached) synthetic set, SGD lr_net 0.01 without momentum, minibatches of
+   ``batch_train`` reshuffled each epoch, DSA (not siamese) for DSA, none for DC.
+
+Classes are vectorised with ``vmap`` (per-class parameter gradients of one network); the
+DSA draws run per class under ``lax.map`` so each class computes only its drawn group.
+
+Distances (``dis_metric``), over the parameter gradient tensors:
+
+* ``ours`` (reference default): per tensor, rows = output units, ``sum_rows 1 - cos``; our
+  kernels are HWIO / [in, out], so a tensor is reshaped to ``[out, rest]`` with ``out`` its
+  LAST axis (the reference's first axis in OIHW / [out, in]); 1-D tensors contribute 0.
+* ``mse``: squared Euclidean distance of the concatenated gradients.
+* ``cos``: ``1 - cos`` of the concatenated gradients.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from elf_jax.distill import common as C
+
+__all__ = ["get_loops", "gradient_distance", "make_gm_step", "run_dc", "run_dsa",
+           "DIS_METRICS"]
+
+DIS_METRICS = ("ours", "mse", "cos")
+_LOOPS = {1: (1, 1), 10: (10, 50), 20: (20, 25), 30: (30, 20), 40: (40, 15), 50: (50, 10)}
+BN_SIZE_PER_CLASS = 16
+
+
+def get_loops(ipc: int):
+    """``(outer_loop, inner_loop)`` of the reference for ``ipc``."""
+    if int(ipc) not in _LOOPS:
+        raise ValueError(f"the reference defines (outer_loop, inner_loop) only for ipc in "
+                         f"{sorted(_LOOPS)}; got ipc={ipc}: pass outer_loop and inner_loop")
+    return _LOOPS[int(ipc)]
+
+
+def _safe_norm(x, axis=-1):
+    ss = jnp.sum(x * x, axis=axis)
+    pos = ss > 0
+    return jnp.where(pos, jnp.sqrt(jnp.where(pos, ss, 1.0)), 0.0)  # grad 0 at 0, as torch
+
+
+def _rows(g):
+    """``[out, rest]`` with ``out`` = the last axis (HWIO conv / [in, out] dense kernels)."""
+    return jnp.moveaxis(g, -1, 0).reshape(g.shape[-1], -1)
+
+
+def gradient_distance(g_real, g_syn, metric: str = "ours"):
+    """The reference ``match_loss`` between two gradient pytrees."""
+    lr_, ls_ = jax.tree.leaves(g_real), jax.tree.leaves(g_syn)
+    if metric == "ours":
+        total = jnp.zeros((), jnp.float32)
+        for a, b in zip(lr_, ls_):
+            if a.ndim <= 1:
+                continue  # biases and norm scales contribute 0
+            ra, rb = _rows(a), _rows(b)
+            cos = jnp.sum(ra * rb, -1) / (_safe_norm(ra) * _safe_norm(rb) + 1e-6)
+            total = total + jnp.sum(1.0 - cos)
+        return total
+    va = jnp.concatenate([a.reshape(-1) for a in lr_])
+    vb = jnp.concatenate([b.reshape(-1) for b in ls_])
+    if metric == "mse":
+        return jnp.sum((vb - va) ** 2)
+    if metric == "cos":
+        return 1.0 - jnp.sum(va * vb) / (_safe_norm(va) * _safe_norm(vb) + 1e-6)
+    raise ValueError(f"unknown dis_metric {metric!r}; choose one of {DIS_METRICS}")
+
+
+def _ce(logits, labels):
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
+
+
+def _variables(params, bstats):
+    return {"params": params, "batch_stats": bstats} if bstats else {"params": params}
+
+
+def make_gm_step(net, *, num_classes: int, ipc: int, outer_loop: int, inner_loop: int,
+                 lr_img: float = 0.1, momentum: float = 0.5, lr_net: float = 0.01,
+                 batch_real: int = 256, batch_train: int = 256, dis_metric: str = "ours",
+                 dsa_strategy: Optional[str] = C.FULL_STRATEGY):
+    """The jitted DC/DSA step ``(state, key, pool: RealPool) -> (state, metrics)``; real
+    batches are drawn from ``pool`` inside (``outer_loop * K * batch_real`` images per
+    iteration would not fit as an argument). ``dsa_strategy=None``: DC."""
+    if dis_metric not in DIS_METRICS:
+        raise ValueError(f"unknown dis_metric {dis_metric!r}; choose one of {DIS_METRICS}")
+    if outer_loop < 1 or inner_loop < 0:
+        raise ValueError(f"outer_loop must be >= 1 and inner_loop >= 0, got "
+                         f"({outer_loop}, {inner_loop})")
+    optimizer = C.make_optimizer({"images": lr_img}, momentum)
+    k, dsa = num_classes, dsa_strategy if dsa_strategy not in ("", "none", "None") else None
+
+    def match_loss(images, params, bstats, real, key):
+        syn = images.reshape((k, ipc) + images.shape[1:])
+        real_a, syn_a = C.per_class_siamese(key, real, syn, dsa)
+        variables = lambda p: _variables(p, bstats)  # noqa: E731
+
+        def grads(x, c):
+            y = jnp.full((x.shape[0],), c, jnp.int32)
+            return jax.grad(lambda p: _ce(net.apply(variables(p), x, train=False), y))(params)
+
+        def per_class(xr, xs, c):
+            return gradient_distance(jax.lax.stop_gradient(grads(xr, c)), grads(xs, c),
+                                     dis_metric)
+
+        return jnp.sum(jax.vmap(per_class)(real_a, syn_a, jnp.arange(k)))
+
+    def train_net(params, bstats, images, labels, key):
+        """``inner_loop`` epochs of SGD(lr_net) on the synthetic set (BN in train mode)."""
+        n = images.shape[0]
+        b = min(batch_train, n)
+        nfull, last = n // b, n % b
+
+        def sgd_step(pb, idx, kk):
+            p, bs = pb
+            x = images[idx]
+            if dsa is not None:
+                from elf_jax.augment import dsa as dsa_fn
+                x = dsa_fn(kk, x, dsa, "S")
+
+            def loss_fn(p_):
+                if bs:
+                    out, upd = net.apply(_variables(p_, bs), x, train=True,
+                                         mutable=["batch_stats"])
+                    return _ce(out, labels[idx]), upd["batch_stats"]
+                return _ce(net.apply({"params": p_}, x, train=True), labels[idx]), bs
+
+            g, new_bs = jax.grad(loss_fn, has_aux=True)(p)
+            return (jax.tree.map(lambda a, d: a - lr_net * d, p, g), new_bs)
+
+        def epoch(pb, kk):
+            k_perm, k_aug = jax.random.split(kk)
+            perm = jax.random.permutation(k_perm, n)
+            keys = jax.random.split(k_aug, nfull + 1)
+            pb, _ = jax.lax.scan(lambda c, xs: (sgd_step(c, xs[0], xs[1]), None), pb,
+                                 (perm[:nfull * b].reshape(nfull, b), keys[:nfull]))
+            if last:
+                pb = sgd_step(pb, perm[nfull * b:], keys[nfull])
+            return pb, None
+
+        (params, bstats), _ = jax.lax.scan(epoch, (params, bstats),
+                                           jax.random.split(key, inner_loop))
+        return params, bstats
+
+    @jax.jit
+    def step(state: C.DistillState, key, pool: C.RealPool):
+        k_net, k_rounds = jax.random.split(key)
+        sample_shape = pool.images[:1]
+        variables = net.init(k_net, sample_shape, train=False)
+        params, bstats0 = variables["params"], variables.get("batch_stats", {})
+        labels = jnp.repeat(jnp.arange(k, dtype=jnp.int32), ipc)
+
+        def round_(carry, xs):
+            params, bstats, syn, opt_state = carry
+            ol, kk = xs
+            k_bn, k_real, k_aug, k_train = jax.random.split(kk, 4)
+            if bstats:  # running statistics from 16 real images per class, then frozen
+                xbn = C.sample_all_classes(pool, k_bn, BN_SIZE_PER_CLASS)
+                xbn = xbn.reshape((-1,) + xbn.shape[2:])
+                _, upd = net.apply(_variables(params, bstats), xbn, train=True,
+                                   mutable=["batch_stats"])
+                bstats = upd["batch_stats"]
+            real = C.sample_all_classes(pool, k_real, batch_real)
+            loss, g = jax.value_and_grad(match_loss)(syn["images"], params, bstats, real,
+                                                     k_aug)
+            updates, opt_state = optimizer.update({"images": g}, opt_state, syn)
+            syn = optax.apply_updates(syn, updates)
+            if inner_loop > 0 and outer_loop > 1:
+                params, bstats = jax.lax.cond(
+                    ol < outer_loop - 1,
+                    lambda pb: train_net(pb[0], pb[1], jax.lax.stop_gradient(syn["images"]),
+                                         labels, k_train),
+                    lambda pb: pb, (params, bstats))
+            return (params, bstats, syn, opt_state), loss
+
+        (_, _, syn, opt_state), losses = jax.lax.scan(
+            round_, (params, bstats0, state.syn, state.opt_state),
+            (jnp.arange(outer_loop), jax.random.split(k_rounds, outer_loop)))
+        state = state._replace(syn=syn, opt_state=opt_state, iteration=state.iteration + 1)
+        return state, {"loss": jnp.mean(losses) / k, "finite": C.all_finite(syn)}
+
+    step.optimizer = optimizer
+    return step
+
+
+def _run_gm(method, dataset, *, arch, ipc, iterations, lr_img, momentum, lr_net, batch_real,
+            batch_train, outer_loop, inner_loop, dis_metric, init, dsa_strategy, model_kwargs,
+            workdir, key, checkpoint_every, eval_every, evaluation, test_dataset, progress,
+            callback):
+    from elf_jax.models import get_model
+
+    if dis_metric not in DIS_METRICS:
+        raise ValueError(f"unknown dis_metric {dis_metric!r}; choose one of {DIS_METRICS}")
+    if outer_loop is None or inner_loop is None:
+        o, i = get_loops(ipc)
+        outer_loop = o if outer_loop is None else outer_loop
+        inner_loop = i if inner_loop is None else inner_loop
+    ev = evaluation or C.EvalSettings()
+    if eval_every:
+        ev = C.dataclasses.replace(ev, every=int(eval_every))
+    if method == "dc" and evaluation is None:
+        ev = C.dataclasses.replace(ev, dsa_strategy="none")  # DC evaluates without DSA
+    train, test, images0, labels0, k, _, k_run = C.prepare(
+        dataset, ipc=ipc, init=init, key=key, eval_settings=ev, test_dataset=test_dataset)
+    model_kwargs = dict(model_kwargs or {})
+    net = get_model(arch, k, **model_kwargs)
+    b = C.real_batch_size(train, batch_real)
+    pool = C.make_pool(train)
+    step = make_gm_step(net, num_classes=k, ipc=ipc, outer_loop=int(outer_loop),
+                        inner_loop=int(inner_loop), lr_img=lr_img, momentum=momentum,
+                        lr_net=lr_net, batch_real=b, batch_train=batch_train,
+                        dis_metric=dis_metric,
+                        dsa_strategy=dsa_strategy if method == "dsa" else None)
+
+    def advance(state):
+        return step(state, C.iteration_key(state), pool)
+
+    state = C.init_state({"images": images0}, step.optimizer, k_run)
+    to_synset = C.synset_factory(method=method, dataset=train, ipc=ipc, arch=arch,
+                                 model_kwargs=model_kwargs, num_classes=k, hard_labels=labels0)
+    run_meta = {"dataset": getattr(train, "name", None), "ipc": int(ipc), "arch": arch,
+                "model_kwargs": model_kwargs, "lr_img": lr_img, "momentum": momentum,
+                "lr_net": lr_net, "batch_real": b, "batch_train": batch_train,
+                "outer_loop": int(outer_loop), "inner_loop": int(inner_loop),
+                "dis_metric": dis_metric, "init": init,
+                "dsa_strategy": dsa_strategy if method == "dsa" else "none",
+                "num_train": int(len(train.labels)), "key": C.raw_key(k_run).tolist()}
+    return C.run_loop(method=method, state=state, advance=advance, iterations=iterations,
+                      to_synset=to_synset, run_meta=run_meta, workdir=workdir,
+                      checkpoint_every=checkpoint_every, eval_settings=ev, test=test, arch=arch,
+                      model_kwargs=model_kwargs, progress=progress, callback=callback)
+
+
+def run_dsa(dataset, *, arch: str = "ConvNet", ipc: int = 10, iterations: int = 1000,
+            lr_img: float = 0.1, momentum: float = 0.5, lr_net: float = 0.01,
+            batch_real: int = 256, batch_train: int = 256, outer_loop: Optional[int] = None,
+            inner_loop: Optional[int] = None, dis_metric: str = "ours", init: str = "real",
+            dsa_strategy: str = C.FULL_STRATEGY,
+            model_kwargs: Optional[Mapping[str, Any]] = None, workdir=None, key=None,
+            checkpoint_every: int = 100, eval_every: int = 0,
+            evaluation: Optional[C.EvalSettings] = None, test_dataset=None,
+            progress: bool = True, callback=None):
+    """Distills with DSA (gradient matching + siamese DSA); ``(outer_loop, inner_loop)``
+    default to the reference's per-ipc values (:func:`get_loops`). Returns a
+    ``SyntheticSet`` (best by evaluation when ``eval_every > 0``)."""
+    return _run_gm("dsa", dataset, **{k: v for k, v in locals().items() if k != "dataset"})
+
+
+def run_dc(dataset, *, arch: str = "ConvNet", ipc: int = 10, iterations: int = 1000,
+           lr_img: float = 0.1, momentum: float = 0.5, lr_net: float = 0.01,
+           batch_real: int = 256, batch_train: int = 256, outer_loop: Optional[int] = None,
+           inner_loop: Optional[int] = None, dis_metric: str = "ours", init: str = "real",
+           dsa_strategy: str = "none", model_kwargs: Optional[Mapping[str, Any]] = None,
+           workdir=None, key=None, checkpoint_every: int = 100, eval_every: int = 0,
+           evaluation: Optional[C.EvalSettings] = None, test_dataset=None,
+           progress: bool = True, callback=None):
+    """Distills with DC (gradient matching, no augmentation); see :func:`run_dsa`."""
+    return _run_gm("dc", dataset, **{k: v for k, v in locals().items() if k != "dataset"})
