@@ -13,12 +13,8 @@ WIDTH = 8
 
 
 def _get_model(name, k, **kw):
-    try:
-        from elf_jax.models import get_model
-    except ImportError:  # registry not landed yet: the real ConvNet class directly
-        from elf_jax.models.convnet import ConvNet
-        norm = {"ConvNet": "instancenorm", "ConvNetBN": "batchnorm"}[name]
-        return ConvNet(num_classes=k, norm=norm, **kw)
+    from elf_jax.models import get_model
+
     return get_model(name, k, **kw)
 
 
