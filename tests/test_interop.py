@@ -119,15 +119,17 @@ def test_split_alias_accepts_both_key_schemes():
         "layer1.0.weight"
     assert list(ti.to_torch_state_dict("ConvNet", v_plain, 10, (32, 32, 3)))[0] == \
         "features.0.weight"
-    keys = ti.to_torch_state_dict("ResNet18BN_Layered", _resnet_vars(), 10, (32, 32, 3),
-                                  as_numpy=True)
-    assert "layer5_befor.0.shortcut.1.running_var" in keys
-    assert "layer5_after.0.bn2.num_batches_tracked" in keys
-
-
-def _resnet_vars():
-    model = get_model("ResNet18BN", 10)
-    return model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), train=False)
+    # ResNet18BN_Layered keys (layer2..4, layer5_befor/after) <-> plain ResNet18BN keys
+    layered = _ref_net("ResNet18BN_Layered", 3, 10, 32).state_dict()
+    v = ti.from_torch_state_dict("ResNet18BN_Layered", layered, 10, (32, 32, 3))
+    back = ti.to_torch_state_dict("ResNet18BN_Layered", v, 10, (32, 32, 3))
+    assert list(back) == list(layered)
+    assert all(torch.equal(back[key], layered[key]) for key in layered)
+    plain = ti.to_torch_state_dict("ResNet18BN", v, 10, (32, 32, 3), as_numpy=True)
+    np.testing.assert_array_equal(plain["layer4.0.shortcut.1.running_var"],
+                                  layered["layer5_befor.0.shortcut.1.running_var"].numpy())
+    np.testing.assert_array_equal(plain["layer1.1.conv2.weight"],
+                                  layered["layer2.1.conv2.weight"].numpy())
 
 
 def test_state_dict_errors_name_the_problem():

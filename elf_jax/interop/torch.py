@@ -95,7 +95,13 @@ def _describe(name, num_classes, input_shape):
     return f"{name} (num_classes={num_classes}, input {_fmt_shape(input_shape)})"
 
 
-def _norm_input_shape(input_shape):
+def _norm_input_shape(input_shape, name=None):
+    if input_shape is None:
+        try:
+            from elf_jax.models import model_info
+            input_shape = model_info(name)["input_shape"]
+        except (ImportError, ValueError, KeyError):
+            raise ValueError(f"pass input_shape=(H, W, C) for {name!r}") from None
     shape = tuple(int(d) for d in input_shape)
     if len(shape) == 4:  # allow a full NHWC batch shape
         shape = shape[1:]
@@ -297,7 +303,7 @@ def _check_against_model(produced, name, num_classes, input_shape, overrides, wh
 
 def reference_state_dict_keys(name, num_classes, input_shape, *, style=None, **overrides):
     """The reference state_dict keys (in order) for ``name``; ``style`` plain/split."""
-    spec = _get_spec(name, num_classes, _norm_input_shape(input_shape), style, overrides)
+    spec = _get_spec(name, num_classes, _norm_input_shape(input_shape, name), style, overrides)
     return spec.keys()
 
 
@@ -342,13 +348,15 @@ def _match_state_dict(name, sd_keys, num_classes, input_shape, style, overrides)
 
 
 def from_torch_state_dict(name: str, state_dict: Mapping[str, Any], num_classes: int,
-                          input_shape: Sequence[int], *, style: Optional[str] = None,
+                          input_shape: Optional[Sequence[int]] = None, *,
+                          style: Optional[str] = None,
                           **overrides):
     """Reference PyTorch ``state_dict`` -> Flax variables of ``get_model(name, ...)``.
 
     ``state_dict``: torch tensors or arrays, keys of the reference ``networks.py`` (either
-    the plain or the split-class scheme; ``style`` forces one). ``input_shape``: (H, W, C).
-    ``overrides``: as for ``get_model`` (ConvNet ``width``/``depth``/``norm``/``pool``
+    the plain or the split-class scheme; ``style`` forces one). ``input_shape``: (H, W, C);
+    None = the size the registry lists for ``name``. ``overrides``: as for ``get_model``
+    (ConvNet ``width``/``depth``/``norm``/``pool``
     change the layout too). Returns ``{"params": ...}`` plus ``{"batch_stats": ...}`` for
     BatchNorm models, as ``jax.numpy`` float32 arrays. Missing/extra keys or shape
     mismatches raise ``ValueError`` naming them.
@@ -359,7 +367,7 @@ def from_torch_state_dict(name: str, state_dict: Mapping[str, Any], num_classes:
         raise ValueError(f"state_dict must be a mapping of key -> tensor, got "
                          f"{type(state_dict).__name__} (did you pass the module? use "
                          "net.state_dict())")
-    input_shape = _norm_input_shape(input_shape)
+    input_shape = _norm_input_shape(input_shape, name)
     rename = _strip_module_prefix(state_dict.keys())
     sd = {rename[k]: v for k, v in state_dict.items()}
     spec = _match_state_dict(name, sd, num_classes, input_shape, style, overrides)
@@ -393,8 +401,9 @@ def from_torch_state_dict(name: str, state_dict: Mapping[str, Any], num_classes:
 
 
 def to_torch_state_dict(name: str, variables: Mapping[str, Any], num_classes: int,
-                        input_shape: Sequence[int], *, style: Optional[str] = None,
-                        num_batches_tracked: int = 0, as_numpy: bool = False,
+                        input_shape: Optional[Sequence[int]] = None, *,
+                        style: Optional[str] = None, num_batches_tracked: int = 0,
+                        as_numpy: bool = False,
                         **overrides):
     """Flax variables -> reference PyTorch ``state_dict`` (ordered as torch orders it).
 
@@ -403,7 +412,7 @@ def to_torch_state_dict(name: str, variables: Mapping[str, Any], num_classes: in
     ``num_batches_tracked`` is written as ``num_batches_tracked``. ``as_numpy=True`` returns
     numpy arrays (no torch needed); otherwise float32 torch tensors (int64 counters).
     """
-    input_shape = _norm_input_shape(input_shape)
+    input_shape = _norm_input_shape(input_shape, name)
     if not isinstance(variables, Mapping) or "params" not in variables:
         raise ValueError("variables must be a dict with a 'params' collection (and "
                          "'batch_stats' for BatchNorm models), as returned by model.init")
@@ -450,10 +459,11 @@ def to_torch_state_dict(name: str, variables: Mapping[str, Any], num_classes: in
 # ============================================================================ flat vectors
 
 
-def flat_param_shapes(name: str, num_classes: int, input_shape: Sequence[int], *,
+def flat_param_shapes(name: str, num_classes: int,
+                      input_shape: Optional[Sequence[int]] = None, *,
                       style: Optional[str] = None, **overrides):
     """[(torch key, torch shape)] in the reference ``net.parameters()`` order."""
-    return _get_spec(name, num_classes, _norm_input_shape(input_shape), style,
+    return _get_spec(name, num_classes, _norm_input_shape(input_shape, name), style,
                      overrides).param_list()
 
 
@@ -464,7 +474,7 @@ def _is_vector(flat):
 
 
 def flat_params_to_variables(name: str, flat, num_classes: int,
-                             input_shape: Sequence[int], *, batch_stats=None,
+                             input_shape: Optional[Sequence[int]] = None, *, batch_stats=None,
                              params_only: bool = False, **overrides):
     """Reference flat parameters -> Flax variables.
 
@@ -478,7 +488,7 @@ def flat_params_to_variables(name: str, flat, num_classes: int,
     """
     import jax.numpy as jnp
 
-    input_shape = _norm_input_shape(input_shape)
+    input_shape = _norm_input_shape(input_shape, name)
     spec = _get_spec(name, num_classes, input_shape, None, overrides)
     plist = spec.param_list()
     desc = _describe(name, num_classes, input_shape)
@@ -543,7 +553,8 @@ def _check_param_list(got_shapes, plist, desc, what):
 
 
 def variables_to_flat_params(name: str, variables, num_classes: int,
-                             input_shape: Sequence[int], *, as_list: bool = False,
+                             input_shape: Optional[Sequence[int]] = None, *,
+                             as_list: bool = False,
                              **overrides):
     """Flax variables (or a bare params tree) -> reference flat parameters.
 
@@ -553,7 +564,7 @@ def variables_to_flat_params(name: str, variables, num_classes: int,
     """
     import jax.numpy as jnp
 
-    input_shape = _norm_input_shape(input_shape)
+    input_shape = _norm_input_shape(input_shape, name)
     spec = _get_spec(name, num_classes, input_shape, None, overrides)
     params = variables["params"] if (isinstance(variables, Mapping)
                                      and "params" in variables) else variables
@@ -581,7 +592,8 @@ def variables_to_flat_params(name: str, variables, num_classes: int,
 
 # ============================================================================ replay buffers
 
-_GUESS_NAMES = ("ConvNet", "ConvNetW32", "ConvNetW64", "ConvNetD4", "ConvNetD5", "ConvNetW256", "ConvNetW512",
+_GUESS_NAMES = ("ConvNet", "ConvNetW32", "ConvNetW64", "ConvNetD4", "ConvNetD5",
+                "ConvNetW256", "ConvNetW512",
                 "ConvNetD4W256", "ConvNetD4W512", "ConvNetLN", "ConvNetNN", "ConvNetNP",
                 "AlexNet", "AlexNetBN", "VGG11", "VGG11ImageNet", "ResNet18", "ResNet18_AP",
                 "ResNet18ImageNet", "MLP", "LeNet")
@@ -605,7 +617,8 @@ def _guess_architecture(shapes, input_shape):
     return hits
 
 
-def load_replay_buffer(path, name: str, num_classes: int, input_shape: Sequence[int], *,
+def load_replay_buffer(path, name: str, num_classes: int,
+                       input_shape: Optional[Sequence[int]] = None, *,
                        stack: bool = False, max_trajectories: Optional[int] = None,
                        **overrides):
     """Read an MTT/ELF expert buffer ``replay_buffer_<n>.pt`` into our trajectory format.
@@ -623,7 +636,7 @@ def load_replay_buffer(path, name: str, num_classes: int, input_shape: Sequence[
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"expert buffer {path} does not exist")
-    input_shape = _norm_input_shape(input_shape)
+    input_shape = _norm_input_shape(input_shape, name)
     try:
         buf = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as err:
