@@ -173,24 +173,32 @@ def test_forward_and_exact_front_rear_composition(name, hwc):
         np.testing.assert_allclose(net.apply(v, x[:1]), out[:1], rtol=1e-4, atol=1e-5)
 
 
-def test_real_init_then_forward_convnet_and_init_schemes():
-    net = get_model("ConvNet", 10)
-    x = rand_images((2, 32, 32, 3))
-    v = net.init(jax.random.key(0), x)
+def test_torch_and_flax_init_schemes():
+    from elf_jax.models import layers as L
+
+    key = jax.random.key(0)
+    # a whole (small) network through the real init, then a forward pass
+    net = get_model("ConvNetD2", 10)
+    x = rand_images((2, 4, 4, 3))
+    v = net.init(key, x)
     assert set(v) == {"params"}
-    k = np.asarray(v["params"]["block2"]["conv"]["kernel"])
-    b = np.asarray(v["params"]["block2"]["conv"]["bias"])
+    p = v["params"]
+    np.testing.assert_allclose(p["block1"]["norm"]["scale"], 1.0)
+    np.testing.assert_allclose(p["block1"]["norm"]["bias"], 0.0)
     bound = 1 / np.sqrt(3 * 3 * 128)
+    k, b = np.asarray(p["block2"]["conv"]["kernel"]), np.asarray(p["block2"]["conv"]["bias"])
+    assert k.shape == (3, 3, 128, 128)
     assert np.abs(k).max() <= bound and np.abs(k).max() > 0.95 * bound
+    assert abs(k.std() - bound / np.sqrt(3)) < 0.02 * bound  # uniform std
     assert np.abs(b).max() <= bound and np.abs(b).max() > 0.5 * bound
-    kd = np.asarray(v["params"]["classifier"]["kernel"])
-    assert kd.shape == (2048, 10) and np.abs(kd).max() <= 1 / np.sqrt(2048)
-    np.testing.assert_allclose(v["params"]["block1"]["norm"]["scale"], 1.0)
+    kd = np.asarray(p["classifier"]["kernel"])
+    assert kd.shape == (128, 10) and np.abs(kd).max() <= 1 / np.sqrt(128)
+    assert np.abs(np.asarray(p["classifier"]["bias"])).max() <= 1 / np.sqrt(128)
     assert net.apply(v, x).shape == (2, 10)
-    vf = init_shapes(get_model("ConvNet", 10, init="flax"), (32, 32, 3))
-    assert count_params(vf) == 320_010
-    vf = get_model("ConvNetD1", 10, init="flax", width=8).init(jax.random.key(0), x)
-    np.testing.assert_array_equal(vf["params"]["block1"]["conv"]["bias"], 0.0)
+    flax_dense = L.Dense(10, init_mode="flax").init(key, jnp.zeros((1, 64)))["params"]
+    np.testing.assert_array_equal(flax_dense["bias"], 0.0)
+    assert count_params(init_shapes(get_model("ConvNet", 10, init="flax"), (32, 32, 3))) \
+        == 320_010
 
 
 def test_bfloat16_compute_keeps_float32_params():
