@@ -302,7 +302,9 @@ def random_real_subset(key, dataset, ipc: int) -> SyntheticSet:
     if labels.ndim != 1:
         raise ValueError("random_real_subset needs hard integer labels in the dataset")
     k = int(getattr(dataset, "num_classes", int(labels.max()) + 1))
-    keys = jax.random.split(key, k)
+    # one random number per real image (a single jax call); each class keeps the ipc
+    # images with the smallest numbers, i.e. a uniformly random subset
+    u = _host(jax.random.uniform(key, (labels.shape[0],)))
     picks = []
     for c in range(k):
         idx = np.flatnonzero(labels == c)
@@ -310,8 +312,7 @@ def random_real_subset(key, dataset, ipc: int) -> SyntheticSet:
             raise ValueError(
                 f"class {c} of dataset {getattr(dataset, 'name', '?')!r} has only {idx.size} "
                 f"images but ipc={ipc} were requested; lower ipc to at most {idx.size}")
-        perm = _host(jax.random.permutation(keys[c], idx.size))
-        picks.append(idx[perm[:ipc]])
+        picks.append(idx[np.argsort(u[idx], kind="stable")[:ipc]])
     sel = np.concatenate(picks)
     images = _host(dataset.images)[sel]
     key_data = key if not jax.dtypes.issubdtype(getattr(key, "dtype", np.uint32),

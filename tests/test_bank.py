@@ -28,7 +28,7 @@ def _synset(n=10, seed=0, k=10):
 @pytest.fixture(scope="module")
 def teacher():
     net = _get_model("ConvNet", 10, width=WIDTH)
-    variables = net.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
+    variables = jax.jit(net.init)(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
     return net, variables
 
 
@@ -64,7 +64,7 @@ def test_named_layers_and_unknown(teacher):
 
 def test_batchnorm_teacher_inference_mode():
     net = _get_model("ConvNetBN", 10, width=WIDTH)
-    v = net.init(jax.random.key(1), jnp.zeros((1, 28, 28, 1)))
+    v = jax.jit(net.init)(jax.random.key(1), jnp.zeros((1, 28, 28, 1)))
     assert "batch_stats" in v
     s = _synset(5)
     bank = build_bank(net, v, s, teacher_name="ConvNetBN", snapshot_epoch=1)

@@ -143,6 +143,8 @@ def test_random_real_subset():
     s2 = random_real_subset(jax.random.key(0), ds, 3)
     assert s2.content_hash() == s.content_hash()
     assert random_real_subset(jax.random.key(1), ds, 3).content_hash() != s.content_hash()
+    legacy = random_real_subset(jax.random.PRNGKey(0), ds, 3)  # raw uint32 keys work too
+    assert legacy.content_hash() == s.content_hash() and legacy.metadata["seed_key"] == [0, 0]
     with pytest.raises(ValueError, match="class 2 .* only 4 images but ipc=5"):
         random_real_subset(jax.random.key(0), ds, 5)
 
