@@ -26,6 +26,7 @@ Distances (``dis_metric``), over the parameter gradient tensors:
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Mapping, Optional
 
 import jax
@@ -90,6 +91,7 @@ def _variables(params, bstats):
     return {"params": params, "batch_stats": bstats} if bstats else {"params": params}
 
 
+@functools.lru_cache(maxsize=16)
 def make_gm_step(net, *, num_classes: int, ipc: int, outer_loop: int, inner_loop: int,
                  lr_img: float = 0.1, momentum: float = 0.5, lr_net: float = 0.01,
                  batch_real: int = 256, batch_train: int = 256, dis_metric: str = "ours",

@@ -1,0 +1,416 @@
+"""MTT (Cazenavette et al. 2022, trajectory matching) and TESLA (Cui et al. 2023, constant
+memory), as the reference ``distill_MTT.py``.
+
+One iteration: a random expert trajectory and ``start ~ randint(0, max_start_epoch)``
+(exclusive, numpy semantics); the student starts at ``expert[start]`` (a flat parameter
+vector, ``jax.flatten_util.ravel_pytree``; the network is applied with the unraveled
+parameters) and takes ``syn_steps`` SGD steps ``theta <- theta - syn_lr * grad CE`` on
+minibatches of ``batch_syn`` synthetic images (default all; a fresh permutation whenever one
+is used up), each augmented with its own DSA draw (not siamese). The loss is
+
+    ||theta_N - expert[start + expert_epochs]||^2 / ||expert[start] - expert[start + expert_epochs]||^2
+
+and the images (SGD lr_img, momentum 0.5) and ``syn_lr`` (SGD lr_lr, momentum 0.5, starting
+at lr_teacher) take one step on its gradient.
+
+Gradients (``gradient=``):
+
+* ``"unrolled"`` (MTT): reverse-mode through the ``lax.scan`` of the student steps; XLA keeps
+  every step's residuals (activations), so memory grows linearly with ``syn_steps``.
+* ``"remat"``: the same exact gradient with ``jax.checkpoint`` around each student step: the
+  scan keeps only the carried parameters per step (``syn_steps * P`` floats) and recomputes
+  the activations in the backward pass.
+* ``"tesla"`` (TESLA's algorithm, the default of :func:`run_tesla`): with
+  ``theta_N = theta_0 - syn_lr * sum_i g_i(theta_i, X_i)`` and ``a = dL/dtheta_N``, TESLA
+  takes ``dL/dX = sum_i -syn_lr * a^T dg_i/dX`` and ``dL/dsyn_lr = -a^T sum_i g_i``, i.e. it
+  drops the terms through ``theta_i``'s dependence on earlier batches (the Hessian
+  products). Two passes: a forward pass to ``theta_N`` (nothing stored), then a second pass
+  that recomputes ``theta_i`` step by step and accumulates each step's vector-Jacobian
+  product. Memory is constant in ``syn_steps`` (no per-step parameters either); the cost is
+  one extra gradient per step.
+
+Soft labels (TESLA, ``soft_labels=True``): the label logits are the expert's logits (epoch
+``soft_label_epoch`` of expert 0, default its last) on the initial images; the student loss
+is the cross-entropy with ``softmax(logits)``; ``learn_labels=True`` also learns the logits
+(SGD ``lr_label``). The set stores ``softmax(logits)`` as its soft labels.
+
+Expert trajectories: a ``train_teacher``/``train_experts`` workdir, a reference
+``replay_buffer_<n>.pt`` (via :func:`elf_jax.interop.torch.load_replay_buffer`), or a list of
+trajectories (lists of per-epoch parameter trees). Without any, :func:`run_mtt` trains
+``num_experts`` experts into ``<workdir>/experts`` (momentum 0, weight decay 0, as MTT's
+``buffer.py``). BatchNorm networks run in training mode (batch statistics), as the
+reference's functional ``ReparamModule``; the default ConvNet uses instance norm.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+from elf_jax.distill import common as C
+
+__all__ = ["GRADIENTS", "load_expert_array", "make_mtt_step", "make_tesla_step",
+           "run_mtt", "run_tesla", "MTT_ELF_CIFAR100"]
+
+GRADIENTS = ("unrolled", "remat", "tesla")
+# the ELF repository's distill_MTT.sh (CIFAR-100, IPC 10)
+MTT_ELF_CIFAR100 = dict(syn_steps=20, expert_epochs=2, max_start_epoch=40, lr_img=1e3,
+                        lr_lr=1e-5, lr_teacher=1e-2, iterations=5000)
+
+
+# ----------------------------------------------------------------------------- experts
+def _describe(arch, model_kwargs, k, shape):
+    kw = "".join(f", {a}={b}" for a, b in sorted(dict(model_kwargs or {}).items()))
+    return f"{arch}({k} classes, input {tuple(shape)}{kw})"
+
+
+def _params_of(tree):
+    return tree["params"] if isinstance(tree, Mapping) and "params" in tree else tree
+
+
+def load_expert_array(experts, *, arch: str, num_classes: int, image_shape: Sequence[int],
+                      model_kwargs: Optional[Mapping[str, Any]] = None,
+                      epochs_needed: int, max_experts: Optional[int] = None):
+    """Expert trajectories as a float32 array ``[E, T, P]`` (``T = epochs_needed + 1``
+    snapshots 0..epochs_needed, flat in ``ravel_pytree`` order of our parameter tree) plus
+    the ``unravel`` function. ``ValueError`` naming both architectures when the experts were
+    trained for another network, or when the trajectories are too short."""
+    from elf_jax.models import canonical_name, get_model
+
+    model_kwargs = dict(model_kwargs or {})
+    net = get_model(arch, num_classes, **model_kwargs)
+    template = jax.eval_shape(lambda: net.init(jax.random.key(0),
+                                               jnp.zeros((1,) + tuple(image_shape))))
+    template = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), template["params"])
+    flat0, unravel = ravel_pytree(template)
+    want = _describe(arch, model_kwargs, num_classes, image_shape)
+    trajs = []
+    if isinstance(experts, (str, Path)) and Path(experts).is_dir():
+        from elf_jax.teacher import load_trajectory, read_manifest
+
+        m = read_manifest(experts)
+        have = _describe(m["net_name"], m.get("model_kwargs"), m["num_classes"],
+                         m["image_shape"])
+        same = (canonical_name(m["net_name"]) == canonical_name(arch)
+                and dict(m.get("model_kwargs") or {}) == model_kwargs
+                and int(m["num_classes"]) == int(num_classes)
+                and tuple(m["image_shape"]) == tuple(image_shape))
+        if not same:
+            raise ValueError(f"expert trajectories in {experts} were trained for {have}, but "
+                             f"this distillation uses {want}; train experts for {arch} (or "
+                             "distill with the experts' architecture)")
+        if int(m["epochs"]) < epochs_needed:
+            raise ValueError(f"expert trajectories in {experts} have {m['epochs']} epochs, "
+                             f"but max_start_epoch + expert_epochs needs {epochs_needed}")
+        n = int(m.get("num_experts", 1))
+        for e in range(min(n, max_experts or n)):
+            trajs.append([_params_of(v) for v in load_trajectory(
+                experts, expert=e, epochs=range(epochs_needed + 1))])
+    elif isinstance(experts, (str, Path)):
+        if not Path(experts).is_file():
+            raise FileNotFoundError(f"no expert trajectories at {experts}: pass a teacher "
+                                    "workdir, a replay_buffer_<n>.pt file or a list")
+        from elf_jax.interop.torch import load_replay_buffer
+
+        for t in load_replay_buffer(experts, arch, num_classes, tuple(image_shape),
+                                    max_trajectories=max_experts, **model_kwargs):
+            trajs.append([_params_of(v) for v in t])
+    else:
+        trajs = [[_params_of(v) for v in t] for t in experts][:max_experts]
+    if not trajs:
+        raise ValueError("no expert trajectories were given")
+    out = np.zeros((len(trajs), epochs_needed + 1, flat0.size), np.float32)
+    for i, t in enumerate(trajs):
+        if len(t) < epochs_needed + 1:
+            raise ValueError(f"expert trajectory {i} has {len(t)} snapshots, but "
+                             f"max_start_epoch + expert_epochs needs {epochs_needed + 1}")
+        for j in range(epochs_needed + 1):
+            ok = jax.tree.structure(t[j]) == jax.tree.structure(template) and all(
+                a.shape == b.shape for a, b in zip(jax.tree.leaves(t[j]),
+                                                   jax.tree.leaves(template)))
+            if not ok:
+                shapes = [tuple(a.shape) for a in jax.tree.leaves(t[j])]
+                raise ValueError(f"expert trajectory {i}, epoch {j} does not fit {want} "
+                                 f"(parameter shapes {shapes[:6]}...); the experts were "
+                                 "trained for another architecture")
+            out[i, j] = np.asarray(ravel_pytree(t[j])[0])
+    return out, unravel
+
+
+# ----------------------------------------------------------------------------- steps
+def _soft_ce(logits, targets):
+    return -jnp.mean(jnp.sum(targets * jax.nn.log_softmax(logits), -1))
+
+
+class _Student:
+    """The functional student: per-step gradient of CE w.r.t. the flat parameters."""
+
+    def __init__(self, net, unravel, *, num_classes, batch_syn, syn_steps, dsa_strategy,
+                 bn_template=None):
+        self.net, self.unravel = net, unravel
+        self.k, self.b, self.steps = num_classes, batch_syn, syn_steps
+        self.dsa = dsa_strategy if dsa_strategy not in (None, "", "none", "None") else None
+        self.bn = bn_template
+
+    def logits(self, flat, x):
+        params = self.unravel(flat)
+        if self.bn:
+            out, _ = self.net.apply({"params": params, "batch_stats": self.bn}, x, train=True,
+                                    mutable=["batch_stats"])
+            return out
+        return self.net.apply({"params": params}, x, train=True)
+
+    def targets(self, syn, hard_labels):
+        if "labels" in syn:
+            return jax.nn.softmax(syn["labels"], -1)
+        if hard_labels.ndim == 2:  # fixed soft-label logits
+            return jax.nn.softmax(hard_labels, -1)
+        return jax.nn.one_hot(hard_labels, self.k)
+
+    def schedule(self, key, n):
+        """Minibatch indices ``[syn_steps, b]`` (fresh permutation when one is used up; a
+        partial last chunk of a permutation is skipped to keep shapes static) and DSA keys."""
+        b = min(self.b or n, n)
+        per = n // b
+        nperm = -(-self.steps // per)
+        k_perm, k_aug = jax.random.split(key)
+        perms = jax.vmap(lambda kk: jax.random.permutation(kk, n))(
+            jax.random.split(k_perm, nperm))
+        idx = perms[:, :per * b].reshape(nperm * per, b)[:self.steps]
+        return idx, jax.random.split(k_aug, self.steps)
+
+    def grad(self, flat, images, targets, idx, key):
+        x = images[idx]
+        if self.dsa is not None:
+            from elf_jax.augment import dsa
+
+            x = dsa(key, x, self.dsa, "S")
+        return jax.grad(lambda p: _soft_ce(self.logits(p, x), targets[idx]))(flat)
+
+
+def _param_loss(theta_n, start, target):
+    return jnp.sum((theta_n - target) ** 2) / jnp.sum((start - target) ** 2)
+
+
+def _make_step(net, unravel, *, num_classes, syn_steps, lrs, momentum, batch_syn,
+               dsa_strategy, hard_labels, gradient, bn_template=None):
+    if gradient not in GRADIENTS:
+        raise ValueError(f"unknown gradient {gradient!r}; choose one of {GRADIENTS}")
+    optimizer = C.make_optimizer(lrs, momentum)
+    st = _Student(net, unravel, num_classes=num_classes, batch_syn=batch_syn,
+                  syn_steps=syn_steps, dsa_strategy=dsa_strategy, bn_template=bn_template)
+    hard = jnp.asarray(hard_labels)
+
+    def unrolled_loss(syn, start, target, key):
+        images, lr = syn["images"], syn["lr"]
+        targets = st.targets(syn, hard)
+        idx, keys = st.schedule(key, images.shape[0])
+
+        def body(theta, xs):
+            return theta - lr * st.grad(theta, images, targets, xs[0], xs[1]), None
+
+        if gradient == "remat":
+            body = jax.checkpoint(body)
+        theta_n, _ = jax.lax.scan(body, start, (idx, keys))
+        return _param_loss(theta_n, start, target)
+
+    def tesla_value_and_grad(syn, start, target, key):
+        images, lr = syn["images"], syn["lr"]
+        learn_labels = "labels" in syn
+        idx, keys = st.schedule(key, images.shape[0])
+        targets = st.targets(syn, hard)
+
+        def fwd(theta, xs):
+            return theta - lr * st.grad(theta, images, targets, xs[0], xs[1]), None
+
+        theta_n, _ = jax.lax.scan(fwd, start, (idx, keys))
+        den = jnp.sum((start - target) ** 2)
+        loss = jnp.sum((theta_n - target) ** 2) / den
+        a = 2.0 * (theta_n - target) / den  # dL/dtheta_N
+
+        def bwd(carry, xs):
+            theta, g_sum, g_img, g_lab = carry
+            if learn_labels:
+                g, vjp = jax.vjp(lambda im, lab: st.grad(theta, im, jax.nn.softmax(lab, -1),
+                                                         xs[0], xs[1]),
+                                 images, syn["labels"])
+                d_img, d_lab = vjp(-lr * a)
+                g_lab = g_lab + d_lab
+            else:
+                g, vjp = jax.vjp(lambda im: st.grad(theta, im, targets, xs[0], xs[1]), images)
+                (d_img,) = vjp(-lr * a)
+            return (theta - lr * g, g_sum + g, g_img + d_img, g_lab), None
+
+        g_lab0 = jnp.zeros_like(syn["labels"]) if learn_labels else jnp.zeros(())
+        (_, g_sum, g_img, g_lab), _ = jax.lax.scan(
+            bwd, (start, jnp.zeros_like(start), jnp.zeros_like(images), g_lab0), (idx, keys))
+        grads = {"images": g_img, "lr": -jnp.vdot(a, g_sum)}
+        if learn_labels:
+            grads["labels"] = g_lab
+        return loss, grads
+
+    @jax.jit
+    def step(state: C.DistillState, key, start, target):
+        if gradient == "tesla":
+            loss, grads = tesla_value_and_grad(state.syn, start, target, key)
+        else:
+            loss, grads = jax.value_and_grad(unrolled_loss)(state.syn, start, target, key)
+        state = C.apply_grads(state, grads, optimizer)
+        return state, {"loss": loss, "syn_lr": state.syn["lr"],
+                       "finite": C.all_finite(state.syn)}
+
+    step.optimizer = optimizer
+    return step
+
+
+def make_mtt_step(net, unravel, *, num_classes, hard_labels, syn_steps=20, lr_img=1e3,
+                  lr_lr=1e-5, momentum=0.5, batch_syn=None, dsa_strategy=C.FULL_STRATEGY,
+                  gradient="unrolled", bn_template=None, lr_label=None):
+    """The jitted MTT step ``(state, key, start [P], target [P]) -> (state, metrics)``;
+    ``state.syn = {"images", "lr"[, "labels"]}``."""
+    lrs = {"images": lr_img, "lr": lr_lr}
+    if lr_label is not None:
+        lrs["labels"] = lr_label
+    return _make_step(net, unravel, num_classes=num_classes, syn_steps=syn_steps, lrs=lrs,
+                      momentum=momentum, batch_syn=batch_syn, dsa_strategy=dsa_strategy,
+                      hard_labels=hard_labels, gradient=gradient, bn_template=bn_template)
+
+
+def make_tesla_step(net, unravel, *, gradient="tesla", **kw):
+    """:func:`make_mtt_step` with TESLA's constant-memory gradient by default."""
+    return make_mtt_step(net, unravel, gradient=gradient, **kw)
+
+
+# ----------------------------------------------------------------------------- drivers
+def _run_tm(method, dataset, *, arch, ipc, iterations, syn_steps, expert_epochs,
+            max_start_epoch, lr_img, lr_lr, lr_teacher, momentum, batch_syn, init,
+            dsa_strategy, experts, num_experts, expert_train_epochs, model_kwargs, workdir,
+            key, checkpoint_every, eval_every, evaluation, test_dataset, progress, callback,
+            gradient, soft_labels=False, learn_labels=False, lr_label=10.0,
+            soft_label_epoch=None, max_experts=None):
+    from elf_jax.models import get_model
+
+    if gradient not in GRADIENTS:
+        raise ValueError(f"unknown gradient {gradient!r}; choose one of {GRADIENTS}")
+    if int(max_start_epoch) < 1 or int(expert_epochs) < 1 or int(syn_steps) < 1:
+        raise ValueError("max_start_epoch, expert_epochs and syn_steps must be >= 1")
+    if not np.isfinite(lr_teacher):
+        raise C.DistillationDiverged(f"{method}: lr_teacher (the initial syn_lr) is "
+                                     f"{lr_teacher}; it must be a finite positive number")
+    ev = evaluation or C.EvalSettings()
+    if eval_every:
+        ev = C.dataclasses.replace(ev, every=int(eval_every))
+    train, test, images0, labels0, k, _, k_run = C.prepare(
+        dataset, ipc=ipc, init=init, key=key, eval_settings=ev, test_dataset=test_dataset)
+    model_kwargs = dict(model_kwargs or {})
+    net = get_model(arch, k, **model_kwargs)
+    image_shape = tuple(images0.shape[1:])
+    needed = int(max_start_epoch) - 1 + int(expert_epochs)  # start < max_start_epoch
+    if experts is None:
+        if workdir is None:
+            raise ValueError(f"{method} needs expert trajectories: pass experts= (a teacher "
+                             "workdir, a replay_buffer_<n>.pt or a list) or a workdir to "
+                             "train them in")
+        from elf_jax.teacher import train_experts
+
+        epochs = int(expert_train_epochs or needed)
+        train_experts(arch, train, epochs=epochs, num_experts=int(num_experts),
+                      workdir=Path(workdir) / "experts", model_kwargs=model_kwargs,
+                      progress=progress)
+        experts = Path(workdir) / "experts"
+    traj, unravel = load_expert_array(experts, arch=arch, num_classes=k,
+                                      image_shape=image_shape, model_kwargs=model_kwargs,
+                                      epochs_needed=needed, max_experts=max_experts)
+    variables = net.init(jax.random.key(0), jnp.asarray(images0[:1]), train=False)
+    bn_template = variables.get("batch_stats") or None
+
+    syn0 = {"images": images0, "lr": np.float32(lr_teacher)}
+    hard = labels0
+    if soft_labels:
+        e0 = traj.shape[1] - 1 if soft_label_epoch is None else int(soft_label_epoch)
+        logits = net.apply({"params": unravel(jnp.asarray(traj[0, e0])),
+                            **({"batch_stats": bn_template} if bn_template else {})},
+                           jnp.asarray(images0), train=False)
+        if learn_labels:
+            syn0["labels"] = np.asarray(logits, np.float32)
+        else:
+            hard = np.asarray(logits, np.float32)  # fixed soft-label logits
+    step = make_mtt_step(net, unravel, num_classes=k, hard_labels=hard,
+                         syn_steps=int(syn_steps), lr_img=lr_img, lr_lr=lr_lr,
+                         momentum=momentum, batch_syn=batch_syn, dsa_strategy=dsa_strategy,
+                         gradient=gradient, bn_template=bn_template,
+                         lr_label=lr_label if (soft_labels and learn_labels) else None)
+    traj_dev = jnp.asarray(traj)
+    n_exp = traj.shape[0]
+
+    def advance(state):
+        k_it = C.iteration_key(state)
+        k_e, k_s, k_step = jax.random.split(k_it, 3)
+        e = int(jax.random.randint(k_e, (), 0, n_exp))
+        s = int(jax.random.randint(k_s, (), 0, int(max_start_epoch)))
+        return step(state, k_step, traj_dev[e, s], traj_dev[e, s + int(expert_epochs)])
+
+    state = C.init_state(syn0, step.optimizer, k_run)
+    to_synset = C.synset_factory(method=method, dataset=train, ipc=ipc, arch=arch,
+                                 model_kwargs=model_kwargs, num_classes=k,
+                                 hard_labels=(labels0 if np.ndim(hard) == 1 else
+                                              np.asarray(jax.nn.softmax(jnp.asarray(hard), -1))),
+                                 extra={"gradient": gradient})
+    run_meta = {"dataset": getattr(train, "name", None), "ipc": int(ipc), "arch": arch,
+                "model_kwargs": model_kwargs, "syn_steps": int(syn_steps),
+                "expert_epochs": int(expert_epochs), "max_start_epoch": int(max_start_epoch),
+                "lr_img": lr_img, "lr_lr": lr_lr, "lr_teacher": lr_teacher,
+                "momentum": momentum, "batch_syn": batch_syn, "init": init,
+                "dsa_strategy": dsa_strategy, "gradient": gradient,
+                "soft_labels": bool(soft_labels), "learn_labels": bool(learn_labels),
+                "experts_hash": C._fingerprint(json.dumps(
+                    [float(traj.sum()), list(traj.shape)])),
+                "key": C.raw_key(k_run).tolist()}
+    return C.run_loop(method=method, state=state, advance=advance, iterations=iterations,
+                      to_synset=to_synset, run_meta=run_meta, workdir=workdir,
+                      checkpoint_every=checkpoint_every, eval_settings=ev, test=test, arch=arch,
+                      model_kwargs=model_kwargs, progress=progress, callback=callback)
+
+
+def run_mtt(dataset, *, arch: str = "ConvNet", ipc: int = 10, iterations: int = 5000,
+            syn_steps: int = 20, expert_epochs: int = 2, max_start_epoch: int = 20,
+            lr_img: float = 1e3, lr_lr: float = 1e-5, lr_teacher: float = 1e-2,
+            momentum: float = 0.5, batch_syn: Optional[int] = None, init: str = "real",
+            dsa_strategy: str = C.FULL_STRATEGY, experts=None, num_experts: int = 5,
+            expert_train_epochs: Optional[int] = None,
+            model_kwargs: Optional[Mapping[str, Any]] = None, workdir=None, key=None,
+            checkpoint_every: int = 100, eval_every: int = 0,
+            evaluation: Optional[C.EvalSettings] = None, test_dataset=None,
+            progress: bool = True, callback=None, gradient: str = "unrolled",
+            remat: bool = False, max_experts: Optional[int] = None):
+    """Distills with MTT (``remat=True``: the same gradient with ``jax.checkpoint``).
+    ``experts``: teacher workdir / ``replay_buffer_<n>.pt`` / list; None trains
+    ``num_experts`` experts for ``expert_train_epochs`` (default
+    ``max_start_epoch - 1 + expert_epochs``) epochs in ``<workdir>/experts``."""
+    if remat and gradient == "unrolled":
+        gradient = "remat"
+    kw = {k: v for k, v in locals().items() if k not in ("dataset", "remat")}
+    return _run_tm("mtt", dataset, **kw)
+
+
+def run_tesla(dataset, *, arch: str = "ConvNet", ipc: int = 10, iterations: int = 5000,
+              syn_steps: int = 20, expert_epochs: int = 2, max_start_epoch: int = 20,
+              lr_img: float = 1e3, lr_lr: float = 1e-5, lr_teacher: float = 1e-2,
+              momentum: float = 0.5, batch_syn: Optional[int] = None, init: str = "real",
+              dsa_strategy: str = C.FULL_STRATEGY, experts=None, num_experts: int = 5,
+              expert_train_epochs: Optional[int] = None,
+              model_kwargs: Optional[Mapping[str, Any]] = None, workdir=None, key=None,
+              checkpoint_every: int = 100, eval_every: int = 0,
+              evaluation: Optional[C.EvalSettings] = None, test_dataset=None,
+              progress: bool = True, callback=None, gradient: str = "tesla",
+              soft_labels: bool = False, learn_labels: bool = False, lr_label: float = 10.0,
+              soft_label_epoch: Optional[int] = None, max_experts: Optional[int] = None):
+    """Distills with TESLA: MTT's objective with the constant-memory gradient (see the
+    module docstring), optional soft labels from the expert (off by default)."""
+    kw = {k: v for k, v in locals().items() if k != "dataset"}
+    return _run_tm("tesla", dataset, **kw)
