@@ -82,7 +82,8 @@ def test_save_load_and_mismatch(tmp_path, teacher):
     assert r.metadata == bank.metadata
     load_bank(tmp_path / "bank", expect_synset=s.content_hash(), expect_teacher="ConvNetW8")
     other = _synset(seed=1)
-    with pytest.raises(ValueError, match=(s.content_hash()[:12] + r".*" + other.content_hash()[:12])):
+    both = s.content_hash()[:12] + r".*" + other.content_hash()[:12]
+    with pytest.raises(ValueError, match=both):
         load_bank(tmp_path / "bank", expect_synset=other)
     with pytest.raises(ValueError, match=r"teacher='ConvNetW8'.*teacher='ConvNetW512'"):
         load_bank(tmp_path / "bank", expect_teacher="ConvNetW512")
