@@ -1,0 +1,100 @@
+"""evaluate_synset / cross_evaluate: input validation and a tiny cross evaluation."""
+
+import jax
+import numpy as np
+import pytest
+
+from elf_jax.elf import cross_evaluate, evaluate_synset
+from elf_jax.train import EvalProtocol
+
+K = 3
+
+
+@pytest.fixture(scope="module")
+def data():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(9, 16, 16, 3)).astype(np.float32)
+    y = (np.arange(9) % K).astype(np.int32)
+    tx = rng.normal(size=(7, 16, 16, 3)).astype(np.float32)
+    ty = (np.arange(7) % K).astype(np.int32)
+    f8 = np.abs(rng.normal(size=(9, 2, 2, 8))).astype(np.float32)
+    return x, y, tx, ty, f8
+
+
+TINY = EvalProtocol(epochs=1, batch_size=4, dsa_strategy="none")
+W8 = {"width": 8}
+
+
+def test_bank_shape_mismatch_names_both_shapes_and_split(data):
+    x, y, tx, ty, f8 = data
+    bad = np.zeros((9, 4, 4, 512), np.float32)
+    with pytest.raises(ValueError) as e:
+        evaluate_synset("ConvNet", x, y, tx, ty, bad, TINY, 1, model_overrides=W8)
+    msg = str(e.value)
+    assert "(9, 4, 4, 512)" in msg and "(2, 2, 8)" in msg and "front = all conv blocks" in msg
+    with pytest.raises(ValueError, match="needs the teacher feature bank"):
+        evaluate_synset("ConvNet", x, y, tx, ty, None, TINY, 1, model_overrides=W8)
+    with pytest.raises(ValueError, match="no declared ELF front/rear split"):
+        evaluate_synset("LeNet", x, y, tx, ty, f8, TINY, 1)
+
+
+def test_bad_labels_and_nans(data):
+    x, y, tx, ty, f8 = data
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 2\]"):
+        evaluate_synset("ConvNet", x, y + 1, tx, ty, f8, TINY, 1, num_classes=K, model_overrides=W8)
+    with pytest.raises(ValueError, match="test set: labels"):
+        evaluate_synset("ConvNet", x, y, tx, ty + 5, f8, TINY, 1, num_classes=K, model_overrides=W8)
+    xn = x.copy()
+    xn[0, 0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="1 NaN/Inf"):
+        evaluate_synset("ConvNet", xn, y, tx, ty, f8, TINY, 1, model_overrides=W8)
+    fn = f8.copy()
+    fn[1] = np.inf
+    with pytest.raises(ValueError, match="feature bank holds"):
+        evaluate_synset("ConvNet", x, y, tx, ty, fn, TINY, 1, model_overrides=W8)
+    with pytest.raises(ValueError, match="soft labels must have shape"):
+        evaluate_synset("ConvNet", x, np.ones((9, 5), np.float32) / 5, tx, ty, f8, TINY, 1,
+                        num_classes=K, model_overrides=W8)
+
+
+def test_cross_evaluate_validates_before_training(data):
+    x, y, tx, ty, f8 = data
+    calls = []
+    with pytest.raises(ValueError, match="no feature bank for ConvNetBN"):
+        cross_evaluate(["ConvNet", "ConvNetBN"], x, y, tx, ty, {"ConvNet": f8}, protocol=TINY,
+                       repeats=1, model_overrides=W8, on_result=lambda *a: calls.append(a))
+    assert not calls  # nothing trained
+
+
+def test_cross_evaluate_tiny(data, tmp_path):
+    x, y, tx, ty, f8 = data
+    seen = []
+    out = cross_evaluate(
+        ["ConvNet", "ConvNetBN"], x, y, tx, ty,
+        features=lambda arch, shape: f8 if shape == (2, 2, 8) else None,
+        protocol=TINY, repeats=2, key=jax.random.PRNGKey(1), model_overrides=W8,
+        progress=False, on_result=lambda a, m, r: seen.append((a, m)),
+    )
+    assert seen == [("ConvNet", "task"), ("ConvNet", "front_rear_task"),
+                    ("ConvNetBN", "task"), ("ConvNetBN", "front_rear_task")]
+    for arch in ("ConvNet", "ConvNetBN"):
+        s = out["summary"][arch]
+        assert set(s) == {"task", "front_rear_task", "gain"}
+        r = out["results"][arch]["front_rear_task"]
+        assert len(r["accs"]) == 2 and r["mean"] == pytest.approx(np.mean(r["accs"]))
+        assert s["gain"] == pytest.approx(r["mean"] - out["results"][arch]["task"]["mean"])
+    from elf_jax import report
+
+    rows = report.summarize(out["results"])  # the report module reads this dict as is
+    assert {row["arch"] for row in rows} == {"ConvNet", "ConvNetBN"}
+
+
+def test_learned_lr_option(data):
+    x, y, tx, ty, f8 = data
+    p = TINY.replace(mode="task", use_learned_lr=True)
+    out = evaluate_synset("ConvNet", x, y, tx, ty, None, p, 1, learned_lr=0.003,
+                          model_overrides=W8, progress=False)
+    assert out["lr"] == pytest.approx(0.003)
+    out = evaluate_synset("ConvNet", x, y, tx, ty, None, p.replace(use_learned_lr=False), 1,
+                          learned_lr=0.003, model_overrides=W8, progress=False)
+    assert out["lr"] == pytest.approx(0.01)

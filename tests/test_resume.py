@@ -1,0 +1,85 @@
+"""Kill an evaluation with SIGKILL after its first checkpoint, start the same command again,
+and check that it ends with exactly the accuracies and parameters of an uninterrupted run.
+
+The evaluation runs in subprocesses (this file is also the script they run).
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+EPOCHS = 59  # 60 epochs in chunks of 2, a checkpoint after each chunk
+
+
+def _main(workdir: str, out: str) -> None:
+    import jax
+
+    from elf_jax.elf import evaluate_synset
+    from elf_jax.train import EvalProtocol
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(13, 16, 16, 3)).astype(np.float32)
+    y = (np.arange(13) % 4).astype(np.int32)
+    f = np.abs(rng.normal(size=(13, 2, 2, 8))).astype(np.float32)
+    p = EvalProtocol(epochs=EPOCHS, batch_size=5, dsa_strategy="flip_crop")
+    r = evaluate_synset(
+        "ConvNetBN", x, y, x, y, f, p, repeats=2, key=jax.random.PRNGKey(7),
+        workdir=None if workdir == "-" else workdir, chunk_epochs=2, checkpoint_every=2,
+        model_overrides={"width": 8}, progress=False, return_states=True,
+    )
+    st = r["states"]
+    leaves = jax.tree.leaves((st.params, st.batch_stats, st.opt_state, st.key, st.epoch))
+    np.savez(out, accs=np.asarray(r["accs"]), resumed=-1 if r["resumed_from"] is None
+             else r["resumed_from"], loss=r["train_loss"],
+             **{f"leaf{i}": np.asarray(v) for i, v in enumerate(leaves)})
+
+
+def _cmd(workdir, out):
+    return [sys.executable, __file__, str(workdir), str(out)]
+
+
+def _env():
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def test_sigkill_and_resume_is_exact(tmp_path):
+    wd = tmp_path / "run"
+    # the interrupted run: SIGKILL as soon as the first checkpoint is committed
+    proc = subprocess.Popen(_cmd(wd, tmp_path / "killed.npz"), env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    first = wd / "checkpoints" / "2"
+    deadline = time.time() + 300
+    while not first.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    alive = proc.poll() is None
+    if alive:
+        proc.send_signal(signal.SIGKILL)
+    log = proc.communicate()[0].decode(errors="replace")
+    assert first.exists(), f"no checkpoint was written:\n{log[-3000:]}"
+    assert alive, "the run finished before it could be killed; raise EPOCHS"
+    assert not (tmp_path / "killed.npz").exists()
+    # the same command again resumes ...
+    res = subprocess.run(_cmd(wd, tmp_path / "resumed.npz"), env=_env(), capture_output=True)
+    assert res.returncode == 0, res.stderr.decode(errors="replace")[-3000:]
+    # ... and an uninterrupted run without checkpoints is the reference
+    ref = subprocess.run(_cmd("-", tmp_path / "ref.npz"), env=_env(), capture_output=True)
+    assert ref.returncode == 0, ref.stderr.decode(errors="replace")[-3000:]
+    a, b = np.load(tmp_path / "resumed.npz"), np.load(tmp_path / "ref.npz")
+    assert 2 <= int(a["resumed"]) < EPOCHS + 1 and int(b["resumed"]) == -1
+    np.testing.assert_array_equal(a["accs"], b["accs"])
+    leaves = [k for k in b.files if k.startswith("leaf")]
+    assert len(leaves) > 5
+    for k in leaves:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    np.testing.assert_array_equal(a["loss"], b["loss"])  # the history survives the restart too
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1], sys.argv[2])
