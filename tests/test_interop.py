@@ -234,17 +234,28 @@ def test_replay_buffer_loads_and_matches_torch_logits(tmp_path):
     with torch.no_grad():
         want = net(x).numpy()
     model = get_model(name, k)
-    got = model.apply({"params": loaded[1][2]}, _nhwc(x), train=False)
+    got = model.apply(loaded[1][2], _nhwc(x), train=False)
     assert _rel_err(got, want) < 1e-4
 
     stacked = ti.load_replay_buffer(path, name, k, shape, stack=True)
-    kern = stacked[1]["block1"]["conv"]["kernel"]
+    kern = stacked[1]["params"]["block1"]["conv"]["kernel"]
     assert kern.shape == (3, 3, 3, 3, 32)
-    np.testing.assert_array_equal(kern[2], loaded[1][2]["block1"]["conv"]["kernel"])
+    np.testing.assert_array_equal(kern[2], loaded[1][2]["params"]["block1"]["conv"]["kernel"])
     # flat vector of the loaded epoch = the buffer's concatenation (MTT student vector)
     flat = ti.variables_to_flat_params(name, loaded[0][1], k, shape)
     np.testing.assert_array_equal(np.asarray(flat),
                                   torch.cat([p.reshape(-1) for p in trajs[0][1]]).numpy())
+
+    # export (lists of variable dicts, or stacked trees) writes the reference format back
+    for src in (loaded, stacked):
+        out = ti.export_replay_buffer(tmp_path / "again.pt", name, src, k, shape)
+        again = torch.load(out, weights_only=True)
+        assert len(again) == 2 and all(len(t) == 3 for t in again)
+        for t_old, t_new in zip(trajs, again):
+            for e_old, e_new in zip(t_old, t_new):
+                assert all(torch.equal(a, b) for a, b in zip(e_old, e_new))
+    bare = ti.load_replay_buffer(path, "ConvNetW32", k, shape, params_only=True)
+    assert "block1" in bare[0][0]
 
 
 def test_replay_buffer_for_another_architecture_names_both(tmp_path):
@@ -326,3 +337,18 @@ def test_missing_torch_says_how_to_install(monkeypatch):
     v = ti.from_torch_state_dict("LeNet", net_sd, 10, (32, 32, 3))
     out = ti.to_torch_state_dict("LeNet", v, 10, (32, 32, 3), as_numpy=True)
     assert list(out) == list(net_sd)
+
+
+def test_elf_teacher_feature_from_reference_buffer_epoch():
+    """ELF_eval.py: flat params of a ConvNetW512 expert epoch -> ConvNetW512_L3 feature."""
+    torch.manual_seed(3)
+    ref = get_reference_network("ConvNetW512_L3", 3, 10, (32, 32)).eval()
+    epoch = [p.detach().clone() for p in ref.parameters()]  # buffer saved for ConvNetW512
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = ref.layer1(x).numpy().transpose(0, 2, 3, 1)  # NCHW -> NHWC
+    variables = ti.flat_params_to_variables("ConvNetW512_L3", epoch, 10, (32, 32, 3))
+    model = get_model("ConvNetW512_L3", 10)
+    got = model.apply(variables, _nhwc(x), train=False, method=model.front)
+    assert got.shape == (2, 4, 4, 512)
+    assert _rel_err(got, want) < 1e-4

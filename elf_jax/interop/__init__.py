@@ -6,6 +6,7 @@ function needs it (``pip install 'elf_jax[torch]'``).
 
 from elf_jax.interop.torch import (  # noqa: F401
     export_reference_synset,
+    export_replay_buffer,
     flat_param_shapes,
     flat_params_to_variables,
     from_torch_state_dict,
@@ -24,6 +25,7 @@ __all__ = [
     "flat_params_to_variables",
     "variables_to_flat_params",
     "load_replay_buffer",
+    "export_replay_buffer",
     "load_reference_synset",
     "export_reference_synset",
 ]

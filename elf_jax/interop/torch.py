@@ -55,6 +55,7 @@ __all__ = [
     "flat_params_to_variables",
     "variables_to_flat_params",
     "load_replay_buffer",
+    "export_replay_buffer",
     "load_reference_synset",
     "export_reference_synset",
     "require_torch",
@@ -620,14 +621,18 @@ def _guess_architecture(shapes, input_shape):
 def load_replay_buffer(path, name: str, num_classes: int,
                        input_shape: Optional[Sequence[int]] = None, *,
                        stack: bool = False, max_trajectories: Optional[int] = None,
-                       **overrides):
+                       params_only: bool = False, **overrides):
     """Read an MTT/ELF expert buffer ``replay_buffer_<n>.pt`` into our trajectory format.
 
     The file is ``torch.save``-d ``list[trajectory]``, ``trajectory = list[epoch]``,
     ``epoch = [p.detach().cpu() for p in net.parameters()]``. Returns a list of
-    trajectories; each is a list of per-epoch params trees (``stack=False``) or one params
-    tree whose leaves have a leading epoch axis (``stack=True``). A buffer written for
-    another architecture raises ``ValueError`` naming both (and what the buffer fits).
+    trajectories; each is a list of per-epoch variable dicts, as
+    ``elf_jax.teacher.load_trajectory`` gives (``stack=False``), or one variable dict whose
+    leaves have a leading epoch axis (``stack=True``). The buffers hold no BatchNorm
+    statistics: BN models get the initial ``batch_stats`` (mean 0, var 1).
+    ``params_only=True`` returns bare params trees instead of variable dicts.
+    A buffer written for another architecture raises ``ValueError`` naming both (and
+    what the buffer fits).
     """
     import jax
     import jax.numpy as jnp
@@ -682,13 +687,48 @@ def load_replay_buffer(path, name: str, num_classes: int,
             stacked = [jnp.asarray(np.stack([e[i] for e in epochs]))
                        for i in range(len(plist))]
             conv = jax.vmap(lambda lst: flat_params_to_variables(
-                name, list(lst), num_classes, input_shape, params_only=True, **overrides))
+                name, list(lst), num_classes, input_shape, params_only=params_only,
+                **overrides))
             trajectories.append(conv(stacked))
         else:
             trajectories.append([flat_params_to_variables(name, e, num_classes, input_shape,
-                                                          params_only=True, **overrides)
+                                                          params_only=params_only,
+                                                          **overrides)
                                  for e in epochs])
     return trajectories
+
+
+def export_replay_buffer(path, name: str, trajectories, num_classes: int,
+                         input_shape: Optional[Sequence[int]] = None, **overrides):
+    """Write trajectories as a reference ``replay_buffer_<n>.pt`` (inverse of
+    ``load_replay_buffer``).
+
+    ``trajectories``: a list of trajectories, each a list of per-epoch variable dicts or
+    params trees (e.g. ``elf_jax.teacher.load_trajectory(workdir, expert)``) or one
+    stacked tree with a leading epoch axis. Each epoch is written as the list of tensors
+    in ``net.parameters()`` order (BatchNorm statistics are not part of the format).
+    """
+    import jax
+
+    torch = require_torch()
+    input_shape = _norm_input_shape(input_shape, name)
+    out = []
+    for traj in trajectories:
+        if isinstance(traj, Mapping):  # stacked: split the leading epoch axis
+            leaves = jax.tree_util.tree_leaves(traj)
+            n = int(np.shape(leaves[0])[0])
+            traj = [jax.tree_util.tree_map(lambda a, i=i: np.asarray(a)[i], traj)
+                    for i in range(n)]
+        epochs = []
+        for ep in traj:
+            lst = variables_to_flat_params(name, ep, num_classes, input_shape, as_list=True,
+                                           **overrides)
+            epochs.append([torch.from_numpy(np.array(a, dtype=np.float32)) for a in lst])
+        out.append(epochs)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_torch_save(torch, out, path)
+    return path
 
 
 # ============================================================================ synthetic sets
