@@ -149,3 +149,25 @@ def test_mtt_experts(tmp_path):
     k1 = np.asarray(t1[0]["params"]["classifier"]["kernel"])
     assert not np.array_equal(k0, k1)  # experts start from different initializations
     assert all(np.isfinite(h["train_loss"]) for h in out.history[0] + out.history[1])
+
+
+def test_scan_and_python_loops_agree():
+    """The two epoch loops (scan: GPU default; python: CPU default) give the same epoch."""
+    import jax.numpy as jnp
+
+    from elf_jax.models import get_model
+    from elf_jax.teacher import _init_expert, _run_epoch
+    from elf_jax.train.protocol import EvalProtocol
+
+    train, _ = _data()
+    x, y = jnp.asarray(train.images[:256]), jnp.asarray(train.labels[:256])
+    net = get_model("ConvNet", 10, width=8)
+    protocol = EvalProtocol(batch_size=128, epochs=2, dsa_strategy="none", mode="task")
+    state = _init_expert(net, protocol, 0, 0, x[:1])
+    out = {loop: _run_epoch(state, x, y, net=net, protocol=protocol, loop=loop)
+           for loop in ("python", "scan")}
+    np.testing.assert_allclose(out["python"][1], out["scan"][1], rtol=1e-5)
+    leaves = [jax.tree.leaves(out[k][0].params) for k in ("python", "scan")]
+    for a, b in zip(*leaves):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+    assert int(out["scan"][0].step) == 2
