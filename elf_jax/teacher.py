@@ -418,17 +418,17 @@ def train_teacher(
     for expert in range(num_experts):
         edir = _expert_dir(workdir, expert)
         traj = StepCheckpoints(edir / "trajectory", max_to_keep=None)
-        resume = StepCheckpoints(edir / "resume", max_to_keep=2)
         hist = []
         latest = traj.latest_step()
-        if latest is not None and latest >= epochs and resume.latest_step() is None:
-            # complete: nothing to do
+        if latest is not None and latest >= epochs and not (edir / "resume").exists():
+            # complete (the resume state is deleted last): nothing to do
             for e in range(1, epochs + 1):
                 hist.append(traj.read_meta(e))
             history.append(hist)
             final_acc.append(hist[-1].get("test_acc"))
-            traj.close(), resume.close()
+            traj.close()
             continue
+        resume = StepCheckpoints(edir / "resume", max_to_keep=2)
         state = _restore_resume(resume, like)
         if state is None:
             # jitted: an eager flax init compiles every op separately (~7 s on the CPU)

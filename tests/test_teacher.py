@@ -78,6 +78,7 @@ def test_rerun_complete_is_noop_and_mismatch(trained):
     again = train_teacher("ConvNet", train, workdir=wd, test_dataset=test,
                           callback=lambda *a: seen.append(a), **SETTINGS)
     assert seen == [] and again.test_acc == traj.test_acc
+    assert not (wd / "expert_000" / "resume").exists()
     with pytest.raises(ValueError, match=r"lr=0\.01.*lr=0\.05.*another workdir"):
         train_teacher("ConvNet", train, workdir=wd, **{**SETTINGS, "lr": 0.05})
 
