@@ -169,8 +169,8 @@ def test_forward_and_exact_front_rear_composition(name, hwc):
         f = net.apply(v, x, method=net.front)
         np.testing.assert_array_equal(np.asarray(net.apply(v, f, method=net.rear)),
                                       np.asarray(out))
-        # eval mode is per-sample: no dependence on the rest of the batch
-        np.testing.assert_allclose(net.apply(v, x[:1]), out[:1], rtol=1e-4, atol=1e-5)
+        # eval mode is per-sample: no dependence on the rest of the batch (loose: TF32 on GPU)
+        np.testing.assert_allclose(net.apply(v, x[:1]), out[:1], rtol=2e-3, atol=2e-3)
 
 
 def test_torch_and_flax_init_schemes():
@@ -277,6 +277,22 @@ def test_batchnorm_train_uses_batch_stats_and_updates_running_like_torch():
     assert not np.allclose(net.apply(v2, x), ev, atol=1e-4)
     with pytest.raises(Exception):
         net.apply(v, x, train=True)  # batch_stats must be mutable in training
+
+
+def test_sync_batchnorm_over_named_axis_equals_full_batch():
+    net = get_model("ConvNetBN", 3, depth=1, width=8, bn_axis_name="batch")
+    x = rand_images((4, 8, 8, 3))
+    v = fake_variables(net, x)
+    local = get_model("ConvNetBN", 3, depth=1, width=8)
+    full, st_full = local.apply(v, x, train=True, mutable=["batch_stats"])
+
+    def shard(xs):
+        return net.apply(v, xs, train=True, mutable=["batch_stats"])
+
+    out, st = jax.vmap(shard, axis_name="batch")(x.reshape(2, 2, 8, 8, 3))
+    np.testing.assert_allclose(out.reshape(4, 3), full, rtol=1e-4, atol=1e-5)
+    for a, b in zip(jax.tree_util.tree_leaves(st), jax.tree_util.tree_leaves(st_full)):
+        np.testing.assert_allclose(a[0], b, rtol=1e-4, atol=1e-6)
 
 
 def test_norms_match_torch():

@@ -6,6 +6,10 @@ and one dense layer.
 
 ELF split: the front is all conv blocks (the reference ``ConvNet_L3`` / ``ConvNetD4_L4`` /
 ``ConvNetW512_L3`` put every block in the front), the rear is flatten + classifier.
+The ``_L*`` names are registry aliases of the plain networks. One reference difference: its
+``ConvNet_feature`` class (behind the ``_L*`` names) always pads the first conv by 1, so on
+28x28x1 input the reference ``ConvNet_L3`` ends at 3x3x128 while ``ConvNet`` (and every name
+here) ends at 4x4x128; on 3-channel input the two are identical.
 
 Parameter tree (PyTorch ``features.*`` indices for the default conv/norm/act/pool block)::
 

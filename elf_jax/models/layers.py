@@ -306,7 +306,7 @@ class BatchNorm(nn.Module):
             n = int(np.prod([x.shape[a] for a in axes]))
             mean = jnp.mean(xf, axes)
             sq = jnp.mean(jnp.square(xf), axes)
-            if self.axis_name is not None:
+            if self.axis_name is not None and not self.is_initializing():
                 mean, sq = lax.pmean((mean, sq), self.axis_name)
                 n = n * lax.psum(1, self.axis_name)
             var = jnp.maximum(sq - jnp.square(mean), 0.0)
