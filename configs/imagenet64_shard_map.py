@@ -1,0 +1,51 @@
+"""ELF evaluation on ImageNet-1k at 64x64, data parallel with jax.shard_map (issue 6).
+
+The settings of configs/imagenet64.py (ConvNetD4W512 teacher, ConvNetD4 / ResNet18ImageNet /
+VGG11ImageNet pool, bfloat16) plus a `parallel` section: every train step runs data parallel
+over all devices (`shard_map` over a ("runs", "data") mesh, synchronized BatchNorm, the DSA
+draw made for the global minibatch as on one device), the synthetic set and the feature bank
+split by rows over the devices, the bank stored in bfloat16. IPC 10 = 10,000 images; the
+memory estimate is printed before each evaluation and the run stops with a clear error if it
+will not fit.
+
+Several hosts: start one process per host with the same coordinator, e.g.
+    ELF_JAX_COORDINATOR=host0:1234 ELF_JAX_NUM_PROCESSES=2 ELF_JAX_PROCESS_ID=<i> \
+        python -m elf_jax.parallel.pipeline --config configs/imagenet64_shard_map.py
+(or set `distributed.*` below); each process reads its own shard of the data.
+
+Run (one host, all devices):
+    python -m elf_jax.parallel.pipeline --config configs/imagenet64_shard_map.py
+"""
+
+import ml_collections
+
+from elf_jax.config import base_config
+
+
+def get_config():
+    c = base_config()
+    c.dataset = "imagenet_resized/64x64"
+    c.teacher.arch = "ConvNetD4W512"
+    c.teacher.epochs = 50
+    c.teacher.feature_epoch = 25
+    c.teacher.width = 0  # >0 overrides the teacher's ConvNet width (stand-in runs only)
+    c.synset.arch = "ConvNetD4"
+    c.eval.pool = ("ConvNetD4", "ResNet18ImageNet", "VGG11ImageNet")
+    c.dtype = "bfloat16"
+
+    c.parallel = ml_collections.ConfigDict()
+    c.parallel.parallel = "shard_map"  # none | pmap | shard_map
+    c.parallel.runs = 1  # repeats side by side on the "runs" mesh axis
+    c.parallel.data = 0  # 0 = all devices (per runs group)
+    c.parallel.sync_bn = True  # BatchNorm moments over all data devices (== one device)
+    c.parallel.dsa = "global"  # global | per_device
+    c.parallel.drop_remainder = False
+    c.parallel.bank_dtype = "bfloat16"
+    c.parallel.shard_bank = True
+    c.parallel.memory_headroom = 0.9
+
+    c.distributed = ml_collections.ConfigDict()
+    c.distributed.coordinator_address = ""  # "" = environment / single process
+    c.distributed.num_processes = 0  # 0 = not set
+    c.distributed.process_id = -1  # -1 = not set
+    return c
