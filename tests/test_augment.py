@@ -22,7 +22,7 @@ from elf_jax.augment import (
 )
 
 SETTINGS = settings(
-    max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True
+    max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True
 )
 dsa_jit = jax.jit(dsa, static_argnames=("strategy", "mode", "params"))
 
@@ -122,7 +122,7 @@ def test_dsa_equals_chosen_group_with_its_parameters():
     torch = pytest.importorskip("torch")
     x = _images(1, (8, 32, 32, 3))
     groups = parse_strategy(DEFAULT_STRATEGY)
-    for seed in range(12):
+    for seed in range(6):
         key = jax.random.key(seed)
         i = int(chosen_group(key))
         p = draw_params(jax.random.fold_in(jax.random.split(key)[1], i), groups[i], x.shape)
@@ -135,7 +135,7 @@ def test_dsa_equals_chosen_group_with_its_parameters():
 
 
 def test_parameter_ranges_match_reference():
-    n, h, w = 4000, 32, 32
+    n, h, w = 2000, 32, 32
     key = jax.random.key(0)
     c = draw_params(key, "color", (n, h, w, 3))
     assert -0.5 <= float(c["brightness"].min()) and float(c["brightness"].max()) < 0.5
@@ -150,7 +150,7 @@ def test_parameter_ranges_match_reference():
     cu_odd = draw_params(key, "cutout", (n, 30, 30, 3))  # square 15 (odd): randint(0, 30)
     assert set(np.unique(np.asarray(cu_odd["center_h"])).tolist()) == set(range(0, 30))
     fl = np.asarray(draw_params(key, "flip", (n, h, w, 3))["flip"])
-    assert abs(fl.mean() - 0.5) < 0.04
+    assert abs(fl.mean() - 0.5) < 0.05
     sc = draw_params(key, "scale", (n, h, w, 3))
     for k in ("scale_w", "scale_h"):
         assert 1 / 1.2 - 1e-6 <= float(sc[k].min()) and float(sc[k].max()) <= 1.2 + 1e-6
@@ -187,7 +187,7 @@ def test_strategy_parsing_and_errors():
 
 
 def test_identity_cases_exact():
-    x = _images(3, (6, 16, 12, 3))
+    x = _images(3, (3, 16, 12, 3))
     key = jax.random.key(5)
     ident = {
         "flip": DSAParams(prob_flip=0.0),
@@ -195,25 +195,22 @@ def test_identity_cases_exact():
         "cutout": DSAParams(ratio_cutout=0.0),
     }
     for group, prm in ident.items():
-        np.testing.assert_array_equal(np.asarray(dsa(key, x, group, params=prm)), np.asarray(x))
-    # brightness 0: x + 0 exactly; saturation and contrast factor 1 are x up to rounding
-    p = {"brightness": jnp.zeros(6), "saturation": jnp.ones(6), "contrast": jnp.ones(6)}
+        np.testing.assert_array_equal(np.asarray(dsa_jit(key, x, group, params=prm)), np.asarray(x))
+    # brightness 0, saturation and contrast factor 1: (x - m) * 1 + m is x up to rounding
+    p = {"brightness": jnp.zeros(3), "saturation": jnp.ones(3), "contrast": jnp.ones(3)}
     np.testing.assert_allclose(np.asarray(apply_group("color", x, p)), np.asarray(x), atol=1e-6)
-    b_only = apply_group("color", x, {**p, "brightness": jnp.zeros(6)})
-    np.testing.assert_allclose(np.asarray(b_only), np.asarray(x), atol=1e-6)
-    np.testing.assert_array_equal(np.asarray(x + 0.0 * p["brightness"][:, None, None, None]), np.asarray(x))
     # flip with probability 1 is an exact mirror
     np.testing.assert_array_equal(
-        np.asarray(dsa(key, x, "flip", params=DSAParams(prob_flip=1.0))), np.asarray(x[:, :, ::-1])
+        np.asarray(dsa_jit(key, x, "flip", params=DSAParams(prob_flip=1.0))), np.asarray(x[:, :, ::-1])
     )
     # rotate 0 degrees / scale 1: identity theta. torch's float32 grid misses pixel centres by
     # an ulp for most sizes (so does ours, on purpose), hence ~1e-6; exact for 2^k + 1 sizes.
     for prm, group in ((DSAParams(ratio_rotate=0.0), "rotate"), (DSAParams(ratio_scale=1.0), "scale")):
-        out = np.asarray(dsa(key, x, group, params=prm))
+        out = np.asarray(dsa_jit(key, x, group, params=prm))
         np.testing.assert_allclose(out, np.asarray(x), atol=1e-5)
-    x33 = _images(4, (3, 33, 17, 2))  # sizes 2^k + 1: the grid is exact in binary
+    x33 = _images(4, (2, 9, 17, 2))  # sizes 2^k + 1: the grid is exact in binary
     for prm, group in ((DSAParams(ratio_rotate=0.0), "rotate"), (DSAParams(ratio_scale=1.0), "scale")):
-        np.testing.assert_array_equal(np.asarray(dsa(key, x33, group, params=prm)), np.asarray(x33))
+        np.testing.assert_array_equal(np.asarray(dsa_jit(key, x33, group, params=prm)), np.asarray(x33))
 
 
 def test_crop_and_cutout_semantics():
@@ -234,100 +231,106 @@ def test_crop_and_cutout_semantics():
 
 
 # ---------------------------------------------------------------------------------------
-# Properties (hypothesis)
+# Properties (hypothesis). Few distinct shapes so that compiled functions are reused.
 
-shapes = st.tuples(st.integers(1, 5), st.integers(4, 12), st.integers(4, 12), st.sampled_from([1, 3]))
-strategies = st.sampled_from(list(GROUPS) + [DEFAULT_STRATEGY, "crop_flip", "color_rotate"])
+shapes = st.sampled_from([(1, 8, 8, 3), (3, 10, 7, 1), (4, 9, 9, 3)])
+strategies = st.sampled_from(list(GROUPS) + [DEFAULT_STRATEGY, "crop_flip"])
+
+
+@functools.partial(jax.jit, static_argnames=("strategy", "mode"))
+def _value_and_grad(key, x, strategy, mode):
+    return jax.value_and_grad(lambda im: jnp.sum(jnp.sin(dsa(key, im, strategy, mode))), has_aux=False)(x), dsa(
+        key, x, strategy, mode
+    )
 
 
 @SETTINGS
 @given(shape=shapes, strategy=strategies, mode=st.sampled_from(["S", "M"]), seed=st.integers(0, 2**16))
-def test_shape_dtype_and_determinism(shape, strategy, mode, seed):
+def test_shape_dtype_determinism_and_finite_gradients(shape, strategy, mode, seed):
     x = _images(seed, shape)
     key = jax.random.key(seed)
-    y1 = dsa(key, x, strategy, mode)
-    y2 = dsa(key, x, strategy, mode)
+    (_, g), y1 = _value_and_grad(key, x, strategy, mode)
+    y2 = dsa_jit(key, x, strategy, mode)  # same key, same output
     assert y1.shape == x.shape and y1.dtype == x.dtype
-    np.testing.assert_array_equal(np.asarray(y1), np.asarray(y2))
+    np.testing.assert_allclose(np.asarray(y1), np.asarray(y2), atol=1e-6)
     assert np.isfinite(np.asarray(y1)).all()
-
-
-@SETTINGS
-@given(shape=shapes, strategy=strategies, mode=st.sampled_from(["S", "M"]), seed=st.integers(0, 2**16))
-def test_finite_gradients(shape, strategy, mode, seed):
-    x = _images(seed, shape)
-    key = jax.random.key(seed)
-    g = jax.grad(lambda im: jnp.sum(jnp.sin(dsa(key, im, strategy, mode))))(x)
     assert g.shape == x.shape and np.isfinite(np.asarray(g)).all()
 
 
+@functools.partial(jax.jit, static_argnames=("params",))
+def _every_group(key, x, params=DSAParams()):
+    return tuple(dsa(key, x, g, params=params) for g in GROUPS)
+
+
 @SETTINGS
-@given(group=st.sampled_from(GROUPS), seed=st.integers(0, 2**16), n=st.integers(2, 6), m=st.integers(1, 6))
-def test_siamese_prefix_and_batchmode(group, seed, n, m):
+@given(seed=st.integers(0, 2**16))
+def test_siamese_prefix_and_batchmode(seed):
     """Same key: the first min(N, M) samples of two batches get the same parameters."""
-    x = _images(seed, (max(n, m), 10, 10, 3))
+    x = _images(seed, (6, 10, 10, 3))
     key = jax.random.key(seed)
-    big = np.asarray(dsa(key, x[:n], group))
-    small = np.asarray(dsa(key, x[:m], group))
-    k = min(n, m)
-    np.testing.assert_allclose(big[:k], small[:k], atol=1e-6)
+    for big, small in zip(_every_group(key, x), _every_group(key, x[:4])):
+        np.testing.assert_allclose(np.asarray(big[:4]), np.asarray(small), atol=1e-6)
     # batchmode: one draw shared by all samples (the reference's seeded calls)
-    same = jnp.broadcast_to(x[:1], (n, 10, 10, 3))
-    y = np.asarray(dsa(key, same, group, params=DSAParams(batchmode=True)))
-    np.testing.assert_allclose(y, np.broadcast_to(y[:1], y.shape), atol=1e-6)
+    same = jnp.broadcast_to(x[:1], x.shape)
+    for y in _every_group(key, same, DSAParams(batchmode=True)):
+        np.testing.assert_allclose(np.asarray(y), np.broadcast_to(np.asarray(y[:1]), y.shape), atol=1e-6)
 
 
 def test_siamese_real_and_synthetic_share_transformation():
-    real, syn = _images(0, (6, 16, 16, 3)), _images(1, (6, 16, 16, 3))
+    real, syn = _images(0, (6, 10, 10, 3)), _images(1, (6, 10, 10, 3))
     key = jax.random.key(11)
-    both = np.asarray(dsa(key, jnp.concatenate([real, syn]), params=DSAParams(batchmode=True)))
-    np.testing.assert_allclose(np.asarray(dsa(key, real, params=DSAParams(batchmode=True))), both[:6], atol=1e-6)
-    np.testing.assert_allclose(np.asarray(dsa(key, syn, params=DSAParams(batchmode=True))), both[6:], atol=1e-6)
-    # the transformation is linear for geometric groups: applying it to real - syn commutes
-    for g in ("crop", "cutout", "flip", "scale", "rotate"):
-        d = dsa(key, real, g) - dsa(key, syn, g)
-        np.testing.assert_allclose(np.asarray(d), np.asarray(dsa(key, real - syn, g)), atol=1e-5)
+    bm = DSAParams(batchmode=True)
+    both = _every_group(key, jnp.concatenate([real, syn]), bm)
+    for r, s_, b in zip(_every_group(key, real, bm), _every_group(key, syn, bm), both):
+        np.testing.assert_allclose(np.asarray(r), np.asarray(b[:6]), atol=1e-6)
+        np.testing.assert_allclose(np.asarray(s_), np.asarray(b[6:]), atol=1e-6)
+    # geometric groups are linear in the image: the transformation commutes with real - syn
+    diff = _every_group(key, real - syn)
+    for g, r, s_, d in zip(GROUPS, _every_group(key, real), _every_group(key, syn), diff):
+        if g != "color":
+            np.testing.assert_allclose(np.asarray(r - s_), np.asarray(d), atol=1e-5)
 
 
 @pytest.mark.parametrize("mode", ["S", "M"])
 def test_jit_and_vmap(mode):
-    x = _images(2, (3, 4, 12, 12, 3))  # [batches, N, H, W, C]
-    keys = jax.random.split(jax.random.key(0), 3)
-    f = functools.partial(dsa, strategy=DEFAULT_STRATEGY, mode=mode)
-    eager = np.stack([np.asarray(f(k, xb)) for k, xb in zip(keys, x)])
+    x = _images(2, (2, 3, 8, 8, 3))  # [batches, N, H, W, C]
+    keys = jax.random.split(jax.random.key(0), 2)
+    f = functools.partial(dsa, strategy="color_crop_rotate", mode=mode)
+    single = jax.jit(f)
+    per_key = np.stack([np.asarray(single(k, xb)) for k, xb in zip(keys, x)])
     vm = np.asarray(jax.jit(jax.vmap(f))(keys, x))  # batched key: every branch, then select
-    np.testing.assert_allclose(vm, eager, atol=1e-5)
-    shared = np.asarray(jax.jit(jax.vmap(f, in_axes=(None, 0)))(keys[0], x))
-    np.testing.assert_allclose(shared[1], np.asarray(f(keys[0], x[1])), atol=1e-5)
-    jitted = np.asarray(dsa_jit(keys[1], x[1], DEFAULT_STRATEGY, mode))
-    np.testing.assert_allclose(jitted, eager[1], atol=1e-5)
-    # gradient under jit and vmap
-    gfn = jax.jit(jax.vmap(jax.grad(lambda im, k: jnp.sum(f(k, im) ** 2)), in_axes=(0, 0)))
+    np.testing.assert_allclose(vm, per_key, atol=1e-5)
+    shared = np.asarray(jax.jit(jax.vmap(f, in_axes=(None, 0)))(keys[1], x))
+    np.testing.assert_allclose(shared[1], per_key[1], atol=1e-5)
+    gfn = jax.jit(jax.vmap(jax.grad(lambda im, k: jnp.sum(f(k, im) ** 2))))
     assert np.isfinite(np.asarray(gfn(x, keys))).all()
 
 
-def test_affine_sampler_gradients_match_finite_differences():
-    x = _images(0, (2, 7, 6, 2)).astype(jnp.float64) if jax.config.jax_enable_x64 else _images(0, (2, 7, 6, 2))
+def test_affine_sampler_derivatives():
+    x = _images(0, (2, 7, 6, 2))
     theta = jnp.asarray(np.random.default_rng(1).normal(size=(2, 2, 3)) * 0.3 + np.eye(2, 3), jnp.float32)
-    v = _images(9, x.shape)
-    # the sampler is linear in the image: <v, f(x)> has gradient f^T v; check with jvp/vjp
-    _, vjp = jax.vjp(lambda im: affine_grid_sample(im, theta), x)
-    (gx,) = vjp(v)
-    u = _images(5, x.shape)
-    jvp_out = jax.jvp(lambda im: affine_grid_sample(im, theta), (x,), (u,))[1]
-    np.testing.assert_allclose(float(jnp.vdot(gx, u)), float(jnp.vdot(v, jvp_out)), rtol=1e-5)
-    np.testing.assert_allclose(np.asarray(jvp_out), np.asarray(affine_grid_sample(u, theta)), atol=1e-6)
-    # gradient w.r.t. theta is finite and agrees with a finite difference
-    f = lambda t: jnp.sum(affine_grid_sample(x, t) * v)  # noqa: E731
-    gt = jax.grad(f)(theta)
-    eps = 1e-3
-    d = jnp.zeros_like(theta).at[0, 0, 1].set(eps)
-    fd = (f(theta + d) - f(theta - d)) / (2 * eps)
-    np.testing.assert_allclose(float(gt[0, 0, 1]), float(fd), rtol=2e-2, atol=2e-3)
+    u, v = _images(5, x.shape), _images(9, x.shape)
+
+    @jax.jit
+    def derivatives(x, theta, u, v):
+        sample = lambda im: affine_grid_sample(im, theta)  # noqa: E731
+        (gx,) = jax.vjp(sample, x)[1](v)
+        tangent = jax.jvp(sample, (x,), (u,))[1]
+        f = lambda t: jnp.sum(affine_grid_sample(x, t) * v)  # noqa: E731
+        eps = 1e-3
+        d = jnp.zeros_like(theta).at[0, 0, 1].set(eps)
+        fd = (f(theta + d) - f(theta - d)) / (2 * eps)
+        return gx, tangent, affine_grid_sample(u, theta), jax.grad(f)(theta)[0, 0, 1], fd
+
+    gx, tangent, su, gt, fd = derivatives(x, theta, u, v)
+    # linear in the image: the jvp is the sampler itself, and the vjp is its transpose
+    np.testing.assert_allclose(np.asarray(tangent), np.asarray(su), atol=1e-6)
+    np.testing.assert_allclose(float(jnp.vdot(gx, u)), float(jnp.vdot(v, tangent)), rtol=1e-5)
+    # gradient w.r.t. theta agrees with a central difference
+    np.testing.assert_allclose(float(gt), float(fd), rtol=2e-2, atol=2e-3)
 
 
 def test_low_precision_dtypes_kept():
     x = _images(0, (2, 8, 8, 3)).astype(jnp.bfloat16)
-    for g in GROUPS:
-        y = dsa(jax.random.key(1), x, g)
+    for y in _every_group(jax.random.key(1), x):
         assert y.dtype == jnp.bfloat16 and y.shape == x.shape
