@@ -17,7 +17,7 @@ from __future__ import annotations
 import sys
 import time
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -40,6 +40,8 @@ def _main(argv) -> None:
             f"usage: elf-jax {{{'|'.join(COMMANDS)}}} --config FILE --workdir DIR "
             f"[--config.key=value ...]; got {' '.join(argv[1:]) or 'no command'}")
     command = argv[1]
+    # orbax logs every checkpoint step at INFO; our progress lines say what matters
+    logging.set_verbosity(logging.WARNING)
     config = _CONFIG.value
     if config is None:
         if command != "demo":
