@@ -1,0 +1,131 @@
+"""Two processes (jax.distributed on localhost, 2 CPU devices each) == one process with 4.
+
+Each process reads ITS shard of the data with ``make_loader`` (grain sharding by
+``jax.process_index()``, local batch = global / 2), and ``DataParallel.put_batch`` assembles
+the global batch (process p holds rows [p*b, (p+1)*b)). The reference run is one process
+with 4 devices fed the concatenation of both shards. Model: ConvNetBN (width 8, sync BN) on
+the embedded 8x8 ``digits`` set, full DSA drawn for the global batch, 3 steps.
+Tolerance: parameters to 2e-5 absolute, losses to 1e-5 relative.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve()
+ROOT = HERE.parent.parent
+STEPS, GLOBAL_B = 3, 16
+
+
+def _env(devices):
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    for k in ("ELF_JAX_COORDINATOR", "ELF_JAX_NUM_PROCESSES", "ELF_JAX_PROCESS_ID"):
+        env.pop(k, None)
+    return env
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _result(out):
+    return json.loads([l for l in out.splitlines() if l.startswith("RESULT ")][-1][7:])
+
+
+def test_two_processes_equal_one(tmp_path):
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, str(HERE), "worker", str(i), str(port)], env=_env(2),
+                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    single = subprocess.run([sys.executable, str(HERE), "single"], env=_env(4), cwd=ROOT,
+                            capture_output=True, text=True, timeout=600)
+    outs = []
+    for p in procs:
+        try:
+            o, e = p.communicate(timeout=600)
+        finally:
+            p.kill()
+        assert p.returncode == 0, f"worker failed:\n{o[-2000:]}\n{e[-5000:]}"
+        outs.append(_result(o))
+    assert single.returncode == 0, single.stderr[-5000:]
+    ref = _result(single.stdout)
+    assert [o["process_count"] for o in outs] == [2, 2] and ref["process_count"] == 1
+    assert [o["devices"] for o in outs] == [4, 4] and ref["devices"] == 4
+    for o in outs:
+        np.testing.assert_allclose(o["losses"], ref["losses"], rtol=1e-5)
+        np.testing.assert_allclose(o["params"], ref["params"], atol=2e-5)
+    assert outs[0]["params"] == outs[1]["params"]  # replicated state
+
+
+def _train(batches_fn):
+    import jax
+
+    from elf_jax.models import get_model
+    from elf_jax.parallel import DataParallel, ParallelConfig
+    from elf_jax.train.protocol import EvalProtocol
+    from elf_jax.train.step import init_state
+
+    net = get_model("ConvNetBN", 10, width=8)
+    proto = EvalProtocol(batch_size=GLOBAL_B, mode="task")
+    st0 = init_state(net, proto, jax.random.key(0), jax.random.key_data(jax.random.key(1)),
+                     np.zeros((1, 8, 8, 1), np.float32))
+    dp = DataParallel(net, proto, ParallelConfig(parallel="shard_map"))
+    st = dp.put_state(st0)
+    losses = []
+    for i, b in enumerate(batches_fn()):
+        st, m = dp.step(st, dp.put_batch({"images": b["image"], "labels": b["label"]}),
+                        jax.random.key_data(jax.random.key(100 + i)))
+        losses.append(float(np.asarray(m["loss"].addressable_data(0))))
+    flat = np.concatenate([np.ravel(x) for x in jax.tree.leaves(dp.get_state(st).params)])
+    return {"losses": losses, "params": flat[:: max(1, flat.size // 2000)].tolist(),
+            "process_count": jax.process_count(), "devices": jax.device_count()}
+
+
+def _loader(shard, count, b):
+    from elf_jax.data import make_loader
+
+    it = iter(make_loader("digits", "train", b, seed=7, shard_index=shard, shard_count=count))
+    return [next(it) for _ in range(STEPS)]
+
+
+def worker(pid, port):
+    from elf_jax.parallel import distributed
+
+    info = distributed.initialize({"coordinator_address": f"127.0.0.1:{port}", "num_processes": 2,
+                                   "process_id": int(pid)})
+    assert info["process_count"] == 2
+    from elf_jax.data import make_loader
+
+    b = distributed.local_batch_size(GLOBAL_B)
+
+    def batches():  # this process's shard (default shard_index = jax.process_index())
+        it = iter(make_loader("digits", "train", b, seed=7))
+        return [next(it) for _ in range(STEPS)]
+
+    return _train(batches)
+
+
+def single():
+    shards = [_loader(s, 2, GLOBAL_B // 2) for s in range(2)]
+
+    def batches():
+        return [{k: np.concatenate([shards[0][i][k], shards[1][i][k]]) for k in ("image", "label")}
+                for i in range(STEPS)]
+
+    return _train(batches)
+
+
+if __name__ == "__main__":
+    role = sys.argv[1]
+    res = worker(*sys.argv[2:]) if role == "worker" else single()
+    print("RESULT " + json.dumps(res), flush=True)
