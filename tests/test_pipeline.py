@@ -1,0 +1,68 @@
+"""The CLI and the staged pipeline end to end on tiny real data (mnist5k, width 32)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "--config", str(ROOT / "configs" / "demo_mnist5k.py"),
+    "--config.synset.source=real_random",
+    "--config.synset.ipc=2",
+    "--config.teacher.epochs=1",
+    "--config.teacher.feature_epoch=1",
+    "--config.teacher.batch_size=512",
+    "--config.eval.pool=('ConvNet','ConvNetBN')",
+    "--config.eval.width=32",
+    "--config.eval.epochs=2",
+    "--config.eval.repeats=1",
+    "--config.eval.checkpoint_every=1",
+]
+
+
+def _cli(*args, check=True):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-m", "elf_jax.cli", *args], capture_output=True,
+                          text=True, env=env, timeout=900)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"elf-jax {args[0]} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def test_all_stages_then_report_again(tmp_path):
+    wd = str(tmp_path / "run")
+    out = _cli("all", "--workdir", wd, *TINY).stdout
+    assert "ConvNetBN" in out and "ELF gain" in out
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert set(results["results"]) == {"ConvNet", "ConvNetBN"}
+    for by_mode in results["results"].values():
+        assert set(by_mode) == {"task", "front_rear_task"}
+        assert all(0.0 <= a <= 1.0 for m in by_mode.values() for a in m["accs"])
+    assert results["teachers"] == {"ConvNet": "ConvNetW32", "ConvNetBN": "ConvNetW32"}
+    for name in ("results.md", "results.png"):
+        assert (tmp_path / "run" / name).stat().st_size > 0
+    # the stages reuse what the workdir holds: evaluate again resumes finished runs
+    again = _cli("evaluate", "--workdir", wd, *TINY).stdout
+    assert "reusing" in again
+    rerun = json.loads((tmp_path / "run" / "results.json").read_text())["results"]
+    assert {a: {m: e["accs"] for m, e in r.items()} for a, r in rerun.items()} == \
+        {a: {m: e["accs"] for m, e in r.items()} for a, r in results["results"].items()}
+    _cli("report", "--workdir", wd, *TINY)
+
+
+def test_bad_invocations_say_what_to_do(tmp_path):
+    proc = _cli("frobnicate", "--workdir", str(tmp_path), check=False)
+    assert proc.returncode != 0 and "usage: elf-jax" in (proc.stdout + proc.stderr)
+    proc = _cli("evaluate", "--workdir", str(tmp_path), check=False)
+    assert proc.returncode != 0 and "needs --config" in (proc.stdout + proc.stderr)
+    proc = _cli("features", "--workdir", str(tmp_path / "w"), *TINY, check=False)
+    assert proc.returncode == 2 and "elf-jax train-teacher" in proc.stderr
+    proc = _cli("report", "--workdir", str(tmp_path / "none"), *TINY, check=False)
+    assert proc.returncode == 2 and "elf-jax evaluate" in proc.stderr
+    proc = _cli("all", "--workdir", str(tmp_path / "x"), *TINY,
+                "--config.eval.pool=('AlexNet',)", check=False)
+    assert proc.returncode == 2 and "no ELF front/rear split" in proc.stderr
