@@ -125,7 +125,12 @@ def _bench_torch(x_nhwc: np.ndarray, args) -> None:
 
     fns = {"color": color, "crop": crop, "cutout": cutout, "flip": flip, "scale": scale, "rotate": rotate}
     print(f"\ntorch {torch.__version__} re-implementation (threads {torch.get_num_threads()})")
-    tot = []
+
+    def grad_step(f):
+        xg = x.clone().requires_grad_(True)
+        f(xg).pow(2).sum().backward()
+
+    tot, gtot = [], []
     for name, f in fns.items():
         for _ in range(5):
             f(x)
@@ -134,8 +139,20 @@ def _bench_torch(x_nhwc: np.ndarray, args) -> None:
             f(x)
         ms = (time.perf_counter() - t0) / args.iters * 1e3
         tot.append(ms)
-        print(f"{name:<40} {'S':<4} {ms:9.3f} {n / ms * 1e3:11.0f}")
-    print(f"{'mean over groups (mode S)':<40} {'S':<4} {np.mean(tot):9.3f} {n / np.mean(tot) * 1e3:11.0f}")
+        line = f"{name:<40} {'S':<4} {ms:9.3f} {n / ms * 1e3:11.0f}"
+        if args.grad:
+            giters = max(args.iters // 4, 10)
+            grad_step(f)
+            t0 = time.perf_counter()
+            for _ in range(giters):
+                grad_step(f)
+            gtot.append((time.perf_counter() - t0) / giters * 1e3)
+            line += f" {gtot[-1]:9.3f}"
+        print(line)
+    line = f"{'mean over groups (mode S)':<40} {'S':<4} {np.mean(tot):9.3f} {n / np.mean(tot) * 1e3:11.0f}"
+    if gtot:
+        line += f" {np.mean(gtot):9.3f}"
+    print(line)
 
 
 if __name__ == "__main__":
