@@ -48,8 +48,10 @@ def main() -> None:
     x = jax.random.normal(jax.random.key(0), (args.batch, args.size, args.size, 3), jnp.float32)
     keys = list(jax.random.split(jax.random.key(1), 64))
     cases = [(g, "S") for g in GROUPS] + [(DEFAULT_STRATEGY, "S"), (DEFAULT_STRATEGY, "M")]
-    print(f"jax {jax.__version__}, backend {jax.default_backend()}, {platform.processor() or platform.machine()}")
-    print(f"batch {args.batch} x {args.size}x{args.size}x3 float32, jit, best of 3 x {args.iters} calls")
+    cpu = platform.processor() or platform.machine()
+    print(f"jax {jax.__version__}, backend {jax.default_backend()}, {cpu}")
+    size = f"{args.size}x{args.size}x3"
+    print(f"batch {args.batch} x {size} float32, jit, best of 3 x {args.iters} calls")
     head = f"{'strategy':<40} {'mode':<4} {'ms/batch':>9} {'images/s':>11}"
     if args.grad:
         head += f" {'grad ms':>9}"
@@ -87,7 +89,8 @@ def _bench_torch(x_nhwc: np.ndarray, args) -> None:
         s = int(h * 0.125 + 0.5)
         tx = torch.randint(-s, s + 1, size=[n, 1, 1])
         ty = torch.randint(-s, s + 1, size=[n, 1, 1])
-        gb, gx, gy = torch.meshgrid(torch.arange(n), torch.arange(h), torch.arange(w), indexing="ij")
+        ar = torch.arange
+        gb, gx, gy = torch.meshgrid(ar(n), ar(h), ar(w), indexing="ij")
         gx = torch.clamp(gx + tx + 1, 0, h + 1)
         gy = torch.clamp(gy + ty + 1, 0, w + 1)
         xp = F.pad(x, [1, 1, 1, 1, 0, 0, 0, 0])
@@ -97,7 +100,8 @@ def _bench_torch(x_nhwc: np.ndarray, args) -> None:
         cs = int(h * 0.5 + 0.5)
         ox = torch.randint(0, h + (1 - cs % 2), size=[n, 1, 1])
         oy = torch.randint(0, w + (1 - cs % 2), size=[n, 1, 1])
-        gb, gx, gy = torch.meshgrid(torch.arange(n), torch.arange(cs), torch.arange(cs), indexing="ij")
+        ar = torch.arange
+        gb, gx, gy = torch.meshgrid(ar(n), ar(cs), ar(cs), indexing="ij")
         gx = torch.clamp(gx + ox - cs // 2, min=0, max=h - 1)
         gy = torch.clamp(gy + oy - cs // 2, min=0, max=w - 1)
         mask = torch.ones(n, h, w)
@@ -120,10 +124,11 @@ def _bench_torch(x_nhwc: np.ndarray, args) -> None:
     def rotate(x):
         a = (torch.rand(n) - 0.5) * 2 * 15.0 / 180 * float(np.pi)
         z = torch.zeros(n)
-        th = torch.stack([torch.stack([a.cos(), -a.sin(), z], -1), torch.stack([a.sin(), a.cos(), z], -1)], 1)
+        row0 = torch.stack([a.cos(), -a.sin(), z], -1)
+        th = torch.stack([row0, torch.stack([a.sin(), a.cos(), z], -1)], 1)
         return affine(x, th)
 
-    fns = {"color": color, "crop": crop, "cutout": cutout, "flip": flip, "scale": scale, "rotate": rotate}
+    fns = dict(color=color, crop=crop, cutout=cutout, flip=flip, scale=scale, rotate=rotate)
     print(f"\ntorch {torch.__version__} re-implementation (threads {torch.get_num_threads()})")
 
     def grad_step(f):
@@ -149,7 +154,8 @@ def _bench_torch(x_nhwc: np.ndarray, args) -> None:
             gtot.append((time.perf_counter() - t0) / giters * 1e3)
             line += f" {gtot[-1]:9.3f}"
         print(line)
-    line = f"{'mean over groups (mode S)':<40} {'S':<4} {np.mean(tot):9.3f} {n / np.mean(tot) * 1e3:11.0f}"
+    mean = float(np.mean(tot))
+    line = f"{'mean over groups (mode S)':<40} {'S':<4} {mean:9.3f} {n / mean * 1e3:11.0f}"
     if gtot:
         line += f" {np.mean(gtot):9.3f}"
     print(line)

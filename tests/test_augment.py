@@ -50,7 +50,8 @@ def _torch_group(torch, group, x_nhwc, p, params=DSAParams()):
     elif group == "crop":
         tx = torch.tensor(np.asarray(p["shift_h"])).long().reshape(n, 1, 1)
         ty = torch.tensor(np.asarray(p["shift_w"])).long().reshape(n, 1, 1)
-        gb, gx, gy = torch.meshgrid(torch.arange(n), torch.arange(h), torch.arange(w), indexing="ij")
+        ar = torch.arange
+        gb, gx, gy = torch.meshgrid(ar(n), ar(h), ar(w), indexing="ij")
         gx = torch.clamp(gx + tx + 1, 0, h + 1)
         gy = torch.clamp(gy + ty + 1, 0, w + 1)
         xp = F.pad(x, [1, 1, 1, 1, 0, 0, 0, 0])
@@ -59,7 +60,8 @@ def _torch_group(torch, group, x_nhwc, p, params=DSAParams()):
         ch, cw = int(h * params.ratio_cutout + 0.5), int(w * params.ratio_cutout + 0.5)
         ox = torch.tensor(np.asarray(p["center_h"])).long().reshape(n, 1, 1)
         oy = torch.tensor(np.asarray(p["center_w"])).long().reshape(n, 1, 1)
-        gb, gx, gy = torch.meshgrid(torch.arange(n), torch.arange(ch), torch.arange(cw), indexing="ij")
+        ar = torch.arange
+        gb, gx, gy = torch.meshgrid(ar(n), ar(ch), ar(cw), indexing="ij")
         gx = torch.clamp(gx + ox - ch // 2, min=0, max=h - 1)
         gy = torch.clamp(gy + oy - cw // 2, min=0, max=w - 1)
         mask = torch.ones(n, h, w)
@@ -76,9 +78,8 @@ def _torch_group(torch, group, x_nhwc, p, params=DSAParams()):
         else:
             a = torch.tensor(np.asarray(p["angle"]))
             z = torch.zeros(n)
-            th = torch.stack(
-                [torch.stack([a.cos(), torch.sin(-a), z], -1), torch.stack([a.sin(), a.cos(), z], -1)], 1
-            )
+            row0 = torch.stack([a.cos(), torch.sin(-a), z], -1)
+            th = torch.stack([row0, torch.stack([a.sin(), a.cos(), z], -1)], 1)
         grid = F.affine_grid(th, list(x.shape), align_corners=True)
         x = F.grid_sample(x, grid, align_corners=True)
     return x.permute(0, 2, 3, 1).numpy()
@@ -201,16 +202,19 @@ def test_identity_cases_exact():
     np.testing.assert_allclose(np.asarray(apply_group("color", x, p)), np.asarray(x), atol=1e-6)
     # flip with probability 1 is an exact mirror
     np.testing.assert_array_equal(
-        np.asarray(dsa_jit(key, x, "flip", params=DSAParams(prob_flip=1.0))), np.asarray(x[:, :, ::-1])
+        np.asarray(dsa_jit(key, x, "flip", params=DSAParams(prob_flip=1.0))),
+        np.asarray(x[:, :, ::-1]),
     )
     # rotate 0 degrees / scale 1: identity theta. torch's float32 grid misses pixel centres by
     # an ulp for most sizes (so does ours, on purpose), hence ~1e-6; exact for 2^k + 1 sizes.
-    for prm, group in ((DSAParams(ratio_rotate=0.0), "rotate"), (DSAParams(ratio_scale=1.0), "scale")):
+    zero_cases = ((DSAParams(ratio_rotate=0.0), "rotate"), (DSAParams(ratio_scale=1.0), "scale"))
+    for prm, group in zero_cases:
         out = np.asarray(dsa_jit(key, x, group, params=prm))
         np.testing.assert_allclose(out, np.asarray(x), atol=1e-5)
     x33 = _images(4, (2, 9, 17, 2))  # sizes 2^k + 1: the grid is exact in binary
-    for prm, group in ((DSAParams(ratio_rotate=0.0), "rotate"), (DSAParams(ratio_scale=1.0), "scale")):
-        np.testing.assert_array_equal(np.asarray(dsa_jit(key, x33, group, params=prm)), np.asarray(x33))
+    for prm, group in zero_cases:
+        out = np.asarray(dsa_jit(key, x33, group, params=prm))
+        np.testing.assert_array_equal(out, np.asarray(x33))
 
 
 def test_crop_and_cutout_semantics():
@@ -239,13 +243,14 @@ strategies = st.sampled_from(list(GROUPS) + [DEFAULT_STRATEGY, "crop_flip"])
 
 @functools.partial(jax.jit, static_argnames=("strategy", "mode"))
 def _value_and_grad(key, x, strategy, mode):
-    return jax.value_and_grad(lambda im: jnp.sum(jnp.sin(dsa(key, im, strategy, mode))), has_aux=False)(x), dsa(
-        key, x, strategy, mode
-    )
+    loss = lambda im: jnp.sum(jnp.sin(dsa(key, im, strategy, mode)))  # noqa: E731
+    return jax.value_and_grad(loss)(x), dsa(key, x, strategy, mode)
 
 
 @SETTINGS
-@given(shape=shapes, strategy=strategies, mode=st.sampled_from(["S", "M"]), seed=st.integers(0, 2**16))
+@given(
+    shape=shapes, strategy=strategies, mode=st.sampled_from(["S", "M"]), seed=st.integers(0, 2**16)
+)
 def test_shape_dtype_determinism_and_finite_gradients(shape, strategy, mode, seed):
     x = _images(seed, shape)
     key = jax.random.key(seed)
@@ -273,7 +278,8 @@ def test_siamese_prefix_and_batchmode(seed):
     # batchmode: one draw shared by all samples (the reference's seeded calls)
     same = jnp.broadcast_to(x[:1], x.shape)
     for y in _every_group(key, same, DSAParams(batchmode=True)):
-        np.testing.assert_allclose(np.asarray(y), np.broadcast_to(np.asarray(y[:1]), y.shape), atol=1e-6)
+        y = np.asarray(y)
+        np.testing.assert_allclose(y, np.broadcast_to(y[:1], y.shape), atol=1e-6)
 
 
 def test_siamese_real_and_synthetic_share_transformation():
@@ -308,7 +314,8 @@ def test_jit_and_vmap(mode):
 
 def test_affine_sampler_derivatives():
     x = _images(0, (2, 7, 6, 2))
-    theta = jnp.asarray(np.random.default_rng(1).normal(size=(2, 2, 3)) * 0.3 + np.eye(2, 3), jnp.float32)
+    noise = np.random.default_rng(1).normal(size=(2, 2, 3)) * 0.3
+    theta = jnp.asarray(noise + np.eye(2, 3), jnp.float32)
     u, v = _images(5, x.shape), _images(9, x.shape)
 
     @jax.jit
