@@ -80,7 +80,9 @@ def distill_from_config(config, workdir):
     method fields: see ``_COMMON_FIELDS``/``_METHOD_FIELDS``; ``model_kwargs`` a dict of
     ``get_model`` overrides; ``experts`` a teacher workdir or ``replay_buffer_<n>.pt`` for
     MTT/TESLA (default: train experts into ``<workdir>/experts``); ``eval_epochs``,
-    ``eval_repeats`` for the periodic evaluation). The run lives in ``<workdir>/distill``.
+    ``eval_repeats`` for the periodic evaluation). Checkpoints, ``synset_best`` and
+    ``synset_final`` are written under ``workdir`` (the pipeline passes
+    ``<run>/distill``); a killed run resumes there.
     """
     import jax
 
@@ -98,7 +100,7 @@ def distill_from_config(config, workdir):
     kwargs = dict(arch=_get(s, "arch", "ConvNet"), ipc=int(_get(s, "ipc", 10)),
                   iterations=int(_get(s, "iterations", 1000)),
                   key=jax.random.key(int(_get(config, "seed", 0))),
-                  workdir=Path(workdir) / "distill")
+                  workdir=Path(workdir))
     for name in _COMMON_FIELDS + _METHOD_FIELDS[method]:
         v = _get(s, name)
         if v is not None:

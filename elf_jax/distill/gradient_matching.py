@@ -13,8 +13,10 @@ One iteration (one jitted step): a freshly initialized network; ``outer_loop`` r
    (detached) synthetic set, SGD lr_net 0.01 without momentum, minibatches of
    ``batch_train`` reshuffled each epoch, DSA (not siamese) for DSA, none for DC.
 
-Classes are vectorised with ``vmap`` (per-class parameter gradients of one network); the
-DSA draws run per class under ``lax.map`` so each class computes only its drawn group.
+Classes run one after another under ``lax.map`` (``class_loop="map"``, default) or
+vectorised with ``vmap`` (``"vmap"``: per-class parameter gradients of one network become
+grouped convolutions, slower on the CPU); the DSA draws run per class under ``lax.map`` so
+each class computes only its drawn group.
 
 Distances (``dis_metric``), over the parameter gradient tensors:
 
@@ -95,10 +97,15 @@ def _variables(params, bstats):
 def make_gm_step(net, *, num_classes: int, ipc: int, outer_loop: int, inner_loop: int,
                  lr_img: float = 0.1, momentum: float = 0.5, lr_net: float = 0.01,
                  batch_real: int = 256, batch_train: int = 256, dis_metric: str = "ours",
-                 dsa_strategy: Optional[str] = C.FULL_STRATEGY):
+                 dsa_strategy: Optional[str] = C.FULL_STRATEGY, class_loop: str = "map"):
     """The jitted DC/DSA step ``(state, key, pool: RealPool) -> (state, metrics)``; real
     batches are drawn from ``pool`` inside (``outer_loop * K * batch_real`` images per
-    iteration would not fit as an argument). ``dsa_strategy=None``: DC."""
+    iteration would not fit as an argument). ``dsa_strategy=None``: DC. ``class_loop``:
+    ``"map"`` (classes one after another under ``lax.map``) or ``"vmap"`` (vectorised: the
+    per-class weight gradients become batched/grouped convolutions, measured slower on the
+    CPU, see BENCHMARKS.md)."""
+    if class_loop not in ("map", "vmap"):
+        raise ValueError(f"class_loop must be 'map' or 'vmap', got {class_loop!r}")
     if dis_metric not in DIS_METRICS:
         raise ValueError(f"unknown dis_metric {dis_metric!r}; choose one of {DIS_METRICS}")
     if outer_loop < 1 or inner_loop < 0:
@@ -120,7 +127,9 @@ def make_gm_step(net, *, num_classes: int, ipc: int, outer_loop: int, inner_loop
             return gradient_distance(jax.lax.stop_gradient(grads(xr, c)), grads(xs, c),
                                      dis_metric)
 
-        return jnp.sum(jax.vmap(per_class)(real_a, syn_a, jnp.arange(k)))
+        if class_loop == "vmap":
+            return jnp.sum(jax.vmap(per_class)(real_a, syn_a, jnp.arange(k)))
+        return jnp.sum(jax.lax.map(lambda a: per_class(*a), (real_a, syn_a, jnp.arange(k))))
 
     def train_net(params, bstats, images, labels, key):
         """``inner_loop`` epochs of SGD(lr_net) on the synthetic set (BN in train mode)."""
