@@ -108,16 +108,22 @@ def test_runner_equals_plain_loop_and_vmap(tiny):
     key = jax.random.PRNGKey(3)
     ref = _python_loop(net, p, x, y, f, key)
     outs = {}
-    for strat in ("sequential", "vmap"):
-        outs[strat] = run_evaluation(net, p, x, y, x, y, f, repeats=2, key=key, strategy=strat,
-                                     chunk_epochs=3, progress=False, return_states=True)
+    for name, strat, engine in (("sequential", "sequential", "scan"), ("vmap", "vmap", "scan"),
+                                ("host", "sequential", "host")):
+        outs[name] = run_evaluation(net, p, x, y, x, y, f, repeats=2, key=key, strategy=strat,
+                                    engine=engine, chunk_epochs=3, progress=False,
+                                    return_states=True)
+        assert outs[name]["engine"] == engine
     seq = outs["sequential"]["states"]
     for a, b in zip(jax.tree.leaves((ref.params, ref.batch_stats)),
                     jax.tree.leaves((seq.params, seq.batch_stats))):
         np.testing.assert_allclose(np.asarray(b[0]), np.asarray(a), rtol=2e-5, atol=2e-6)
     assert int(seq.epoch[0]) == 4 and int(seq.step[0]) == 4 * 3
-    for a, b in zip(jax.tree.leaves(seq.params), jax.tree.leaves(outs["vmap"]["states"].params)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=2e-6)
+    for other in ("vmap", "host"):
+        for a, b in zip(jax.tree.leaves(seq.params), jax.tree.leaves(outs[other]["states"].params)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=2e-6)
+        np.testing.assert_allclose(outs[other]["train_loss"], outs["sequential"]["train_loss"],
+                                   rtol=1e-5)
     assert outs["sequential"]["train_loss"].shape == (2, 4)
     assert np.all(np.isfinite(outs["sequential"]["train_loss"]))
     # repeats differ (different init), accuracies are fractions

@@ -47,6 +47,9 @@ from elf_jax.train.protocol import EvalProtocol
 from elf_jax.train.step import EvalState, init_state, make_variables, train_step
 
 __all__ = [
+    "ENGINES",
+    "default_engine",
+    "make_host_chunk_fn",
     "REPEAT_STRATEGIES",
     "EvaluationDiverged",
     "default_repeat_strategy",
@@ -172,6 +175,97 @@ def make_chunk_fn(net, protocol: EvalProtocol, chunk_epochs: int, strategy: str,
     return jax.jit(fn, donate_argnums=(0,))
 
 
+# ------------------------------------------------------------------------------- host engine
+# XLA:CPU does not canonicalise the backward convolutions (filter and input gradients) that
+# sit inside a while-loop body: they keep dim_labels like ``f01b_i01o->01bf`` and fall off the
+# Eigen fast path onto a naive loop emitter. Measured here (2-core EPYC, jax 0.10.2): a
+# ConvNet-W32 train step costs 60 ms of CPU alone and 1.6 s inside ``lax.scan``; a lone
+# filter-gradient conv 0.13 s vs ~20 s inside ``fori_loop``. No XLA flag changes it (oneDNN,
+# XNNPACK, thunk runtime tried). So on the CPU the default engine ("host") keeps the steps
+# OUT of loops: one jitted step (gather by dynamic_slice of the epoch permutation inside it)
+# dispatched asynchronously per minibatch, and per-epoch bookkeeping in small jitted
+# functions. Nothing is transferred to the host until the end of a chunk, so there is no
+# host round trip inside a chunk either; dispatch costs microseconds against ~100 ms steps.
+
+
+@functools.partial(jax.jit, static_argnames=("n", "nsteps"))
+def _epoch_plan(key_data, *, n, nsteps):
+    key = jax.random.wrap_key_data(key_data)
+    k_next, k_perm, k_aug = jax.random.split(key, 3)
+    return jax.random.key_data(k_next), jax.random.permutation(k_perm, n), jax.random.split(k_aug, nsteps)
+
+
+@functools.partial(jax.jit, static_argnames=("net", "protocol", "size"), donate_argnums=(0, 1))
+def _host_step(state, sums, data, perm, start, key, *, net, protocol, size):
+    idx = lax.dynamic_slice(perm, (start,), (size,))
+    state, m = train_step(state, _gather(data, idx), key, net=net, protocol=protocol)
+    return state, {k: sums[k] + m[k] * size for k in METRIC_KEYS}
+
+
+@functools.partial(jax.jit, static_argnames=("protocol", "n"), donate_argnums=(0,))
+def _end_epoch(state, sums, k_next, *, protocol, n):
+    metrics = {k: v / n for k, v in sums.items()}
+    opt_state = state.opt_state
+    if protocol.decay_epoch is not None and protocol.reset_momentum_at_decay:
+        reset = state.epoch == protocol.decay_epoch
+        opt_state = jax.tree.map(lambda x: jnp.where(reset, jnp.zeros_like(x), x), opt_state)
+    state = state._replace(opt_state=opt_state, key=k_next, epoch=state.epoch + 1)
+    leaves = jax.tree.leaves((state.params, state.batch_stats))
+    metrics["finite"] = jnp.all(jnp.stack([jnp.all(jnp.isfinite(l)) for l in leaves])).astype(jnp.float32)
+    return state, metrics
+
+
+def _host_epochs(state, data, n_run, *, net, protocol):
+    """``n_run`` epochs of ONE repeat with the host-dispatched engine (same semantics and
+    random stream as :func:`run_epoch`)."""
+    n = data["images"].shape[0]
+    nfull, b, last = protocol.batch_plan(n)
+    nsteps = nfull + (1 if last else 0)
+    out = []
+    for _ in range(n_run):
+        k_next, perm, keys = _epoch_plan(state.key, n=n, nsteps=nsteps)
+        sums = {k: jnp.zeros((), jnp.float32) for k in METRIC_KEYS}
+        for s in range(nfull):
+            state, sums = _host_step(state, sums, data, perm, s * b, keys[s], net=net,
+                                     protocol=protocol, size=b)
+        if last:
+            state, sums = _host_step(state, sums, data, perm, nfull * b, keys[nfull], net=net,
+                                     protocol=protocol, size=last)
+        state, m = _end_epoch(state, sums, k_next, protocol=protocol, n=n)
+        out.append(m)
+    return state, out
+
+
+def make_host_chunk_fn(net, protocol: EvalProtocol, chunk_epochs: int, strategy: str, mesh=None):
+    """The "host" engine with the signature of :func:`make_chunk_fn`. ``sequential`` runs the
+    repeats one after another; ``vmap`` is not offered here (grouped convolutions are the slow
+    path on the CPU too) and falls back to sequential."""
+    del mesh
+
+    def fn(states, data, n_run):
+        n_run = int(n_run)
+        reps = jax.tree.leaves(states.epoch)[0].shape[0]
+        finals, mets = [], []
+        for r in range(reps):
+            st = jax.tree.map(lambda a: a[r], states)
+            st, ms = _host_epochs(st, data, n_run, net=net, protocol=protocol)
+            finals.append(st)
+            pad = [{k: jnp.ones(()) if k == "finite" else jnp.zeros(()) for k in _EPOCH_KEYS}] * (chunk_epochs - n_run)
+            mets.append(jax.tree.map(lambda *xs: jnp.stack(xs), *(ms + pad)))
+        stack = lambda *xs: jnp.stack(xs)  # noqa: E731
+        return jax.tree.map(stack, *finals), jax.tree.map(stack, *mets)
+
+    return fn
+
+
+ENGINES = ("auto", "scan", "host")
+
+
+def default_engine(backend: Optional[str] = None) -> str:
+    """``host`` on the CPU (see above), ``scan`` elsewhere."""
+    return "host" if (backend or jax.default_backend()) == "cpu" else "scan"
+
+
 # ------------------------------------------------------------------------------- init/test
 def init_states(net, protocol, key, repeats: int, sample_images, hparams=None) -> EvalState:
     """Stacked initial states of ``repeats`` independent repeats (leading axis ``R``).
@@ -260,6 +354,7 @@ def run_evaluation(
     repeats: int = 5,
     key=None,
     strategy: str = "auto",
+    engine: str = "auto",
     chunk_epochs: Optional[int] = None,
     workdir=None,
     checkpoint_every: int = 100,
@@ -281,6 +376,8 @@ def run_evaluation(
       test_images, test_labels: the real test set.
       repeats, key: number of repeats and the base PRNG key (default ``PRNGKey(0)``).
       strategy: ``auto`` | ``sequential`` | ``vmap`` | ``devices`` (see module docstring).
+      engine: ``auto`` | ``scan`` (epochs under ``lax.scan`` in one executable per chunk) |
+        ``host`` (jitted steps dispatched from Python; the CPU default, see "host engine").
       chunk_epochs: epochs per compiled call (default ``checkpoint_every``, at most the run).
       workdir: if set, checkpoints go to ``workdir/checkpoints`` every ``checkpoint_every``
         epochs (rounded to whole chunks) and an existing run there is resumed.
@@ -357,7 +454,15 @@ def run_evaluation(
     # are normalised so that such runs share one executable
     compiled = dataclasses.replace(protocol, lr=0.0, lambda_front=0.0, lambda_rear=0.0,
                                    use_learned_lr=False, test_batch_size=1)
-    chunk_fn = make_chunk_fn(net, compiled, k, strategy, mesh)
+    if engine == "auto":
+        engine = default_engine()
+    if engine not in ENGINES[1:]:
+        raise ValueError(f"unknown engine {engine!r}; choose one of {ENGINES}")
+    if engine == "host" and strategy == "sequential":
+        chunk_fn = make_host_chunk_fn(net, compiled, k, strategy, mesh)
+    else:
+        engine = "scan"
+        chunk_fn = make_chunk_fn(net, compiled, k, strategy, mesh)
     bar = None
     if progress and start < num_epochs:
         from tqdm.auto import tqdm
@@ -412,6 +517,7 @@ def run_evaluation(
         "strategy": strategy,
         "resumed_from": resumed_from,
         "chunk_epochs": k,
+        "engine": engine,
     }
     if return_states:
         out["states"] = states
