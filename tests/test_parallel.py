@@ -4,8 +4,9 @@ The 8-device checks run in a subprocess with XLA_FLAGS=--xla_force_host_platform
 (the flag must be set before JAX starts, and other test modules of this pytest worker may
 have started it already): ``python tests/test_parallel.py <case>`` prints one JSON line.
 
-Tolerances: parameters after 3 SGD steps agree to ``2e-5`` absolute (float32; measured
-~2e-7 for ConvNetBN), the per-step losses to ``1e-5`` relative. With synchronized BatchNorm
+Tolerances: ConvNetBN parameters after 3 SGD steps agree to ``2e-5`` absolute (float32;
+measured ~2e-7), the per-step losses to ``1e-5`` relative; ResNet18BN (slow test) to
+``2e-3`` / ``5e-4``, above its float noise floor (see that test). With synchronized BatchNorm
 and the DSA drawn for the global batch, the data-parallel runs compute the same function as
 one device on the global batch; only float summation order differs.
 """
@@ -119,11 +120,11 @@ def test_memory_estimate_and_clear_error():
 
 
 # ------------------------------------------------------------------ 8 simulated devices
-def _close(res, ref="none", modes=("pmap", "shard_map")):
+def _close(res, ref="none", modes=("pmap", "shard_map"), atol=PARAM_ATOL, rtol=LOSS_RTOL):
     for m in modes:
-        np.testing.assert_allclose(res[m]["losses"], res[ref]["losses"], rtol=LOSS_RTOL, err_msg=m)
-        assert res[m]["max_param_diff_vs_" + ref] < PARAM_ATOL, (m, res[m])
-        assert res[m]["max_stats_diff_vs_" + ref] < PARAM_ATOL, (m, res[m])
+        np.testing.assert_allclose(res[m]["losses"], res[ref]["losses"], rtol=rtol, err_msg=m)
+        assert res[m]["max_param_diff_vs_" + ref] < atol, (m, res[m])
+        assert res[m]["max_stats_diff_vs_" + ref] < atol, (m, res[m])
 
 
 def test_equivalence_convnet_8_devices():
@@ -149,9 +150,12 @@ def test_equivalence_convnet_8_devices():
 
 @pytest.mark.slow
 def test_equivalence_resnet18bn_8_devices():
-    # ResNet18BN needs 32x32 inputs (its final avg_pool(4)); each variant compiles ~20-60 s
+    # ResNet18BN needs 32x32 inputs (its final avg_pool(4)); each variant compiles ~20-60 s.
+    # Tolerance: this net at batch 16 amplifies float summation order: on ONE device, the
+    # same 16 images in another order give parameters 3e-4 apart and losses 8e-5 apart
+    # (relative) after 3 steps; measured pmap/shard_map vs one device: 4e-4 / 8e-5.
     res = run_case("equiv", "ResNet18BN", 32, 3)
-    _close(res)
+    _close(res, atol=2e-3, rtol=5e-4)
 
 
 # ------------------------------------------------------------------ subprocess body
@@ -183,7 +187,10 @@ def _case_equiv(name, hw, steps):
     st0 = init_state(net, proto, jax.random.key(0), jax.random.key_data(jax.random.key(2)), x[:1])
     v = {"params": st0.params, **({"batch_stats": st0.batch_stats} if st0.batch_stats else {})}
     fshape = jax.eval_shape(lambda: net.apply(v, x, method=net.front)).shape
-    f = jax.random.uniform(jax.random.key(5), fshape)
+    # features ~ a distribution over channels at each position (as a teacher's post-relu
+    # map is after scaling): keeps the CE feature loss O(1), so 3 steps at lr 0.01 stay in
+    # a regime where float summation order does not blow up
+    f = jax.random.uniform(jax.random.key(5), fshape) / fshape[-1]
     batch = {"images": np.asarray(x), "labels": np.asarray(y), "features": np.asarray(f)}
     variants = {"none": {}, "pmap": {}, "shard_map": {}}
     if name.startswith("ConvNet"):
