@@ -297,3 +297,19 @@ def test_nan_stops_and_keeps_last_good_checkpoint(tiny, net, tmp_path):
         distill("mtt", train, ipc=1, iterations=1, syn_steps=1, expert_epochs=1,
                 max_start_epoch=1, experts=trajs, model_kwargs=TINY,
                 lr_teacher=float("nan"), progress=False)
+
+
+def test_distill_from_config_hook(tmp_path):
+    import importlib.util
+
+    from elf_jax.distill import distill_from_config
+
+    spec = importlib.util.spec_from_file_location("cfg", "configs/distill_mnist5k_dm.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    c = mod.get_config()
+    c.synset.iterations, c.synset.eval_every, c.synset.batch_real = 1, 0, 8
+    c.synset.model_kwargs = dict(TINY)
+    s = distill_from_config(c, tmp_path)
+    assert s.method == "dm" and s.images.shape == (100, 28, 28, 1) and s.dataset == "mnist5k"
+    assert (tmp_path / "synset_best").exists() and (tmp_path / "checkpoints").exists()

@@ -1,0 +1,36 @@
+"""DC on MNIST-5k, IPC 10: the CPU setting for DC.
+
+Runs on the embedded real MNIST-5k subset (offline) in minutes on a 2-core CPU: ConvNet
+width 32, IPC 10, CPU-sized settings: fewer iterations than the reference; loops (outer 10, inner 10) instead of (10, 50), batch_real 128.
+The same settings as experiments/distill_vs_random.py.
+
+Command:
+    elf-jax distill --config configs/distill_mnist5k_dc.py --workdir runs/dc_mnist5k
+The whole ELF pipeline on this set: ``elf-jax demo --config configs/distill_mnist5k_dc.py ...``.
+
+Expected: several minutes on the CPU (no augmentation while distilling, as DC).
+"""
+
+from elf_jax.config import base_config
+
+
+def get_config():
+    c = base_config()
+    c.dataset = "mnist5k"
+    c.synset.source = "distill"
+    c.synset.method = "dc"
+    c.synset.arch = "ConvNet"
+    c.synset.ipc = 10
+    c.synset.model_kwargs = {"width": 32}
+    c.synset.init = "real"
+    c.synset.checkpoint_every = 10
+    c.synset.iterations = 20
+    c.synset.outer_loop = 10
+    c.synset.inner_loop = 10
+    c.synset.batch_real = 128
+    c.synset.lr_img = 0.1
+    c.synset.dsa_strategy = "none"
+    c.synset.eval_every = 10
+    c.synset.eval_epochs = 100
+    c.eval.width = 32  # later stages: pool nets at width 32, as the demo
+    return c

@@ -1,0 +1,40 @@
+"""MTT on MNIST-5k, IPC 10: the CPU setting for MTT.
+
+Runs on the embedded real MNIST-5k subset (offline) in minutes on a 2-core CPU: ConvNet
+width 32, IPC 10, CPU-sized settings: fewer iterations than the reference; 2 experts of 8 epochs, syn_steps 10, max_start_epoch 6.
+The same settings as experiments/distill_vs_random.py.
+
+Command:
+    elf-jax distill --config configs/distill_mnist5k_mtt.py --workdir runs/mtt_mnist5k
+The whole ELF pipeline on this set: ``elf-jax demo --config configs/distill_mnist5k_mtt.py ...``.
+
+Expected: a few minutes (experts, then ~1-2 s per iteration on the CPU).
+"""
+
+from elf_jax.config import base_config
+
+
+def get_config():
+    c = base_config()
+    c.dataset = "mnist5k"
+    c.synset.source = "distill"
+    c.synset.method = "mtt"
+    c.synset.arch = "ConvNet"
+    c.synset.ipc = 10
+    c.synset.model_kwargs = {"width": 32}
+    c.synset.init = "real"
+    c.synset.checkpoint_every = 10
+    c.synset.iterations = 100
+    c.synset.syn_steps = 10
+    c.synset.expert_epochs = 2
+    c.synset.max_start_epoch = 6
+    c.synset.lr_img = 100.0
+    c.synset.lr_lr = 1e-5
+    c.synset.lr_teacher = 1e-2
+    c.synset.num_experts = 2
+    c.synset.expert_train_epochs = 8
+    c.synset.experts = ""
+    c.synset.eval_every = 50
+    c.synset.eval_epochs = 100
+    c.eval.width = 32  # later stages: pool nets at width 32, as the demo
+    return c
