@@ -1,7 +1,5 @@
 """Evaluation protocol, train step and runner (tiny shapes, real registry models)."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,7 +8,7 @@ import pytest
 from elf_jax.models import get_model
 from elf_jax.train import EvalProtocol, EvaluationDiverged, run_evaluation, torch_sgd
 from elf_jax.train.runner import init_states
-from elf_jax.train.step import jit_train_step, make_variables
+from elf_jax.train.step import jit_train_step
 
 
 # ----------------------------------------------------------------------------- protocol
@@ -152,8 +150,6 @@ def test_rear_batchnorm_sees_the_feature_batch():
     same = [jax.tree_util.keystr(k) for k in flat_t if np.allclose(flat_t[k], flat_f[k])]
     diff = [jax.tree_util.keystr(k) for k in flat_t if not np.allclose(flat_t[k], flat_f[k])]
     assert same and diff  # front BN layers identical, rear BN layers changed by rear(f)
-    # the rear(f) pass in train mode: its stats equal a manual second update on rear(f)
-    v_rear = make_variables(out["task"].params, bt)  # noqa: F841 (documented behaviour)
 
 
 def test_nan_stops_with_clear_error_and_keeps_checkpoint(tiny, tmp_path):
