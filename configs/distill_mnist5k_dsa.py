@@ -1,14 +1,14 @@
 """DSA on MNIST-5k, IPC 10: the CPU setting for DSA.
 
 Runs on the embedded real MNIST-5k subset (offline) in minutes on a 2-core CPU: ConvNet
-width 32, IPC 10, CPU-sized settings: fewer iterations than the reference; loops (outer 10, inner 10) instead of (10, 50), batch_real 128.
+width 32, IPC 10, CPU-sized settings: fewer iterations than the reference; loops (outer 5, inner 5) instead of (10, 50), batch_real 64.
 The same settings as experiments/distill_vs_random.py.
 
 Command:
     elf-jax distill --config configs/distill_mnist5k_dsa.py --workdir runs/dsa_mnist5k
 The whole ELF pipeline on this set: ``elf-jax demo --config configs/distill_mnist5k_dsa.py ...``.
 
-Expected: several minutes on the CPU; the set beats a random real subset (BENCHMARKS.md, Distillation).
+Expected: ~10-20 minutes on a shared 2-core CPU (several minutes per iteration here); the set beats a random real subset (BENCHMARKS.md, Distillation).
 """
 
 from elf_jax.config import base_config
@@ -24,12 +24,12 @@ def get_config():
     c.synset.model_kwargs = {"width": 32}
     c.synset.init = "real"
     c.synset.checkpoint_every = 10
-    c.synset.iterations = 20
-    c.synset.outer_loop = 10
-    c.synset.inner_loop = 10
-    c.synset.batch_real = 128
+    c.synset.iterations = 10
+    c.synset.outer_loop = 5
+    c.synset.inner_loop = 5
+    c.synset.batch_real = 64
     c.synset.lr_img = 0.1
-    c.synset.eval_every = 10
+    c.synset.eval_every = 5
     c.synset.eval_epochs = 100
     c.eval.width = 32  # later stages: pool nets at width 32, as the demo
     return c

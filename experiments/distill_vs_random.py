@@ -1,6 +1,6 @@
 """Item 6: does each distillation method beat a random real subset of the same size?
 
-    python experiments/distill_vs_random.py --methods dm,dsa            # ~15-25 min, 2-core CPU
+    python experiments/distill_vs_random.py --methods dm,dsa            # ~20 min on a shared 2-core CPU
     python experiments/distill_vs_random.py --methods dm,dsa,dc,mtt,tesla --workdir runs/dvr
 
 On the embedded real MNIST-5k (4,000 train / 1,000 test), IPC 10: distills one set per
@@ -27,8 +27,8 @@ import numpy as np
 # CPU-sized settings per method (the reference's in the comments)
 SETTINGS = {
     "dm": dict(iterations=200, batch_real=64),  # ref: 20000 iterations, batch_real 256
-    "dsa": dict(iterations=20, outer_loop=10, inner_loop=10, batch_real=128),  # ref: 1000, (10, 50), 256
-    "dc": dict(iterations=20, outer_loop=10, inner_loop=10, batch_real=128),
+    "dsa": dict(iterations=10, outer_loop=5, inner_loop=5, batch_real=64),  # ref: 1000, (10, 50), 256
+    "dc": dict(iterations=10, outer_loop=5, inner_loop=5, batch_real=64),
     "mtt": dict(iterations=100, syn_steps=10, expert_epochs=2, max_start_epoch=6, lr_img=100.0,
                 lr_lr=1e-5, lr_teacher=1e-2, num_experts=2, expert_train_epochs=8),
     "tesla": dict(iterations=100, syn_steps=10, expert_epochs=2, max_start_epoch=6,
