@@ -5,9 +5,10 @@ Command (what `make demo` runs):
     elf-jax demo --config configs/demo_mnist5k.py --workdir runs/demo   # the same
 
 What it does (about 5 minutes on a 2-core CPU): trains a width-32 ConvNet teacher on the
-4,000 real training images for 10 epochs, distills an IPC-10 set with DM (100
-iterations), builds the teacher's feature bank, trains ConvNet / ConvNetBN / ConvNetLN /
-ConvNetMP (width 32) on the set with the baseline loss and with ELF (200 epochs, 2 repeats),
+4,000 real training images for 8 epochs, distills an IPC-10 set with DM (200 iterations
+on a width-32 ConvNet), builds the teacher's feature bank, trains ConvNet / ConvNetBN /
+ConvNetLN / ConvNetMP (width 32) on the set with the baseline loss and with ELF (100
+epochs, 2 repeats),
 prints the table and writes runs/demo/results.{json,md,png}.
 
 Expected: teacher ~95% test accuracy; evaluation accuracies around 80-90%. ELF does not

@@ -86,16 +86,17 @@ def demo_config() -> ml_collections.ConfigDict:
     """
     c = base_config()
     c.dataset = "mnist5k"
-    c.teacher.epochs = 10
-    c.teacher.feature_epoch = 10
+    c.teacher.epochs = 8
+    c.teacher.feature_epoch = 8
     c.synset.source = "distill"
     c.synset.method = "dm"
     c.synset.ipc = 10
-    c.synset.iterations = 100
+    c.synset.iterations = 200
     c.synset.batch_real = 64
+    c.synset.model_kwargs = {"width": 32}
     c.eval.pool = DEMO_POOL
     c.eval.width = 32  # pool nets and their teacher at width 32 instead of 128 / 512
-    c.eval.epochs = 200
+    c.eval.epochs = 100
     c.eval.repeats = 2
     c.eval.checkpoint_every = 50
     return c
