@@ -8,7 +8,7 @@ Command:
     elf-jax distill --config configs/distill_mnist5k_dc.py --workdir runs/dc_mnist5k
 The whole ELF pipeline on this set: ``elf-jax demo --config configs/distill_mnist5k_dc.py ...``.
 
-Expected: ~10-20 minutes on a shared 2-core CPU (several minutes per iteration here) (no augmentation while distilling, as DC).
+Expected: ~10-20 minutes on a shared 2-core CPU (~75 s per iteration here) (no augmentation while distilling, as DC).
 """
 
 from elf_jax.config import base_config
