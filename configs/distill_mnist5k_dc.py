@@ -11,11 +11,11 @@ The whole ELF pipeline on this set: ``elf-jax demo --config configs/distill_mnis
 Expected: ~10-20 minutes on a shared 2-core CPU (~75 s per iteration here) (no augmentation while distilling, as DC).
 """
 
-from elf_jax.config import base_config
+from elf_jax.config import demo_config
 
 
 def get_config():
-    c = base_config()
+    c = demo_config()  # later stages: the demo's teacher, pool and evaluation
     c.dataset = "mnist5k"
     c.synset.source = "distill"
     c.synset.method = "dc"
@@ -32,5 +32,4 @@ def get_config():
     c.synset.dsa_strategy = "none"
     c.synset.eval_every = 5
     c.synset.eval_epochs = 100
-    c.eval.width = 32  # later stages: pool nets at width 32, as the demo
     return c

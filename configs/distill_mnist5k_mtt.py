@@ -11,11 +11,11 @@ The whole ELF pipeline on this set: ``elf-jax demo --config configs/distill_mnis
 Expected: a few minutes (experts, then ~1-2 s per iteration on the CPU).
 """
 
-from elf_jax.config import base_config
+from elf_jax.config import demo_config
 
 
 def get_config():
-    c = base_config()
+    c = demo_config()  # later stages: the demo's teacher, pool and evaluation
     c.dataset = "mnist5k"
     c.synset.source = "distill"
     c.synset.method = "mtt"
@@ -36,5 +36,4 @@ def get_config():
     c.synset.experts = ""
     c.synset.eval_every = 50
     c.synset.eval_epochs = 100
-    c.eval.width = 32  # later stages: pool nets at width 32, as the demo
     return c

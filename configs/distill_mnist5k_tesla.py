@@ -11,11 +11,11 @@ The whole ELF pipeline on this set: ``elf-jax demo --config configs/distill_mnis
 Expected: a few minutes; memory constant in syn_steps (BENCHMARKS.md).
 """
 
-from elf_jax.config import base_config
+from elf_jax.config import demo_config
 
 
 def get_config():
-    c = base_config()
+    c = demo_config()  # later stages: the demo's teacher, pool and evaluation
     c.dataset = "mnist5k"
     c.synset.source = "distill"
     c.synset.method = "tesla"
@@ -37,5 +37,4 @@ def get_config():
     c.synset.soft_labels = False  # True: soft labels from the expert
     c.synset.eval_every = 50
     c.synset.eval_epochs = 100
-    c.eval.width = 32  # later stages: pool nets at width 32, as the demo
     return c
