@@ -1,20 +1,21 @@
 """ELF evaluation on ImageNet-1k at 64x64, data parallel with jax.shard_map (issue 6).
 
 The settings of configs/imagenet64.py (ConvNetD4W512 teacher, ConvNetD4 / ResNet18ImageNet /
-VGG11ImageNet pool, bfloat16) plus a `parallel` section: every train step runs data parallel
-over all devices (`shard_map` over a ("runs", "data") mesh, synchronized BatchNorm, the DSA
-draw made for the global minibatch as on one device), the synthetic set and the feature bank
-split by rows over the devices, the bank stored in bfloat16. IPC 10 = 10,000 images; the
-memory estimate is printed before each evaluation and the run stops with a clear error if it
-will not fit.
+VGG11ImageNet pool, bfloat16) plus a `parallel` section, read by the evaluation stage of the
+one pipeline (elf_jax/pipeline.py): every evaluation train step runs data parallel over all
+devices (`shard_map` over a ("runs", "data") mesh, synchronized BatchNorm, the DSA draw made
+for the global minibatch as on one device), the synthetic set and the feature bank split by
+rows over the devices, the bank stored in bfloat16. IPC 10 = 10,000 images; the memory
+estimate is printed before the evaluation and the run stops with a clear error if it will not
+fit. Teachers, the synthetic set and the banks are made on one device.
+
+Run (one host, all devices):
+    elf-jax all --config configs/imagenet64_shard_map.py --workdir runs/imagenet64_shard_map
 
 Several hosts: start one process per host with the same coordinator, e.g.
     ELF_JAX_COORDINATOR=host0:1234 ELF_JAX_NUM_PROCESSES=2 ELF_JAX_PROCESS_ID=<i> \
-        python -m elf_jax.parallel.pipeline --config configs/imagenet64_shard_map.py
-(or set `distributed.*` below); each process reads its own shard of the data.
-
-Run (one host, all devices):
-    python -m elf_jax.parallel.pipeline --config configs/imagenet64_shard_map.py
+        elf-jax all --config configs/imagenet64_shard_map.py --workdir runs/imagenet64_shard_map
+(or set `distributed.*` below; the CLI starts `jax.distributed` from this section).
 """
 
 import ml_collections
@@ -28,7 +29,6 @@ def get_config():
     c.teacher.arch = "ConvNetD4W512"
     c.teacher.epochs = 50
     c.teacher.feature_epoch = 25
-    c.teacher.width = 0  # >0 overrides the teacher's ConvNet width (stand-in runs only)
     c.synset.arch = "ConvNetD4"
     c.eval.pool = ("ConvNetD4", "ResNet18ImageNet", "VGG11ImageNet")
     c.dtype = "bfloat16"

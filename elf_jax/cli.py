@@ -9,7 +9,10 @@
     elf-jax all           --config ... --workdir ...   (every stage, as the demo)
 
 Any config field can be overridden: `--config.eval.repeats=3`. Every stage resumes from
-what the workdir already holds.
+what the workdir already holds. A config's `parallel` section chooses data-parallel
+evaluation (`configs/imagenet64_shard_map.py`); its `distributed` section starts
+`jax.distributed` for several processes (fields left empty are read from
+ELF_JAX_COORDINATOR / ELF_JAX_NUM_PROCESSES / ELF_JAX_PROCESS_ID).
 """
 
 from __future__ import annotations
@@ -52,6 +55,13 @@ def _main(argv) -> None:
     workdir = _WORKDIR.value or ("runs/demo" if command == "demo" else None)
     if workdir is None:
         raise app.UsageError(f"`elf-jax {command}` needs --workdir DIR")
+    if "distributed" in config:  # several processes: before anything else touches JAX
+        from elf_jax.parallel import distributed
+
+        info = distributed.initialize(config.distributed)
+        if info["process_count"] > 1:
+            _log(f"elf-jax: process {info['process_index']} of {info['process_count']}, "
+                 f"{info['local_devices']} local / {info['devices']} devices")
     pipeline.set_logger(_log)
     start = time.perf_counter()
     if command in ("demo", "all"):

@@ -15,6 +15,17 @@ Teachers: an evaluation network whose front outputs C channels gets the teacher
 `config.teacher.arch` with width C (SPEC: ConvNet fronts are 4x4x128 and take a width-128
 ConvNet teacher; ResNet18/VGG11 fronts are 4x4x512 and take ConvNetW512), unless
 `config.teacher.override_arch` names one teacher for all.
+
+Parallelism: an optional `config.parallel` section (`elf_jax.parallel.ParallelConfig`:
+`parallel = "none" | "pmap" | "shard_map"`, mesh `runs` x `data`, ...) chooses how the
+evaluation's train steps run. "none" (or no section): `elf_jax.elf.evaluate.cross_evaluate`
+on one device, checkpointed inside each run. "pmap"/"shard_map":
+`elf_jax.parallel.evaluate.cross_evaluate_parallel` (memory estimate printed and checked
+first, every step data parallel, repeats side by side on the `runs` axis), each finished
+(arch, mode) kept in eval/<arch>/<mode>/parallel_result.json; results.json has the same
+format plus a `parallel` entry (mode, mesh, devices). Teachers, the synthetic set and the
+banks are made on one device either way. Several processes: `config.distributed` (the CLI
+calls `elf_jax.parallel.distributed.initialize` with it).
 """
 
 from __future__ import annotations
@@ -199,6 +210,14 @@ def stage_features(config, workdir, synset=None) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------ stage 4: evaluation
+def parallel_config(config):
+    """The optional `config.parallel` section (a section or a mode string) as a
+    `ParallelConfig`; absent: one device (`parallel="none"`)."""
+    from elf_jax.parallel.mesh import ParallelConfig
+
+    return ParallelConfig.from_config(config.get("parallel", None))
+
+
 def _protocol(config):
     from elf_jax.train.protocol import EvalProtocol
 
@@ -225,6 +244,7 @@ def stage_evaluate(config, workdir, synset=None, banks=None) -> dict:
         "teachers": {a: b.metadata.get("teacher") for a, b in (banks or {}).items()},
         "feature_epoch": int(config.teacher.feature_epoch),
     }
+    pc = parallel_config(config)
     partial: dict = {}
 
     def on_result(arch, mode, entry):
@@ -233,15 +253,23 @@ def stage_evaluate(config, workdir, synset=None, banks=None) -> dict:
         _log(f"[evaluate] {arch:<12} {mode:<16} {100 * entry['mean']:.2f} ± "
              f"{100 * entry['std']:.2f}  ({entry['seconds']:.0f} s, {entry['strategy']})")
 
-    out = cross_evaluate(
-        list(config.eval.pool), synset.images, synset.labels, test.images, test.labels,
+    common = dict(
         features=banks, modes=tuple(config.eval.modes), protocol=_protocol(config),
         repeats=int(config.eval.repeats), key=jax.random.PRNGKey(config.seed),
         workdir=Path(workdir) / "eval", num_classes=synset.num_classes,
-        learned_lr=synset.lr, strategy=config.eval.repeat_strategy,
-        checkpoint_every=int(config.eval.checkpoint_every),
-        model_overrides=lambda a: _model_overrides(config, a), on_result=on_result,
+        learned_lr=synset.lr, model_overrides=lambda a: _model_overrides(config, a),
+        on_result=on_result,
     )
+    args = (list(config.eval.pool), synset.images, synset.labels, test.images, test.labels)
+    if pc.parallel == "none":
+        out = cross_evaluate(*args, strategy=config.eval.repeat_strategy,
+                             checkpoint_every=int(config.eval.checkpoint_every), **common)
+    else:
+        from elf_jax.parallel.evaluate import cross_evaluate_parallel
+
+        meta["parallel"] = {"mode": pc.parallel}  # the partial results.json says it too
+        out = cross_evaluate_parallel(*args, config=pc, log=_log, **common)
+        meta["parallel"] = out.pop("parallel")
     full = {**meta, **out}
     full.pop("summary", None)
     _write_json(Path(workdir) / "results.json", full)

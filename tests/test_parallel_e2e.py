@@ -1,8 +1,11 @@
-"""configs/imagenet64_shard_map.py end to end on a tiny locally built 64x64 stand-in dataset
+"""configs/imagenet64_shard_map.py end to end through the one CLI and pipeline
+(`elf-jax all --config ... --workdir ...`) on a tiny locally built 64x64 stand-in dataset
 (TFDS builder, array_record, no network), parallel="shard_map" over 8 simulated devices
-(mesh runs=2 x data=4): real-random synthetic set, data-parallel teacher, feature bank in
-bfloat16 sharded over the devices, ELF evaluation of two repeats side by side.
-Runs in a subprocess (the 8-device flag must precede JAX's start)."""
+(mesh runs=2 x data=4): real-random synthetic set, teacher, feature bank, then the ELF
+evaluation data parallel with the bank in bfloat16 sharded over the devices and two repeats
+side by side; then `elf-jax evaluate` again reuses the finished runs.
+Each command runs in a subprocess (the 8-device flag must precede JAX's start; the stand-in
+dataset is registered in that process, which then runs the CLI in-process)."""
 
 import sys
 from pathlib import Path
@@ -10,32 +13,67 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve()
+ROOT = HERE.parent.parent
 sys.path.insert(0, str(HERE.parent))
 from test_parallel import run_case  # noqa: E402
 
 SHAPE, K, SIZES = (64, 64, 3), 4, {"train": 32, "test": 16}
 
+# what the real config cannot take from --config.* flags (new keys): a width-8 teacher
+STANDIN_CONFIG = f'''
+import runpy
+
+def get_config():
+    c = runpy.run_path({str(ROOT / "configs" / "imagenet64_shard_map.py")!r})["get_config"]()
+    c.teacher.override_arch = "ConvNetD4"
+    c.teacher.model_kwargs = {{"width": 8}}
+    return c
+'''
+
 
 def test_imagenet64_shard_map_config_end_to_end(tmp_path):
-    res = run_case("e2e", str(tmp_path), script=HERE)
+    res = run_case("e2e", str(tmp_path), "all", script=HERE)
     assert res["mesh"] == [2, 4] and res["devices"] == 8
     assert res["bank_shape"] == [8, 4, 4, 8]
     r = res["results"]["ConvNetD4"]["front_rear_task"]
     assert len(r["accs"]) == 2 and all(0.0 <= a <= 1.0 for a in r["accs"])
-    assert np.all(np.isfinite(r["train_loss"]))
+    assert np.all(np.isfinite(r["final_train_loss"]))
+    assert r["strategy"] == "shard_map (runs=2 x data=4)"
     assert "memory estimate per device (mesh runs=2 x data=4" in res["log"]
     assert "feature bank (bfloat16)" in res["log"]
+    assert (tmp_path / "run" / "results.md").stat().st_size > 0
+    # `elf-jax evaluate` again: the finished run is reused, the results are the same
+    again = run_case("e2e", str(tmp_path), "evaluate", script=HERE)
+    assert "reusing the finished run" in again["log"]
+    assert again["results"] == res["results"]
 
 
-def _e2e(data_dir):
-    import json  # noqa: F401
-    import runpy
+def _cli(*args) -> str:
+    """`elf-jax <args>` in this process; returns what it printed."""
+    import contextlib
+    import io
+
+    from elf_jax import cli
+
+    buf = io.StringIO()
+    sys.argv = ["elf-jax", *args]
+    with contextlib.redirect_stdout(buf):
+        try:
+            cli.run()
+        except SystemExit as e:
+            if e.code not in (None, 0):
+                raise AssertionError(f"elf-jax {args[0]} exited with {e.code}:\n{buf.getvalue()}")
+    return buf.getvalue()
+
+
+def _e2e(tmp, command):
+    import json
 
     import jax
     import tensorflow_datasets as tfds
 
     from elf_jax.data import registry
-    from elf_jax.parallel.pipeline import run_elf
+    from elf_jax.elf.bank import load_bank
 
     class ElfTestImnet64(tfds.core.GeneratorBasedBuilder):
         VERSION = tfds.core.Version("1.0.0")
@@ -60,33 +98,29 @@ def _e2e(data_dir):
                                 prepare_hint="(test dataset)")
     registry.REGISTRY = {**registry.REGISTRY, info.name: info}
 
-    cfg = runpy.run_path(str(HERE.parent.parent / "configs" / "imagenet64_shard_map.py"))["get_config"]()
-    cfg.dataset = "elf_test_imnet64"
-    cfg.data_dir = data_dir
-    cfg.dtype = "float32"
-    cfg.parallel.runs = 2
-    cfg.synset.source = "real_random"
-    cfg.synset.ipc = 2
-    cfg.teacher.width = 8
-    cfg.teacher.epochs = 2
-    cfg.teacher.feature_epoch = 1
-    cfg.teacher.batch_size = 16
-    cfg.bank.batch_size = 8
-    cfg.eval.pool = ("ConvNetD4",)
-    cfg.eval.width = 8
-    cfg.eval.modes = ("front_rear_task",)
-    cfg.eval.repeats = 2
-    cfg.eval.epochs = 1
-    cfg.eval.batch_size = 8
-    logs = []
-    out = run_elf(cfg, log=logs.append)
-    res = {a: {m: {"accs": np.asarray(v["accs"]).tolist(), "train_loss": np.asarray(v["train_loss"]).tolist()}
-               for m, v in d.items()} for a, d in out["results"].items()}
-    return {"results": res, "mesh": list(out["mesh"]), "bank_shape": list(out["bank_shape"]),
-            "devices": jax.device_count(), "log": "\n".join(logs)}
-
+    tmp = Path(tmp)
+    config = tmp / "standin_config.py"
+    config.write_text(STANDIN_CONFIG)
+    wd = str(tmp / "run")
+    flags = [
+        "--config", str(config), "--workdir", wd,
+        "--config.dataset=elf_test_imnet64", f"--config.data_dir={tmp / 'data'}",
+        "--config.dtype=float32",
+        "--config.parallel.runs=2",
+        "--config.synset.source=real_random", "--config.synset.ipc=2",
+        "--config.teacher.epochs=2", "--config.teacher.feature_epoch=1",
+        "--config.teacher.batch_size=16", "--config.bank.batch_size=8",
+        "--config.eval.pool=('ConvNetD4',)", "--config.eval.width=8",
+        "--config.eval.modes=('front_rear_task',)", "--config.eval.repeats=2",
+        "--config.eval.epochs=1", "--config.eval.batch_size=8",
+    ]
+    log = _cli(command, *flags)
+    results = json.loads((tmp / "run" / "results.json").read_text())
+    bank = load_bank(tmp / "run" / "banks" / "ConvNetD4")
+    return {"results": results["results"], "mesh": results["parallel"]["mesh"],
+            "devices": jax.device_count(), "bank_shape": list(bank.features.shape), "log": log}
 
 if __name__ == "__main__":
     import json
 
-    print("RESULT " + json.dumps(_e2e(sys.argv[2])), flush=True)
+    print("RESULT " + json.dumps(_e2e(sys.argv[2], sys.argv[3])), flush=True)

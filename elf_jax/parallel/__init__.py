@@ -5,6 +5,8 @@
 * :mod:`~elf_jax.parallel.runs`: independent repeats on the ``runs`` axis, architectures on
   sub-meshes.
 * :mod:`~elf_jax.parallel.loop`: epochs of data-parallel evaluation training.
+* :mod:`~elf_jax.parallel.evaluate`: the cross-architecture evaluation with data-parallel steps
+  (the pipeline's evaluation stage when ``config.parallel`` is ``pmap``/``shard_map``).
 * :mod:`~elf_jax.parallel.distributed`: ``jax.distributed`` from config or environment.
 * :mod:`~elf_jax.parallel.memory`: memory estimate for large synthetic sets and banks.
 """
