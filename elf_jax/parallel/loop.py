@@ -32,31 +32,18 @@ from elf_jax.elf.losses import mode_needs_features
 from elf_jax.parallel.mesh import ParallelConfig, make_mesh
 from elf_jax.parallel.runs import RunsEngine
 from elf_jax.parallel.wrappers import DataParallel, check_divisible
+from elf_jax.train import runner
 
 __all__ = ["epoch_plan", "train_parallel", "evaluate_parallel"]
 
 METRIC_KEYS = ("loss", "task", "front", "rear", "acc")
 
 
-@functools.partial(jax.jit, static_argnames=("n", "steps"))
-def _plan(key_data, n, steps):
-    k_next, k_perm, k_aug = jax.random.split(jax.random.wrap_key_data(key_data), 3)
-    return (jax.random.key_data(k_next), jax.random.permutation(k_perm, n),
-            jax.random.key_data(jax.random.split(k_aug, steps)))
-
-
 def epoch_plan(key_data, n: int, steps: int):
-    """``(next_key, perm [n], step_keys [steps, 2])`` of one epoch, as the runner draws them."""
-    out = _plan(jnp.asarray(key_data, jnp.uint32), int(n), int(steps))
-    return tuple(np.asarray(x) for x in out)
-
-
-def _end_epoch(state, new_key, protocol):
-    opt_state = state.opt_state
-    if protocol.decay_epoch is not None and protocol.reset_momentum_at_decay:
-        reset = state.epoch == protocol.decay_epoch
-        opt_state = jax.tree.map(lambda x: jnp.where(reset, jnp.zeros_like(x), x), opt_state)
-    return state._replace(opt_state=opt_state, key=new_key, epoch=state.epoch + 1)
+    """``(next_key, perm [n], step_keys [steps, 2])`` of one epoch, as the runner draws them
+    (``elf_jax.train.runner.epoch_plan``), on the host."""
+    out = runner.epoch_plan(jnp.asarray(key_data, jnp.uint32), n=int(n), nsteps=int(steps))
+    return tuple(np.asarray(runner._raw(x)) for x in out)
 
 
 def _batches(protocol, n, n_data, drop_remainder):
@@ -85,8 +72,6 @@ def train_parallel(net, protocol, images, labels, features=None, *, repeats: int
     longer schedule); ``states``: stacked initial states (default ``runner.init_states``).
     ``info``: ``seconds``, ``steps``, ``steps_per_s`` (after the first, compiling epoch).
     """
-    from elf_jax.train.runner import init_states
-
     pc = config if isinstance(config, ParallelConfig) else ParallelConfig.from_config(config)
     key = jax.random.PRNGKey(0) if key is None else key
     need_f = mode_needs_features(protocol.mode)
@@ -96,11 +81,11 @@ def train_parallel(net, protocol, images, labels, features=None, *, repeats: int
     labels = np.asarray(labels)
     n = images.shape[0]
     if states is None:
-        states = init_states(net, protocol, key, repeats, jnp.asarray(images[:1]), hparams)
+        states = runner.init_states(net, protocol, key, repeats, jnp.asarray(images[:1]), hparams)
     states = jax.tree.map(np.asarray, states)
     repeats = int(np.shape(states.epoch)[0])
     num_epochs = protocol.num_epochs if max_epochs is None else min(int(max_epochs), protocol.num_epochs)
-    end = jax.jit(functools.partial(_end_epoch, protocol=protocol))
+    end = jax.jit(functools.partial(runner.end_epoch, protocol=protocol))
     history = {k: np.zeros((repeats, num_epochs), np.float32) for k in METRIC_KEYS}
     t0 = time.perf_counter()
     t_after_first = None
@@ -114,7 +99,7 @@ def train_parallel(net, protocol, images, labels, features=None, *, repeats: int
         eng.put_data(images, labels, features if need_f else None)
         placed = eng.put_states(states)
         keys = np.asarray(states.key)
-        vend = jax.jit(jax.vmap(functools.partial(_end_epoch, protocol=protocol)))
+        vend = jax.jit(jax.vmap(functools.partial(runner.end_epoch, protocol=protocol)))
         for e in range(num_epochs):
             plans = [epoch_plan(keys[r], n, len(sizes)) for r in range(repeats)]
             sums = {k: np.zeros(repeats) for k in METRIC_KEYS}
@@ -184,10 +169,9 @@ def train_parallel(net, protocol, images, labels, features=None, *, repeats: int
 
 def _check_finite(losses, epoch):
     if not np.all(np.isfinite(losses)):
-        from elf_jax.train.runner import EvaluationDiverged
-
-        raise EvaluationDiverged(f"the training loss became NaN/Inf at epoch {epoch}; lower the "
-                                 "learning rate or check the synthetic set / feature bank")
+        raise runner.EvaluationDiverged(
+            f"the training loss became NaN/Inf at epoch {epoch}; lower the learning rate or "
+            "check the synthetic set / feature bank")
 
 
 def evaluate_parallel(net, protocol, images, labels, test_images, test_labels, features=None, *,
@@ -195,12 +179,10 @@ def evaluate_parallel(net, protocol, images, labels, test_images, test_labels, f
                       hparams=None, log=None) -> dict:
     """Train (:func:`train_parallel`) and test; dict with ``accs``, ``mean``, ``std``,
     ``train_loss`` ``[R, E+1]``, ``seconds``, ``steps_per_s``, ``states``."""
-    from elf_jax.train.runner import test_accuracy
-
     states, hist, info = train_parallel(net, protocol, images, labels, features, repeats=repeats,
                                         key=key, config=config, mesh=mesh, hparams=hparams, log=log)
-    accs = test_accuracy(info["net"], jax.tree.map(jnp.asarray, states), test_images, test_labels,
-                         protocol.test_batch_size)
+    accs = runner.test_accuracy(info["net"], jax.tree.map(jnp.asarray, states), test_images,
+                                test_labels, protocol.test_batch_size)
     return {"accs": accs, "mean": float(np.mean(accs)), "std": float(np.std(accs)),
             "train_loss": hist["loss"], "history": hist, "seconds": info["seconds"],
             "steps_per_s": info["steps_per_s"], "parallel": info["parallel"], "states": states}

@@ -49,6 +49,8 @@ from elf_jax.train.step import EvalState, init_state, make_variables, train_step
 __all__ = [
     "ENGINES",
     "default_engine",
+    "end_epoch",
+    "epoch_plan",
     "make_host_chunk_fn",
     "REPEAT_STRATEGIES",
     "EvaluationDiverged",
@@ -111,22 +113,27 @@ def run_epoch(state: EvalState, data: Mapping[str, jax.Array], *, net, protocol:
         sums = {k: sums[k] + m[k] * last for k in METRIC_KEYS}
     metrics = {k: v / n for k, v in sums.items()}
 
-    done = state.epoch  # the epoch just finished
+    state = end_epoch(state, jax.random.key_data(k_next), protocol)
+    metrics["finite"] = _all_finite(state)
+    return state, metrics
+
+
+def end_epoch(state: EvalState, k_next, protocol: EvalProtocol) -> EvalState:
+    """The end of an epoch: the momentum restarts at zero after epoch ``E//2+1`` (the
+    reference builds a new optimizer there), the key becomes ``k_next`` (raw key data) and
+    the epoch count goes up. Shared by every epoch loop (scan, host, data parallel)."""
     opt_state = state.opt_state
     if protocol.decay_epoch is not None and protocol.reset_momentum_at_decay:
-        # the reference builds a new optimizer after epoch E//2+1: momentum restarts at zero
-        reset = done == protocol.decay_epoch
+        reset = state.epoch == protocol.decay_epoch  # the epoch just finished
         opt_state = jax.tree.map(lambda x: jnp.where(reset, jnp.zeros_like(x), x), opt_state)
-    state = state._replace(
-        opt_state=opt_state,
-        key=jax.random.key_data(k_next),
-        epoch=state.epoch + 1,
-    )
-    # 1.0 if every parameter / BN statistic is still finite after this epoch (the loss of an
-    # epoch is computed before its last update, so the state can break first)
+    return state._replace(opt_state=opt_state, key=k_next, epoch=state.epoch + 1)
+
+
+def _all_finite(state: EvalState):
+    """1.0 if every parameter / BN statistic is still finite after this epoch (the loss of an
+    epoch is computed before its last update, so the state can break first)."""
     leaves = jax.tree.leaves((state.params, state.batch_stats))
-    metrics["finite"] = jnp.all(jnp.stack([jnp.all(jnp.isfinite(l)) for l in leaves])).astype(jnp.float32)
-    return state, metrics
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(l)) for l in leaves])).astype(jnp.float32)
 
 
 def run_chunk(state, data, n_run, *, net, protocol: EvalProtocol, chunk_epochs: int):
@@ -189,7 +196,10 @@ def make_chunk_fn(net, protocol: EvalProtocol, chunk_epochs: int, strategy: str,
 
 
 @functools.partial(jax.jit, static_argnames=("n", "nsteps"))
-def _epoch_plan(key_data, *, n, nsteps):
+def epoch_plan(key_data, *, n, nsteps):
+    """``(next key, permutation [n], step keys [nsteps, 2])`` of the epoch that starts with
+    ``state.key == key_data``: the random stream of :func:`run_epoch`, for epoch loops run
+    from the host (here and ``elf_jax.parallel.loop``)."""
     key = jax.random.wrap_key_data(key_data)
     k_next, k_perm, k_aug = jax.random.split(key, 3)
     return jax.random.key_data(k_next), jax.random.permutation(k_perm, n), jax.random.split(k_aug, nsteps)
@@ -205,13 +215,8 @@ def _host_step(state, sums, data, perm, start, key, *, net, protocol, size):
 @functools.partial(jax.jit, static_argnames=("protocol", "n"), donate_argnums=(0,))
 def _end_epoch(state, sums, k_next, *, protocol, n):
     metrics = {k: v / n for k, v in sums.items()}
-    opt_state = state.opt_state
-    if protocol.decay_epoch is not None and protocol.reset_momentum_at_decay:
-        reset = state.epoch == protocol.decay_epoch
-        opt_state = jax.tree.map(lambda x: jnp.where(reset, jnp.zeros_like(x), x), opt_state)
-    state = state._replace(opt_state=opt_state, key=k_next, epoch=state.epoch + 1)
-    leaves = jax.tree.leaves((state.params, state.batch_stats))
-    metrics["finite"] = jnp.all(jnp.stack([jnp.all(jnp.isfinite(l)) for l in leaves])).astype(jnp.float32)
+    state = end_epoch(state, k_next, protocol)
+    metrics["finite"] = _all_finite(state)
     return state, metrics
 
 
@@ -223,7 +228,7 @@ def _host_epochs(state, data, n_run, *, net, protocol):
     nsteps = nfull + (1 if last else 0)
     out = []
     for _ in range(n_run):
-        k_next, perm, keys = _epoch_plan(state.key, n=n, nsteps=nsteps)
+        k_next, perm, keys = epoch_plan(state.key, n=n, nsteps=nsteps)
         sums = {k: jnp.zeros((), jnp.float32) for k in METRIC_KEYS}
         for s in range(nfull):
             state, sums = _host_step(state, sums, data, perm, s * b, keys[s], net=net,
