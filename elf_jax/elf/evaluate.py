@@ -188,6 +188,24 @@ def _resolve_net(arch, num_classes: int, protocol: EvalProtocol, model_overrides
     return type(arch).__name__, arch
 
 
+def resolve_pool(pool, modes, images, labels, test_images, test_labels, features, k: int,
+                 protocol: EvalProtocol, overrides: Callable[[str], Mapping[str, Any]]) -> list:
+    """Builds every pool network and checks every (arch, mode) input BEFORE any training.
+
+    Returns ``[(arch, name, net, features or None)]`` in pool order (host arrays in)."""
+    out = []
+    for arch in pool:
+        name, net = _resolve_net(arch, k, protocol, overrides(arch))
+        feats = None
+        if any(mode_needs_features(m) for m in modes):
+            feats = _features_for(features, name, net, images.shape[1:])
+            feats = None if feats is None else _host(feats, "feature bank")
+        for mode in modes:
+            validate_inputs(name, net, images, labels, test_images, test_labels, feats, k, mode)
+        out.append((arch, name, net, feats))
+    return out
+
+
 def evaluate_synset(
     arch: Union[str, Any],
     images,
@@ -334,17 +352,9 @@ def cross_evaluate(
         return model_overrides(arch) if callable(model_overrides) else (model_overrides or {})
 
     # validate everything first: a bad bank for the 6th architecture should not cost 5 runs
-    resolved = {}
-    for arch in pool:
-        name, net = _resolve_net(arch, k, protocol, overrides(arch))
-        feats = None
-        if any(mode_needs_features(m) for m in modes):
-            feats = _features_for(features, name, net, images_h.shape[1:])
-            feats = None if feats is None else _host(feats, "feature bank")
-        for mode in modes:
-            validate_inputs(name, net, images_h, labels_h, _host(test_images, "test images"),
-                            test_labels_h, feats, k, mode)
-        resolved[arch] = feats
+    resolved = {arch: feats for arch, _, _, feats in resolve_pool(
+        pool, modes, images_h, labels_h, _host(test_images, "test images"), test_labels_h,
+        features, k, protocol, overrides)}
 
     results: dict = {}
     for arch in pool:

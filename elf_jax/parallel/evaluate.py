@@ -31,7 +31,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import jax
 import numpy as np
 
-from elf_jax.elf.evaluate import _features_for, _host, _resolve_net, validate_inputs
+from elf_jax.elf.evaluate import _host, resolve_pool
 from elf_jax.elf.losses import mode_needs_features
 from elf_jax.parallel.mesh import ParallelConfig, data_size, make_mesh, runs_size
 
@@ -117,14 +117,9 @@ def cross_evaluate_parallel(
 
     # validate every run and check its memory BEFORE any training starts
     planned = []
-    for arch in pool:
-        name, net = _resolve_net(arch, k, protocol, overrides(arch))
-        feats = None
-        if any(mode_needs_features(m) for m in modes):
-            feats = _features_for(features, name, net, images.shape[1:])
-            feats = None if feats is None else _host(feats, "feature bank")
+    for arch, name, net, feats in resolve_pool(pool, modes, images, labels, test_images,
+                                               test_labels, features, k, protocol, overrides):
         for mode in modes:
-            validate_inputs(name, net, images, labels, test_images, test_labels, feats, k, mode)
             f = feats if mode_needs_features(mode) else None
             est = memory.estimate_for(
                 net, dataclasses.replace(protocol, mode=mode), n_images=len(images),
