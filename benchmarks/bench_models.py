@@ -3,7 +3,7 @@ classes: ms/step, float32 vs bfloat16. The floor the ELF step is compared agains
 
     python benchmarks/bench_models.py
 """
-import sys, time, jax, jax.numpy as jnp, optax, numpy as np
+import time, jax, jax.numpy as jnp, optax, numpy as np
 from elf_jax.models import get_model
 print(jax.devices(), jax.__version__, flush=True)
 

@@ -1,6 +1,5 @@
 """Tiny TFDS datasets built locally (no network, no TensorFlow) for the data tests."""
 
-import dataclasses
 
 import numpy as np
 import tensorflow_datasets as tfds

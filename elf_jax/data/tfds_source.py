@@ -18,7 +18,6 @@ import contextlib
 import functools
 import io
 import os
-import zipfile
 from pathlib import Path
 from typing import Optional, Sequence
 

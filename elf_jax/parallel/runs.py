@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, PartitionSpec as P
 
 from elf_jax.parallel.mesh import DATA, RUNS, ParallelConfig, data_size, runs_size
 from elf_jax.parallel.wrappers import (_dsa_on, check_divisible, fold_key, global_augment,

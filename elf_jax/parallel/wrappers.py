@@ -36,7 +36,7 @@ import numpy as np
 from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from elf_jax.parallel.mesh import DATA, RUNS, ParallelConfig, data_size, make_mesh, runs_size
+from elf_jax.parallel.mesh import DATA, ParallelConfig, data_size, make_mesh, runs_size
 
 __all__ = [
     "check_divisible", "fold_key", "global_augment", "with_bn_axis", "pmap_step",

@@ -34,7 +34,6 @@ from typing import Any, Mapping, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from elf_jax.elf.losses import elf_objective, mode_needs_features
 from elf_jax.train.protocol import EvalProtocol
