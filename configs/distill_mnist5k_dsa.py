@@ -8,7 +8,9 @@ Command:
     elf-jax distill --config configs/distill_mnist5k_dsa.py --workdir runs/dsa_mnist5k
 The whole ELF pipeline on this set: ``elf-jax demo --config configs/distill_mnist5k_dsa.py ...``.
 
-Expected: ~10-20 minutes on a shared 2-core CPU (~75 s per iteration here); measured 92.70 +- 0.22 % vs 91.17 +- 0.29 % for a random real subset (300-epoch width-32 ConvNet evaluation, BENCHMARKS.md, Distillation).
+Expected: ~45 s of distillation on a 2-core CPU, measured 2026-11-26 (~15 s compile, then
+2.9 s per iteration; was 43-75 s with rolled loops, BENCHMARKS.md, Distillation), plus
+the two evaluations; measured 92.70 +- 0.22 % vs 91.17 +- 0.29 % for a random real subset (300-epoch width-32 ConvNet evaluation, BENCHMARKS.md, Distillation).
 """
 
 from elf_jax.config import demo_config

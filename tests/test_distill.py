@@ -200,6 +200,42 @@ def test_tesla_gradient_is_exact_for_one_step_and_remat_matches(tiny, experts, m
     assert cos > 0.5, cos
 
 
+def test_cpu_unrolled_loops_match_rolled_scans(tiny, net, experts, monkeypatch):
+    """The CPU fast paths (fully unrolled scans, the host-driven DC/DSA loop) give the
+    rolled ``lax.scan`` results up to float reassociation."""
+    train, _ = tiny
+    images, labels = C.init_synthetic(jax.random.key(0), train, 2)
+    assert C.loop_unroll(3, max_length=4) is (True if C.cpu_loops() else 1)
+    assert C.loop_unroll(5, max_length=4) == 1
+    # DSA: host loop (unrolled classes/minibatches; last partial batch) vs one jitted scan
+    pool = C.make_pool(train)
+    out = []
+    for host in (True, False):
+        step = make_gm_step(net, num_classes=2, ipc=2, outer_loop=3, inner_loop=2,
+                            lr_img=0.1, batch_real=16, batch_train=3, dsa_strategy=AUG,
+                            host_loop=host)
+        state = _state(images, step.optimizer)
+        for i in range(2):
+            state, m = step(state, jax.random.key(5 + i), pool)
+        out.append((np.asarray(state.syn["images"]), float(m["loss"])))
+    np.testing.assert_allclose(out[0][0], out[1][0], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(out[0][1], out[1][1], rtol=1e-4)
+    # MTT (unrolled gradient) and TESLA: unrolled student steps vs rolled scans
+    traj, unravel = experts
+    start, target = jnp.asarray(traj[0, 0]), jnp.asarray(traj[0, 2])
+    for gradient in ("unrolled", "tesla"):
+        res = []
+        for bound in (C.CPU_UNROLL_MAX, 0):  # 0: never unroll
+            monkeypatch.setattr(C, "CPU_UNROLL_MAX", bound)
+            step = make_mtt_step(net, unravel, num_classes=2, hard_labels=labels, syn_steps=3,
+                                 lr_img=100.0, lr_lr=1e-5, dsa_strategy=AUG, gradient=gradient)
+            state = _state(images, step.optimizer, {"lr": np.float32(0.01)})
+            new, m = step(state, jax.random.key(7), start, target)
+            res.append((np.asarray(new.syn["images"]), float(new.syn["lr"]), float(m["loss"])))
+        np.testing.assert_allclose(res[0][0], res[1][0], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(res[0][1:], res[1][1:], rtol=1e-4)
+
+
 def test_tesla_soft_labels_driver(tiny, net):
     train, _ = tiny
     trajs = _fake_trajectories(net, train.images, epochs=3)

@@ -1,7 +1,8 @@
 """DC and DSA: gradient matching (Zhao et al. 2021; Zhao & Bilen 2021), as the reference
 ``distill_DSA.py`` / DC ``main.py``.
 
-One iteration (one jitted step): a freshly initialized network; ``outer_loop`` rounds of
+One iteration (one jitted step; on XLA:CPU a Python loop of jitted pieces, see
+:func:`make_gm_step`'s ``host_loop``): a freshly initialized network; ``outer_loop`` rounds of
 
 1. (BatchNorm nets) running statistics from 16 real images per class, then frozen;
 2. for every class c: the CE gradient of the network's parameters on ``batch_real`` real
@@ -97,13 +98,22 @@ def _variables(params, bstats):
 def make_gm_step(net, *, num_classes: int, ipc: int, outer_loop: int, inner_loop: int,
                  lr_img: float = 0.1, momentum: float = 0.5, lr_net: float = 0.01,
                  batch_real: int = 256, batch_train: int = 256, dis_metric: str = "ours",
-                 dsa_strategy: Optional[str] = C.FULL_STRATEGY, class_loop: str = "map"):
-    """The jitted DC/DSA step ``(state, key, pool: RealPool) -> (state, metrics)``; real
+                 dsa_strategy: Optional[str] = C.FULL_STRATEGY, class_loop: str = "map",
+                 host_loop: Optional[bool] = None):
+    """The DC/DSA step ``(state, key, pool: RealPool) -> (state, metrics)``; real
     batches are drawn from ``pool`` inside (``outer_loop * K * batch_real`` images per
     iteration would not fit as an argument). ``dsa_strategy=None``: DC. ``class_loop``:
     ``"map"`` (classes one after another under ``lax.map``) or ``"vmap"`` (vectorised: the
     per-class weight gradients become batched/grouped convolutions, measured slower on the
-    CPU, see BENCHMARKS.md)."""
+    CPU, see BENCHMARKS.md).
+
+    ``host_loop`` (default: on XLA:CPU): the outer rounds and inner epochs are a Python
+    loop dispatching jitted pieces (one round's matching + image update, one training
+    epoch; no host synchronisation) instead of one jitted step with ``lax.scan``: on the
+    CPU convolutions in a rolled loop take a slow path, and unrolling the whole step would
+    compile for minutes. The class loop and an epoch's minibatches are unrolled there
+    (:func:`elf_jax.distill.common.scan`). Same results as the jitted step up to float
+    reassociation. ``False``: one jitted step (GPU/TPU)."""
     if class_loop not in ("map", "vmap"):
         raise ValueError(f"class_loop must be 'map' or 'vmap', got {class_loop!r}")
     if dis_metric not in DIS_METRICS:
@@ -111,8 +121,12 @@ def make_gm_step(net, *, num_classes: int, ipc: int, outer_loop: int, inner_loop
     if outer_loop < 1 or inner_loop < 0:
         raise ValueError(f"outer_loop must be >= 1 and inner_loop >= 0, got "
                          f"({outer_loop}, {inner_loop})")
+    if host_loop is None:
+        host_loop = C.cpu_loops()
     optimizer = C.make_optimizer({"images": lr_img}, momentum)
     k, dsa = num_classes, dsa_strategy if dsa_strategy not in ("", "none", "None") else None
+    labels = jnp.repeat(jnp.arange(k, dtype=jnp.int32), ipc)
+    train_between = inner_loop > 0 and outer_loop > 1
 
     def match_loss(images, params, bstats, real, key):
         syn = images.reshape((k, ipc) + images.shape[1:])
@@ -129,81 +143,113 @@ def make_gm_step(net, *, num_classes: int, ipc: int, outer_loop: int, inner_loop
 
         if class_loop == "vmap":
             return jnp.sum(jax.vmap(per_class)(real_a, syn_a, jnp.arange(k)))
-        return jnp.sum(jax.lax.map(lambda a: per_class(*a), (real_a, syn_a, jnp.arange(k))))
+        return jnp.sum(C.map_(lambda a: per_class(*a), (real_a, syn_a, jnp.arange(k))))
 
-    def train_net(params, bstats, images, labels, key):
-        """``inner_loop`` epochs of SGD(lr_net) on the synthetic set (BN in train mode)."""
+    def sgd_step(pb, images, idx, kk):
+        p, bs = pb
+        x = images[idx]
+        if dsa is not None:
+            from elf_jax.augment import dsa as dsa_fn
+            x = dsa_fn(kk, x, dsa, "S")
+
+        def loss_fn(p_):
+            if bs:
+                out, upd = net.apply(_variables(p_, bs), x, train=True, mutable=["batch_stats"])
+                return _ce(out, labels[idx]), upd["batch_stats"]
+            return _ce(net.apply({"params": p_}, x, train=True), labels[idx]), bs
+
+        g, new_bs = jax.grad(loss_fn, has_aux=True)(p)
+        return (jax.tree.map(lambda a, d: a - lr_net * d, p, g), new_bs)
+
+    def epoch(pb, images, kk):
+        """One epoch of SGD(lr_net) on the (detached) synthetic set (BN in train mode)."""
         n = images.shape[0]
         b = min(batch_train, n)
         nfull, last = n // b, n % b
+        k_perm, k_aug = jax.random.split(kk)
+        perm = jax.random.permutation(k_perm, n)
+        keys = jax.random.split(k_aug, nfull + 1)
+        pb, _ = C.scan(lambda c, xs: (sgd_step(c, images, xs[0], xs[1]), None), pb,
+                       (perm[:nfull * b].reshape(nfull, b), keys[:nfull]))
+        if last:
+            pb = sgd_step(pb, images, perm[nfull * b:], keys[nfull])
+        return pb
 
-        def sgd_step(pb, idx, kk):
-            p, bs = pb
-            x = images[idx]
-            if dsa is not None:
-                from elf_jax.augment import dsa as dsa_fn
-                x = dsa_fn(kk, x, dsa, "S")
-
-            def loss_fn(p_):
-                if bs:
-                    out, upd = net.apply(_variables(p_, bs), x, train=True,
-                                         mutable=["batch_stats"])
-                    return _ce(out, labels[idx]), upd["batch_stats"]
-                return _ce(net.apply({"params": p_}, x, train=True), labels[idx]), bs
-
-            g, new_bs = jax.grad(loss_fn, has_aux=True)(p)
-            return (jax.tree.map(lambda a, d: a - lr_net * d, p, g), new_bs)
-
-        def epoch(pb, kk):
-            k_perm, k_aug = jax.random.split(kk)
-            perm = jax.random.permutation(k_perm, n)
-            keys = jax.random.split(k_aug, nfull + 1)
-            pb, _ = jax.lax.scan(lambda c, xs: (sgd_step(c, xs[0], xs[1]), None), pb,
-                                 (perm[:nfull * b].reshape(nfull, b), keys[:nfull]))
-            if last:
-                pb = sgd_step(pb, perm[nfull * b:], keys[nfull])
-            return pb, None
-
-        (params, bstats), _ = jax.lax.scan(epoch, (params, bstats),
-                                           jax.random.split(key, inner_loop))
+    def train_net(params, bstats, images, key):
+        """``inner_loop`` epochs on the synthetic set."""
+        (params, bstats), _ = jax.lax.scan(lambda pb, kk: (epoch(pb, images, kk), None),
+                                           (params, bstats), jax.random.split(key, inner_loop))
         return params, bstats
 
-    @jax.jit
-    def step(state: C.DistillState, key, pool: C.RealPool):
+    def init_net(key, pool):
         k_net, k_rounds = jax.random.split(key)
-        sample_shape = pool.images[:1]
-        variables = net.init(k_net, sample_shape, train=False)
-        params, bstats0 = variables["params"], variables.get("batch_stats", {})
-        labels = jnp.repeat(jnp.arange(k, dtype=jnp.int32), ipc)
+        variables = net.init(k_net, pool.images[:1], train=False)
+        return (variables["params"], variables.get("batch_stats", {}),
+                jax.random.split(k_rounds, outer_loop))
 
-        def round_(carry, xs):
-            params, bstats, syn, opt_state = carry
-            ol, kk = xs
-            k_bn, k_real, k_aug, k_train = jax.random.split(kk, 4)
-            if bstats:  # running statistics from 16 real images per class, then frozen
-                xbn = C.sample_all_classes(pool, k_bn, BN_SIZE_PER_CLASS)
-                xbn = xbn.reshape((-1,) + xbn.shape[2:])
-                _, upd = net.apply(_variables(params, bstats), xbn, train=True,
-                                   mutable=["batch_stats"])
-                bstats = upd["batch_stats"]
-            real = C.sample_all_classes(pool, k_real, batch_real)
-            loss, g = jax.value_and_grad(match_loss)(syn["images"], params, bstats, real,
-                                                     k_aug)
-            updates, opt_state = optimizer.update({"images": g}, opt_state, syn)
-            syn = optax.apply_updates(syn, updates)
-            if inner_loop > 0 and outer_loop > 1:
-                params, bstats = jax.lax.cond(
-                    ol < outer_loop - 1,
-                    lambda pb: train_net(pb[0], pb[1], jax.lax.stop_gradient(syn["images"]),
-                                         labels, k_train),
-                    lambda pb: pb, (params, bstats))
-            return (params, bstats, syn, opt_state), loss
+    def match_round(params, bstats, syn, opt_state, pool, kk):
+        """Steps 1-3 of a round; returns the statistics, set, optimizer state, the loss
+        and the key of the round's training."""
+        k_bn, k_real, k_aug, k_train = jax.random.split(kk, 4)
+        if bstats:  # running statistics from 16 real images per class, then frozen
+            xbn = C.sample_all_classes(pool, k_bn, BN_SIZE_PER_CLASS)
+            xbn = xbn.reshape((-1,) + xbn.shape[2:])
+            _, upd = net.apply(_variables(params, bstats), xbn, train=True,
+                               mutable=["batch_stats"])
+            bstats = upd["batch_stats"]
+        real = C.sample_all_classes(pool, k_real, batch_real)
+        loss, g = jax.value_and_grad(match_loss)(syn["images"], params, bstats, real, k_aug)
+        updates, opt_state = optimizer.update({"images": g}, opt_state, syn)
+        syn = optax.apply_updates(syn, updates)
+        return bstats, syn, opt_state, loss, k_train
 
-        (_, _, syn, opt_state), losses = jax.lax.scan(
-            round_, (params, bstats0, state.syn, state.opt_state),
-            (jnp.arange(outer_loop), jax.random.split(k_rounds, outer_loop)))
+    def finish(state, syn, opt_state, losses):
         state = state._replace(syn=syn, opt_state=opt_state, iteration=state.iteration + 1)
         return state, {"loss": jnp.mean(losses) / k, "finite": C.all_finite(syn)}
+
+    if host_loop:
+        j_init = jax.jit(init_net)
+        j_round = jax.jit(match_round)
+        j_epoch = jax.jit(epoch)
+        j_finish = jax.jit(finish)
+        j_epoch_keys = jax.jit(lambda kk: jax.random.split(kk, inner_loop))
+
+        def step(state: C.DistillState, key, pool: C.RealPool):
+            params, bstats, round_keys = j_init(key, pool)
+            syn, opt_state, losses = state.syn, state.opt_state, []
+            for ol in range(outer_loop):
+                bstats, syn, opt_state, loss, k_train = j_round(params, bstats, syn,
+                                                                opt_state, pool, round_keys[ol])
+                losses.append(loss)
+                if train_between and ol < outer_loop - 1:
+                    images = jax.lax.stop_gradient(syn["images"])
+                    pb, epoch_keys = (params, bstats), j_epoch_keys(k_train)
+                    for e in range(inner_loop):
+                        pb = j_epoch(pb, images, epoch_keys[e])
+                    params, bstats = pb
+            return j_finish(state, syn, opt_state, jnp.stack(losses))
+    else:
+        @jax.jit
+        def step(state: C.DistillState, key, pool: C.RealPool):
+            params, bstats0, round_keys = init_net(key, pool)
+
+            def round_(carry, xs):
+                params, bstats, syn, opt_state = carry
+                ol, kk = xs
+                bstats, syn, opt_state, loss, k_train = match_round(params, bstats, syn,
+                                                                    opt_state, pool, kk)
+                if train_between:
+                    params, bstats = jax.lax.cond(
+                        ol < outer_loop - 1,
+                        lambda pb: train_net(pb[0], pb[1],
+                                             jax.lax.stop_gradient(syn["images"]), k_train),
+                        lambda pb: pb, (params, bstats))
+                return (params, bstats, syn, opt_state), loss
+
+            (_, _, syn, opt_state), losses = jax.lax.scan(
+                round_, (params, bstats0, state.syn, state.opt_state),
+                (jnp.arange(outer_loop), round_keys))
+            return finish(state, syn, opt_state, losses)
 
     step.optimizer = optimizer
     return step

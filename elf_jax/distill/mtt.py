@@ -29,6 +29,10 @@ Gradients (``gradient=``):
   product. Memory is constant in ``syn_steps`` (no per-step parameters either); the cost is
   one extra gradient per step.
 
+On XLA:CPU the student-step scans are fully unrolled up to ``C.CPU_UNROLL_MAX`` steps
+(:func:`elf_jax.distill.common.scan`: convolutions in a rolled loop take a slow CPU path);
+the results are the rolled scan's up to float reassociation.
+
 Soft labels (TESLA, ``soft_labels=True``): the label logits are the expert's logits (epoch
 ``soft_label_epoch`` of expert 0, default its last) on the initial images; the student loss
 is the cross-entropy with ``softmax(logits)``; ``learn_labels=True`` also learns the logits
@@ -216,7 +220,7 @@ def _make_step(net, unravel, *, num_classes, syn_steps, lrs, momentum, batch_syn
 
         if gradient == "remat":
             body = jax.checkpoint(body)
-        theta_n, _ = jax.lax.scan(body, start, (idx, keys))
+        theta_n, _ = C.scan(body, start, (idx, keys))
         return _param_loss(theta_n, start, target)
 
     def tesla_value_and_grad(syn, start, target, key):
@@ -228,7 +232,7 @@ def _make_step(net, unravel, *, num_classes, syn_steps, lrs, momentum, batch_syn
         def fwd(theta, xs):
             return theta - lr * st.grad(theta, images, targets, xs[0], xs[1]), None
 
-        theta_n, _ = jax.lax.scan(fwd, start, (idx, keys))
+        theta_n, _ = C.scan(fwd, start, (idx, keys))
         den = jnp.sum((start - target) ** 2)
         loss = jnp.sum((theta_n - target) ** 2) / den
         a = 2.0 * (theta_n - target) / den  # dL/dtheta_N
@@ -247,7 +251,7 @@ def _make_step(net, unravel, *, num_classes, syn_steps, lrs, momentum, batch_syn
             return (theta - lr * g, g_sum + g, g_img + d_img, g_lab), None
 
         g_lab0 = jnp.zeros_like(syn["labels"]) if learn_labels else jnp.zeros(())
-        (_, g_sum, g_img, g_lab), _ = jax.lax.scan(
+        (_, g_sum, g_img, g_lab), _ = C.scan(
             bwd, (start, jnp.zeros_like(start), jnp.zeros_like(images), g_lab0), (idx, keys))
         grads = {"images": g_img, "lr": -jnp.vdot(a, g_sum)}
         if learn_labels:
