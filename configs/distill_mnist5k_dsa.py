@@ -13,24 +13,8 @@ Expected: ~45 s of distillation on a 2-core CPU, measured 2026-11-26 (~15 s comp
 the two evaluations; measured 92.70 +- 0.22 % vs 91.17 +- 0.29 % for a random real subset (300-epoch width-32 ConvNet evaluation, BENCHMARKS.md, Distillation).
 """
 
-from elf_jax.config import demo_config
+from elf_jax.config import mnist5k_distill_config
 
 
 def get_config():
-    c = demo_config()  # later stages: the demo's teacher, pool and evaluation
-    c.dataset = "mnist5k"
-    c.synset.source = "distill"
-    c.synset.method = "dsa"
-    c.synset.arch = "ConvNet"
-    c.synset.ipc = 10
-    c.synset.model_kwargs = {"width": 32}
-    c.synset.init = "real"
-    c.synset.checkpoint_every = 10
-    c.synset.iterations = 10
-    c.synset.outer_loop = 5
-    c.synset.inner_loop = 5
-    c.synset.batch_real = 64
-    c.synset.lr_img = 0.1
-    c.synset.eval_every = 5
-    c.synset.eval_epochs = 100
-    return c
+    return mnist5k_distill_config("dsa")

@@ -14,30 +14,8 @@ rolled student loops, BENCHMARKS.md, Distillation); plus two short evaluations; 
 constant in syn_steps (BENCHMARKS.md).
 """
 
-from elf_jax.config import demo_config
+from elf_jax.config import mnist5k_distill_config
 
 
 def get_config():
-    c = demo_config()  # later stages: the demo's teacher, pool and evaluation
-    c.dataset = "mnist5k"
-    c.synset.source = "distill"
-    c.synset.method = "tesla"
-    c.synset.arch = "ConvNet"
-    c.synset.ipc = 10
-    c.synset.model_kwargs = {"width": 32}
-    c.synset.init = "real"
-    c.synset.checkpoint_every = 10
-    c.synset.iterations = 100
-    c.synset.syn_steps = 10
-    c.synset.expert_epochs = 2
-    c.synset.max_start_epoch = 6
-    c.synset.lr_img = 100.0
-    c.synset.lr_lr = 1e-5
-    c.synset.lr_teacher = 1e-2
-    c.synset.num_experts = 2
-    c.synset.expert_train_epochs = 8
-    c.synset.experts = ""
-    c.synset.soft_labels = False  # True: soft labels from the expert
-    c.synset.eval_every = 50
-    c.synset.eval_epochs = 100
-    return c
+    return mnist5k_distill_config("tesla")

@@ -100,3 +100,36 @@ def demo_config() -> ml_collections.ConfigDict:
     c.eval.repeats = 2
     c.eval.checkpoint_every = 50
     return c
+
+
+# CPU-sized distillation on mnist5k per method (configs/distill_mnist5k_*.py): fewer
+# iterations and shorter loops than the reference, the same as experiments/distill_vs_random.py.
+_MNIST5K_DISTILL = {
+    "dm": dict(iterations=200, lr_img=1.0, batch_real=64, eval_every=100),
+    "dc": dict(iterations=10, outer_loop=5, inner_loop=5, batch_real=64, lr_img=0.1,
+               dsa_strategy="none", eval_every=5),  # DC: no augmentation while distilling
+    "dsa": dict(iterations=10, outer_loop=5, inner_loop=5, batch_real=64, lr_img=0.1,
+                eval_every=5),
+    "mtt": dict(iterations=100, syn_steps=10, expert_epochs=2, max_start_epoch=6, lr_img=100.0,
+                lr_lr=1e-5, lr_teacher=1e-2, num_experts=2, expert_train_epochs=8, experts="",
+                eval_every=50),
+}
+_MNIST5K_DISTILL["tesla"] = dict(_MNIST5K_DISTILL["mtt"], soft_labels=False)
+
+
+def mnist5k_distill_config(method: str) -> ml_collections.ConfigDict:
+    """Distill `method` on mnist5k (ConvNet width 32, IPC 10, real init) in minutes on the CPU;
+    the later stages are the demo's (teacher, pool, evaluation)."""
+    if method not in _MNIST5K_DISTILL:
+        raise ValueError(f"no mnist5k setting for {method!r}; choose from {sorted(_MNIST5K_DISTILL)}")
+    c = demo_config()
+    s = c.synset
+    s.method = method
+    s.arch = "ConvNet"
+    s.ipc = 10
+    s.init = "real"
+    s.checkpoint_every = 10
+    s.eval_epochs = 100
+    for key, value in _MNIST5K_DISTILL[method].items():
+        s[key] = value
+    return c
