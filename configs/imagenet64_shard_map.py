@@ -20,18 +20,11 @@ Several hosts: start one process per host with the same coordinator, e.g.
 
 import ml_collections
 
-from elf_jax.config import base_config
+from elf_jax.config import imagenet64_config
 
 
 def get_config():
-    c = base_config()
-    c.dataset = "imagenet_resized/64x64"
-    c.teacher.arch = "ConvNetD4W512"
-    c.teacher.epochs = 50
-    c.teacher.feature_epoch = 25
-    c.synset.arch = "ConvNetD4"
-    c.eval.pool = ("ConvNetD4", "ResNet18ImageNet", "VGG11ImageNet")
-    c.dtype = "bfloat16"
+    c = imagenet64_config()
 
     c.parallel = ml_collections.ConfigDict()
     c.parallel.parallel = "shard_map"  # none | pmap | shard_map

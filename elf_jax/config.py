@@ -133,3 +133,16 @@ def mnist5k_distill_config(method: str) -> ml_collections.ConfigDict:
     for key, value in _MNIST5K_DISTILL[method].items():
         s[key] = value
     return c
+
+
+def imagenet64_config() -> ml_collections.ConfigDict:
+    """ImageNet-1k at 64x64 with the 64x64 splits (configs/imagenet64*.py)."""
+    c = base_config()
+    c.dataset = "imagenet_resized/64x64"
+    c.teacher.arch = "ConvNetD4W512"
+    c.teacher.epochs = 50
+    c.teacher.feature_epoch = 25
+    c.synset.arch = "ConvNetD4"
+    c.eval.pool = ("ConvNetD4", "ResNet18ImageNet", "VGG11ImageNet")
+    c.dtype = "bfloat16"
+    return c
