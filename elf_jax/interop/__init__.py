@@ -4,6 +4,7 @@ Everything lives in :mod:`elf_jax.interop.torch`; torch itself is imported only 
 function needs it (``pip install 'elf_jax[torch]'``).
 """
 
+from elf_jax.interop import torch as _torch
 from elf_jax.interop.torch import (  # noqa: F401
     export_reference_synset,
     export_replay_buffer,
@@ -17,15 +18,4 @@ from elf_jax.interop.torch import (  # noqa: F401
     variables_to_flat_params,
 )
 
-__all__ = [
-    "from_torch_state_dict",
-    "to_torch_state_dict",
-    "reference_state_dict_keys",
-    "flat_param_shapes",
-    "flat_params_to_variables",
-    "variables_to_flat_params",
-    "load_replay_buffer",
-    "export_replay_buffer",
-    "load_reference_synset",
-    "export_reference_synset",
-]
+__all__ = [n for n in _torch.__all__ if n != "require_torch"]
