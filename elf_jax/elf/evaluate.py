@@ -188,6 +188,17 @@ def _resolve_net(arch, num_classes: int, protocol: EvalProtocol, model_overrides
     return type(arch).__name__, arch
 
 
+def training_lr(protocol: EvalProtocol, learned_lr) -> float:
+    """The base lr of a run: the protocol's, or the set's learned lr when
+    ``protocol.use_learned_lr`` (which must then be a positive finite number)."""
+    if not (protocol.use_learned_lr and learned_lr is not None):
+        return protocol.lr
+    lr = float(np.asarray(learned_lr))
+    if not np.isfinite(lr) or lr <= 0:
+        raise ValueError(f"the synthetic set's learned lr is {lr}; expected a positive number")
+    return lr
+
+
 def resolve_pool(pool, modes, images, labels, test_images, test_labels, features, k: int,
                  protocol: EvalProtocol, overrides: Callable[[str], Mapping[str, Any]]) -> list:
     """Builds every pool network and checks every (arch, mode) input BEFORE any training.
@@ -270,11 +281,7 @@ def evaluate_synset(
     else:
         labels = labels.astype(np.float32)
 
-    lr = protocol.lr
-    if protocol.use_learned_lr and learned_lr is not None:
-        lr = float(np.asarray(learned_lr))
-        if not np.isfinite(lr) or lr <= 0:
-            raise ValueError(f"the synthetic set's learned lr is {lr}; expected a positive number")
+    lr = training_lr(protocol, learned_lr)
     hp = dict(hparams or {})
     hp.setdefault("lr", lr)
     out = run_evaluation(

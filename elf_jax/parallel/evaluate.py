@@ -31,7 +31,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import jax
 import numpy as np
 
-from elf_jax.elf.evaluate import _host, resolve_pool
+from elf_jax.elf.evaluate import _host, resolve_pool, training_lr
 from elf_jax.elf.losses import mode_needs_features
 from elf_jax.parallel.mesh import ParallelConfig, data_size, make_mesh, runs_size
 
@@ -109,9 +109,7 @@ def cross_evaluate_parallel(
     labels = labels.astype(np.int32 if labels.ndim == 1 else np.float32)
     k = int(num_classes) if num_classes else int(
         labels.shape[1] if labels.ndim == 2 else max(labels.max(), test_labels.max()) + 1)
-    lr = protocol.lr
-    if protocol.use_learned_lr and learned_lr is not None:
-        lr = float(np.asarray(learned_lr))
+    lr = training_lr(protocol, learned_lr)
     overrides = model_overrides or (lambda _arch: {})
     strategy = f"{pc.parallel} (runs={n_runs} x data={n_data})"
 
