@@ -85,10 +85,10 @@ def main(argv=None):
     skip = set(filter(None, args.skip.split(",")))
     engine = default_engine() if args.engine == "auto" else args.engine
 
-    def chunk_fn(net, p, strat):
+    def chunk_fn(net, p, strat, n):
         if engine == "host" and strat == "sequential":
-            return make_host_chunk_fn(net, p, args.chunk, strat), "host"
-        return make_chunk_fn(net, p, args.chunk, strat), "scan"
+            return make_host_chunk_fn(net, p, args.chunk, strat, n=n), "host"
+        return make_chunk_fn(net, p, args.chunk, strat, n=n), "scan"
 
     dev = jax.devices()[0]
     machine = {
@@ -154,7 +154,7 @@ def main(argv=None):
                 del st
             if "run" not in skip:
                 states = init_states(net, p, jax.random.PRNGKey(0), 1, x[:1])
-                fn, eng = chunk_fn(net, p, "sequential")
+                fn, eng = chunk_fn(net, p, "sequential", n)
                 t = time.perf_counter()
                 states, ms_ = fn(states, data, jnp.asarray(args.chunk, jnp.int32))
                 jax.block_until_ready(states)
@@ -196,7 +196,7 @@ def main(argv=None):
             data = {"images": x, "labels": y, "features": f}
             for strat in [s for s in args.strategies.split(",") if s]:
                 states = init_states(net, p, jax.random.PRNGKey(0), args.repeats, x[:1])
-                fn, eng = chunk_fn(net, p, strat)
+                fn, eng = chunk_fn(net, p, strat, n)
                 t = time.perf_counter()
                 states, _ = fn(states, data, jnp.asarray(args.chunk, jnp.int32))
                 jax.block_until_ready(states)

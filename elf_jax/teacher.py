@@ -5,9 +5,10 @@ with the evaluation protocol's SGD and ONE train step (``elf_jax.train.step.trai
 with loss mode ``task``): PyTorch-coupled weight decay, momentum, batch 256 reshuffled every
 epoch (last partial batch kept), DSA (mode S) on every minibatch, lr x0.1 after epoch
 ``epochs // 2 + 1`` (0-based, checked after the epoch; the momentum restarts there, as the
-reference rebuilds its optimizer).  Each epoch runs without a host round trip, either as
-one jitted program (``lax.scan`` over the minibatches; GPU/TPU) or as a Python loop over one
-jitted step (the CPU, where XLA runs convolutions inside loops much slower).
+reference rebuilds its optimizer).  The epochs run in the one training engine
+(``elf_jax.train.runner.fit``, one epoch per chunk): expert ``i`` is repeat ``i`` of the
+stage's key, the per-epoch snapshot is the engine's ``on_chunk`` hook, and ``parallel``
+places it data parallel like any other run.
 
 Defaults are the ELF teacher's (SPEC stage 1: lr 0.01, momentum 0.9, weight decay 5e-4,
 decay at half).  MTT experts (``buffer.py``) are the same function with
@@ -18,7 +19,7 @@ Trajectory format (``workdir``)
 -------------------------------
 ::
 
-    workdir/trajectory.json            manifest: format "elf_jax.trajectory/1", net_name,
+    workdir/trajectory.json            manifest: format "elf_jax.trajectory/2", stage, net_name,
                                         num_classes, model_kwargs, dtype, dataset,
                                         image_shape, num_experts, epochs, optimizer settings,
                                         seed
@@ -27,8 +28,8 @@ Trajectory format (``workdir``)
         <epoch>/metadata               {"params", "batch_stats"} ({} without BatchNorm);
                                         metadata: epoch, expert, lr, train_loss, train_acc,
                                         test_acc (when evaluated)
-    workdir/expert_000/resume/         StepCheckpoints (2 kept): the full train state
-                                        (optimizer, RNG, epoch) to resume after a kill;
+    workdir/expert_000/resume/         the engine's checkpoints (2 kept): the full train
+                                        state (optimizer, RNG, epoch) to resume after a kill;
                                         deleted when the expert is complete
     workdir/expert_001/...
 
@@ -40,7 +41,6 @@ uninterrupted run on the same machine.  ELF uses the snapshot of one epoch
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 import shutil
@@ -52,9 +52,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from elf_jax.checkpoint import StepCheckpoints
+from elf_jax.keys import stage_key
 from elf_jax.models import get_model
 from elf_jax.train.protocol import FULL_DSA_STRATEGY, EvalProtocol
-from elf_jax.train.step import EvalState, init_state, make_variables, train_step
+from elf_jax.train.runner import fit, init_states, test_accuracy
+from elf_jax.train.step import make_variables
 
 __all__ = [
     "train_teacher",
@@ -68,12 +70,13 @@ __all__ = [
     "TRAJECTORY_FORMAT",
 ]
 
-TRAJECTORY_FORMAT = "elf_jax.trajectory/1"
+# v2: initial weights and data order from the engine's streams under a stage tag
+TRAJECTORY_FORMAT = "elf_jax.trajectory/2"
 MANIFEST = "trajectory.json"
 MTT_EXPERT_DEFAULTS = dict(momentum=0.0, weight_decay=0.0, lr_decay_at_half=False)
 
 # manifest keys that must match when a workdir is resumed or extended
-_RESUME_KEYS = ("format", "net_name", "num_classes", "model_kwargs", "dtype", "dataset",
+_RESUME_KEYS = ("format", "stage", "net_name", "num_classes", "model_kwargs", "dtype", "dataset",
                 "image_shape", "num_train", "epochs", "lr", "momentum", "weight_decay",
                 "batch_size", "dsa_strategy", "lr_decay_at_half", "reset_momentum_at_decay",
                 "seed")
@@ -128,121 +131,6 @@ def _dataset_arrays(ds):
     return images, labels.astype(np.int32)
 
 
-# ----------------------------------------------------------------------------- test accuracy
-@functools.partial(jax.jit, static_argnames=("net",))
-def _count_correct(net, variables, x, y, mask):
-    logits = net.apply(variables, x, train=False)
-    return jnp.sum((jnp.argmax(logits, -1) == y) & mask)
-
-
-def test_accuracy(net, variables, images, labels, batch_size: int = 500) -> float:
-    """Top-1 accuracy of ``net`` (inference mode, no augmentation) on ``images``/``labels``
-    (hard labels ``[N]`` or soft ``[N, K]``), in fixed-size batches (one compilation)."""
-    images = np.asarray(jax.device_get(images), np.float32)
-    labels = np.asarray(jax.device_get(labels))
-    if labels.ndim == 2:
-        labels = labels.argmax(-1)
-    n = images.shape[0]
-    if n == 0:
-        raise ValueError("test_accuracy: no images")
-    if labels.shape[0] != n:
-        raise ValueError(f"test_accuracy: {n} images but {labels.shape[0]} labels")
-    variables = {k: v for k, v in dict(variables).items() if k in ("params", "batch_stats")}
-    bs = int(min(batch_size, n))
-    correct = 0
-    for s in range(0, n, bs):
-        x, y = images[s:s + bs], labels[s:s + bs].astype(np.int32)
-        real = x.shape[0]
-        mask = np.arange(bs) < real
-        if real < bs:
-            x = np.concatenate([x, np.zeros((bs - real,) + x.shape[1:], x.dtype)])
-            y = np.concatenate([y, np.zeros(bs - real, np.int32)])
-        correct += int(_count_correct(net, variables, jnp.asarray(x), jnp.asarray(y),
-                                      jnp.asarray(mask)))
-    return correct / n
-
-
-test_accuracy.__test__ = False  # not a pytest test when imported into a test module
-
-
-# ----------------------------------------------------------------------------- one epoch
-# Two ways to run an epoch, with identical results: ``scan`` (one program, the minibatches
-# under ``lax.scan``; best on GPU/TPU) and ``python`` (a Python loop over one jitted step,
-# no host sync inside the epoch). On XLA:CPU a convolution inside a while loop (``scan``)
-# ran ~10-18x slower than the same step outside one (ConvNet width 16, batch 256 on this
-# project's 2-core CPU: 1.4 s vs 0.13 s per step; partial unrolling did not help), so
-# ``loop="auto"`` picks ``python`` on the CPU.
-
-def _epoch_keys(state: EvalState, n: int):
-    ekey = jax.random.fold_in(state.key, state.epoch)
-    pkey, akey = jax.random.split(ekey)
-    return jax.random.permutation(pkey, n), akey
-
-
-def _step_at(state, images, labels, idx, akey, i, net, protocol):
-    batch = {"images": images[idx], "labels": labels[idx]}
-    st, m = train_step(state, batch, jax.random.fold_in(akey, i), net=net, protocol=protocol)
-    return st, m["loss"] * idx.shape[0], m["acc"] * idx.shape[0]
-
-
-@functools.partial(jax.jit, static_argnames=("net", "protocol"))
-def _run_epoch_scan(state: EvalState, images, labels, *, net, protocol: EvalProtocol):
-    """One epoch at ``state.epoch`` in one program; returns ``(state, mean_loss, acc)``
-    (the epoch counter is not advanced here)."""
-    n = images.shape[0]
-    full, b, last = protocol.batch_plan(n)
-    perm, akey = _epoch_keys(state, n)
-
-    def body(st, i):
-        idx = jax.lax.dynamic_slice(perm, (i * b,), (b,))
-        st, ls, ac = _step_at(st, images, labels, idx, akey, i, net, protocol)
-        return st, (ls, ac)
-
-    state, (ls, ac) = jax.lax.scan(body, state, jnp.arange(full))
-    loss_sum, acc_sum = jnp.sum(ls), jnp.sum(ac)
-    if last:
-        state, ls, ac = _step_at(state, images, labels, perm[full * b:], akey, full, net,
-                                 protocol)
-        loss_sum, acc_sum = loss_sum + ls, acc_sum + ac
-    return state, loss_sum / n, acc_sum / n
-
-
-_epoch_keys_jit = jax.jit(_epoch_keys, static_argnums=1)
-
-
-@functools.partial(jax.jit, static_argnames=("net", "protocol", "size"))
-def _python_step(state, images, labels, perm, akey, i, start, *, net, protocol, size):
-    idx = jax.lax.dynamic_slice(perm, (start,), (size,))
-    return _step_at(state, images, labels, idx, akey, i, net, protocol)
-
-
-def _run_epoch_python(state: EvalState, images, labels, *, net, protocol: EvalProtocol):
-    n = images.shape[0]
-    full, b, last = protocol.batch_plan(n)
-    perm, akey = _epoch_keys_jit(state, n)
-    sums = []
-    for i in range(full + (1 if last else 0)):
-        size = b if i < full else last
-        state, ls, ac = _python_step(state, images, labels, perm, akey, np.int32(i),
-                                     np.int32(i * b), net=net, protocol=protocol, size=size)
-        sums.append((ls, ac))
-    sums = np.asarray(jax.device_get(sums), np.float64).sum(0)  # the one host sync
-    return state, sums[0] / n, sums[1] / n
-
-
-def _pick_loop(loop: str) -> str:
-    if loop == "auto":
-        return "python" if jax.default_backend() == "cpu" else "scan"
-    if loop not in ("scan", "python"):
-        raise ValueError(f"loop must be 'auto', 'scan' or 'python', got {loop!r}")
-    return loop
-
-
-def _run_epoch(state, images, labels, *, net, protocol, loop: str = "auto"):
-    fn = _run_epoch_scan if _pick_loop(loop) == "scan" else _run_epoch_python
-    return fn(state, images, labels, net=net, protocol=protocol)
-
-
 # ----------------------------------------------------------------------------- results
 @dataclasses.dataclass
 class Trajectories:
@@ -274,36 +162,6 @@ class Trajectories:
 
 
 # ----------------------------------------------------------------------------- training
-def _state_like(net, protocol, images) -> EvalState:
-    return jax.eval_shape(
-        lambda: init_state(net, protocol, jax.random.key(0), jnp.zeros(2, jnp.uint32),
-                           jnp.zeros((1,) + images.shape[1:], jnp.float32)))
-
-
-@functools.partial(jax.jit, static_argnames=("net", "protocol"))
-def _init_expert(net, protocol, seed, expert, sample):
-    ekey = jax.random.fold_in(jax.random.key(seed), expert)
-    init_key, train_key = jax.random.split(ekey)
-    return init_state(net, protocol, init_key, jax.random.key_data(train_key), sample)
-
-
-def _save_resume(ck: StepCheckpoints, state: EvalState, meta: dict) -> None:
-    step = int(state.epoch)
-    if step in ck.all_steps():
-        return
-    ck.save(step, state._asdict(), meta)
-
-
-def _restore_resume(ck: StepCheckpoints, like: EvalState) -> Optional[EvalState]:
-    for step in reversed(ck.all_steps()):  # newest first; an unreadable one falls back
-        try:
-            d, _ = ck.restore(step, like=like._asdict())
-            return EvalState(**d)
-        except ValueError:
-            continue
-    return None
-
-
 def train_teacher(
     net_name: str,
     dataset,
@@ -325,11 +183,14 @@ def train_teacher(
     eval_every: int = 0,
     progress: bool = True,
     callback: Optional[Callable[[int, int, dict], None]] = None,
-    loop: str = "auto",
+    engine: str = "auto",
+    parallel: Any = None,
+    stage: str = "teacher",
 ) -> Trajectories:
-    """Trains ``num_experts`` networks ``net_name`` on the real ``dataset`` and snapshots
-    parameters (and BatchNorm statistics) after every epoch into ``workdir`` (format in the
-    module docstring).  Resumes after the last saved epoch when re-run.
+    """Trains ``num_experts`` networks ``net_name`` on the real ``dataset`` with the one
+    training engine (``elf_jax.train.runner.fit``) and snapshots parameters (and BatchNorm
+    statistics) after every epoch into ``workdir`` (format in the module docstring).
+    Resumes after the last saved epoch when re-run.
 
     Args:
       net_name: registry name (``elf_jax.models.get_model``), e.g. ``"ConvNetW512"``.
@@ -340,14 +201,15 @@ def train_teacher(
       dsa_strategy: DSA groups (``"none"`` disables augmentation).
       lr_decay_at_half: lr x0.1 after epoch ``E // 2 + 1`` (0-based), momentum restarted
         there when ``reset_momentum_at_decay``.
-      seed: expert ``i`` uses ``fold_in(key(seed), i)`` for initialization and data order.
+      seed, stage: expert ``i`` is repeat ``i`` of ``stage_key(seed, stage)`` (``"teacher"``,
+        or ``"expert"`` for MTT experts), so no evaluation network starts from its weights.
       dtype: compute dtype (``"float32"``/``"bfloat16"``); parameters stay float32.
       model_kwargs: extra ``get_model`` overrides (e.g. ``{"width": 16}``).
       test_dataset: ``ArrayDataset`` for test accuracy (after the last epoch, and every
         ``eval_every`` epochs when > 0).
       callback: ``callback(expert, epoch, metadata)`` after each saved epoch.
-      loop: ``"scan"`` (epoch in one program), ``"python"`` (loop over a jitted step) or
-        ``"auto"`` (python on the CPU, scan elsewhere); results are the same.
+      engine, parallel: the engine (``auto``/``scan``/``host``) and its placement (None: one
+        device; a ``parallel`` section with ``shard_map`` trains data parallel).
     Returns: ``Trajectories``.
     """
     if epochs < 1:
@@ -362,136 +224,99 @@ def train_teacher(
     images_np, labels_np = _dataset_arrays(train)
     num_classes = int(getattr(train, "num_classes", int(labels_np.max()) + 1))
     dataset_name = getattr(train, "name", dataset if isinstance(dataset, str) else None)
-    model_kwargs = dict(model_kwargs or {})
-
     manifest = {
-        "format": TRAJECTORY_FORMAT,
-        "net_name": net_name,
-        "num_classes": num_classes,
-        "model_kwargs": model_kwargs,
-        "dtype": str(jnp.dtype(dtype)),
-        "dataset": dataset_name,
+        "format": TRAJECTORY_FORMAT, "stage": stage, "net_name": net_name,
+        "num_classes": num_classes, "model_kwargs": dict(model_kwargs or {}),
+        "dtype": str(jnp.dtype(dtype)), "dataset": dataset_name,
         "zca": getattr(train, "zca", None) is not None,
-        "image_shape": list(images_np.shape[1:]),
-        "num_train": int(images_np.shape[0]),
-        "epochs": int(epochs),
-        "lr": float(lr),
-        "momentum": float(momentum),
-        "weight_decay": float(weight_decay),
-        "batch_size": int(batch_size),
-        "dsa_strategy": dsa_strategy or "none",
-        "lr_decay_at_half": bool(lr_decay_at_half),
-        "reset_momentum_at_decay": bool(reset_momentum_at_decay),
-        "seed": int(seed),
+        "image_shape": list(images_np.shape[1:]), "num_train": int(images_np.shape[0]),
+        "epochs": int(epochs), "lr": float(lr), "momentum": float(momentum),
+        "weight_decay": float(weight_decay), "batch_size": int(batch_size),
+        "dsa_strategy": dsa_strategy or "none", "lr_decay_at_half": bool(lr_decay_at_half),
+        "reset_momentum_at_decay": bool(reset_momentum_at_decay), "seed": int(seed),
         "num_experts": int(num_experts),
         "snapshot": "step k = parameters after k training epochs (0 = initialization)",
     }
     workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
-    mpath = workdir / MANIFEST
-    if mpath.exists():
-        old = read_manifest(workdir)
-        for key in _RESUME_KEYS:
-            if old.get(key) != manifest[key]:
-                raise ValueError(
-                    f"{workdir} holds a trajectory with {key}={old.get(key)!r}, but this run "
-                    f"asks for {key}={manifest[key]!r}; use another workdir (or delete it)")
-        manifest["num_experts"] = max(int(old.get("num_experts", 1)), int(num_experts))
-    _write_json_atomic(mpath, manifest)
+    manifest["num_experts"] = _check_resume(workdir, manifest)
+    _write_json_atomic(workdir / MANIFEST, manifest)
 
     net = _build_net(manifest)
     protocol = EvalProtocol(
         lr=lr, momentum=momentum, weight_decay=weight_decay, batch_size=batch_size,
         epochs=epochs, lr_decay=lr_decay_at_half, reset_momentum_at_decay=reset_momentum_at_decay,
         dsa_strategy=dsa_strategy or "none", mode="task", kind="ce", dtype=str(jnp.dtype(dtype)))
-    images = jnp.asarray(images_np)
-    labels = jnp.asarray(labels_np)
     test_xy = _dataset_arrays(test_dataset) if test_dataset is not None else None
-    like = _state_like(net, protocol, images_np)
-
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover
-        tqdm = None
-
+    data = {"images": images_np, "labels": labels_np}
+    base = stage_key(int(seed), stage)
     history, final_acc = [], []
     for expert in range(num_experts):
         edir = _expert_dir(workdir, expert)
         traj = StepCheckpoints(edir / "trajectory", max_to_keep=None)
-        hist = []
         latest = traj.latest_step()
-        if latest is not None and latest >= epochs and not (edir / "resume").exists():
-            # complete (the resume state is deleted last): nothing to do
-            for e in range(1, epochs + 1):
-                hist.append(traj.read_meta(e))
-            history.append(hist)
-            final_acc.append(hist[-1].get("test_acc"))
-            traj.close()
-            continue
-        resume = StepCheckpoints(edir / "resume", max_to_keep=2)
-        state = _restore_resume(resume, like)
-        if state is None:
-            # jitted: an eager flax init compiles every op separately (~7 s on the CPU)
-            state = _init_expert(net, protocol, seed, expert, images[:1])
+        if latest is None or latest < epochs or (edir / "resume").exists():  # not complete
+            states = init_states(net, protocol, base, 1, jnp.asarray(images_np[:1]), first=expert)
             if 0 not in traj:
-                traj.save(0, {"params": state.params, "batch_stats": state.batch_stats},
-                          {"epoch": 0, "expert": expert, "lr": float(lr)})
-            _save_resume(resume, state, {"epoch": 0, "expert": expert})
-        start = int(state.epoch)
-        for e in range(1, start + 1):
-            if e in traj:
-                hist.append(traj.read_meta(e))
+                traj.save(0, _snapshot(states), {"epoch": 0, "expert": expert, "lr": float(lr)})
 
-        bar = None
-        if progress and tqdm is not None:
-            bar = tqdm(total=epochs, initial=start, desc=f"{net_name} expert {expert}",
-                       leave=False)
-        for ep in range(start, epochs):  # ep = 0-based index of the epoch being trained
-            state, loss, acc = _run_epoch(state, images, labels, net=net, protocol=protocol,
-                                          loop=loop)
-            loss, acc = float(loss), float(acc)
-            if not np.isfinite(loss):
-                raise ValueError(
-                    f"teacher {net_name} expert {expert} diverged in epoch {ep + 1} (loss "
-                    f"{loss}); the last good snapshot is epoch {ep} in {edir}. Lower lr.")
-            if (protocol.decay_epoch is not None and ep == protocol.decay_epoch
-                    and reset_momentum_at_decay):
-                state = state._replace(opt_state=protocol.optimizer().init(state.params))
-            done = ep + 1
-            state = state._replace(epoch=jnp.asarray(done, jnp.int32))
-            decayed = protocol.decay_epoch is not None and ep > protocol.decay_epoch
-            meta = {"epoch": done, "expert": expert, "train_loss": loss, "train_acc": acc,
-                    "lr": lr * (protocol.decay_factor if decayed else 1.0)}
-            if test_xy is not None and (done == epochs or (eval_every and done % eval_every == 0)):
-                variables = make_variables(state.params, state.batch_stats)
-                meta["test_acc"] = test_accuracy(net, variables, *test_xy)
-            if done not in traj:
-                traj.save(done, {"params": state.params, "batch_stats": state.batch_stats}, meta)
-            _save_resume(resume, state, {"epoch": done, "expert": expert})
-            hist.append(meta)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.3f}")
-            if callback is not None:
-                callback(expert, done, meta)
-        if bar is not None:
-            bar.close()
-        resume.close()
-        shutil.rmtree(edir / "resume", ignore_errors=True)  # expert complete
+            def on_chunk(done, states, ms, expert=expert, traj=traj):
+                if done in traj:  # saved before a kill that came before the resume state
+                    return
+                decayed = protocol.decay_epoch is not None and done - 1 > protocol.decay_epoch
+                meta = {"epoch": done, "expert": expert, "train_loss": float(ms["loss"][0, -1]),
+                        "train_acc": float(ms["acc"][0, -1]),
+                        "lr": lr * (protocol.decay_factor if decayed else 1.0)}
+                snap = _snapshot(states)
+                if test_xy is not None and (done == epochs or (eval_every and done % eval_every == 0)):
+                    meta["test_acc"] = test_accuracy(net, snap, *test_xy)
+                traj.save(done, snap, meta)
+                if callback is not None:
+                    callback(expert, done, meta)
+
+            fit(net, protocol, data, states, num_epochs=epochs, placement=parallel, engine=engine,
+                chunk_epochs=1, checkpoint_every=1, workdir=edir / "resume", max_to_keep=2,
+                meta={k: manifest[k] for k in _RESUME_KEYS} | {"expert": expert},
+                on_chunk=on_chunk, progress=progress, desc=f"{net_name} expert {expert}")
+            shutil.rmtree(edir / "resume", ignore_errors=True)  # expert complete
+        history.append([traj.read_meta(e) for e in range(1, epochs + 1)])
+        final_acc.append(history[-1][-1].get("test_acc"))
         traj.close()
-        history.append(hist)
-        final_acc.append(hist[-1].get("test_acc") if hist else None)
-
     return Trajectories(workdir=workdir, net_name=net_name, num_classes=num_classes,
                         num_experts=num_experts, epochs=epochs, history=history,
                         test_acc=final_acc)
+
+
+def _snapshot(states) -> dict:
+    """``{"params", "batch_stats"}`` of the single run in stacked ``states``, on the host."""
+    params, stats = jax.tree.map(lambda a: a[0], jax.device_get((states.params, states.batch_stats)))
+    return {"params": params, "batch_stats": stats}
+
+
+def _check_resume(workdir: Path, manifest: dict) -> int:
+    """The expert count of the workdir after this run; ``ValueError`` when the workdir holds a
+    trajectory with other settings, or one of an older format that cannot be continued."""
+    if not (workdir / MANIFEST).exists():
+        return manifest["num_experts"]
+    old = read_manifest(workdir)
+    if old.get("format") != TRAJECTORY_FORMAT:
+        raise ValueError(
+            f"{workdir} holds a trajectory in format {old.get('format')!r}, written before the "
+            f"random streams changed ({TRAJECTORY_FORMAT!r} now): it can still be loaded "
+            "(load_teacher), but not continued; delete it (or use another workdir) to train anew")
+    for key in _RESUME_KEYS:
+        if old.get(key) != manifest[key]:
+            raise ValueError(
+                f"{workdir} holds a trajectory with {key}={old.get(key)!r}, but this run "
+                f"asks for {key}={manifest[key]!r}; use another workdir (or delete it)")
+    return max(int(old.get("num_experts", 1)), int(manifest["num_experts"]))
 
 
 def train_experts(net_name: str, dataset, *, epochs: int = 50, num_experts: int = 10,
                   workdir, **kwargs) -> Trajectories:
     """MTT expert trajectories (``buffer.py``): ``train_teacher`` with momentum 0, weight
     decay 0 and no lr decay unless overridden, ``num_experts`` experts."""
-    settings = {**MTT_EXPERT_DEFAULTS, **kwargs}
+    settings = {**MTT_EXPERT_DEFAULTS, "stage": "expert", **kwargs}
     return train_teacher(net_name, dataset, epochs=epochs, num_experts=num_experts,
                          workdir=workdir, **settings)
 

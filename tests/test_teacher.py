@@ -49,7 +49,7 @@ def test_snapshots_and_accuracy(trained):
     assert steps == [0, 1, 2, 3]
     assert not (wd / "expert_000" / "resume").exists()  # removed once complete
     m = read_manifest(wd)
-    assert m["format"] == "elf_jax.trajectory/1" and m["net_name"] == "ConvNet"
+    assert m["format"] == "elf_jax.trajectory/2" and m["stage"] == "teacher" and m["net_name"] == "ConvNet"
     assert m["num_classes"] == 10 and m["model_kwargs"] == {"width": 16}
     assert m["momentum"] == 0.9 and m["weight_decay"] == 5e-4 and m["epochs"] == EPOCHS
     accs = [h["test_acc"] for h in traj.history[0]]
@@ -152,23 +152,38 @@ def test_mtt_experts(tmp_path):
     assert all(np.isfinite(h["train_loss"]) for h in out.history[0] + out.history[1])
 
 
-def test_scan_and_python_loops_agree():
-    """The two epoch loops (scan: GPU default; python: CPU default) give the same epoch."""
+def test_scan_and_host_engines_agree():
+    """A teacher's epochs in the engine: scan (GPU default) and host (CPU default) agree."""
     import jax.numpy as jnp
 
     from elf_jax.models import get_model
-    from elf_jax.teacher import _init_expert, _run_epoch
     from elf_jax.train.protocol import EvalProtocol
+    from elf_jax.train.runner import fit, init_states
 
     train, _ = _data()
-    x, y = jnp.asarray(train.images[:256]), jnp.asarray(train.labels[:256])
+    data = {"images": np.asarray(train.images[:256]), "labels": np.asarray(train.labels[:256])}
     net = get_model("ConvNet", 10, width=8)
     protocol = EvalProtocol(batch_size=128, epochs=2, dsa_strategy="none", mode="task")
-    state = _init_expert(net, protocol, 0, 0, x[:1])
-    out = {loop: _run_epoch(state, x, y, net=net, protocol=protocol, loop=loop)
-           for loop in ("python", "scan")}
-    np.testing.assert_allclose(out["python"][1], out["scan"][1], rtol=1e-5)
-    leaves = [jax.tree.leaves(out[k][0].params) for k in ("python", "scan")]
+    out = {}
+    for engine in ("host", "scan"):
+        states = init_states(net, protocol, jax.random.key(0), 1, jnp.asarray(data["images"][:1]))
+        out[engine] = fit(net, protocol, data, states, num_epochs=1, engine=engine, progress=False)
+    np.testing.assert_allclose(out["host"][1]["loss"], out["scan"][1]["loss"], rtol=1e-5)
+    leaves = [jax.tree.leaves(out[k][0].params) for k in ("host", "scan")]
     for a, b in zip(*leaves):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
-    assert int(out["scan"][0].step) == 2
+    assert int(out["scan"][0].step[0]) == 2 and int(out["scan"][0].epoch[0]) == 1
+
+
+def test_old_trajectory_is_refused_for_training_but_loads(trained, tmp_path):
+    import shutil
+
+    _, wd, train, *_ = trained
+    old = tmp_path / "old"
+    shutil.copytree(wd, old)
+    m = read_manifest(old)
+    m["format"] = "elf_jax.trajectory/1"
+    (old / "trajectory.json").write_text(json.dumps(m))
+    load_teacher(old, EPOCHS)  # its weights are still weights
+    with pytest.raises(ValueError, match="cannot be continued|not continued"):
+        train_teacher("ConvNet", train, workdir=old, **SETTINGS)

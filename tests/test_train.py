@@ -7,6 +7,7 @@ import pytest
 
 from elf_jax.models import get_model
 from elf_jax.train import EvalProtocol, EvaluationDiverged, run_evaluation, torch_sgd
+from elf_jax.keys import stage_key
 from elf_jax.train.runner import init_states
 from elf_jax.train.step import jit_train_step
 
@@ -84,7 +85,9 @@ def tiny():
 def _python_loop(net, protocol, x, y, f, key):
     """The reference loop written plainly: per epoch a permutation, batches of B with the last
     partial one kept, one jitted step each, lr decay + momentum restart after E//2+1."""
-    state = jax.tree.map(lambda a: a[0], init_states(net, protocol, key, 1, jnp.asarray(x[:1])))
+    # run_evaluation's repeat 0 of the evaluation stage
+    state = jax.tree.map(lambda a: a[0], init_states(net, protocol, stage_key(key, "evaluate"), 1,
+                                                     jnp.asarray(x[:1])))
     for ep in range(protocol.num_epochs):
         k_next, k_perm, k_aug = jax.random.split(jax.random.wrap_key_data(state.key), 3)
         perm = np.asarray(jax.random.permutation(k_perm, N))

@@ -1,69 +1,71 @@
-"""Evaluation training of several repeats: epochs under ``lax.scan`` in chunks, checkpoints.
+"""The one training engine: epochs of the train step over an in-memory set, for any number
+of runs, on one device or a ``("runs", "data")`` mesh, with resume, NaN stop and progress.
 
-``run_evaluation(net, protocol, images, labels, test_images, test_labels, features=None, *,
-repeats, key, ...) -> dict``
+``fit(net, protocol, data, states, ...) -> (states, history, info)`` is the only epoch loop
+of the package: evaluation (:func:`run_evaluation`), teachers and MTT experts
+(``elf_jax.teacher``, a snapshot per epoch through ``on_chunk``), distillation-time
+evaluation and data-parallel runs all call it. Parallelism is placement
+(:class:`elf_jax.parallel.placement.Placement`), not a second loop.
 
-Structure of the compiled program (one ``jit`` per (network, protocol, shapes, strategy)):
+Structure of the compiled program (one ``jit`` per (network, protocol, shapes, placement)):
 
-* ``run_epoch``: a fresh permutation of the training set (the DataLoader's ``shuffle=True``),
-  ``lax.scan`` over the full batches, then ONE more step on the last partial batch at its
-  own static size (``drop_last=False``). The last batch is therefore exactly the reference's
-  smaller batch -- loss mean, BatchNorm batch statistics and running averages included --
-  with no padding or masking, at the price of tracing the step at two shapes.
-* ``run_chunk``: ``lax.scan`` over up to ``chunk_epochs`` epochs; epochs past the requested
-  count are skipped by a ``lax.cond`` on the (unbatched) scan index, so the last, shorter
-  chunk reuses the same executable. No host round trip inside a chunk.
-* repeats: the state of all repeats is stacked on a leading axis and the chunk runs them
-  ``sequential`` (``lax.map``: one after another in one program), ``vmap`` (vectorised;
-  every convolution becomes a grouped convolution, and the DSA group ``switch`` becomes a
-  select over all groups), or ``devices`` (``shard_map`` over a mesh axis ``"repeat"``; each
-  device maps over its share of the repeats).
+* an epoch: a fresh permutation of the training set (the DataLoader's ``shuffle=True``), the
+  full batches, then ONE more step on the last partial batch at its own static size
+  (``drop_last=False``): exactly the reference's smaller batch, no padding or masking. Its
+  random stream: ``k_next, k_perm, k_aug = split(state.key, 3)`` (:func:`epoch_plan`).
+* ``scan`` engine: ``lax.scan`` over the minibatches and over up to ``chunk_epochs`` epochs;
+  epochs past the requested count are skipped by a ``lax.cond``, so the last, shorter chunk
+  reuses the executable. Repeats: ``sequential`` (``lax.map``) or ``vmap``; on a mesh each
+  ``runs`` group maps over its share inside ``shard_map``, every step data parallel.
+* ``host`` engine (the CPU default): XLA:CPU does not canonicalise the backward
+  convolutions inside a while-loop body and falls onto a naive emitter (measured: a
+  ConvNet-W32 step 60 ms alone, 1.6 s inside ``lax.scan``; no XLA flag changes it). So on
+  the CPU the steps stay OUT of loops: one jitted step (minibatch sliced from the epoch
+  permutation inside it) dispatched asynchronously per minibatch, per-epoch bookkeeping in
+  small jitted functions. Nothing goes to the host until the end of a chunk.
 
-Between chunks the host updates a tqdm bar (with ETA), checks the per-epoch losses for
-NaN/Inf (raising :class:`EvaluationDiverged` naming the repeat and epoch, without saving,
-so the last good checkpoint stays), and saves a checkpoint every ``checkpoint_every`` epochs
-(``elf_jax.checkpoint.StepCheckpoints``, an orbax CheckpointManager; atomic). Started again
-with the same arguments and ``workdir``, a run resumes from the latest checkpoint and ends
-bit-identical to an uninterrupted run (the RNG key is part of the state; the data order and
-DSA draws of epoch ``e`` depend only on the state at the start of ``e``).
+Between chunks the host updates a tqdm bar, checks the per-epoch losses for NaN/Inf
+(:class:`EvaluationDiverged`, without saving, so the last good checkpoint stays), calls
+``on_chunk`` and saves a checkpoint every ``checkpoint_every`` epochs
+(``elf_jax.checkpoint.StepCheckpoints``; atomic). Started again with the same arguments and
+``workdir``, a run resumes and ends bit-identical to an uninterrupted run (the key is part
+of the state; epoch ``e`` depends only on the state at its start).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import time
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.sharding import PartitionSpec as P
 
 from elf_jax.elf.losses import mode_needs_features
+from elf_jax.keys import raw_key, stage_key, typed_key
+from elf_jax.parallel.mesh import DATA, RUNS
+from elf_jax.parallel.placement import Placement, global_rows, local_rows, place_rows
+from elf_jax.parallel.wrappers import check_divisible, fold_key, global_augment, with_bn_axis
 from elf_jax.train.protocol import EvalProtocol
 from elf_jax.train.step import EvalState, init_state, make_variables, train_step
 
 __all__ = [
-    "ENGINES",
-    "default_engine",
-    "end_epoch",
-    "epoch_plan",
-    "make_host_chunk_fn",
-    "REPEAT_STRATEGIES",
-    "EvaluationDiverged",
-    "default_repeat_strategy",
-    "init_states",
-    "make_chunk_fn",
-    "run_evaluation",
-    "test_accuracy",
+    "ENGINES", "REPEAT_STRATEGIES", "EVAL_FORMAT", "EvaluationDiverged", "default_engine",
+    "default_repeat_strategy", "epoch_plan", "fit", "init_states", "make_chunk_fn",
+    "make_host_chunk_fn", "run_evaluation", "test_accuracy", "repeat_accuracies",
 ]
 
 REPEAT_STRATEGIES = ("auto", "sequential", "vmap", "devices")
+ENGINES = ("auto", "scan", "host")
 METRIC_KEYS = ("loss", "task", "front", "rear", "acc")
 _EPOCH_KEYS = METRIC_KEYS + ("finite",)
+# v2: evaluation keys are derived from the "evaluate" stage tag (v1 shared the teacher's)
+EVAL_FORMAT = "elf_jax.eval_run/2"
 
 
 class EvaluationDiverged(FloatingPointError):
@@ -83,45 +85,80 @@ def default_repeat_strategy(backend: Optional[str] = None, arch: str = "", dtype
     return "sequential"
 
 
-# ------------------------------------------------------------------------------- one epoch
-def _gather(data: Mapping[str, jax.Array], idx: jax.Array) -> dict:
-    return {k: jnp.take(v, idx, axis=0) for k, v in data.items()}
+def default_engine(backend: Optional[str] = None) -> str:
+    """``host`` on the CPU (see the module docstring), ``scan`` elsewhere."""
+    return "host" if (backend or jax.default_backend()) == "cpu" else "scan"
 
 
-def run_epoch(state: EvalState, data: Mapping[str, jax.Array], *, net, protocol: EvalProtocol):
-    """One epoch over ``data`` (dict of ``[N, ...]`` arrays); returns ``(state, metrics)``
-    with metrics averaged over samples (the reference's ``loss_avg``/``acc_avg``)."""
-    n = data["images"].shape[0]
+# ------------------------------------------------------------------------------- one step
+def epoch_batches(protocol: EvalProtocol, n: int, placement: Placement) -> tuple[int, int, int]:
+    """``(full_batches, batch, last)`` of an epoch over ``n`` rows. On a data mesh the batch
+    must divide over the ``data`` devices; a last partial batch that does not is dropped
+    (``parallel.drop_remainder``) or is an error."""
     nfull, b, last = protocol.batch_plan(n)
-    key = jax.random.wrap_key_data(state.key) if state.key.dtype == jnp.uint32 else state.key
-    k_next, k_perm, k_aug = jax.random.split(key, 3)
-    perm = jax.random.permutation(k_perm, n)
-    step_keys = jax.random.split(k_aug, nfull + (1 if last else 0))
-    step = functools.partial(train_step, net=net, protocol=protocol)
+    nd = placement.n_data
+    if nd > 1:
+        check_divisible(b, nd, "the global minibatch")
+        if last % nd:
+            if not placement.config.drop_remainder:
+                raise ValueError(
+                    f"the last minibatch of each epoch has {last} rows ({n} images, batch {b}), "
+                    f"which does not divide over the {nd} 'data' devices; set "
+                    "parallel.drop_remainder=True to drop it, or use a set size / batch size "
+                    f"whose remainder is a multiple of {nd}")
+            last = 0
+    return nfull, b, last
 
-    def body(st, xs):
-        idx, k = xs
-        st, m = step(st, _gather(data, idx), k)
-        return st, m
 
-    sums = {k: jnp.zeros((), jnp.float32) for k in METRIC_KEYS}
-    if nfull:
-        state, ms = lax.scan(body, state, (perm[: nfull * b].reshape(nfull, b), step_keys[:nfull]))
-        sums = {k: sums[k] + jnp.sum(ms[k]) * b for k in METRIC_KEYS}
-    if last:
-        state, m = step(state, _gather(data, perm[nfull * b :]), step_keys[nfull])
-        sums = {k: sums[k] + m[k] * last for k in METRIC_KEYS}
-    metrics = {k: v / n for k, v in sums.items()}
+@functools.lru_cache(maxsize=64)
+def placed_step(net, protocol: EvalProtocol, placement: Placement) -> Callable:
+    """``step(state, data, idx, key) -> (state, metrics)`` of ONE run: the minibatch of global
+    row indices ``idx`` and one :func:`train_step`. On a data mesh (called inside
+    ``shard_map``) each device trains on its share, gradients and BN statistics averaged over
+    ``data``; with ``dsa="global"`` the DSA draw is made for the whole minibatch."""
+    if placement.n_data == 1:
+        def single(state, data, idx, key):
+            batch = {k: jnp.take(v, idx, axis=0) for k, v in data.items()}
+            return train_step(state, batch, key, net=net, protocol=protocol)
 
-    state = end_epoch(state, jax.random.key_data(k_next), protocol)
-    metrics["finite"] = _all_finite(state)
-    return state, metrics
+        return single
+    pc = placement.config
+    dp_net = with_bn_axis(net, DATA) if pc.sync_bn else with_bn_axis(net, None)
+    dsa_on = protocol.dsa_strategy not in ("", "none", None)
+    global_dsa = pc.dsa == "global" and dsa_on
+    step_protocol = protocol.replace(dsa_strategy="none") if global_dsa else protocol
+    sharded = placement.shard_data
+
+    def data_parallel(state, data, idx, key):
+        b = idx.shape[0] // lax.axis_size(DATA)
+        batch = {}
+        for name, local in data.items():
+            if name == "images" and global_dsa:
+                full = global_augment({"images": global_rows(local, idx, sharded)}, key, protocol)
+                batch[name] = lax.dynamic_slice_in_dim(full["images"], lax.axis_index(DATA) * b, b)
+            else:
+                batch[name] = local_rows(local, idx, sharded)
+        if "features" in batch:
+            batch["features"] = batch["features"].astype(jnp.float32)
+        return train_step(state, batch, fold_key(key, DATA), net=dp_net, protocol=step_protocol,
+                          axis_name=DATA)
+
+    return data_parallel
+
+
+@functools.partial(jax.jit, static_argnames=("n", "nsteps"))
+def epoch_plan(key_data, *, n, nsteps):
+    """``(next key, permutation [n], step keys [nsteps, 2])`` of the epoch that starts with
+    ``state.key == key_data``: the random stream of every epoch of the engine."""
+    k_next, k_perm, k_aug = jax.random.split(jax.random.wrap_key_data(key_data), 3)
+    return jax.random.key_data(k_next), jax.random.permutation(k_perm, n), jax.random.key_data(
+        jax.random.split(k_aug, nsteps))
 
 
 def end_epoch(state: EvalState, k_next, protocol: EvalProtocol) -> EvalState:
     """The end of an epoch: the momentum restarts at zero after epoch ``E//2+1`` (the
-    reference builds a new optimizer there), the key becomes ``k_next`` (raw key data) and
-    the epoch count goes up. Shared by every epoch loop (scan, host, data parallel)."""
+    reference builds a new optimizer there), the key becomes ``k_next`` and the epoch count
+    goes up."""
     opt_state = state.opt_state
     if protocol.decay_epoch is not None and protocol.reset_momentum_at_decay:
         reset = state.epoch == protocol.decay_epoch  # the epoch just finished
@@ -136,338 +173,342 @@ def _all_finite(state: EvalState):
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(l)) for l in leaves])).astype(jnp.float32)
 
 
-def run_chunk(state, data, n_run, *, net, protocol: EvalProtocol, chunk_epochs: int):
-    """Up to ``chunk_epochs`` epochs; only the first ``n_run`` (traced, unbatched) run."""
-
-    def body(st, i):
-        def go(s):
-            return run_epoch(s, data, net=net, protocol=protocol)
-
-        def skip(s):
-            return s, {k: jnp.ones((), jnp.float32) if k == "finite" else jnp.zeros((), jnp.float32)
-                       for k in _EPOCH_KEYS}
-
-        return lax.cond(i < n_run, go, skip, st)
-
-    return lax.scan(body, state, jnp.arange(chunk_epochs))
-
-
-@functools.lru_cache(maxsize=32)
-def make_chunk_fn(net, protocol: EvalProtocol, chunk_epochs: int, strategy: str, mesh=None):
-    """(Cached per arguments: equal modules and protocols reuse one executable.) Jitted ``(stacked_states, data, n_run) -> (stacked_states, metrics [R, K])``; the
-    states are donated."""
-    single = functools.partial(run_chunk, net=net, protocol=protocol, chunk_epochs=chunk_epochs)
-    if strategy == "sequential":
-
-        def fn(states, data, n_run):
-            return lax.map(lambda s: single(s, data, n_run), states)
-
-    elif strategy == "vmap":
-        fn = jax.vmap(single, in_axes=(0, None, None))
-    elif strategy == "devices":
-        from jax.sharding import PartitionSpec as P
-
-        if mesh is None:
-            mesh = jax.make_mesh((jax.device_count(),), ("repeat",))
-
-        def local(states, data, n_run):
-            return lax.map(lambda s: single(s, data, n_run), states)
-
-        fn = jax.shard_map(
-            local, mesh=mesh, in_specs=(P("repeat"), P(), P()), out_specs=P("repeat"),
-            check_vma=False,
-        )
-    else:
-        raise ValueError(f"unknown repeat strategy {strategy!r}; choose one of {REPEAT_STRATEGIES}")
-    return jax.jit(fn, donate_argnums=(0,))
-
-
-# ------------------------------------------------------------------------------- host engine
-# XLA:CPU does not canonicalise the backward convolutions (filter and input gradients) that
-# sit inside a while-loop body: they keep dim_labels like ``f01b_i01o->01bf`` and fall off the
-# Eigen fast path onto a naive loop emitter. Measured here (2-core EPYC, jax 0.10.2): a
-# ConvNet-W32 train step costs 60 ms of CPU alone and 1.6 s inside ``lax.scan``; a lone
-# filter-gradient conv 0.13 s vs ~20 s inside ``fori_loop``. No XLA flag changes it (oneDNN,
-# XNNPACK, thunk runtime tried). So on the CPU the default engine ("host") keeps the steps
-# OUT of loops: one jitted step (gather by dynamic_slice of the epoch permutation inside it)
-# dispatched asynchronously per minibatch, and per-epoch bookkeeping in small jitted
-# functions. Nothing is transferred to the host until the end of a chunk, so there is no
-# host round trip inside a chunk either; dispatch costs microseconds against ~100 ms steps.
-
-
-@functools.partial(jax.jit, static_argnames=("n", "nsteps"))
-def epoch_plan(key_data, *, n, nsteps):
-    """``(next key, permutation [n], step keys [nsteps, 2])`` of the epoch that starts with
-    ``state.key == key_data``: the random stream of :func:`run_epoch`, for epoch loops run
-    from the host (here and ``elf_jax.parallel.loop``)."""
-    key = jax.random.wrap_key_data(key_data)
-    k_next, k_perm, k_aug = jax.random.split(key, 3)
-    return jax.random.key_data(k_next), jax.random.permutation(k_perm, n), jax.random.split(k_aug, nsteps)
-
-
-@functools.partial(jax.jit, static_argnames=("net", "protocol", "size"), donate_argnums=(0, 1))
-def _host_step(state, sums, data, perm, start, key, *, net, protocol, size):
-    idx = lax.dynamic_slice(perm, (start,), (size,))
-    state, m = train_step(state, _gather(data, idx), key, net=net, protocol=protocol)
-    return state, {k: sums[k] + m[k] * size for k in METRIC_KEYS}
-
-
-@functools.partial(jax.jit, static_argnames=("protocol", "n"), donate_argnums=(0,))
-def _end_epoch(state, sums, k_next, *, protocol, n):
-    metrics = {k: v / n for k, v in sums.items()}
+def _close_epoch(state, sums, k_next, rows, protocol):
+    metrics = {k: v / rows for k, v in sums.items()}
     state = end_epoch(state, k_next, protocol)
     metrics["finite"] = _all_finite(state)
     return state, metrics
 
 
-def _host_epochs(state, data, n_run, *, net, protocol):
-    """``n_run`` epochs of ONE repeat with the host-dispatched engine (same semantics and
-    random stream as :func:`run_epoch`)."""
-    n = data["images"].shape[0]
-    nfull, b, last = protocol.batch_plan(n)
-    nsteps = nfull + (1 if last else 0)
+def _skipped_epoch():
+    return {k: jnp.ones((), jnp.float32) if k == "finite" else jnp.zeros((), jnp.float32)
+            for k in _EPOCH_KEYS}
+
+
+# ------------------------------------------------------------------------------- scan engine
+def run_epoch(state: EvalState, data, *, step, protocol: EvalProtocol, plan, n: int):
+    """One epoch of one run; returns ``(state, metrics)`` averaged over the rows trained."""
+    nfull, b, last = plan
+    k_next, perm, keys = epoch_plan(state.key, n=n, nsteps=nfull + (1 if last else 0))
+    sums = {k: jnp.zeros((), jnp.float32) for k in METRIC_KEYS}
+    if nfull:
+        def body(st, xs):
+            return step(st, data, xs[0], xs[1])
+
+        state, ms = lax.scan(body, state, (perm[: nfull * b].reshape(nfull, b), keys[:nfull]))
+        sums = {k: sums[k] + jnp.sum(ms[k]) * b for k in METRIC_KEYS}
+    if last:
+        state, m = step(state, data, perm[nfull * b: nfull * b + last], keys[nfull])
+        sums = {k: sums[k] + m[k] * last for k in METRIC_KEYS}
+    return _close_epoch(state, sums, k_next, nfull * b + last, protocol)
+
+
+@functools.lru_cache(maxsize=32)
+def make_chunk_fn(net, protocol: EvalProtocol, chunk_epochs: int, strategy: str,
+                  placement: Placement = Placement(), n: int = 0):
+    """Jitted ``(stacked states, data, n_run) -> (states, metrics [R, chunk])``: up to
+    ``chunk_epochs`` epochs, only the first ``n_run`` (traced) run; states donated. Cached
+    per arguments, so equal modules and protocols reuse one executable."""
+    plan = epoch_batches(protocol, n, placement)
+    step = placed_step(net, protocol, placement)
+
+    def single(state, data, n_run):
+        def body(st, i):
+            go = functools.partial(run_epoch, data=data, step=step, protocol=protocol, plan=plan, n=n)
+            return lax.cond(i < n_run, go, lambda s: (s, _skipped_epoch()), st)
+
+        return lax.scan(body, state, jnp.arange(chunk_epochs))
+
+    if strategy == "vmap" and placement.mesh is None:
+        return jax.jit(jax.vmap(single, in_axes=(0, None, None)), donate_argnums=(0,))
+
+    def mapped(states, data, n_run):
+        return lax.map(lambda s: single(s, data, n_run), states)
+
+    if placement.mesh is None:
+        return jax.jit(mapped, donate_argnums=(0,))
+    dspec = P(DATA) if placement.shard_data else P()
+    fn = jax.shard_map(mapped, mesh=placement.mesh, in_specs=(P(RUNS), dspec, P()),
+                       out_specs=P(RUNS), check_vma=False)
+    return jax.jit(fn, donate_argnums=(0,))
+
+
+# ------------------------------------------------------------------------------- host engine
+@functools.partial(jax.jit, static_argnames=("step", "size"), donate_argnums=(0, 1))
+def _host_step(state, sums, data, perm, start, key, *, step, size):
+    state, m = step(state, data, lax.dynamic_slice(perm, (start,), (size,)), key)
+    return state, {k: sums[k] + m[k] * size for k in METRIC_KEYS}
+
+
+_close_epoch_jit = jax.jit(_close_epoch, static_argnames=("rows", "protocol"), donate_argnums=(0,))
+
+
+def _host_epochs(state, data, n_run, *, step, protocol, plan, n):
+    """``n_run`` epochs of ONE run, each minibatch its own dispatch (see the module doc)."""
+    nfull, b, last = plan
     out = []
     for _ in range(n_run):
-        k_next, perm, keys = epoch_plan(state.key, n=n, nsteps=nsteps)
+        k_next, perm, keys = epoch_plan(state.key, n=n, nsteps=nfull + (1 if last else 0))
         sums = {k: jnp.zeros((), jnp.float32) for k in METRIC_KEYS}
         for s in range(nfull):
-            state, sums = _host_step(state, sums, data, perm, s * b, keys[s], net=net,
-                                     protocol=protocol, size=b)
+            state, sums = _host_step(state, sums, data, perm, s * b, keys[s], step=step, size=b)
         if last:
-            state, sums = _host_step(state, sums, data, perm, nfull * b, keys[nfull], net=net,
-                                     protocol=protocol, size=last)
-        state, m = _end_epoch(state, sums, k_next, protocol=protocol, n=n)
+            state, sums = _host_step(state, sums, data, perm, nfull * b, keys[nfull], step=step,
+                                     size=last)
+        state, m = _close_epoch_jit(state, sums, k_next, rows=nfull * b + last, protocol=protocol)
         out.append(m)
     return state, out
 
 
-def make_host_chunk_fn(net, protocol: EvalProtocol, chunk_epochs: int, strategy: str, mesh=None):
-    """The "host" engine with the signature of :func:`make_chunk_fn`. ``sequential`` runs the
-    repeats one after another; ``vmap`` is not offered here (grouped convolutions are the slow
-    path on the CPU too) and falls back to sequential."""
-    del mesh
+def _mesh_host_fns(step, placement: Placement, protocol, plan, n):
+    """The host engine's jitted pieces on a mesh: a step advances local run ``j`` (traced) of
+    every ``runs`` group by one minibatch; the epoch plan and end are vmapped over runs."""
+    dspec = P(DATA) if placement.shard_data else P()
+
+    def body(states, sums, data, perms, start, keys, j, *, size):
+        st = jax.tree.map(lambda x: lax.dynamic_index_in_dim(x, j, keepdims=False), states)
+        idx = lax.dynamic_slice(lax.dynamic_index_in_dim(perms, j, keepdims=False), (start,), (size,))
+        st, m = step(st, data, idx, lax.dynamic_index_in_dim(keys, j, keepdims=False))
+        states = jax.tree.map(lambda x, y: lax.dynamic_update_index_in_dim(x, y, j, 0), states, st)
+        sums = {k: sums[k].at[j].add(m[k] * size) for k in METRIC_KEYS}
+        return states, sums
+
+    @functools.lru_cache(maxsize=None)
+    def stepper(size):
+        fn = jax.shard_map(functools.partial(body, size=size), mesh=placement.mesh,
+                           in_specs=(P(RUNS), P(RUNS), dspec, P(RUNS), P(), P(RUNS), P()),
+                           out_specs=(P(RUNS), P(RUNS)), check_vma=False)
+        return jax.jit(fn, donate_argnums=(0, 1))
+
+    nsteps = plan[0] + (1 if plan[2] else 0)
+    plans = jax.jit(jax.vmap(lambda k: epoch_plan(k, n=n, nsteps=nsteps)))
+    close = jax.jit(jax.vmap(functools.partial(_close_epoch, rows=plan[0] * plan[1] + plan[2],
+                                               protocol=protocol)), donate_argnums=(0,))
+    return stepper, plans, close
+
+
+@functools.lru_cache(maxsize=32)
+def make_host_chunk_fn(net, protocol: EvalProtocol, chunk_epochs: int, strategy: str,
+                       placement: Placement = Placement(), n: int = 0):
+    """The host engine with the signature of :func:`make_chunk_fn`. One device: the repeats
+    one after another (``vmap`` is not offered: grouped convolutions are the slow path on the
+    CPU too). A mesh: every ``runs`` group advances its local runs step by step."""
+    plan = epoch_batches(protocol, n, placement)
+    step = placed_step(net, protocol, placement)
+    pad = functools.partial(_pad_epochs, chunk_epochs=chunk_epochs)
+    if placement.mesh is not None:
+        return _mesh_host_chunk(placement, *_mesh_host_fns(step, placement, protocol, plan, n),
+                                plan=plan, pad=pad)
 
     def fn(states, data, n_run):
-        n_run = int(n_run)
-        reps = jax.tree.leaves(states.epoch)[0].shape[0]
         finals, mets = [], []
-        for r in range(reps):
+        for r in range(jax.tree.leaves(states.epoch)[0].shape[0]):
             st = jax.tree.map(lambda a: a[r], states)
-            st, ms = _host_epochs(st, data, n_run, net=net, protocol=protocol)
+            st, ms = _host_epochs(st, data, int(n_run), step=step, protocol=protocol, plan=plan, n=n)
             finals.append(st)
-            pad = [{k: jnp.ones(()) if k == "finite" else jnp.zeros(()) for k in _EPOCH_KEYS}] * (chunk_epochs - n_run)
-            mets.append(jax.tree.map(lambda *xs: jnp.stack(xs), *(ms + pad)))
+            mets.append(pad(ms))
         stack = lambda *xs: jnp.stack(xs)  # noqa: E731
         return jax.tree.map(stack, *finals), jax.tree.map(stack, *mets)
 
     return fn
 
 
-ENGINES = ("auto", "scan", "host")
+def _pad_epochs(ms, *, chunk_epochs, axis=0):
+    """Per-epoch metric dicts -> one dict of ``chunk_epochs`` stacked entries (the epochs
+    skipped in a short chunk padded as :func:`make_chunk_fn` pads them)."""
+    shape = jnp.shape(ms[0]["loss"])
+    skip = {k: jnp.broadcast_to(v, shape) for k, v in _skipped_epoch().items()}
+    ms = list(ms) + [skip] * (chunk_epochs - len(ms))
+    return jax.tree.map(lambda *xs: jnp.stack(xs, axis), *ms)
 
 
-def default_engine(backend: Optional[str] = None) -> str:
-    """``host`` on the CPU (see above), ``scan`` elsewhere."""
-    return "host" if (backend or jax.default_backend()) == "cpu" else "scan"
+def _mesh_host_chunk(placement, stepper, plans, close, *, plan, pad):
+    nfull, b, last = plan
+
+    def fn(states, data, n_run):
+        r = jax.tree.leaves(states.epoch)[0].shape[0]
+        local = r // placement.n_runs
+        out = []
+        for _ in range(int(n_run)):
+            k_next, perms, keys = plans(states.key)
+            sums = placement.put_runs({k: np.zeros(r, np.float32) for k in METRIC_KEYS})
+            for j in range(local):
+                for s in range(nfull + (1 if last else 0)):
+                    size = b if s < nfull else last
+                    states, sums = stepper(size)(states, sums, data, perms, np.int32(s * b),
+                                                 keys[:, s], np.int32(j))
+            states, m = close(states, sums, k_next)
+            out.append(m)
+        return states, pad(out, axis=1)
+
+    return fn
 
 
 # ------------------------------------------------------------------------------- init/test
-def init_states(net, protocol, key, repeats: int, sample_images, hparams=None) -> EvalState:
-    """Stacked initial states of ``repeats`` independent repeats (leading axis ``R``).
+def init_states(net, protocol, key, repeats: int, sample_images, hparams=None, *,
+                first: int = 0) -> EvalState:
+    """Stacked initial states of repeats ``first .. first + repeats - 1`` (leading axis).
 
-    Repeat ``r`` uses ``jax.random.fold_in(key, r)`` (split into an init key and a training
-    key), so a repeat's result does not depend on how many repeats run or on the strategy.
-    ``hparams``: optional dict of scalars or ``[R]`` arrays (lr, lambda_front, lambda_rear),
-    e.g. for a vectorised lambda sweep.
+    Repeat ``r`` uses ``fold_in(key, r)`` (split into an init key and a training key), so a
+    repeat's result does not depend on how many repeats run, nor on the strategy or the
+    placement. ``key`` is the caller's stage key (``elf_jax.keys.stage_key``).
+    ``hparams``: optional dict of scalars or ``[repeats]`` arrays (lr, lambda_front,
+    lambda_rear), e.g. for a vectorised lambda sweep.
     """
     hparams = dict(hparams or {})
+    key = typed_key(key)
     states = []
-    for r in range(repeats):
-        k_init, k_train = jax.random.split(jax.random.fold_in(key, r))
-        hp = {k: jnp.asarray(v, jnp.float32).reshape(-1)[r] if jnp.ndim(v) else v for k, v in hparams.items()}
-        states.append(init_state(net, protocol, k_init, _raw(k_train), sample_images, hp))
+    for i in range(repeats):
+        k_init, k_train = jax.random.split(jax.random.fold_in(key, first + i))
+        hp = {k: jnp.asarray(v, jnp.float32).reshape(-1)[i] if jnp.ndim(v) else v for k, v in hparams.items()}
+        states.append(_init_one(net, protocol, k_init, jax.random.key_data(k_train), sample_images, hp))
     return jax.tree.map(lambda *xs: jnp.stack(xs), *states)
 
 
-def _raw(k):
-    """Raw uint32 key data of a typed or raw PRNG key."""
-    k = jnp.asarray(k) if not hasattr(k, "dtype") else k
-    return jax.random.key_data(k) if jnp.issubdtype(k.dtype, jax.dtypes.prng_key) else k
+@functools.partial(jax.jit, static_argnames=("net", "protocol"))
+def _init_one(net, protocol, k_init, k_train, sample, hp):
+    # jitted: an eager flax init compiles every op separately (seconds on the CPU)
+    return init_state(net, protocol, k_init, k_train, sample, hp)
 
 
 @functools.partial(jax.jit, static_argnames=("net",))
-def _test_counts(params, batch_stats, xs, ys, mask, *, net):
-    def per_repeat(pb):
-        p, bs = pb
-
-        def per_batch(b):
-            x, y, m = b
-            logits = net.apply(make_variables(p, bs), x, train=False)
-            return jnp.sum((jnp.argmax(logits, -1) == y) * m)
-
-        return jnp.sum(lax.map(per_batch, (xs, ys, mask)))
-
-    return lax.map(per_repeat, (params, batch_stats))
+def _count_correct(net, variables, x, y, mask):
+    logits = net.apply(variables, x, train=False)
+    return jnp.sum((jnp.argmax(logits, -1) == y) & mask)
 
 
-def test_accuracy(net, states: EvalState, test_images, test_labels, batch_size: int = 500) -> np.ndarray:
-    """Test accuracy of every repeat (BN in eval mode, no augmentation): ``[R]`` floats."""
-    test_images = np.asarray(test_images)
-    test_labels = np.asarray(test_labels)
-    if test_labels.ndim == 2:
-        test_labels = test_labels.argmax(-1)
-    n = test_images.shape[0]
-    tb = min(batch_size, n)
-    nb = -(-n // tb)
-    pad = nb * tb - n
-    xs = np.concatenate([test_images, np.zeros((pad,) + test_images.shape[1:], test_images.dtype)])
-    ys = np.concatenate([test_labels, np.zeros((pad,), test_labels.dtype)]).astype(np.int32)
-    mask = np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)])
-    counts = _test_counts(
-        states.params, states.batch_stats,
-        xs.reshape((nb, tb) + xs.shape[1:]), ys.reshape(nb, tb), mask.reshape(nb, tb), net=net,
-    )
-    return np.asarray(counts, np.float64) / n
+def test_accuracy(net, variables, images, labels, batch_size: int = 500) -> float:
+    """Top-1 accuracy of ``net`` (inference mode, no augmentation) on ``images``/``labels``
+    (hard ``[N]`` or soft ``[N, K]``), in fixed-size batches (one compilation; a Python loop,
+    since XLA:CPU runs convolutions inside loops slowly)."""
+    images = np.asarray(jax.device_get(images), np.float32)
+    labels = np.asarray(jax.device_get(labels))
+    labels = labels.argmax(-1) if labels.ndim == 2 else labels
+    n = images.shape[0]
+    if n == 0:
+        raise ValueError("test_accuracy: no images")
+    if labels.shape[0] != n:
+        raise ValueError(f"test_accuracy: {n} images but {labels.shape[0]} labels")
+    variables = {k: v for k, v in dict(variables).items() if k in ("params", "batch_stats") and v}
+    bs = int(min(batch_size, n))
+    correct = 0
+    for s in range(0, n, bs):
+        x, y = images[s:s + bs], labels[s:s + bs].astype(np.int32)
+        real = x.shape[0]
+        if real < bs:
+            x = np.concatenate([x, np.zeros((bs - real,) + x.shape[1:], x.dtype)])
+            y = np.concatenate([y, np.zeros(bs - real, np.int32)])
+        correct += int(_count_correct(net, variables, x, y, np.arange(bs) < real))
+    return correct / n
 
 
-# ------------------------------------------------------------------------------- driver
-def _fingerprint(*arrays) -> str:
-    h = hashlib.sha1()
-    for a in arrays:
-        if a is None:
-            h.update(b"none")
-            continue
-        a = np.ascontiguousarray(np.asarray(a))
-        h.update(str((a.shape, a.dtype.str)).encode())
-        h.update(a.tobytes())
-    return h.hexdigest()[:16]
+test_accuracy.__test__ = False  # not a pytest test when imported into a test module
 
 
-def _to_dict(state: EvalState) -> dict:
-    return dict(state._asdict())
+def repeat_accuracies(net, states: EvalState, images, labels, batch_size: int = 500) -> np.ndarray:
+    """:func:`test_accuracy` of every run of stacked ``states``: ``[R]``."""
+    states = jax.device_get(states)
+    r = np.shape(states.epoch)[0]
+    return np.asarray([test_accuracy(net, make_variables(*jax.tree.map(lambda a: a[i], (
+        states.params, states.batch_stats))), images, labels, batch_size) for i in range(r)])
 
 
-def run_evaluation(
-    net,
-    protocol: EvalProtocol,
-    images,
-    labels,
-    test_images,
-    test_labels,
-    features=None,
-    *,
-    repeats: int = 5,
-    key=None,
-    strategy: str = "auto",
-    engine: str = "auto",
-    chunk_epochs: Optional[int] = None,
-    workdir=None,
-    checkpoint_every: int = 100,
-    max_to_keep: int = 2,
-    hparams: Optional[Mapping[str, Any]] = None,
-    mesh=None,
-    progress: bool = True,
-    desc: str = "eval",
-    run_info: Optional[Mapping[str, Any]] = None,
-    return_states: bool = False,
-) -> dict:
-    """Trains ``repeats`` fresh copies of ``net`` on ``(images, features, labels)`` with
-    ``protocol`` and returns their test accuracies.
+# ------------------------------------------------------------------------------- the engine
+def _resume(mngr, states, meta):
+    """``(states, start epoch)`` from the newest checkpoint (refused when its settings or
+    format differ)."""
+    from elf_jax.checkpoint import check_expect
+
+    latest = mngr.latest_step()
+    if latest is None:
+        return states, 0
+    saved = mngr.read_meta(latest)
+    where = f"checkpoints in {mngr.directory}"
+    if saved.get("kind") != meta["kind"]:
+        raise ValueError(
+            f"{where} were written in format {saved.get('kind')!r}, but this version of elf_jax "
+            f"writes {meta['kind']!r} (the random streams changed, so they cannot be continued "
+            "exactly); delete that directory or use another workdir to start over")
+    check_expect(saved, meta, where=f"{where} (use another workdir or delete it to start over)")
+    restored, _ = mngr.restore(latest, like=dict(states._asdict()))
+    states = EvalState(**restored)
+    return states, int(np.asarray(jax.device_get(states.epoch)).reshape(-1)[0])
+
+
+def _first_bad(ms, epoch, num_epochs, desc, mngr):
+    bad = ~np.isfinite(ms["loss"]) | (ms["finite"] < 1)
+    if not bad.any():
+        return
+    e = int(np.argwhere(bad.any(0))[0, 0])  # the first bad epoch, then its repeat
+    r = int(np.argwhere(bad[:, e])[0, 0])
+    last_good = mngr.latest_step() if mngr is not None else None
+    where = (f"the last good checkpoint (epoch {last_good}) is kept in {mngr.directory}"
+             if last_good is not None else "no checkpoint was written" if mngr is not None
+             else "no workdir was given, so nothing was saved")
+    raise EvaluationDiverged(
+        f"{desc}: the training diverged (NaN/Inf loss or parameters) at repeat {r}, epoch "
+        f"{epoch + e} (of 0..{num_epochs - 1}); stopping. {where}. Lower the learning rate or "
+        "check the synthetic set / feature bank for extreme values.")
+
+
+def fit(net, protocol: EvalProtocol, data: Mapping[str, Any], states: EvalState, *,
+        num_epochs: Optional[int] = None, placement: Any = None, engine: str = "auto",
+        strategy: str = "sequential", chunk_epochs: Optional[int] = None, workdir=None,
+        checkpoint_every: int = 100, max_to_keep: Optional[int] = 2,
+        meta: Optional[Mapping[str, Any]] = None,
+        on_chunk: Optional[Callable[[int, EvalState, dict], None]] = None,
+        progress: bool = True, desc: str = "train") -> tuple:
+    """Trains the stacked runs ``states`` (``[R, ...]``, :func:`init_states`) on ``data``.
 
     Args:
-      net: Flax module (``elf_jax.models.get_model``).
-      images: ``[N,H,W,C]``; labels: int ``[N]`` or float ``[N,K]``; features: the teacher
-        feature bank ``[N, ...front shape]`` (needed unless ``protocol.mode == "task"``).
-      test_images, test_labels: the real test set.
-      repeats, key: number of repeats and the base PRNG key (default ``PRNGKey(0)``).
-      strategy: ``auto`` | ``sequential`` | ``vmap`` | ``devices`` (see module docstring).
-      engine: ``auto`` | ``scan`` (epochs under ``lax.scan`` in one executable per chunk) |
-        ``host`` (jitted steps dispatched from Python; the CPU default, see "host engine").
-      chunk_epochs: epochs per compiled call (default ``checkpoint_every``, at most the run).
-      workdir: if set, checkpoints go to ``workdir/checkpoints`` every ``checkpoint_every``
-        epochs (rounded to whole chunks) and an existing run there is resumed.
-      hparams: per-repeat overrides of ``lr``/``lambda_front``/``lambda_rear`` (scalars or
-        ``[R]``), e.g. a vectorised lambda sweep.
-      run_info: extra JSON metadata that must match on resume (e.g. the architecture name).
-    Returns: dict with ``accs`` ``[R]``, ``mean``, ``std``, ``train_loss``/``train_acc``
-      ``[R, E+1]``, ``seconds`` (training wall time in this call), ``strategy``,
-      ``resumed_from`` (epoch or None), and ``states`` if ``return_states``.
+      data: ``{"images" [N,H,W,C], "labels" [N] or [N,K], "features"?}`` host or device arrays.
+      num_epochs: epochs to run (default ``protocol.num_epochs``; fewer, e.g. for a teacher
+        trained for ``E`` epochs with the schedule of ``E``).
+      placement: None (one device), a ``ParallelConfig``/config section, or a ``Placement``.
+      engine: ``auto`` | ``scan`` | ``host``; strategy: ``sequential`` | ``vmap`` (one device).
+      chunk_epochs: epochs per compiled call (default ``checkpoint_every``).
+      workdir: checkpoints in ``workdir`` every ``checkpoint_every`` epochs (rounded to whole
+        chunks); an existing run there with the same ``meta`` is resumed.
+      meta: JSON settings stored with the checkpoints that must match on resume.
+      on_chunk: ``on_chunk(epochs_done, states, metrics)`` after each chunk, before its
+        checkpoint (teachers save a snapshot per epoch here).
+    Returns: ``(states, history {metric: [R, num_epochs]}, info)``; info holds ``seconds``,
+      ``resumed_from``, ``engine``, ``chunk_epochs``, ``placement``, ``net`` (the network as
+      built for one device, e.g. for testing).
     """
     t0 = time.perf_counter()
-    key = jax.random.PRNGKey(0) if key is None else key
-    if strategy == "auto":
-        strategy = default_repeat_strategy(arch=type(net).__name__, dtype=protocol.dtype)
-    if strategy not in REPEAT_STRATEGIES[1:]:
-        raise ValueError(f"unknown repeat strategy {strategy!r}; choose one of {REPEAT_STRATEGIES}")
-    if strategy == "devices":
-        ndev = mesh.size if mesh is not None else jax.device_count()
-        if repeats % ndev:
-            raise ValueError(f"strategy 'devices': {repeats} repeats do not divide over {ndev} devices")
-
-    need_f = mode_needs_features(protocol.mode)
-    data = {"images": jnp.asarray(images, jnp.float32), "labels": jnp.asarray(labels)}
-    if need_f:
-        if features is None:
-            raise ValueError(f"loss mode {protocol.mode!r} needs the teacher feature bank (features=None)")
-        data["features"] = jnp.asarray(features, jnp.float32)
-    num_epochs = protocol.num_epochs
-    k = chunk_epochs or checkpoint_every or num_epochs
-    k = max(1, min(int(k), num_epochs))
+    placement = Placement.of(placement)
+    num_epochs = protocol.num_epochs if num_epochs is None else int(num_epochs)
+    n = int(np.shape(data["images"])[0])
+    k = max(1, min(int(chunk_epochs or checkpoint_every or num_epochs), max(num_epochs, 1)))
     ckpt_every = max(k, (max(1, checkpoint_every) // k) * k) if checkpoint_every else k
-
-    states = init_states(net, protocol, key, repeats, data["images"][:1], hparams)
-    key_data = np.asarray(_raw(key))
-    meta = {
-        "kind": "elf_jax.eval_run/1",
-        "net": type(net).__name__,
-        "net_config": repr(net),
-        "protocol": protocol.to_dict(),
-        "repeats": int(repeats),
-        "key": key_data.tolist(),
-        "data": _fingerprint(images, labels, features),
-        "hparams": {k_: np.asarray(v).tolist() for k_, v in (hparams or {}).items()},
-        **dict(run_info or {}),
-    }
-
-    mngr = None
-    start = 0
-    resumed_from = None
-    if workdir is not None:
-        from elf_jax.checkpoint import StepCheckpoints, check_expect
-
-        mngr = StepCheckpoints(Path(workdir) / "checkpoints", max_to_keep=max_to_keep)
-        latest = mngr.latest_step()
-        if latest is not None:
-            saved_meta = mngr.read_meta(latest)
-            check_expect(saved_meta, {k_: v for k_, v in meta.items()},
-                         where=f"evaluation checkpoints in {mngr.directory} (use another workdir "
-                               "or delete it to start over)")
-            restored, _ = mngr.restore(latest, like=_to_dict(states))
-            states = EvalState(**restored)
-            start = int(np.asarray(states.epoch).reshape(-1)[0])
-            resumed_from = start
-
-    history = {k_: np.zeros((repeats, num_epochs), np.float32) for k_ in METRIC_KEYS}
-    if start:
-        hist_path = Path(workdir) / "checkpoints" / f"history_{start}.npz"
-        if hist_path.exists():
-            with np.load(hist_path) as z:
-                for k_ in METRIC_KEYS:
-                    history[k_][:, :start] = z[k_][:, :start]
-
+    engine = default_engine() if engine == "auto" else engine
+    if engine not in ENGINES[1:]:
+        raise ValueError(f"unknown engine {engine!r}; choose one of {ENGINES}")
+    if engine == "host" and strategy == "vmap" and placement.mesh is None:
+        engine = "scan"  # the host engine runs repeats one after another
+    repeats = int(np.shape(states.epoch)[0])
+    if placement.mesh is not None:
+        states = placement.put_runs(jax.device_get(states))
+    dtypes = {"images": jnp.float32}
+    if "features" in data:
+        dtypes["features"] = jnp.bfloat16 if placement.config.bank_dtype == "bfloat16" else jnp.float32
+    on_dev = place_rows(data, placement, dtypes)
     # lr and lambdas live in state.hparams: fields that do not change the compiled program
     # are normalised so that such runs share one executable
     compiled = dataclasses.replace(protocol, lr=0.0, lambda_front=0.0, lambda_rear=0.0,
                                    use_learned_lr=False, test_batch_size=1)
-    if engine == "auto":
-        engine = default_engine()
-    if engine not in ENGINES[1:]:
-        raise ValueError(f"unknown engine {engine!r}; choose one of {ENGINES}")
-    if engine == "host" and strategy == "sequential":
-        chunk_fn = make_host_chunk_fn(net, compiled, k, strategy, mesh)
-    else:
-        engine = "scan"
-        chunk_fn = make_chunk_fn(net, compiled, k, strategy, mesh)
+    factory = make_host_chunk_fn if engine == "host" else make_chunk_fn
+    chunk_fn = factory(net, compiled, k, strategy, placement, n)
+    meta = {"kind": EVAL_FORMAT, **dict(meta or {})}
+
+    mngr, start = None, 0
+    if workdir is not None:
+        from elf_jax.checkpoint import StepCheckpoints
+
+        mngr = StepCheckpoints(Path(workdir), max_to_keep=max_to_keep)
+        states, start = _resume(mngr, states, meta)
+    history = _load_history(workdir, start, repeats, num_epochs)
     bar = None
     if progress and start < num_epochs:
         from tqdm.auto import tqdm
@@ -477,53 +518,127 @@ def run_evaluation(
         epoch = start
         while epoch < num_epochs:
             n_run = min(k, num_epochs - epoch)
-            states, ms = chunk_fn(states, data, jnp.asarray(n_run, jnp.int32))
-            ms = {k_: np.asarray(v)[:, :n_run] for k_, v in ms.items()}
-            bad = ~np.isfinite(ms["loss"]) | (ms["finite"] < 1)
-            if bad.any():
-                e = int(np.argwhere(bad.any(0))[0, 0])  # the first bad epoch, then its repeat
-                r = int(np.argwhere(bad[:, e])[0, 0])
-                last_good = mngr.latest_step() if mngr is not None else None
-                where = (f"the last good checkpoint (epoch {last_good}) is kept in {mngr.directory}"
-                         if last_good is not None else "no checkpoint was written"
-                         if mngr is not None else "no workdir was given, so nothing was saved")
-                raise EvaluationDiverged(
-                    f"{desc}: the training diverged (NaN/Inf loss or parameters) at repeat {r}, "
-                    f"epoch {epoch + e} (of 0..{protocol.epochs}); stopping. {where}. Lower the "
-                    "learning rate or check the synthetic set / feature bank for extreme values.")
+            states, ms = chunk_fn(states, on_dev, jnp.asarray(n_run, jnp.int32))
+            ms = {k_: np.asarray(jax.device_get(v))[:, :n_run] for k_, v in ms.items()}
+            _first_bad(ms, epoch, num_epochs, desc, mngr)
             for k_ in METRIC_KEYS:
-                history[k_][:, epoch : epoch + n_run] = ms[k_]
+                history[k_][:, epoch: epoch + n_run] = ms[k_]
             epoch += n_run
             if bar is not None:
                 bar.set_postfix(loss=f"{float(ms['loss'][:, -1].mean()):.4f}")
                 bar.update(n_run)
+            if on_chunk is not None:
+                on_chunk(epoch, states, ms)
             if mngr is not None and (epoch % ckpt_every == 0 or epoch == num_epochs):
-                np.savez(Path(workdir) / "checkpoints" / f"history_{epoch}.npz", **history)
-                mngr.save(epoch, _to_dict(states), {**meta, "epoch": epoch})
-                for old in (Path(workdir) / "checkpoints").glob("history_*.npz"):
-                    step_ = int(old.stem.split("_")[1])
-                    if step_ not in mngr.all_steps():
-                        old.unlink(missing_ok=True)
+                _save(mngr, workdir, epoch, states, meta, history)
     finally:
         if bar is not None:
             bar.close()
         if mngr is not None:
             mngr.close()
-    train_seconds = time.perf_counter() - t0
-    accs = test_accuracy(net, states, test_images, test_labels, protocol.test_batch_size)
-    out = {
-        "accs": accs,
-        "mean": float(np.mean(accs)),
-        "std": float(np.std(accs)),
-        "train_loss": history["loss"],
-        "train_acc": history["acc"],
-        "history": history,
-        "seconds": train_seconds,
-        "strategy": strategy,
-        "resumed_from": resumed_from,
-        "chunk_epochs": k,
-        "engine": engine,
-    }
+    info = {"seconds": time.perf_counter() - t0, "resumed_from": start or None, "engine": engine,
+            "chunk_epochs": k, "placement": placement.describe(), "net": with_bn_axis(net, None)}
+    return states, history, info
+
+
+def _fingerprint(*arrays) -> str:  # TODO(merge): elf_jax.checkpoint.fingerprint
+    import hashlib
+
+    h = hashlib.sha1()
+    for a in arrays:
+        a = np.ascontiguousarray(np.asarray(a))
+        h.update(str((a.shape, a.dtype.str)).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()[:16]
+
+
+def _load_history(workdir, start, repeats, num_epochs):
+    history = {k: np.zeros((repeats, num_epochs), np.float32) for k in METRIC_KEYS}
+    path = None if not start else Path(workdir) / f"history_{start}.npz"
+    if path is not None and path.exists():
+        with np.load(path) as z:
+            for k in METRIC_KEYS:
+                history[k][:, :start] = z[k][:, :start]
+    return history
+
+
+def _save(mngr, workdir, epoch, states, meta, history):
+    np.savez(Path(workdir) / f"history_{epoch}.npz", **history)
+    mngr.save(epoch, dict(states._asdict()), {**meta, "epoch": epoch})
+    for old in Path(workdir).glob("history_*.npz"):
+        if int(old.stem.split("_")[1]) not in mngr.all_steps():
+            old.unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------------------- evaluation
+def _resolve_placement(strategy, placement, mesh):
+    """``devices`` is a placement: every device its share of the repeats."""
+    if strategy == "devices":
+        return "sequential", Placement.repeats_over_devices() if placement is None and mesh is None \
+            else Placement.of(placement or "shard_map", mesh)
+    return strategy, Placement.of(placement, mesh)
+
+
+def run_evaluation(net, protocol: EvalProtocol, images, labels, test_images, test_labels,
+                   features=None, *, repeats: int = 5, key=None, strategy: str = "auto",
+                   engine: str = "auto", chunk_epochs: Optional[int] = None, workdir=None,
+                   checkpoint_every: int = 100, max_to_keep: int = 2,
+                   hparams: Optional[Mapping[str, Any]] = None, placement: Any = None, mesh=None,
+                   progress: bool = True, desc: str = "eval",
+                   run_info: Optional[Mapping[str, Any]] = None,
+                   return_states: bool = False) -> dict:
+    """Trains ``repeats`` fresh copies of ``net`` on ``(images, features, labels)`` with
+    ``protocol`` and returns their test accuracies.
+
+    Args:
+      net: Flax module (``elf_jax.models.get_model``).
+      images: ``[N,H,W,C]``; labels: int ``[N]`` or float ``[N,K]``; features: the teacher
+        feature bank ``[N, ...front shape]`` (needed unless ``protocol.mode == "task"``).
+      test_images, test_labels: the real test set.
+      repeats, key: number of repeats and the base key (default ``PRNGKey(0)``); repeat ``r``
+        starts from ``fold_in(stage_key(key, "evaluate"), r)``: never a teacher's or an
+        expert's initialization, the same for every loss mode (paired comparisons).
+      strategy: ``auto`` | ``sequential`` | ``vmap`` | ``devices`` (the repeats spread over
+        all devices: a placement).
+      engine: ``auto`` | ``scan`` | ``host`` (see the module docstring).
+      placement, mesh: where to train (:func:`fit`); a ``("runs", "data")`` mesh trains every
+        step data parallel.
+      workdir: checkpoints go to ``workdir/checkpoints``; an existing run there is resumed.
+      hparams: per-repeat ``lr``/``lambda_front``/``lambda_rear`` (scalars or ``[R]``).
+      run_info: extra JSON metadata that must match on resume (e.g. the architecture name).
+    Returns: dict with ``accs`` ``[R]``, ``mean``, ``std``, ``train_loss``/``train_acc``
+      ``[R, E+1]``, ``history``, ``seconds``, ``strategy``, ``engine``, ``resumed_from``,
+      ``chunk_epochs``, ``placement`` and ``states`` if ``return_states``.
+    """
+    key = jax.random.PRNGKey(0) if key is None else key
+    if strategy == "auto":
+        strategy = default_repeat_strategy(arch=type(net).__name__, dtype=protocol.dtype)
+    if strategy not in REPEAT_STRATEGIES[1:]:
+        raise ValueError(f"unknown repeat strategy {strategy!r}; choose one of {REPEAT_STRATEGIES}")
+    label, (strategy, placement) = strategy, _resolve_placement(strategy, placement, mesh)
+    data = {"images": np.asarray(jax.device_get(images), np.float32),
+            "labels": np.asarray(jax.device_get(labels))}
+    if mode_needs_features(protocol.mode):
+        if features is None:
+            raise ValueError(f"loss mode {protocol.mode!r} needs the teacher feature bank (features=None)")
+        data["features"] = np.asarray(jax.device_get(features), np.float32)
+    base = stage_key(key, "evaluate")
+    states = init_states(net, protocol, base, repeats, jnp.asarray(data["images"][:1]), hparams)
+    meta = {"net": type(net).__name__, "net_config": repr(net), "protocol": protocol.to_dict(),
+            "repeats": int(repeats), "key": np.asarray(raw_key(key)).tolist(),
+            "data": _fingerprint(*data.values()),
+            "hparams": {k: np.asarray(v).tolist() for k, v in (hparams or {}).items()},
+            **dict(run_info or {})}
+    states, history, info = fit(
+        net, protocol, data, states, placement=placement, engine=engine, strategy=strategy,
+        chunk_epochs=chunk_epochs, workdir=None if workdir is None else Path(workdir) / "checkpoints",
+        checkpoint_every=checkpoint_every, max_to_keep=max_to_keep, meta=meta,
+        progress=progress, desc=desc)
+    accs = repeat_accuracies(info["net"], states, test_images, test_labels, protocol.test_batch_size)
+    out = {"accs": accs, "mean": float(np.mean(accs)), "std": float(np.std(accs)),
+           "train_loss": history["loss"], "train_acc": history["acc"], "history": history,
+           "strategy": label if placement.mesh is None else f"{label} ({placement.describe()})",
+           **{k: info[k] for k in ("seconds", "engine", "resumed_from", "chunk_epochs", "placement")}}
     if return_states:
-        out["states"] = states
+        out["states"] = jax.device_get(states)
     return out
