@@ -17,14 +17,12 @@ ConvNet teacher; ResNet18/VGG11 fronts are 4x4x512 and take ConvNetW512), unless
 `config.teacher.override_arch` names one teacher for all.
 
 Parallelism: an optional `config.parallel` section (`elf_jax.parallel.ParallelConfig`:
-`parallel = "none" | "pmap" | "shard_map"`, mesh `runs` x `data`, ...) chooses how the
-evaluation's train steps run. "none" (or no section): `elf_jax.elf.evaluate.cross_evaluate`
-on one device, checkpointed inside each run. "pmap"/"shard_map":
-`elf_jax.parallel.evaluate.cross_evaluate_parallel` (memory estimate printed and checked
-first, every step data parallel, repeats side by side on the `runs` axis), each finished
-(arch, mode) kept in eval/<arch>/<mode>/parallel_result.json; results.json has the same
-format plus a `parallel` entry (mode, mesh, devices). Teachers, the synthetic set and the
-banks are made on one device either way. Several processes: `config.distributed` (the CLI
+`parallel = "none" | "shard_map"`, mesh `runs` x `data`, ...) places the one training engine:
+"none" (or no section) trains on one device; "shard_map" trains every step data parallel
+on a `("runs", "data")` mesh (evaluation repeats side by side on `runs`; the teachers on
+all devices, `runs` = 1), with the memory estimate of each evaluation printed and checked
+first. Checkpoints, resume and results.json are the same either way (results.json adds a
+`parallel` entry: mode, mesh, devices). Several processes: `config.distributed` (the CLI
 calls `elf_jax.parallel.distributed.initialize` with it).
 """
 
@@ -114,10 +112,17 @@ def stage_teachers(config, workdir) -> dict[str, str]:
             batch_size=int(t.batch_size), dsa_strategy=t.dsa_strategy,
             lr_decay_at_half=bool(t.lr_decay), seed=int(config.seed), dtype=config.dtype,
             model_kwargs=_teacher_model_kwargs(config), test_dataset=test,
+            parallel=_teacher_placement(config),
         )
         acc = _final_test_acc(traj)
         _log(f"[teacher] {teacher}: test accuracy {acc} ({time.perf_counter() - start:.0f} s)")
     return mapping
+
+
+def _teacher_placement(config):
+    """The evaluation's placement with one run: a teacher trains on all devices."""
+    pc = parallel_config(config)
+    return pc if pc.parallel == "none" else pc.replace(runs=1, data=0)
 
 
 def _final_test_acc(traj) -> str:
@@ -253,23 +258,20 @@ def stage_evaluate(config, workdir, synset=None, banks=None) -> dict:
         _log(f"[evaluate] {arch:<12} {mode:<16} {100 * entry['mean']:.2f} ± "
              f"{100 * entry['std']:.2f}  ({entry['seconds']:.0f} s, {entry['strategy']})")
 
-    common = dict(
+    out = cross_evaluate(
+        list(config.eval.pool), synset.images, synset.labels, test.images, test.labels,
         features=banks, modes=tuple(config.eval.modes), protocol=_protocol(config),
         repeats=int(config.eval.repeats), key=jax.random.PRNGKey(config.seed),
         workdir=Path(workdir) / "eval", num_classes=synset.num_classes,
         learned_lr=synset.lr, model_overrides=lambda a: _model_overrides(config, a),
-        on_result=on_result,
-    )
-    args = (list(config.eval.pool), synset.images, synset.labels, test.images, test.labels)
-    if pc.parallel == "none":
-        out = cross_evaluate(*args, strategy=config.eval.repeat_strategy,
-                             checkpoint_every=int(config.eval.checkpoint_every), **common)
-    else:
-        from elf_jax.parallel.evaluate import cross_evaluate_parallel
+        strategy=config.eval.repeat_strategy, checkpoint_every=int(config.eval.checkpoint_every),
+        parallel=pc, on_result=on_result, log=_log)
+    if pc.parallel != "none":
+        from elf_jax.parallel import Placement
 
-        meta["parallel"] = {"mode": pc.parallel}  # the partial results.json says it too
-        out = cross_evaluate_parallel(*args, config=pc, log=_log, **common)
-        meta["parallel"] = out.pop("parallel")
+        pl = Placement.of(pc)
+        meta["parallel"] = {"mode": pc.parallel, "mesh": [pl.n_runs, pl.n_data],
+                            "devices": jax.device_count(), "processes": jax.process_count()}
     full = {**meta, **out}
     full.pop("summary", None)
     _write_json(Path(workdir) / "results.json", full)

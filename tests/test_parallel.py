@@ -138,9 +138,12 @@ def test_equivalence_convnet_8_devices():
     # per-device DSA draws (each device its own group): runs, and is another computation
     assert np.all(np.isfinite(res["shard_map_dsa_per_device"]["losses"]))
     assert res["shard_map_dsa_per_device"]["max_param_diff_vs_none"] > 1e-6
-    # the runs axis: 2 repeats x 4 data devices == runner (one device, sequential repeats)
-    assert res["loop"]["max_param_diff"] < PARAM_ATOL, res["loop"]
-    np.testing.assert_allclose(res["loop"]["losses"], res["loop"]["runner_losses"], rtol=LOSS_RTOL)
+    # the engine on the runs axis: 2 repeats x 4 data devices == one device, both engines
+    for engine in ("host", "scan"):
+        r = res["loop"][engine]
+        assert r["max_param_diff"] < PARAM_ATOL, (engine, r)
+        np.testing.assert_allclose(r["losses"], res["loop"]["runner_losses"], rtol=LOSS_RTOL)
+        assert r["strategy"] == "sequential (mesh runs=2 x data=4)"
     # bad input on 8 devices
     assert "does not divide over the 8 devices" in res["errors"]["batch"]
     assert "needs 9 devices but 8" in res["errors"]["mesh"]
@@ -222,10 +225,10 @@ def _case_equiv(name, hw, steps):
 
 
 def _case_loop(net):
+    """The engine on a (runs=2, data=4) mesh == the engine on one device, both engines."""
     import jax
 
     from elf_jax.parallel import ParallelConfig
-    from elf_jax.parallel.loop import train_parallel
     from elf_jax.train.protocol import EvalProtocol
     from elf_jax.train.runner import run_evaluation
 
@@ -233,19 +236,23 @@ def _case_loop(net):
     x = np.asarray(jax.random.normal(jax.random.key(1), (32, 16, 16, 3)))
     y = np.arange(32) % 10
     f = np.asarray(jax.random.uniform(jax.random.key(5), (32, 2, 2, 16)))
-    ref = run_evaluation(net, proto, x, y, x[:8], y[:8], f, repeats=2, key=jax.random.PRNGKey(3),
-                         progress=False, return_states=True, strategy="sequential")
-    st, h, info = train_parallel(net, proto, x, y, f, repeats=2, key=jax.random.PRNGKey(3),
-                                 config=ParallelConfig(parallel="shard_map", runs=2, bank_dtype="float32"))
-    return {"max_param_diff": _max_diff(ref["states"].params, st.params),
-            "losses": h["loss"].tolist(), "runner_losses": ref["train_loss"].tolist()}
+    common = dict(repeats=2, key=jax.random.PRNGKey(3), progress=False, return_states=True,
+                  strategy="sequential")
+    ref = run_evaluation(net, proto, x, y, x[:8], y[:8], f, engine="scan", **common)
+    out = {"runner_losses": ref["train_loss"].tolist()}
+    pc = ParallelConfig(parallel="shard_map", runs=2, bank_dtype="float32")
+    for engine in ("host", "scan"):
+        r = run_evaluation(net, proto, x, y, x[:8], y[:8], f, engine=engine, placement=pc, **common)
+        out[engine] = {"max_param_diff": _max_diff(ref["states"].params, r["states"].params),
+                       "losses": r["train_loss"].tolist(), "strategy": r["strategy"]}
+    return out
 
 
 def _case_errors(net, proto, st0, batch):
     import jax
 
     from elf_jax.parallel import DataParallel, ParallelConfig, make_mesh
-    from elf_jax.parallel.loop import train_parallel
+    from elf_jax.train.runner import run_evaluation
 
     errs = {}
     dp = DataParallel(net, proto, ParallelConfig(parallel="shard_map"))
@@ -257,13 +264,13 @@ def _case_errors(net, proto, st0, batch):
         make_mesh(runs=3, data=3)
     except ValueError as e:
         errs["mesh"] = str(e)
-    for label, kw in (("repeats", dict(repeats=3, config=ParallelConfig(parallel="shard_map", runs=2))),
-                      ("remainder", dict(repeats=1, config=ParallelConfig(parallel="shard_map")))):
+    for label, kw in (("repeats", dict(repeats=3, placement=ParallelConfig(parallel="shard_map", runs=2))),
+                      ("remainder", dict(repeats=1, placement=ParallelConfig(parallel="shard_map")))):
         n = 36 if label == "remainder" else 32  # 36 = 24 + 12: 12 rows do not split over 8
         x, y = np.zeros((n, 16, 16, 3), np.float32), np.arange(n) % 10
-        p = proto.replace(mode="task", batch_size=24 if label == "remainder" else 16)
+        p = proto.replace(mode="task", batch_size=24 if label == "remainder" else 16, epochs=0)
         try:
-            train_parallel(net, p, x, y, repeats=kw["repeats"], config=kw["config"], max_epochs=1)
+            run_evaluation(net, p, x, y, x, y, progress=False, **kw)
         except ValueError as e:
             errs[label] = str(e)
     return errs

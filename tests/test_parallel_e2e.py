@@ -38,14 +38,15 @@ def test_imagenet64_shard_map_config_end_to_end(tmp_path):
     r = res["results"]["ConvNetD4"]["front_rear_task"]
     assert len(r["accs"]) == 2 and all(0.0 <= a <= 1.0 for a in r["accs"])
     assert np.all(np.isfinite(r["final_train_loss"]))
-    assert r["strategy"] == "shard_map (runs=2 x data=4)"
+    assert r["strategy"] == "sequential (mesh runs=2 x data=4)"
     assert "memory estimate per device (mesh runs=2 x data=4" in res["log"]
     assert "feature bank (bfloat16)" in res["log"]
     assert (tmp_path / "run" / "results.md").stat().st_size > 0
-    # `elf-jax evaluate` again: the finished run is reused, the results are the same
+    assert r["resumed_from"] is None
+    # `elf-jax evaluate` again: the finished runs resume at their last epoch, same results
     again = run_case("e2e", str(tmp_path), "evaluate", script=HERE)
-    assert "reusing the finished run" in again["log"]
-    assert again["results"] == res["results"]
+    a = again["results"]["ConvNetD4"]["front_rear_task"]
+    assert a["resumed_from"] == 2 and a["accs"] == r["accs"]
 
 
 def _cli(*args) -> str:

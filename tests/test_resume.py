@@ -1,5 +1,6 @@
 """Kill an evaluation with SIGKILL after its first checkpoint, start the same command again,
-and check that it ends with exactly the accuracies and parameters of an uninterrupted run.
+and check that it ends with exactly the accuracies and parameters of an uninterrupted run:
+on one device, and data parallel on a (runs=2, data=4) mesh of 8 simulated CPU devices.
 
 The evaluation runs in subprocesses (this file is also the script they run).
 """
@@ -12,25 +13,30 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 EPOCHS = 59  # 60 epochs in chunks of 2, a checkpoint after each chunk
 
 
-def _main(workdir: str, out: str) -> None:
+def _main(workdir: str, out: str, placement: str) -> None:
     import jax
 
     from elf_jax.elf import evaluate_synset
+    from elf_jax.parallel import ParallelConfig
     from elf_jax.train import EvalProtocol
 
+    mesh = placement == "mesh"
+    n, batch = (16, 8) if mesh else (13, 5)  # on the mesh, batches split over 4 devices
     rng = np.random.default_rng(0)
-    x = rng.normal(size=(13, 16, 16, 3)).astype(np.float32)
-    y = (np.arange(13) % 4).astype(np.int32)
-    f = np.abs(rng.normal(size=(13, 2, 2, 8))).astype(np.float32)
-    p = EvalProtocol(epochs=EPOCHS, batch_size=5, dsa_strategy="flip_crop")
+    x = rng.normal(size=(n, 16, 16, 3)).astype(np.float32)
+    y = (np.arange(n) % 4).astype(np.int32)
+    f = np.abs(rng.normal(size=(n, 2, 2, 8))).astype(np.float32)
+    p = EvalProtocol(epochs=EPOCHS, batch_size=batch, dsa_strategy="flip_crop")
     r = evaluate_synset(
         "ConvNetBN", x, y, x, y, f, p, repeats=2, key=jax.random.PRNGKey(7),
         workdir=None if workdir == "-" else workdir, chunk_epochs=2, checkpoint_every=2,
         model_overrides={"width": 8}, progress=False, return_states=True,
+        parallel=ParallelConfig(parallel="shard_map", runs=2, data=4) if mesh else None,
     )
     st = r["states"]
     leaves = jax.tree.leaves((st.params, st.batch_stats, st.opt_state, st.key, st.epoch))
@@ -39,20 +45,23 @@ def _main(workdir: str, out: str) -> None:
              **{f"leaf{i}": np.asarray(v) for i, v in enumerate(leaves)})
 
 
-def _cmd(workdir, out):
-    return [sys.executable, __file__, str(workdir), str(out)]
+def _cmd(workdir, out, placement):
+    return [sys.executable, __file__, str(workdir), str(out), placement]
 
 
-def _env():
+def _env(placement):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
+    if placement == "mesh":
+        env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
     return env
 
 
-def test_sigkill_and_resume_is_exact(tmp_path):
+@pytest.mark.parametrize("placement", ["one_device", "mesh"])
+def test_sigkill_and_resume_is_exact(tmp_path, placement):
     wd = tmp_path / "run"
     # the interrupted run: SIGKILL as soon as the first checkpoint is committed
-    proc = subprocess.Popen(_cmd(wd, tmp_path / "killed.npz"), env=_env(),
+    proc = subprocess.Popen(_cmd(wd, tmp_path / "killed.npz", placement), env=_env(placement),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     first = wd / "checkpoints" / "2"
     deadline = time.time() + 300
@@ -66,10 +75,10 @@ def test_sigkill_and_resume_is_exact(tmp_path):
     assert alive, "the run finished before it could be killed; raise EPOCHS"
     assert not (tmp_path / "killed.npz").exists()
     # the same command again resumes ...
-    res = subprocess.run(_cmd(wd, tmp_path / "resumed.npz"), env=_env(), capture_output=True)
+    res = subprocess.run(_cmd(wd, tmp_path / "resumed.npz", placement), env=_env(placement), capture_output=True)
     assert res.returncode == 0, res.stderr.decode(errors="replace")[-3000:]
     # ... and an uninterrupted run without checkpoints is the reference
-    ref = subprocess.run(_cmd("-", tmp_path / "ref.npz"), env=_env(), capture_output=True)
+    ref = subprocess.run(_cmd("-", tmp_path / "ref.npz", placement), env=_env(placement), capture_output=True)
     assert ref.returncode == 0, ref.stderr.decode(errors="replace")[-3000:]
     a, b = np.load(tmp_path / "resumed.npz"), np.load(tmp_path / "ref.npz")
     assert 2 <= int(a["resumed"]) < EPOCHS + 1 and int(b["resumed"]) == -1
@@ -82,4 +91,4 @@ def test_sigkill_and_resume_is_exact(tmp_path):
 
 
 if __name__ == "__main__":
-    _main(sys.argv[1], sys.argv[2])
+    _main(sys.argv[1], sys.argv[2], sys.argv[3])

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from elf_jax.elf.losses import mode_needs_features
+from elf_jax.parallel.placement import Placement
 from elf_jax.train.protocol import EvalProtocol
 from elf_jax.train.runner import run_evaluation
 
@@ -236,6 +237,7 @@ def evaluate_synset(
     checkpoint_every: int = 100,
     model_overrides: Optional[Mapping[str, Any]] = None,
     hparams: Optional[Mapping[str, Any]] = None,
+    parallel: Any = None,
     progress: bool = True,
     return_states: bool = False,
 ) -> dict:
@@ -255,6 +257,8 @@ def evaluate_synset(
       strategy: repeat strategy (``auto`` | ``sequential`` | ``vmap`` | ``devices``).
       model_overrides: ``get_model`` overrides (e.g. ``width``).
       hparams: per-repeat ``lr``/``lambda_front``/``lambda_rear`` (e.g. a lambda sweep).
+      parallel: placement (None: one device; a ``ParallelConfig``/``Placement``: every step
+        data parallel on a ``("runs", "data")`` mesh, repeats over ``runs``).
     Returns: ``{"arch", "mode", "accs" (list), "mean", "std", "seconds", "strategy",
       "train_loss" [R, E+1], "train_acc", "resumed_from", "lr"}``.
     """
@@ -299,6 +303,7 @@ def evaluate_synset(
         workdir=workdir,
         checkpoint_every=checkpoint_every,
         hparams=hp,
+        placement=parallel,
         progress=progress,
         desc=f"{name} {protocol.mode}",
         run_info={"arch": name},
@@ -333,15 +338,18 @@ def cross_evaluate(
     chunk_epochs: Optional[int] = None,
     checkpoint_every: int = 100,
     model_overrides: Union[None, Mapping[str, Any], Callable[[str], Mapping[str, Any]]] = None,
+    parallel: Any = None,
     progress: bool = True,
     on_result: Optional[Callable[[str, str, dict], None]] = None,
+    log: Callable[[str], None] = print,
 ) -> dict:
     """Every architecture of ``pool`` x every loss mode of ``modes``.
 
     ``features``: one array/``FeatureBank`` for all, a mapping ``arch -> features``, or a
     callable ``(arch, front_shape) -> features`` (e.g. choosing the teacher by the front's
     channel count). ``model_overrides``: a dict for all or a callable ``arch -> dict``.
-    Inputs are validated for every (arch, mode) BEFORE any training starts.
+    Inputs are validated for every (arch, mode) BEFORE any training starts; on a mesh
+    (``parallel``) the memory estimate of each is printed with ``log`` and checked too.
     ``on_result(arch, mode, result)`` is called after each run (for incremental reports).
     Returns the dict described in the module docstring.
     """
@@ -359,9 +367,15 @@ def cross_evaluate(
         return model_overrides(arch) if callable(model_overrides) else (model_overrides or {})
 
     # validate everything first: a bad bank for the 6th architecture should not cost 5 runs
-    resolved = {arch: feats for arch, _, _, feats in resolve_pool(
-        pool, modes, images_h, labels_h, _host(test_images, "test images"), test_labels_h,
-        features, k, protocol, overrides)}
+    placement = Placement.of(parallel)
+    resolved = {}
+    for arch, name, net, feats in resolve_pool(pool, modes, images_h, labels_h,
+                                               _host(test_images, "test images"), test_labels_h,
+                                               features, k, protocol, overrides):
+        resolved[arch] = feats
+        if placement.mesh is not None:
+            _check_memory(name, net, feats, modes, protocol, placement, images_h, labels_h, k,
+                          repeats, log)
 
     results: dict = {}
     for arch in pool:
@@ -375,9 +389,11 @@ def cross_evaluate(
                 p, repeats, key, wd,
                 num_classes=k, learned_lr=learned_lr, strategy=strategy,
                 chunk_epochs=chunk_epochs, checkpoint_every=checkpoint_every,
-                model_overrides=overrides(arch), progress=progress,
+                model_overrides=overrides(arch), parallel=placement, progress=progress,
             )
-            entry = {kk: r[kk] for kk in ("accs", "mean", "std", "seconds", "strategy", "lr")}
+            entry = {kk: r[kk] for kk in ("accs", "mean", "std", "seconds", "strategy", "lr",
+                                          "resumed_from")}
+            entry["final_train_loss"] = np.asarray(r["train_loss"])[:, -1].tolist()
             results[arch][mode] = entry
             if on_result is not None:
                 on_result(arch, mode, entry)
@@ -395,4 +411,21 @@ def cross_evaluate(
         "repeats": int(repeats),
         "num_classes": k,
         "protocol": protocol.to_dict(),
+        "placement": placement.describe(),
     }
+
+
+def _check_memory(name, net, feats, modes, protocol, placement, images, labels, k, repeats, log):
+    """Prints the per-device memory estimate of every mode and raises if one will not fit."""
+    from elf_jax.parallel import memory
+
+    for mode in modes:
+        f = feats if mode_needs_features(mode) else None
+        est = memory.estimate_for(
+            net, dataclasses.replace(protocol, mode=mode), n_images=len(images),
+            image_shape=images.shape[1:], num_classes=k,
+            feature_shape=None if f is None else f.shape[1:], config=placement.config,
+            repeats=repeats, n_data=placement.n_data, n_runs=placement.n_runs,
+            soft_labels=labels.ndim == 2)
+        memory.check_fits(est)  # ValueError (with the estimate) if too big
+        log(f"[evaluate] {name} {mode}, {placement.describe()}: {est}")

@@ -1,17 +1,19 @@
-"""Data-parallel and multi-run execution of the per-device train step (issue 6).
+"""Placement: meshes, where runs and data go, multi-host start-up, memory estimates.
+
+No training loop lives here: the one engine (``elf_jax.train.runner.fit``) compiles its chunk
+for a :class:`~elf_jax.parallel.placement.Placement`.
 
 * :mod:`~elf_jax.parallel.mesh`: ``("runs", "data")`` meshes, the ``parallel`` config section.
-* :mod:`~elf_jax.parallel.wrappers`: ``pmap_step``, ``shard_map_step``, ``DataParallel``.
-* :mod:`~elf_jax.parallel.runs`: independent repeats on the ``runs`` axis, architectures on
-  sub-meshes.
-* :mod:`~elf_jax.parallel.loop`: epochs of data-parallel evaluation training.
-* :mod:`~elf_jax.parallel.evaluate`: the cross-architecture evaluation with data-parallel steps
-  (the pipeline's evaluation stage when ``config.parallel`` is ``pmap``/``shard_map``).
+* :mod:`~elf_jax.parallel.placement`: runs and the training set on a mesh; minibatch gathers
+  inside ``shard_map``.
+* :mod:`~elf_jax.parallel.wrappers`: the per-device step under ``pmap``/``shard_map`` for
+  single steps (``pmap_step``, ``shard_map_step``, ``DataParallel``).
 * :mod:`~elf_jax.parallel.distributed`: ``jax.distributed`` from config or environment.
 * :mod:`~elf_jax.parallel.memory`: memory estimate for large synthetic sets and banks.
 """
 
 from elf_jax.parallel.mesh import (DATA, PARALLEL_MODES, RUNS, ParallelConfig, data_size,  # noqa: F401
-                                   make_mesh, mesh_from_config, runs_size)
+                                   make_mesh, runs_size)
+from elf_jax.parallel.placement import Placement  # noqa: F401
 from elf_jax.parallel.wrappers import (DataParallel, check_divisible, global_augment,  # noqa: F401
                                        pmap_step, shard_map_step, with_bn_axis)

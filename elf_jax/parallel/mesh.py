@@ -4,7 +4,7 @@
   metrics and BatchNorm running statistics are averaged over it (``pmean``), and with
   ``sync_bn`` the BatchNorm batch moments too (the model's ``bn_axis_name`` hook).
 * ``runs``: independent runs (repeats of the protocol, or different architectures) side by
-  side, one group of ``data`` devices each (see :mod:`elf_jax.parallel.runs`).
+  side, one group of ``data`` devices each (see :mod:`elf_jax.parallel.placement`).
 
 ``make_mesh(runs=1, data=0)`` builds a ``jax.sharding.Mesh`` of shape ``(runs, data)`` over
 all devices (``data=0``: all devices not taken by ``runs``) with ``AxisType.Auto`` axes (so
@@ -23,7 +23,7 @@ from jax.sharding import AxisType, Mesh
 
 __all__ = [
     "DATA", "RUNS", "PARALLEL_MODES", "DSA_PLACEMENTS", "ParallelConfig", "make_mesh",
-    "mesh_from_config", "data_size", "runs_size",
+    "data_size", "runs_size",
 ]
 
 DATA = "data"
@@ -149,12 +149,6 @@ def make_mesh(runs: int = 1, data: int = 0, devices: Optional[Sequence[Any]] = N
         devs = sorted(devs, key=lambda d: (d.process_index, d.id))
     return Mesh(np.asarray(devs, dtype=object).reshape(runs, data), (RUNS, DATA),
                 axis_types=(AxisType.Auto,) * 2)
-
-
-def mesh_from_config(cfg: Any = None, devices: Optional[Sequence[Any]] = None) -> Mesh:
-    """``make_mesh`` with the ``runs``/``data`` sizes of a config's ``parallel`` section."""
-    pc = cfg if isinstance(cfg, ParallelConfig) else ParallelConfig.from_config(cfg)
-    return make_mesh(pc.runs, pc.data, devices)
 
 
 def data_size(mesh: Mesh) -> int:

@@ -154,7 +154,7 @@ def shard_map_step(step_fn: Callable, mesh, *, axis_name: str = DATA, fold: bool
     if runs_size(mesh) > 1 and axis_name == DATA:
         raise ValueError(
             f"shard_map_step replicates one run over the whole mesh, but this mesh has "
-            f"runs={runs_size(mesh)}; use elf_jax.parallel.runs.runs_step for several runs, "
+            f"runs={runs_size(mesh)}; train several runs with the engine (elf_jax.train.runner.fit) on a placement, "
             "or a mesh with runs=1")
     body = jax.shard_map(_per_device(step_fn, axis_name, fold), mesh=mesh,
                          in_specs=(P(), P(axis_name), P()), out_specs=(P(), P()),
