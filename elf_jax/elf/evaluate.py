@@ -278,44 +278,24 @@ def evaluate_synset(
     if features is not None:
         features = _host(features, "feature bank")
     validate_inputs(name, net, images, labels, test_images, test_labels, features, k, protocol.mode)
-    if not mode_needs_features(protocol.mode):
-        features = None
-    if labels.ndim == 1:
-        labels = labels.astype(np.int32)
-    else:
-        labels = labels.astype(np.float32)
+    return _train_and_test(name, net, protocol, images, labels, test_images, test_labels,
+                           features, k, learned_lr, repeats=repeats, key=key, workdir=workdir,
+                           strategy=strategy, chunk_epochs=chunk_epochs,
+                           checkpoint_every=checkpoint_every, hparams=hparams,
+                           placement=parallel, progress=progress, return_states=return_states)
 
+
+def _train_and_test(name, net, protocol, images, labels, test_images, test_labels, features, k,
+                    learned_lr, *, hparams=None, **kw) -> dict:
+    """``run_evaluation`` of inputs already validated (:func:`validate_inputs`)."""
+    labels = labels.astype(np.int32 if labels.ndim == 1 else np.float32)
     lr = training_lr(protocol, learned_lr)
-    hp = dict(hparams or {})
-    hp.setdefault("lr", lr)
-    out = run_evaluation(
-        net,
-        protocol,
-        images,
-        labels,
-        test_images,
-        test_labels,
-        features,
-        repeats=repeats,
-        key=key,
-        strategy=strategy,
-        chunk_epochs=chunk_epochs,
-        workdir=workdir,
-        checkpoint_every=checkpoint_every,
-        hparams=hp,
-        placement=parallel,
-        progress=progress,
-        desc=f"{name} {protocol.mode}",
-        run_info={"arch": name},
-        return_states=return_states,
-    )
-    out.update(
-        arch=name,
-        mode=protocol.mode,
-        accs=[float(a) for a in out["accs"]],
-        lr=lr,
-        num_classes=k,
-    )
+    out = run_evaluation(net, protocol, images, labels, test_images, test_labels,
+                         features if mode_needs_features(protocol.mode) else None,
+                         hparams={"lr": lr, **dict(hparams or {})},
+                         desc=f"{name} {protocol.mode}", run_info={"arch": name}, **kw)
+    out.update(arch=name, mode=protocol.mode, accs=[float(a) for a in out["accs"]], lr=lr,
+               num_classes=k)
     return out
 
 
@@ -368,29 +348,24 @@ def cross_evaluate(
 
     # validate everything first: a bad bank for the 6th architecture should not cost 5 runs
     placement = Placement.of(parallel)
-    resolved = {}
-    for arch, name, net, feats in resolve_pool(pool, modes, images_h, labels_h,
-                                               _host(test_images, "test images"), test_labels_h,
-                                               features, k, protocol, overrides):
-        resolved[arch] = feats
+    test_images_h = _host(test_images, "test images")
+    resolved = resolve_pool(pool, modes, images_h, labels_h, test_images_h, test_labels_h,
+                            features, k, protocol, overrides)
+    for arch, name, net, feats in resolved:
         if placement.mesh is not None:
             _check_memory(name, net, feats, modes, protocol, placement, images_h, labels_h, k,
                           repeats, log)
 
     results: dict = {}
-    for arch in pool:
+    for arch, name, net, feats in resolved:
         results[arch] = {}
         for mode in modes:
-            p = dataclasses.replace(protocol, mode=mode)
-            wd = None if workdir is None else Path(workdir) / arch / mode
-            r = evaluate_synset(
-                arch, images_h, labels_h, test_images, test_labels,
-                resolved[arch] if mode_needs_features(mode) else None,
-                p, repeats, key, wd,
-                num_classes=k, learned_lr=learned_lr, strategy=strategy,
-                chunk_epochs=chunk_epochs, checkpoint_every=checkpoint_every,
-                model_overrides=overrides(arch), parallel=placement, progress=progress,
-            )
+            r = _train_and_test(
+                name, net, dataclasses.replace(protocol, mode=mode), images_h, labels_h,
+                test_images_h, test_labels_h, feats, k, learned_lr, repeats=repeats, key=key,
+                workdir=None if workdir is None else Path(workdir) / arch / mode,
+                strategy=strategy, chunk_epochs=chunk_epochs, checkpoint_every=checkpoint_every,
+                placement=placement, progress=progress)
             entry = {kk: r[kk] for kk in ("accs", "mean", "std", "seconds", "strategy", "lr",
                                           "resumed_from")}
             entry["final_train_loss"] = np.asarray(r["train_loss"])[:, -1].tolist()
