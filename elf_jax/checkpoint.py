@@ -23,9 +23,13 @@ orbax writes each step to a temporary directory and renames it when finished (at
 
 Both refuse to write trees holding NaN or Inf (``ValueError`` naming the leaf), so a
 diverged run never replaces the last good checkpoint.
+
+Also the library's one atomic JSON writer (``write_json_atomic``) and one content hash
+(``fingerprint``).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -44,6 +48,8 @@ __all__ = [
     "read_metadata",
     "check_finite",
     "check_expect",
+    "write_json_atomic",
+    "fingerprint",
     "StepCheckpoints",
     "TREE_FORMAT",
 ]
@@ -89,6 +95,44 @@ def _normalize_meta(metadata: Optional[Mapping[str, Any]]) -> dict:
     meta = _jsonable(metadata)
     json.dumps(meta)  # fail early with json's own message if still not serializable
     return meta
+
+
+def write_json_atomic(path, obj) -> Path:
+    """Writes ``obj`` (numpy values, tuples and paths converted) as indented JSON to ``path``
+    through a temporary sibling and a rename, so a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:10]}")
+    try:
+        tmp.write_text(json.dumps(_jsonable(obj), indent=2))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def fingerprint(*items) -> str:
+    """sha256 hex digest of ``items`` in order: an array by its dtype, shape and bytes, any
+    other value by its sorted-key JSON text.
+
+    Stored hashes depend on this encoding: ``fingerprint(images, labels)`` is a synthetic
+    set's ``content_hash`` and ``fingerprint(settings)[:16]`` the distillation
+    ``settings_hash``; changing it needs a format version bump of those artifacts.
+    """
+    h = hashlib.sha256()
+    after_json = False
+    for x in items:
+        if isinstance(x, (np.ndarray, jax.Array)):
+            a = np.ascontiguousarray(x)
+            h.update(f"{a.dtype.str}{a.shape};".encode())  # delimits: bytes follow the shape
+            h.update(a.tobytes())
+            after_json = False
+        else:
+            if after_json:  # two JSON texts back to back ("1", "2") must differ from "12"
+                h.update(b"\n")
+            h.update(json.dumps(x, sort_keys=True, default=str).encode())
+            after_json = True
+    return h.hexdigest()
 
 
 def _is_typed_key(x) -> bool:

@@ -22,7 +22,6 @@ Storage formats
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -181,12 +180,7 @@ class SyntheticSet:
 
     def content_hash(self) -> str:
         """sha256 hex digest of the images and labels (shapes, dtypes and bytes)."""
-        h = hashlib.sha256()
-        for arr in (self.images, self.labels):
-            a = np.ascontiguousarray(arr)
-            h.update(f"{a.dtype.str}{a.shape};".encode())
-            h.update(a.tobytes())
-        return h.hexdigest()
+        return checkpoint.fingerprint(self.images, self.labels)
 
     def replace(self, **changes) -> "SyntheticSet":
         """A copy with fields changed (re-validated); ``metadata`` entries are merged."""
@@ -325,6 +319,6 @@ def random_real_subset(key, dataset, ipc: int) -> SyntheticSet:
         "zca": bool(getattr(dataset, "zca", False)),
         "iteration": 0,
         "seed_key": _host(key_data).tolist(),
-        "indices_hash": hashlib.sha256(sel.astype(np.int64).tobytes()).hexdigest()[:16],
+        "indices_hash": checkpoint.fingerprint(sel.astype(np.int64))[:16],
     }
     return SyntheticSet(images, labels[sel].astype(np.int32), metadata=meta, num_classes=k)
