@@ -1,9 +1,9 @@
 """Cross-architecture results as a printed table, JSON, Markdown and a PNG bar chart.
 
 The input is the plain dict `cross_evaluate` returns (or the JSON it was saved as):
-`{"results": {arch: {mode: {"accs": [...]}}}, ...metadata}`. Means, standard deviations
-and the ELF gain are recomputed here from the per-repeat accuracies, so a report never
-disagrees with the raw numbers it shows.
+`{"results": {arch: {mode: {"accs": [...]}}}, "summary": ..., ...metadata}`. The table
+shows its `summary` (`{arch: {mode: {"mean", "std"}, "gain"}}`, as `cross_evaluate` makes
+it); a report without one gets it computed from the per-repeat accuracies.
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import math
 import os
+
+from elf_jax.checkpoint import write_json_atomic
 from typing import Any, Mapping, Sequence
 
 BASELINE_MODE = "task"
@@ -39,6 +41,19 @@ def summarize(results: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> list[di
             row["gain"] = row[ELF_MODE]["mean"] - row[BASELINE_MODE]["mean"]
         rows.append(row)
     return rows
+
+
+def summary_of(report: Mapping[str, Any]) -> dict:
+    """The report's stored summary, or one computed from its per-repeat accuracies."""
+    stored = report.get("summary")
+    if isinstance(stored, Mapping) and stored:  # older results.json files stored a list of rows
+        return dict(stored)
+    return {row.pop("arch"): row for row in summarize(report["results"])}
+
+
+def summary_rows(summary: Mapping[str, Mapping[str, Any]]) -> list[dict]:
+    """The table rows (one per architecture) of a summary."""
+    return [{"arch": arch, **entry} for arch, entry in summary.items()]
 
 
 def _modes(rows: list[dict]) -> list[str]:
@@ -125,16 +140,14 @@ def write_report(report: Mapping[str, Any], outdir: str, title: str = "") -> dic
             "run `elf-jax evaluate` first."
         )
     os.makedirs(outdir, exist_ok=True)
-    rows = summarize(report["results"])
-    full = dict(report)
-    full["summary"] = rows
+    summary = summary_of(report)
+    rows = summary_rows(summary)
     paths = {
         "json": os.path.join(outdir, "results.json"),
         "markdown": os.path.join(outdir, "results.md"),
         "plot": os.path.join(outdir, "results.png"),
     }
-    with open(paths["json"], "w") as f:
-        json.dump(full, f, indent=2, default=float)
+    write_json_atomic(paths["json"], {**report, "summary": summary})
     with open(paths["markdown"], "w") as f:
         if title:
             f.write(f"# {title}\n\n")

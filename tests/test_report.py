@@ -38,7 +38,16 @@ def test_write_report_files(tmp_path):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     loaded = report.load_report(paths["json"])
     assert loaded["dataset"] == "mnist5k"
-    assert math.isclose(loaded["summary"][0]["gain"], 0.05)
+    assert math.isclose(loaded["summary"]["ConvNet"]["gain"], 0.05)
+
+
+def test_stored_summary_is_used():
+    stored = {"ConvNet": {"task": {"mean": 0.5, "std": 0.0}}}
+    rows = report.summary_rows(report.summary_of({"results": RESULTS, "summary": stored}))
+    assert "50.00 ± 0.00" in report.markdown_table(rows)
+    # older results.json files stored a list of rows: recomputed from the accuracies
+    old = report.summary_of({"results": RESULTS, "summary": [{"arch": "ConvNet"}]})
+    assert old["ConvNet"]["gain"] == pytest.approx(0.05)
 
 
 def test_bad_input_errors(tmp_path):
