@@ -113,25 +113,19 @@ def write_json_atomic(path, obj) -> Path:
 
 def fingerprint(*items) -> str:
     """sha256 hex digest of ``items`` in order: an array by its dtype, shape and bytes, any
-    other value by its sorted-key JSON text.
-
-    Stored hashes depend on this encoding: ``fingerprint(images, labels)`` is a synthetic
-    set's ``content_hash`` and ``fingerprint(settings)[:16]`` the distillation
-    ``settings_hash``; changing it needs a format version bump of those artifacts.
-    """
-    h = hashlib.sha256()
-    after_json = False
+    other value by its sorted-key JSON text. Stored hashes depend on this encoding (a
+    synthetic set's ``content_hash`` is ``fingerprint(images, labels)``): changing it needs a
+    format version bump of those artifacts."""
+    h, after_json = hashlib.sha256(), False
     for x in items:
-        if isinstance(x, (np.ndarray, jax.Array)):
+        is_array = isinstance(x, (np.ndarray, jax.Array))
+        if is_array:
             a = np.ascontiguousarray(x)
             h.update(f"{a.dtype.str}{a.shape};".encode())  # delimits: bytes follow the shape
             h.update(a.tobytes())
-            after_json = False
-        else:
-            if after_json:  # two JSON texts back to back ("1", "2") must differ from "12"
-                h.update(b"\n")
-            h.update(json.dumps(x, sort_keys=True, default=str).encode())
-            after_json = True
+        else:  # a newline parts two JSON texts in a row: ("1", "2") is not ("12")
+            h.update(b"\n" * after_json + json.dumps(x, sort_keys=True, default=str).encode())
+        after_json = not is_array
     return h.hexdigest()
 
 
@@ -287,9 +281,7 @@ def read_metadata(path) -> dict:
     try:
         with open(meta_file) as f:
             return json.load(f)
-    except FileNotFoundError as e:
-        raise _corrupt(path, e) from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise _corrupt(path, e) from None
 
 
@@ -413,17 +405,8 @@ class StepCheckpoints:
             raise _corrupt(self.directory / str(step), RuntimeError("metadata missing"))
         return _rewrap_keys(out["state"], like), meta
 
-    def delete(self, step: int) -> None:
-        self._mngr.delete(int(step))
-
     def close(self) -> None:
         self._mngr.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
     def __repr__(self) -> str:
         return f"StepCheckpoints({str(self.directory)!r}, max_to_keep={self.max_to_keep})"

@@ -4,11 +4,10 @@
 
 Each stage reads what the earlier ones wrote and skips work already done, so re-running a
 command after a kill continues where it stopped. A command loads each data split at most
-once (`Run`). `features` and `evaluate` never start an expensive earlier stage: they first
-check that every needed teacher holds its `feature_epoch` snapshot (unless its bank exists)
-and that a synthetic set exists, and refuse in one line naming what to run first
-(`check_prerequisites`); only an import or real_random set is made on the way, as it costs
-seconds. `all` runs every stage in order. Layout of `workdir`:
+once (`Run`). `features` and `evaluate` never start a long earlier stage: without a needed
+teacher snapshot or a synthetic set they refuse, naming what to run first
+(`check_prerequisites`); only an import or real_random set (seconds) is made on the way.
+`all` runs every stage in order. Layout of `workdir`:
 
     teachers/<arch>/      trajectory (elf_jax.teacher format), one per teacher width
     distill/              distillation checkpoints; distill/synset_best is the set used
@@ -22,16 +21,13 @@ Teachers: an evaluation network whose front outputs C channels gets the teacher
 ConvNet teacher; ResNet18/VGG11 fronts are 4x4x512 and take ConvNetW512), unless
 `config.teacher.override_arch` names one teacher for all.
 
-Parallelism: an optional `config.parallel` section (`elf_jax.parallel.ParallelConfig`:
-`parallel = "none" | "pmap" | "shard_map"`, mesh `runs` x `data`, ...) chooses how the
-evaluation's train steps run. "none" (or no section): `elf_jax.elf.evaluate.cross_evaluate`
-on one device, checkpointed inside each run. "pmap"/"shard_map":
-`elf_jax.parallel.evaluate.cross_evaluate_parallel` (memory estimate printed and checked
-first, every step data parallel, repeats side by side on the `runs` axis), each finished
-(arch, mode) kept in eval/<arch>/<mode>/parallel_result.json; results.json has the same
-format plus a `parallel` entry (mode, mesh, devices). Teachers, the synthetic set and the
-banks are made on one device either way. Several processes: `config.distributed` (the CLI
-calls `elf_jax.parallel.distributed.initialize` with it).
+Parallelism: an optional `config.parallel` section (`elf_jax.parallel.ParallelConfig`)
+chooses how the evaluation's train steps run: "none" (or no section) on one device
+(`elf_jax.elf.evaluate.cross_evaluate`), "pmap"/"shard_map" data parallel
+(`elf_jax.parallel.evaluate.cross_evaluate_parallel`; each finished (arch, mode) kept in
+eval/<arch>/<mode>/parallel_result.json, results.json gets a `parallel` entry). Teachers,
+the synthetic set and the banks are made on one device either way. Several processes:
+`config.distributed` (the CLI calls `elf_jax.parallel.distributed.initialize` with it).
 """
 
 from __future__ import annotations
@@ -57,16 +53,12 @@ def set_logger(fn: Callable[[str], None]) -> None:
 
 
 def _model_overrides(config, arch: str) -> dict:
-    """`config.eval.width` (demo only) shrinks ConvNet-family pool nets; dtype for all."""
+    """`config.eval.width` (demo only) sets the width of ConvNet-family pool nets."""
     ovr: dict[str, Any] = {}
     width = int(config.eval.get("width", 0) or 0)
     if width and arch.startswith("ConvNet") and "W" not in arch[len("ConvNet"):]:
         ovr["width"] = width
     return ovr
-
-
-def _teacher_model_kwargs(config) -> dict:
-    return dict(config.teacher.get("model_kwargs", {}) or {})
 
 
 def _with_width(base: str, channels: int) -> str:
@@ -89,13 +81,6 @@ def teacher_for(config, arch: str, image_shape, num_classes: int) -> str:
     return _with_width(config.teacher.arch, channels)
 
 
-def needed_teachers(config, image_shape, num_classes: int) -> dict[str, str]:
-    """{pool arch: teacher arch} for every pool net whose modes need teacher features."""
-    if all(m == "task" for m in config.eval.modes):
-        return {}
-    return {a: teacher_for(config, a, image_shape, num_classes) for a in config.eval.pool}
-
-
 class Run:
     """One command over `workdir`: the config and what its stages share, each made once and
     only when a stage asks for it (`elf-jax report` loads no data)."""
@@ -104,31 +89,24 @@ class Run:
         self.config = config
         self.workdir = Path(workdir)
 
-    @functools.cached_property
-    def train(self):
-        return self._load("train")
-
-    @functools.cached_property
-    def test(self):
-        return self._load("test")
-
     def _load(self, split: str):
         c = self.config
         return load(c.dataset, split, data_dir=c.data_dir or None, zca=bool(c.zca))
 
+    train = functools.cached_property(lambda self: self._load("train"))
+    test = functools.cached_property(lambda self: self._load("test"))
+
     @functools.cached_property
     def teachers(self) -> dict[str, str]:
-        """`needed_teachers` for the dataset's image shape (read from the registry)."""
-        info = resolve_info(self.config.dataset)
-        return needed_teachers(self.config, info.image_shape, info.num_classes)
+        """{pool arch: teacher arch} for every pool net whose modes need teacher features
+        (the image shape comes from the dataset registry: no data loaded)."""
+        c, info = self.config, resolve_info(self.config.dataset)
+        if all(m == "task" for m in c.eval.modes):
+            return {}
+        return {a: teacher_for(c, a, info.image_shape, info.num_classes) for a in c.eval.pool}
 
 
 # ------------------------------------------------------------------ prerequisites
-def _has_snapshot(teacher_dir: Path, epoch: int) -> bool:
-    # elf_jax.teacher's layout; orbax renames a step directory into place once complete
-    return (teacher_dir / "expert_000" / "trajectory" / str(epoch)).is_dir()
-
-
 def check_prerequisites(run: Run, command: str) -> None:
     """Refuses (`FileNotFoundError`, one line naming what to run first) to start `command`
     when an expensive earlier stage has not run: a needed teacher lacks the `feature_epoch`
@@ -137,9 +115,10 @@ def check_prerequisites(run: Run, command: str) -> None:
     wd, epoch = run.workdir, int(run.config.teacher.feature_epoch)
     args = f"--config ... --workdir {wd}"
     todo = []
-    untrained = sorted(t for t in set(run.teachers.values())
-                       if not (wd / "banks" / t).exists()
-                       and not _has_snapshot(wd / "teachers" / t, epoch))
+    # elf_jax.teacher's layout; orbax renames a step directory into place once complete
+    snapshot = f"expert_000/trajectory/{epoch}"
+    untrained = sorted(t for t in set(run.teachers.values()) if not (wd / "banks" / t).exists()
+                       and not (wd / "teachers" / t / snapshot).is_dir())
     if untrained:
         todo.append(f"no teacher {', '.join(untrained)} with the epoch-{epoch} snapshot in "
                     f"{wd / 'teachers'}: run `elf-jax train-teacher {args}` first")
@@ -166,18 +145,11 @@ def stage_teachers(run: Run) -> dict[str, str]:
             lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay,
             batch_size=int(t.batch_size), dsa_strategy=t.dsa_strategy,
             lr_decay_at_half=bool(t.lr_decay), seed=int(config.seed), dtype=config.dtype,
-            model_kwargs=_teacher_model_kwargs(config), test_dataset=run.test,
+            model_kwargs=dict(t.get("model_kwargs", {}) or {}), test_dataset=run.test,
         )
-        acc = _final_test_acc(traj)
-        _log(f"[teacher] {teacher}: test accuracy {acc} ({time.perf_counter() - start:.0f} s)")
+        _log(f"[teacher] {teacher}: test accuracy {100 * traj.test_acc[-1]:.2f}% "
+             f"({time.perf_counter() - start:.0f} s)")
     return run.teachers
-
-
-def _final_test_acc(traj) -> str:
-    accs = getattr(traj, "test_accs", None)
-    if accs:
-        return f"{100 * float(accs[-1]):.2f}%"
-    return "n/a"
 
 
 # ------------------------------------------------------------------ stage 2: synthetic set
@@ -229,9 +201,7 @@ def import_synset(path: str):
 
     if not path:
         raise ValueError("config.synset.source='import' needs config.synset.path")
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"no synthetic set at {path}")
+    p = Path(path)  # a missing path: FileNotFoundError from the loader
     if p.suffix == ".npz":
         return from_npz(p)
     if p.is_dir() and any(p.glob("images_*.pt")):
@@ -270,14 +240,6 @@ def stage_features(run: Run, synset=None) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------ stage 4: evaluation
-def parallel_config(config):
-    """The optional `config.parallel` section (a section or a mode string) as a
-    `ParallelConfig`; absent: one device (`parallel="none"`)."""
-    from elf_jax.parallel.mesh import ParallelConfig
-
-    return ParallelConfig.from_config(config.get("parallel", None))
-
-
 def _protocol(config):
     from elf_jax.train.protocol import EvalProtocol
 
@@ -294,6 +256,7 @@ def stage_evaluate(run: Run, synset=None, banks=None) -> dict:
     """Cross-architecture evaluation with and without ELF; writes results.json as it goes.
     Without `synset` (the `evaluate` command) the prerequisites are checked first."""
     from elf_jax.elf.evaluate import cross_evaluate
+    from elf_jax.parallel.mesh import ParallelConfig
 
     config, results_path = run.config, run.workdir / "results.json"
     if synset is None:
@@ -307,7 +270,7 @@ def stage_evaluate(run: Run, synset=None, banks=None) -> dict:
         "teachers": {a: b.metadata.get("teacher") for a, b in (banks or {}).items()},
         "feature_epoch": int(config.teacher.feature_epoch),
     }
-    pc = parallel_config(config)
+    pc = ParallelConfig.from_config(config.get("parallel", None))  # absent: one device
     partial: dict = {}
 
     def on_result(arch, mode, entry):
@@ -344,12 +307,10 @@ def stage_evaluate(run: Run, synset=None, banks=None) -> dict:
 def stage_report(run: Run, results: Optional[dict] = None) -> dict[str, str]:
     """Prints the table and writes results.{json,md,png}."""
     results = results or report_lib.load_report(str(run.workdir / "results.json"))
-    ipc = results.get("synset", {}).get("ipc")
-    method = results.get("synset", {}).get("method")
-    title = f"ELF on {results.get('dataset')} ({method}, IPC {ipc})"
+    s = results.get("synset", {})
+    title = f"ELF on {results.get('dataset')} ({s.get('method')}, IPC {s.get('ipc')})"
     paths = report_lib.write_report(results, str(run.workdir), title)
-    rows = report_lib.summary_rows(report_lib.summary_of(results))
-    _log("\n" + title + "\n" + report_lib.text_table(rows))
+    _log("\n" + title + "\n" + report_lib.text_table(report_lib.summary_of(results)))
     _log(f"\nwritten: {paths['json']}, {paths['markdown']}, {paths['plot']}")
     return paths
 

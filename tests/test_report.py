@@ -14,13 +14,12 @@ RESULTS = {
 
 def test_summary_means_stds_and_gain():
     rows = report.summarize(RESULTS)
-    conv = rows[0]
-    assert conv["arch"] == "ConvNet"
+    conv = rows["ConvNet"]
     assert conv["task"]["mean"] == pytest.approx(0.81)
     assert conv["task"]["std"] == pytest.approx(0.01)
     assert conv["gain"] == pytest.approx(0.05)
-    assert rows[1]["gain"] == pytest.approx(-0.05)
-    assert rows[1]["task"]["std"] == 0.0
+    assert rows["ResNet18"]["gain"] == pytest.approx(-0.05)
+    assert rows["ResNet18"]["task"]["std"] == 0.0
 
 
 def test_tables_show_percent_and_signed_gain():
@@ -43,8 +42,8 @@ def test_write_report_files(tmp_path):
 
 def test_stored_summary_is_used():
     stored = {"ConvNet": {"task": {"mean": 0.5, "std": 0.0}}}
-    rows = report.summary_rows(report.summary_of({"results": RESULTS, "summary": stored}))
-    assert "50.00 ± 0.00" in report.markdown_table(rows)
+    summary = report.summary_of({"results": RESULTS, "summary": stored})
+    assert "50.00 ± 0.00" in report.markdown_table(summary)
     # older results.json files stored a list of rows: recomputed from the accuracies
     old = report.summary_of({"results": RESULTS, "summary": [{"arch": "ConvNet"}]})
     assert old["ConvNet"]["gain"] == pytest.approx(0.05)
