@@ -23,9 +23,13 @@ orbax writes each step to a temporary directory and renames it when finished (at
 
 Both refuse to write trees holding NaN or Inf (``ValueError`` naming the leaf), so a
 diverged run never replaces the last good checkpoint.
+
+Also the library's one atomic JSON writer (``write_json_atomic``) and one content hash
+(``fingerprint``).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -44,6 +48,8 @@ __all__ = [
     "read_metadata",
     "check_finite",
     "check_expect",
+    "write_json_atomic",
+    "fingerprint",
     "StepCheckpoints",
     "TREE_FORMAT",
 ]
@@ -89,6 +95,38 @@ def _normalize_meta(metadata: Optional[Mapping[str, Any]]) -> dict:
     meta = _jsonable(metadata)
     json.dumps(meta)  # fail early with json's own message if still not serializable
     return meta
+
+
+def write_json_atomic(path, obj) -> Path:
+    """Writes ``obj`` (numpy values, tuples and paths converted) as indented JSON to ``path``
+    through a temporary sibling and a rename, so a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:10]}")
+    try:
+        tmp.write_text(json.dumps(_jsonable(obj), indent=2))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def fingerprint(*items) -> str:
+    """sha256 hex digest of ``items`` in order: an array by its dtype, shape and bytes, any
+    other value by its sorted-key JSON text. Stored hashes depend on this encoding (a
+    synthetic set's ``content_hash`` is ``fingerprint(images, labels)``): changing it needs a
+    format version bump of those artifacts."""
+    h, after_json = hashlib.sha256(), False
+    for x in items:
+        is_array = isinstance(x, (np.ndarray, jax.Array))
+        if is_array:
+            a = np.ascontiguousarray(x)
+            h.update(f"{a.dtype.str}{a.shape};".encode())  # delimits: bytes follow the shape
+            h.update(a.tobytes())
+        else:  # a newline parts two JSON texts in a row: ("1", "2") is not ("12")
+            h.update(b"\n" * after_json + json.dumps(x, sort_keys=True, default=str).encode())
+        after_json = not is_array
+    return h.hexdigest()
 
 
 def _is_typed_key(x) -> bool:
@@ -243,9 +281,7 @@ def read_metadata(path) -> dict:
     try:
         with open(meta_file) as f:
             return json.load(f)
-    except FileNotFoundError as e:
-        raise _corrupt(path, e) from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise _corrupt(path, e) from None
 
 
@@ -369,17 +405,8 @@ class StepCheckpoints:
             raise _corrupt(self.directory / str(step), RuntimeError("metadata missing"))
         return _rewrap_keys(out["state"], like), meta
 
-    def delete(self, step: int) -> None:
-        self._mngr.delete(int(step))
-
     def close(self) -> None:
         self._mngr.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
     def __repr__(self) -> str:
         return f"StepCheckpoints({str(self.directory)!r}, max_to_keep={self.max_to_keep})"

@@ -9,8 +9,11 @@
     elf-jax all           --config ... --workdir ...   (every stage, as the demo)
 
 Any config field can be overridden: `--config.eval.repeats=3`. Every stage resumes from
-what the workdir already holds. A config's `parallel` section chooses data-parallel
-evaluation (`configs/imagenet64_shard_map.py`); its `distributed` section starts
+what the workdir already holds. `features` and `evaluate` do not run earlier stages that
+take long: without the teachers they need, or without a synthetic set when the config
+distills one, they stop at once and say which command to run first (`all` runs them all).
+A config's `parallel` section chooses data-parallel evaluation
+(`configs/imagenet64_shard_map.py`); its `distributed` section starts
 `jax.distributed` for several processes (fields left empty are read from
 ELF_JAX_COORDINATOR / ELF_JAX_NUM_PROCESSES / ELF_JAX_PROCESS_ID).
 """
@@ -67,17 +70,10 @@ def _main(argv) -> None:
     if command in ("demo", "all"):
         _log(f"elf-jax {command}: dataset {config.dataset}, pool {list(config.eval.pool)}, "
              f"workdir {workdir}")
-        pipeline.run_all(config, workdir)
-    elif command == "train-teacher":
-        pipeline.stage_teachers(config, workdir)
-    elif command == "distill":
-        pipeline.stage_synset(config, workdir)
-    elif command == "features":
-        pipeline.stage_features(config, workdir)
-    elif command == "evaluate":
-        pipeline.stage_evaluate(config, workdir)
-    elif command == "report":
-        pipeline.stage_report(config, workdir)
+    stage = {"train-teacher": pipeline.stage_teachers, "distill": pipeline.stage_synset,
+             "features": pipeline.stage_features, "evaluate": pipeline.stage_evaluate,
+             "report": pipeline.stage_report}.get(command, pipeline.run_all)
+    stage(pipeline.Run(config, workdir))
     _log(f"elf-jax {command}: finished in {time.perf_counter() - start:.0f} s")
 
 

@@ -3,10 +3,15 @@
     teachers -> synthetic set -> feature banks -> cross-architecture evaluation -> report
 
 Each stage reads what the earlier ones wrote and skips work already done, so re-running a
-command after a kill continues where it stopped. Layout of `workdir`:
+command after a kill continues where it stopped. A command loads each data split at most
+once (`Run`). `features` and `evaluate` never start a long earlier stage: without a needed
+teacher snapshot or a synthetic set they refuse, naming what to run first
+(`check_prerequisites`); only an import or real_random set (seconds) is made on the way.
+`all` runs every stage in order. Layout of `workdir`:
 
     teachers/<arch>/      trajectory (elf_jax.teacher format), one per teacher width
-    synset/               the synthetic set (orbax, elf_jax.synset format)
+    distill/              distillation checkpoints; distill/synset_best is the set used
+    synset/               an imported or real_random set (orbax, elf_jax.synset format)
     banks/<arch>/         feature bank of teacher <arch> on the synthetic set
     eval/<arch>/<mode>/   evaluation checkpoints (elf_jax.train.runner)
     results.json, results.md, results.png
@@ -28,18 +33,18 @@ calls `elf_jax.parallel.distributed.initialize` with it).
 
 from __future__ import annotations
 
-import json
-import os
+import functools
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import jax
-import numpy as np
 
 from elf_jax import report as report_lib
-from elf_jax.data import load
+from elf_jax.checkpoint import write_json_atomic
+from elf_jax.data import load, resolve_info
 from elf_jax.models import front_shape, get_model
+from elf_jax.parallel.mesh import ParallelConfig
 
 _log: Callable[[str], None] = print
 
@@ -50,16 +55,12 @@ def set_logger(fn: Callable[[str], None]) -> None:
 
 
 def _model_overrides(config, arch: str) -> dict:
-    """`config.eval.width` (demo only) shrinks ConvNet-family pool nets; dtype for all."""
+    """`config.eval.width` (demo only) sets the width of ConvNet-family pool nets."""
     ovr: dict[str, Any] = {}
     width = int(config.eval.get("width", 0) or 0)
     if width and arch.startswith("ConvNet") and "W" not in arch[len("ConvNet"):]:
         ovr["width"] = width
     return ovr
-
-
-def _teacher_model_kwargs(config) -> dict:
-    return dict(config.teacher.get("model_kwargs", {}) or {})
 
 
 def _with_width(base: str, channels: int) -> str:
@@ -82,86 +83,124 @@ def teacher_for(config, arch: str, image_shape, num_classes: int) -> str:
     return _with_width(config.teacher.arch, channels)
 
 
-def needed_teachers(config, image_shape, num_classes: int) -> dict[str, str]:
-    """{pool arch: teacher arch} for every pool net whose modes need teacher features."""
-    if all(m == "task" for m in config.eval.modes):
-        return {}
-    return {a: teacher_for(config, a, image_shape, num_classes) for a in config.eval.pool}
+class Run:
+    """One command over `workdir`: the config and what its stages share, each made once and
+    only when a stage asks for it (`elf-jax report` loads no data)."""
+
+    def __init__(self, config, workdir):
+        self.config = config
+        self.workdir = Path(workdir)
+
+    def _load(self, split: str):
+        c = self.config
+        return load(c.dataset, split, data_dir=c.data_dir or None, zca=bool(c.zca))
+
+    train = functools.cached_property(lambda self: self._load("train"))
+    test = functools.cached_property(lambda self: self._load("test"))
+
+    @functools.cached_property
+    def teachers(self) -> dict[str, str]:
+        """{pool arch: teacher arch} for every pool net whose modes need teacher features
+        (the image shape comes from the dataset registry: no data loaded)."""
+        c, info = self.config, resolve_info(self.config.dataset)
+        if all(m == "task" for m in c.eval.modes):
+            return {}
+        return {a: teacher_for(c, a, info.image_shape, info.num_classes) for a in c.eval.pool}
 
 
-def _datasets(config):
-    kw = dict(data_dir=config.data_dir or None, zca=bool(config.zca))
-    return load(config.dataset, "train", **kw), load(config.dataset, "test", **kw)
+# ------------------------------------------------------------------ prerequisites
+def check_prerequisites(run: Run, command: str) -> None:
+    """Refuses (`FileNotFoundError`, one line naming what to run first) to start `command`
+    when an expensive earlier stage has not run: a needed teacher lacks the `feature_epoch`
+    snapshot (and its bank does not exist yet), or there is no synthetic set and the
+    config's source is `distill` (import and real_random sets are made on the way)."""
+    wd, epoch = run.workdir, int(run.config.teacher.feature_epoch)
+    args = f"--config ... --workdir {wd}"
+    todo = []
+    # elf_jax.teacher's layout; orbax renames a step directory into place once complete
+    snapshot = f"expert_000/trajectory/{epoch}"
+    untrained = sorted(t for t in set(run.teachers.values()) if not (wd / "banks" / t).exists()
+                       and not (wd / "teachers" / t / snapshot).is_dir())
+    if untrained:
+        todo.append(f"no teacher {', '.join(untrained)} with the epoch-{epoch} snapshot in "
+                    f"{wd / 'teachers'}: run `elf-jax train-teacher {args}` first")
+    if _saved_synset(run) is None and run.config.synset.source == "distill":
+        todo.append(f"no synthetic set in {wd} (config.synset.source='distill'): run "
+                    f"`elf-jax distill {args}` first")
+    if todo:
+        raise FileNotFoundError(f"{command} needs earlier stages: {'; '.join(todo)} "
+                                "(or `elf-jax all`)")
 
 
 # ------------------------------------------------------------------ stage 1: teachers
-def stage_teachers(config, workdir) -> dict[str, str]:
+def stage_teachers(run: Run) -> dict[str, str]:
     """Trains every needed teacher on the real training set (resumable)."""
     from elf_jax.teacher import train_teacher
 
-    train, test = _datasets(config)
-    mapping = needed_teachers(config, train.image_shape, train.num_classes)
-    for teacher in sorted(set(mapping.values())):
-        t = config.teacher
+    config, t = run.config, run.config.teacher
+    for teacher in sorted(set(run.teachers.values())):
         _log(f"[teacher] {teacher} on {config.dataset}: {t.epochs} epochs "
              f"(ELF uses the snapshot after epoch {t.feature_epoch})")
         start = time.perf_counter()
         traj = train_teacher(
-            teacher, train, epochs=int(t.epochs), workdir=Path(workdir) / "teachers" / teacher,
+            teacher, run.train, epochs=int(t.epochs), workdir=run.workdir / "teachers" / teacher,
             lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay,
             batch_size=int(t.batch_size), dsa_strategy=t.dsa_strategy,
             lr_decay_at_half=bool(t.lr_decay), seed=int(config.seed), dtype=config.dtype,
-            model_kwargs=_teacher_model_kwargs(config), test_dataset=test,
+            model_kwargs=dict(t.get("model_kwargs", {}) or {}), test_dataset=run.test,
             parallel=_teacher_placement(config),
         )
-        acc = _final_test_acc(traj)
-        _log(f"[teacher] {teacher}: test accuracy {acc} ({time.perf_counter() - start:.0f} s)")
-    return mapping
+        _log(f"[teacher] {teacher}: test accuracy {100 * traj.test_acc[-1]:.2f}% "
+             f"({time.perf_counter() - start:.0f} s)")
+    return run.teachers
 
 
 def _teacher_placement(config):
     """The evaluation's placement with one run: a teacher trains on all devices."""
-    pc = parallel_config(config)
+    pc = ParallelConfig.from_config(config.get("parallel", None))
     return pc if pc.parallel == "none" else pc.replace(runs=1, data=0)
 
 
-def _final_test_acc(traj) -> str:
-    accs = getattr(traj, "test_accs", None)
-    if accs:
-        return f"{100 * float(accs[-1]):.2f}%"
-    return "n/a"
-
-
 # ------------------------------------------------------------------ stage 2: synthetic set
-def _synset_dir(workdir) -> Path:
-    return Path(workdir) / "synset"
+def _saved_synset(run: Run) -> Optional[Path]:
+    """The set the workdir holds: synset/ (imported or real_random sets; older runs kept a
+    copy of the distilled one there too), else the best set the distillation wrote."""
+    for path in (run.workdir / "synset", run.workdir / "distill" / "synset_best"):
+        if path.exists():
+            return path
+    return None
 
 
-def stage_synset(config, workdir):
+def stage_synset(run: Run):
     """Makes (or imports) the synthetic set once; later runs reuse the saved one."""
     from elf_jax.synset import load_synset, random_real_subset, save_synset
 
-    path = _synset_dir(workdir)
-    if path.exists():
+    config = run.config
+    path = _saved_synset(run)
+    if path is not None:
         s = load_synset(path)
         _log(f"[synset] reusing {path} ({s.metadata.get('method')}, IPC {s.ipc})")
         return s
     source = config.synset.source
-    train, _ = _datasets(config)
-    if source == "real_random":
-        s = random_real_subset(jax.random.PRNGKey(config.seed), train, int(config.synset.ipc))
-    elif source == "import":
-        s = import_synset(config.synset.path)
-    elif source == "distill":
+    if source == "distill":
         from elf_jax.distill import distill_from_config
 
         _log(f"[synset] distilling with {config.synset.method.upper()} on {config.synset.arch}, "
              f"IPC {config.synset.ipc}, {config.synset.iterations} iterations")
-        s = distill_from_config(config, Path(workdir) / "distill")
+        # the periodic evaluation is the only use of the test split there
+        evaluates = int(config.synset.get("eval_every", 0) or 0) > 0
+        # saves its result as distill/synset_best itself, which later runs reuse
+        return distill_from_config(config, run.workdir / "distill", train=run.train,
+                                   test=run.test if evaluates else None)
+    if source == "real_random":
+        s = random_real_subset(jax.random.PRNGKey(config.seed), run.train, int(config.synset.ipc))
+    elif source == "import":
+        s = import_synset(config.synset.path)
     else:
         raise ValueError(f"config.synset.source={source!r}: choose distill, import or real_random")
-    save_synset(path, s)
-    _log(f"[synset] {s.metadata.get('method')} set with {len(s.images)} images -> {path}")
+    save_synset(run.workdir / "synset", s)
+    _log(f"[synset] {s.metadata.get('method')} set with {len(s.images)} images -> "
+         f"{run.workdir / 'synset'}")
     return s
 
 
@@ -171,9 +210,7 @@ def import_synset(path: str):
 
     if not path:
         raise ValueError("config.synset.source='import' needs config.synset.path")
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"no synthetic set at {path}")
+    p = Path(path)  # a missing path: FileNotFoundError from the loader
     if p.suffix == ".npz":
         return from_npz(p)
     if p.is_dir() and any(p.glob("images_*.pt")):
@@ -184,45 +221,34 @@ def import_synset(path: str):
 
 
 # ------------------------------------------------------------------ stage 3: banks
-def stage_features(config, workdir, synset=None) -> dict[str, Any]:
-    """One feature bank per needed teacher, from its `feature_epoch` snapshot."""
+def stage_features(run: Run, synset=None) -> dict[str, Any]:
+    """One feature bank per needed teacher, from its `feature_epoch` snapshot. Without
+    `synset` (the `features` command) the prerequisites are checked first."""
     from elf_jax.elf.bank import build_bank, load_bank, save_bank
     from elf_jax.teacher import load_teacher
 
-    synset = synset if synset is not None else stage_synset(config, workdir)
-    mapping = needed_teachers(config, synset.image_shape, synset.num_classes)
-    epoch = int(config.teacher.feature_epoch)
-    layer = config.bank.layer or None
+    if synset is None:
+        check_prerequisites(run, "features")
+        synset = stage_synset(run)
+    epoch = int(run.config.teacher.feature_epoch)
+    layer = run.config.bank.layer or None
     banks = {}
-    for teacher in sorted(set(mapping.values())):
-        path = Path(workdir) / "banks" / teacher
+    for teacher in sorted(set(run.teachers.values())):
+        path = run.workdir / "banks" / teacher
         expect = {"teacher": teacher, "snapshot_epoch": epoch, "layer": layer or "front"}
         if path.exists():
             banks[teacher] = load_bank(path, expect_synset=synset, expect_teacher=expect)
             continue
-        tdir = Path(workdir) / "teachers" / teacher
-        if not tdir.exists():
-            raise FileNotFoundError(
-                f"teacher {teacher} has not been trained in {tdir}: run `elf-jax train-teacher` "
-                "with the same config and workdir first")
-        net, variables = load_teacher(tdir, epoch)
+        net, variables = load_teacher(run.workdir / "teachers" / teacher, epoch)
         bank = build_bank(net, variables, synset, teacher_name=teacher, snapshot_epoch=epoch,
-                          layer=layer, batch_size=int(config.bank.batch_size))
+                          layer=layer, batch_size=int(run.config.bank.batch_size))
         save_bank(path, bank)
         _log(f"[features] {teacher} epoch {epoch}: bank {bank.features.shape} -> {path}")
         banks[teacher] = bank
-    return {arch: banks[t] for arch, t in mapping.items()}
+    return {arch: banks[t] for arch, t in run.teachers.items()}
 
 
 # ------------------------------------------------------------------ stage 4: evaluation
-def parallel_config(config):
-    """The optional `config.parallel` section (a section or a mode string) as a
-    `ParallelConfig`; absent: one device (`parallel="none"`)."""
-    from elf_jax.parallel.mesh import ParallelConfig
-
-    return ParallelConfig.from_config(config.get("parallel", None))
-
-
 def _protocol(config):
     from elf_jax.train.protocol import EvalProtocol
 
@@ -235,34 +261,36 @@ def _protocol(config):
     )
 
 
-def stage_evaluate(config, workdir, synset=None, banks=None) -> dict:
-    """Cross-architecture evaluation with and without ELF; writes results.json as it goes."""
+def stage_evaluate(run: Run, synset=None, banks=None) -> dict:
+    """Cross-architecture evaluation with and without ELF; writes results.json as it goes.
+    Without `synset` (the `evaluate` command) the prerequisites are checked first."""
     from elf_jax.elf.evaluate import cross_evaluate
-
-    synset = synset if synset is not None else stage_synset(config, workdir)
+    config, results_path = run.config, run.workdir / "results.json"
+    if synset is None:
+        check_prerequisites(run, "evaluate")
+        synset = stage_synset(run)
     if banks is None and any(m != "task" for m in config.eval.modes):
-        banks = stage_features(config, workdir, synset)
-    _, test = _datasets(config)
+        banks = stage_features(run, synset)
     meta = {
         "dataset": config.dataset,
         "synset": {k: synset.metadata.get(k) for k in ("method", "ipc", "arch", "iteration")},
         "teachers": {a: b.metadata.get("teacher") for a, b in (banks or {}).items()},
         "feature_epoch": int(config.teacher.feature_epoch),
     }
-    pc = parallel_config(config)
+    pc = ParallelConfig.from_config(config.get("parallel", None))  # absent: one device
     partial: dict = {}
 
     def on_result(arch, mode, entry):
         partial.setdefault(arch, {})[mode] = entry
-        _write_json(Path(workdir) / "results.json", {**meta, "results": partial, "partial": True})
+        write_json_atomic(results_path, {**meta, "results": partial, "partial": True})
         _log(f"[evaluate] {arch:<12} {mode:<16} {100 * entry['mean']:.2f} ± "
              f"{100 * entry['std']:.2f}  ({entry['seconds']:.0f} s, {entry['strategy']})")
 
     out = cross_evaluate(
-        list(config.eval.pool), synset.images, synset.labels, test.images, test.labels,
+        list(config.eval.pool), synset.images, synset.labels, run.test.images, run.test.labels,
         features=banks, modes=tuple(config.eval.modes), protocol=_protocol(config),
         repeats=int(config.eval.repeats), key=jax.random.PRNGKey(config.seed),
-        workdir=Path(workdir) / "eval", num_classes=synset.num_classes,
+        workdir=run.workdir / "eval", num_classes=synset.num_classes,
         learned_lr=synset.lr, model_overrides=lambda a: _model_overrides(config, a),
         strategy=config.eval.repeat_strategy, checkpoint_every=int(config.eval.checkpoint_every),
         parallel=pc, on_result=on_result, log=_log)
@@ -273,45 +301,29 @@ def stage_evaluate(config, workdir, synset=None, banks=None) -> dict:
         meta["parallel"] = {"mode": pc.parallel, "mesh": [pl.n_runs, pl.n_data],
                             "devices": jax.device_count(), "processes": jax.process_count()}
     full = {**meta, **out}
-    full.pop("summary", None)
-    _write_json(Path(workdir) / "results.json", full)
+    write_json_atomic(results_path, full)
     return full
 
 
-def _write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, default=_jsonable)
-    os.replace(tmp, path)
-
-
-def _jsonable(x):
-    if isinstance(x, (np.generic, np.ndarray)):
-        return x.tolist()
-    return str(x)
-
-
 # ------------------------------------------------------------------ stage 5: report
-def stage_report(config, workdir, results: Optional[dict] = None) -> dict[str, str]:
+def stage_report(run: Run, results: Optional[dict] = None) -> dict[str, str]:
     """Prints the table and writes results.{json,md,png}."""
-    results = results or report_lib.load_report(str(Path(workdir) / "results.json"))
-    ipc = results.get("synset", {}).get("ipc")
-    method = results.get("synset", {}).get("method")
-    title = f"ELF on {results.get('dataset')} ({method}, IPC {ipc})"
-    paths = report_lib.write_report(results, str(workdir), title)
-    _log("\n" + title + "\n" + report_lib.text_table(report_lib.summarize(results["results"])))
+    results = results or report_lib.load_report(str(run.workdir / "results.json"))
+    s = results.get("synset", {})
+    title = f"ELF on {results.get('dataset')} ({s.get('method')}, IPC {s.get('ipc')})"
+    paths = report_lib.write_report(results, str(run.workdir), title)
+    _log("\n" + title + "\n" + report_lib.text_table(report_lib.summary_of(results)))
     _log(f"\nwritten: {paths['json']}, {paths['markdown']}, {paths['plot']}")
     return paths
 
 
-def run_all(config, workdir) -> dict[str, str]:
+def run_all(run: Run) -> dict[str, str]:
     """The whole pipeline: teachers, synthetic set, banks, evaluation, report."""
     start = time.perf_counter()
-    stage_teachers(config, workdir)
-    synset = stage_synset(config, workdir)
-    banks = stage_features(config, workdir, synset)
-    results = stage_evaluate(config, workdir, synset, banks)
-    paths = stage_report(config, workdir, results)
+    stage_teachers(run)
+    synset = stage_synset(run)
+    banks = stage_features(run, synset)
+    results = stage_evaluate(run, synset, banks)
+    paths = stage_report(run, results)
     _log(f"done in {time.perf_counter() - start:.0f} s")
     return paths

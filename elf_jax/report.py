@@ -1,49 +1,30 @@
 """Cross-architecture results as a printed table, JSON, Markdown and a PNG bar chart.
 
 The input is the plain dict `cross_evaluate` returns (or the JSON it was saved as):
-`{"results": {arch: {mode: {"accs": [...]}}}, ...metadata}`. Means, standard deviations
-and the ELF gain are recomputed here from the per-repeat accuracies, so a report never
-disagrees with the raw numbers it shows.
+`{"results": {arch: {mode: {"accs": [...]}}}, "summary": ..., ...metadata}`. Tables and
+chart show a summary `{arch: {mode: {"mean", "std"}, "gain"}}`: the report's own (as
+`cross_evaluate` makes it) or, without one, `summarize` of the per-repeat accuracies.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
-BASELINE_MODE = "task"
-ELF_MODE = "front_rear_task"
+from elf_jax.elf.summary import BASELINE_MODE, ELF_MODE, summarize  # noqa: F401
 
-
-def _mean_std(accs: Sequence[float]) -> tuple[float, float]:
-    """Mean and population standard deviation (numpy's default, as the reference reports)."""
-    n = len(accs)
-    if n == 0:
-        return math.nan, math.nan
-    mean = sum(accs) / n
-    var = sum((a - mean) ** 2 for a in accs) / n
-    return mean, math.sqrt(var)
+def summary_of(report: Mapping[str, Any]) -> dict[str, dict]:
+    """The report's stored summary, or one computed from its per-repeat accuracies."""
+    stored = report.get("summary")
+    if isinstance(stored, Mapping) and stored:  # older results.json files stored a list
+        return dict(stored)
+    return summarize(report["results"])
 
 
-def summarize(results: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> list[dict]:
-    """One row per architecture: mean/std per mode and the ELF gain (ELF mean - baseline mean)."""
-    rows = []
-    for arch, by_mode in results.items():
-        row: dict[str, Any] = {"arch": arch}
-        for mode, entry in by_mode.items():
-            mean, std = _mean_std([float(a) for a in entry["accs"]])
-            row[mode] = {"mean": mean, "std": std, "n": len(entry["accs"])}
-        if BASELINE_MODE in row and ELF_MODE in row:
-            row["gain"] = row[ELF_MODE]["mean"] - row[BASELINE_MODE]["mean"]
-        rows.append(row)
-    return rows
-
-
-def _modes(rows: list[dict]) -> list[str]:
+def _modes(summary: Mapping[str, dict]) -> list[str]:
     seen: list[str] = []
-    for row in rows:
+    for row in summary.values():
         for key, value in row.items():
             if isinstance(value, dict) and key not in seen:
                 seen.append(key)
@@ -56,46 +37,44 @@ def _cell(entry: dict | None) -> str:
     return f"{100 * entry['mean']:.2f} ± {100 * entry['std']:.2f}"
 
 
-def markdown_table(rows: list[dict]) -> str:
-    """Accuracy in percent (mean ± std over repeats) per architecture and mode, plus gain."""
-    modes = _modes(rows)
-    has_gain = any("gain" in r for r in rows)
-    header = ["architecture"] + modes + (["ELF gain (points)"] if has_gain else [])
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in rows:
-        cells = [row["arch"]] + [_cell(row.get(m)) for m in modes]
-        if has_gain:
-            cells.append(f"{100 * row['gain']:+.2f}" if "gain" in row else "-")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def text_table(rows: list[dict]) -> str:
-    """The same table aligned for a terminal."""
-    modes = _modes(rows)
-    has_gain = any("gain" in r for r in rows)
-    header = ["architecture"] + modes + (["ELF gain"] if has_gain else [])
+def _cells(summary: Mapping[str, dict], gain_title: str) -> tuple[list, list[list]]:
+    """Header and body cells: architecture, one column per mode, the gain if any has one."""
+    modes = _modes(summary)
+    has_gain = any("gain" in r for r in summary.values())
+    header = ["architecture"] + modes + ([gain_title] if has_gain else [])
     body = []
-    for row in rows:
-        cells = [row["arch"]] + [_cell(row.get(m)) for m in modes]
+    for arch, row in summary.items():
+        cells = [arch] + [_cell(row.get(m)) for m in modes]
         if has_gain:
             cells.append(f"{100 * row['gain']:+.2f}" if "gain" in row else "-")
         body.append(cells)
+    return header, body
+
+
+def markdown_table(summary: Mapping[str, dict]) -> str:
+    """Accuracy in percent (mean ± std over repeats) per architecture and mode, plus gain."""
+    header, body = _cells(summary, "ELF gain (points)")
+    lines = [header, ["---"] * len(header)] + body
+    return "\n".join("| " + " | ".join(cells) + " |" for cells in lines)
+
+
+def text_table(summary: Mapping[str, dict]) -> str:
+    """The same table aligned for a terminal."""
+    header, body = _cells(summary, "ELF gain")
     widths = [max(len(str(c)) for c in col) for col in zip(header, *body)]
     fmt = "  ".join("{:<%d}" % w for w in widths)
     out = [fmt.format(*header), fmt.format(*["-" * w for w in widths])]
-    out += [fmt.format(*cells) for cells in body]
-    return "\n".join(out)
+    return "\n".join(out + [fmt.format(*cells) for cells in body])
 
 
-def bar_chart(rows: list[dict], path: str, title: str = "") -> str:
+def bar_chart(summary: Mapping[str, dict], path: str, title: str = "") -> str:
     """Grouped bars (one group per architecture, one bar per mode) with std error bars."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on servers and CI
     import matplotlib.pyplot as plt
 
-    modes = _modes(rows)
+    modes, rows = _modes(summary), list(summary.values())
     n_arch = len(rows)
     width = 0.8 / max(len(modes), 1)
     fig, ax = plt.subplots(figsize=(max(4.0, 1.4 * n_arch + 1), 3.6))
@@ -106,7 +85,7 @@ def bar_chart(rows: list[dict], path: str, title: str = "") -> str:
         label = {"task": "baseline (task)", "front_rear_task": "ELF"}.get(mode, mode)
         ax.bar(xs, means, width, yerr=stds, capsize=3, label=label)
     ax.set_xticks(range(n_arch))
-    ax.set_xticklabels([r["arch"] for r in rows], rotation=20, ha="right")
+    ax.set_xticklabels(list(summary), rotation=20, ha="right")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(title)
     ax.legend(loc="lower right", fontsize="small")
@@ -122,24 +101,19 @@ def write_report(report: Mapping[str, Any], outdir: str, title: str = "") -> dic
     if "results" not in report or not report["results"]:
         raise ValueError(
             "The report has no 'results' (expected {arch: {mode: {'accs': [...]}}}); "
-            "run `elf-jax evaluate` first."
-        )
+            "run `elf-jax evaluate` first.")
+    from elf_jax.checkpoint import write_json_atomic  # here: the tables need no jax
+
     os.makedirs(outdir, exist_ok=True)
-    rows = summarize(report["results"])
-    full = dict(report)
-    full["summary"] = rows
-    paths = {
-        "json": os.path.join(outdir, "results.json"),
-        "markdown": os.path.join(outdir, "results.md"),
-        "plot": os.path.join(outdir, "results.png"),
-    }
-    with open(paths["json"], "w") as f:
-        json.dump(full, f, indent=2, default=float)
+    summary = summary_of(report)
+    paths = {key: os.path.join(outdir, f"results.{ext}")
+             for key, ext in (("json", "json"), ("markdown", "md"), ("plot", "png"))}
+    write_json_atomic(paths["json"], {**report, "summary": summary})
     with open(paths["markdown"], "w") as f:
         if title:
             f.write(f"# {title}\n\n")
-        f.write(markdown_table(rows) + "\n")
-    bar_chart(rows, paths["plot"], title=title)
+        f.write(markdown_table(summary) + "\n")
+    bar_chart(summary, paths["plot"], title=title)
     return paths
 
 

@@ -22,7 +22,6 @@ Storage formats
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -141,7 +140,8 @@ class SyntheticSet:
             meta.setdefault(key, default)
         meta["num_classes"] = k
         if meta.get("ipc") is None:
-            meta["ipc"] = _infer_ipc(labels, k)
+            hard = labels if labels.ndim == 1 else labels.argmax(-1)
+            meta["ipc"] = int(np.bincount(hard, minlength=k).max())  # the largest class
         meta = checkpoint._normalize_meta(meta)
 
         object.__setattr__(self, "images", images)
@@ -181,12 +181,7 @@ class SyntheticSet:
 
     def content_hash(self) -> str:
         """sha256 hex digest of the images and labels (shapes, dtypes and bytes)."""
-        h = hashlib.sha256()
-        for arr in (self.images, self.labels):
-            a = np.ascontiguousarray(arr)
-            h.update(f"{a.dtype.str}{a.shape};".encode())
-            h.update(a.tobytes())
-        return h.hexdigest()
+        return checkpoint.fingerprint(self.images, self.labels)
 
     def replace(self, **changes) -> "SyntheticSet":
         """A copy with fields changed (re-validated); ``metadata`` entries are merged."""
@@ -200,12 +195,6 @@ class SyntheticSet:
                 f"classes={self.num_classes}, labels={'soft' if self.soft else 'hard'}, "
                 f"lr={self.lr}, method={m['method']!r}, dataset={m['dataset']!r}, "
                 f"ipc={m['ipc']}, arch={m['arch']!r})")
-
-
-def _infer_ipc(labels: np.ndarray, k: int) -> int:
-    hard = labels if labels.ndim == 1 else labels.argmax(-1)
-    counts = np.bincount(hard, minlength=k)
-    return int(counts.max())
 
 
 def _full_meta(s: SyntheticSet) -> dict:
@@ -315,8 +304,6 @@ def random_real_subset(key, dataset, ipc: int) -> SyntheticSet:
         picks.append(idx[np.argsort(u[idx], kind="stable")[:ipc]])
     sel = np.concatenate(picks)
     images = _host(dataset.images)[sel]
-    key_data = key if not jax.dtypes.issubdtype(getattr(key, "dtype", np.uint32),
-                                                jax.dtypes.prng_key) else jax.random.key_data(key)
     meta = {
         "method": "real_random",
         "dataset": getattr(dataset, "name", None),
@@ -324,7 +311,7 @@ def random_real_subset(key, dataset, ipc: int) -> SyntheticSet:
         "arch": None,
         "zca": bool(getattr(dataset, "zca", False)),
         "iteration": 0,
-        "seed_key": _host(key_data).tolist(),
-        "indices_hash": hashlib.sha256(sel.astype(np.int64).tobytes()).hexdigest()[:16],
+        "seed_key": _host(checkpoint._prepare_tree(key)).tolist(),  # typed key: its data
+        "indices_hash": checkpoint.fingerprint(sel.astype(np.int64))[:16],
     }
     return SyntheticSet(images, labels[sel].astype(np.int32), metadata=meta, num_classes=k)

@@ -35,7 +35,7 @@ def test_distill_cli(method, tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900,
                           env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    synset = load_synset(tmp_path / "synset")
+    synset = load_synset(tmp_path / "distill" / "synset_best")  # the set the pipeline uses
     assert synset.metadata["method"] == method
     assert synset.images.shape == (10, 28, 28, 1)
     assert synset.ipc == 1

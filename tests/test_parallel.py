@@ -249,7 +249,6 @@ def _case_loop(net):
 
 
 def _case_errors(net, proto, st0, batch):
-    import jax
 
     from elf_jax.parallel import DataParallel, ParallelConfig, make_mesh
     from elf_jax.train.runner import run_evaluation

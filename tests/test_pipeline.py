@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 
@@ -58,10 +59,33 @@ def test_bad_invocations_say_what_to_do(tmp_path):
     assert proc.returncode != 0 and "usage: elf-jax" in (proc.stdout + proc.stderr)
     proc = _cli("evaluate", "--workdir", str(tmp_path), check=False)
     assert proc.returncode != 0 and "needs --config" in (proc.stdout + proc.stderr)
-    proc = _cli("features", "--workdir", str(tmp_path / "w"), *TINY, check=False)
-    assert proc.returncode == 2 and "elf-jax train-teacher" in proc.stderr
     proc = _cli("report", "--workdir", str(tmp_path / "none"), *TINY, check=False)
     assert proc.returncode == 2 and "elf-jax evaluate" in proc.stderr
     proc = _cli("all", "--workdir", str(tmp_path / "x"), *TINY,
                 "--config.eval.pool=('AlexNet',)", check=False)
     assert proc.returncode == 2 and "no ELF front/rear split" in proc.stderr
+
+
+def test_stages_refuse_without_prerequisites(tmp_path):
+    # evaluate on a fresh workdir whose config distills: no silent hours-long distillation
+    wd = tmp_path / "fresh"
+    start = time.perf_counter()
+    proc = _cli("evaluate", "--workdir", str(wd), *TINY, "--config.synset.source=distill",
+                check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert time.perf_counter() - start < 120
+    err = proc.stderr.strip().splitlines()[-1]
+    assert "`elf-jax distill --config ... --workdir" in err
+    assert "no teacher ConvNetW32" in err and "`elf-jax train-teacher" in err
+    assert not (wd / "synset").exists() and not (wd / "distill").exists()
+    # features without a teacher refuses before making even the cheap real_random set
+    proc = _cli("features", "--workdir", str(wd), *TINY, check=False)
+    assert proc.returncode == 2 and "`elf-jax train-teacher" in proc.stderr
+    assert "elf-jax distill" not in proc.stderr and not (wd / "synset").exists()
+    # a distilled set counts: then only the teacher is missing
+    distill = [*TINY, "--config.synset.source=distill", "--config.synset.iterations=2",
+               "--config.synset.batch_real=8"]
+    _cli("distill", "--workdir", str(wd), *distill)
+    proc = _cli("evaluate", "--workdir", str(wd), *distill, check=False)
+    assert proc.returncode == 2 and "`elf-jax train-teacher" in proc.stderr
+    assert "elf-jax distill" not in proc.stderr

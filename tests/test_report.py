@@ -14,13 +14,12 @@ RESULTS = {
 
 def test_summary_means_stds_and_gain():
     rows = report.summarize(RESULTS)
-    conv = rows[0]
-    assert conv["arch"] == "ConvNet"
+    conv = rows["ConvNet"]
     assert conv["task"]["mean"] == pytest.approx(0.81)
     assert conv["task"]["std"] == pytest.approx(0.01)
     assert conv["gain"] == pytest.approx(0.05)
-    assert rows[1]["gain"] == pytest.approx(-0.05)
-    assert rows[1]["task"]["std"] == 0.0
+    assert rows["ResNet18"]["gain"] == pytest.approx(-0.05)
+    assert rows["ResNet18"]["task"]["std"] == 0.0
 
 
 def test_tables_show_percent_and_signed_gain():
@@ -38,7 +37,16 @@ def test_write_report_files(tmp_path):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     loaded = report.load_report(paths["json"])
     assert loaded["dataset"] == "mnist5k"
-    assert math.isclose(loaded["summary"][0]["gain"], 0.05)
+    assert math.isclose(loaded["summary"]["ConvNet"]["gain"], 0.05)
+
+
+def test_stored_summary_is_used():
+    stored = {"ConvNet": {"task": {"mean": 0.5, "std": 0.0}}}
+    summary = report.summary_of({"results": RESULTS, "summary": stored})
+    assert "50.00 ± 0.00" in report.markdown_table(summary)
+    # older results.json files stored a list of rows: recomputed from the accuracies
+    old = report.summary_of({"results": RESULTS, "summary": [{"arch": "ConvNet"}]})
+    assert old["ConvNet"]["gain"] == pytest.approx(0.05)
 
 
 def test_bad_input_errors(tmp_path):

@@ -72,7 +72,7 @@ def _get(section, name, default=None):
         return getattr(section, name, default)
 
 
-def distill_from_config(config, workdir):
+def distill_from_config(config, workdir, *, train=None, test=None):
     """Runs the distillation a config describes and returns the ``SyntheticSet``.
 
     Reads ``config.dataset``, ``config.data_dir``, ``config.zca``, ``config.seed`` and
@@ -82,7 +82,8 @@ def distill_from_config(config, workdir):
     MTT/TESLA (default: train experts into ``<workdir>/experts``); ``eval_epochs``,
     ``eval_repeats`` for the periodic evaluation). Checkpoints, ``synset_best`` and
     ``synset_final`` are written under ``workdir`` (the pipeline passes
-    ``<run>/distill``); a killed run resumes there.
+    ``<run>/distill``); a killed run resumes there. ``train``/``test``: the config's
+    splits when the caller has loaded them already.
     """
     import jax
 
@@ -96,7 +97,8 @@ def distill_from_config(config, workdir):
     if _get(config, "data_dir"):
         data_kw["data_dir"] = _get(config, "data_dir")
     zca = bool(_get(config, "zca", False))
-    train = load(config.dataset, "train", zca=zca, **data_kw)
+    if train is None:
+        train = load(config.dataset, "train", zca=zca, **data_kw)
     kwargs = dict(arch=_get(s, "arch", "ConvNet"), ipc=int(_get(s, "ipc", 10)),
                   iterations=int(_get(s, "iterations", 1000)),
                   key=jax.random.key(int(_get(config, "seed", 0))),
@@ -112,7 +114,8 @@ def distill_from_config(config, workdir):
         kwargs["evaluation"] = EvalSettings(
             every=int(kwargs.pop("eval_every")), epochs=int(_get(s, "eval_epochs", 300)),
             repeats=int(_get(s, "eval_repeats", 1)))
-        kwargs["test_dataset"] = load(config.dataset, "test", zca=zca, **data_kw)
+        kwargs["test_dataset"] = test if test is not None else load(
+            config.dataset, "test", zca=zca, **data_kw)
     else:
         kwargs.pop("eval_every", None)
     if method in ("mtt", "tesla"):

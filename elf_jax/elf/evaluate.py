@@ -23,14 +23,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from elf_jax.elf.losses import mode_needs_features
+from elf_jax.elf.summary import BASELINE_MODE, ELF_MODE, summarize
 from elf_jax.parallel.placement import Placement
 from elf_jax.train.protocol import EvalProtocol
 from elf_jax.train.runner import run_evaluation
 
 __all__ = ["evaluate_synset", "cross_evaluate", "validate_inputs", "describe_split"]
 
-BASELINE_MODE = "task"
-ELF_MODE = "front_rear_task"
 
 _SPLITS = (
     # (canonical name prefix, description) -- SPEC.md "Front/rear splits"; first match wins
@@ -372,15 +371,9 @@ def cross_evaluate(
             results[arch][mode] = entry
             if on_result is not None:
                 on_result(arch, mode, entry)
-    summary = {}
-    for arch, by_mode in results.items():
-        s = {m: {"mean": e["mean"], "std": e["std"]} for m, e in by_mode.items()}
-        if BASELINE_MODE in by_mode and ELF_MODE in by_mode:
-            s["gain"] = by_mode[ELF_MODE]["mean"] - by_mode[BASELINE_MODE]["mean"]
-        summary[arch] = s
     return {
         "results": results,
-        "summary": summary,
+        "summary": summarize(results),
         "pool": pool,
         "modes": modes,
         "repeats": int(repeats),

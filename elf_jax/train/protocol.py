@@ -134,18 +134,6 @@ class EvalProtocol:
         """The SGD direction transform WITHOUT the lr (the step scales by ``-lr`` itself)."""
         return torch_sgd(None, self.momentum, self.weight_decay)
 
-    def full_optimizer(self, base_lr: Optional[float] = None, steps_per_epoch: int = 1):
-        """A stand-alone optax SGD with the reference's schedule (for use outside our runner;
-        it does not reset momentum at the decay)."""
-        lr = self.lr if base_lr is None else base_lr
-        if self.decay_epoch is None:
-            sched = lr
-        else:
-            sched = optax.piecewise_constant_schedule(
-                lr, {(self.decay_epoch + 1) * steps_per_epoch: self.decay_factor}
-            )
-        return torch_sgd(sched, self.momentum, self.weight_decay)
-
     def steps_per_epoch(self, n: int) -> int:
         return -(-n // self.batch_size)
 
@@ -163,18 +151,3 @@ class EvalProtocol:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-    @classmethod
-    def from_config(cls, cfg: Any, **overrides) -> "EvalProtocol":
-        """Builds a protocol from a config's ``eval`` section (ml_collections or dict)."""
-        get = (lambda k, d: cfg.get(k, d)) if hasattr(cfg, "get") else (lambda k, d: getattr(cfg, k, d))
-        fields = {f.name for f in dataclasses.fields(cls)}
-        kw = {}
-        for name in fields:
-            v = get(name, None)
-            if v is not None:
-                kw[name] = v
-        if get("batch_size", None) is not None:
-            kw["batch_size"] = int(get("batch_size", None))
-        kw.update(overrides)
-        return cls(**{k: v for k, v in kw.items() if k in fields})

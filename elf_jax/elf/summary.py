@@ -1,0 +1,36 @@
+"""The summary of a cross-architecture evaluation: per architecture, mean/std/n of the test
+accuracy per loss mode and the ELF gain, made once by `cross_evaluate` and read by the report."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+__all__ = ["BASELINE_MODE", "ELF_MODE", "summarize"]
+
+BASELINE_MODE = "task"
+ELF_MODE = "front_rear_task"
+
+
+def _mean_std(accs: Sequence[float]) -> tuple[float, float]:
+    """Mean and population standard deviation (numpy's default, as the reference reports)."""
+    n = len(accs)
+    if n == 0:
+        return math.nan, math.nan
+    mean = sum(accs) / n
+    var = sum((a - mean) ** 2 for a in accs) / n
+    return mean, math.sqrt(var)
+
+
+def summarize(results: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> dict[str, dict]:
+    """Per architecture: mean/std/n per mode and the ELF gain (ELF mean - baseline mean)."""
+    summary = {}
+    for arch, by_mode in results.items():
+        row: dict[str, Any] = {}
+        for mode, entry in by_mode.items():
+            mean, std = _mean_std([float(a) for a in entry["accs"]])
+            row[mode] = {"mean": mean, "std": std, "n": len(entry["accs"])}
+        if BASELINE_MODE in row and ELF_MODE in row:
+            row["gain"] = row[ELF_MODE]["mean"] - row[BASELINE_MODE]["mean"]
+        summary[arch] = row
+    return summary
