@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from elf_jax.data import load
+from elf_jax.data.sampler import ClassIndex, sample_all_classes
 from elf_jax.distill import common as C
 from elf_jax.distill import distill, get_method, list_methods
 from elf_jax.distill.dm import make_dm_step
@@ -53,8 +54,7 @@ def _assert_image_grads(g):
 def test_dm_loss_decreases_and_grads_reach_images(tiny, net):
     train, _ = tiny
     images, _ = C.init_synthetic(jax.random.key(0), train, 2)
-    pool = C.make_pool(train)
-    real = C.sample_all_classes(pool, jax.random.key(2), 32)
+    real = sample_all_classes(ClassIndex(train).arrays, jax.random.key(2), 32)
     key = jax.random.key(3)
     step = make_dm_step(net, lr_img=1.0, dsa_strategy=AUG)
     state = _state(images, step.optimizer)
@@ -100,7 +100,7 @@ def test_gradient_distance_matches_reference_layout():
 def test_dsa_step_loss_decreases_and_grads(tiny, net):
     train, _ = tiny
     images, _ = C.init_synthetic(jax.random.key(0), train, 2)
-    pool = C.make_pool(train)
+    pool = ClassIndex(train).arrays
     step = make_gm_step(net, num_classes=2, ipc=2, outer_loop=2, inner_loop=1, lr_img=0.1,
                         batch_real=32, dis_metric="ours", dsa_strategy=AUG)
     state = _state(images, step.optimizer)
@@ -208,7 +208,7 @@ def test_cpu_unrolled_loops_match_rolled_scans(tiny, net, experts, monkeypatch):
     assert C.loop_unroll(3, max_length=4) is (True if C.cpu_loops() else 1)
     assert C.loop_unroll(5, max_length=4) == 1
     # DSA: host loop (unrolled classes/minibatches; last partial batch) vs one jitted scan
-    pool = C.make_pool(train)
+    pool = ClassIndex(train).arrays
     out = []
     for host in (True, False):
         step = make_gm_step(net, num_classes=2, ipc=2, outer_loop=3, inner_loop=2,
