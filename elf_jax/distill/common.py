@@ -35,38 +35,10 @@ from elf_jax.checkpoint import StepCheckpoints, check_expect
 from elf_jax.distill.settings import FULL_STRATEGY, METHOD_SETTINGS, Settings
 from elf_jax.synset import SyntheticSet, load_synset, save_synset
 
-__all__ = [
-    "DistillState",
-    "DistillationDiverged",
-    "EvalSettings",
-    "as_dataset",
-    "check_ipc",
-    "init_synthetic",
-    "make_optimizer",
-    "init_state",
-    "apply_grads",
-    "siamese_dsa",
-    "iteration_key",
-    "evaluate_set",
-    "run_loop",
-    "distill",
-    "Prelude",
-    "Plan",
-    "CPU_UNROLL_MAX",
-    "cpu_loops",
-    "loop_unroll",
-    "scan",
-    "map_",
-]
-
-
-def _siamese_params():
-    from elf_jax.augment import DSAParams
-
-    # The reference seeds DiffAugment for its siamese calls, which turns on batchmode: all
-    # samples share one draw, so a real batch of 256 and a synthetic batch of ipc images get
-    # exactly the same transformation.
-    return DSAParams(batchmode=True)
+__all__ = ["DistillState", "DistillationDiverged", "EvalSettings", "as_dataset", "check_ipc",
+           "init_synthetic", "make_optimizer", "init_state", "apply_grads", "siamese_dsa",
+           "iteration_key", "evaluate_set", "run_loop", "distill", "Prelude", "Plan",
+           "CPU_UNROLL_MAX", "cpu_loops", "loop_unroll", "scan", "map_"]
 
 
 class DistillationDiverged(ValueError):
@@ -160,9 +132,12 @@ def siamese_dsa(key, real, syn, strategy: str):
     of one class (the reference's seeded ``DiffAugment`` pair)."""
     if strategy in (None, "", "none", "None"):
         return real, syn
-    from elf_jax.augment import dsa
+    from elf_jax.augment import DSAParams, dsa
 
-    p = _siamese_params()
+    # The reference seeds DiffAugment for its siamese calls, which turns on batchmode: all
+    # samples share one draw, so a real batch of 256 and a synthetic batch of ipc images get
+    # exactly the same transformation.
+    p = DSAParams(batchmode=True)
     return dsa(key, real, strategy, "S", p), dsa(key, syn, strategy, "S", p)
 
 
@@ -488,21 +463,14 @@ class Prelude(NamedTuple):
 
 
 class Plan(NamedTuple):
-    """What a method's ``setup(method, settings, prelude)`` returns.
+    """What a method's ``setup(method, settings, prelude)`` returns."""
 
-    syn: the initial synthetic parameters (``{"images"[, "lr", "labels"]}``); optimizer: the
-    step's optax optimizer on them; advance(state) -> (state, metrics): one iteration (see
-    :func:`run_loop`); meta: the method's settings for the resume check; labels: the set's
-    labels where not the hard class labels (fixed soft labels, as probabilities); extra:
-    more metadata of the set.
-    """
-
-    syn: Mapping[str, Any]
-    optimizer: Any
-    advance: Callable
-    meta: Mapping[str, Any]
-    labels: Optional[np.ndarray] = None
-    extra: Mapping[str, Any] = {}
+    syn: Mapping[str, Any]  # the initial synthetic parameters {"images"[, "lr", "labels"]}
+    optimizer: Any  # the step's optax optimizer on them
+    advance: Callable  # advance(state) -> (state, metrics): one iteration (see run_loop)
+    meta: Mapping[str, Any]  # the method's settings for the resume check
+    labels: Optional[np.ndarray] = None  # fixed soft labels (probabilities); None: hard
+    extra: Mapping[str, Any] = {}  # more metadata of the set
 
 
 def distill(method: str, dataset, settings: Optional[Settings] = None, *, workdir=None,

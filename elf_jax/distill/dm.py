@@ -86,6 +86,5 @@ def setup(method: str, s: DMSettings, p: C.Prelude) -> C.Plan:
 
 
 def run_dm(dataset, **kwargs) -> "C.SyntheticSet":
-    """Distills ``dataset`` with DM: ``distill("dm", dataset, **kwargs)``, ``kwargs`` the
-    :class:`DMSettings` fields and the driver's (:func:`elf_jax.distill.common.distill`)."""
+    """DM: :func:`elf_jax.distill.common.distill` with :class:`DMSettings` fields."""
     return C.distill("dm", dataset, **kwargs)

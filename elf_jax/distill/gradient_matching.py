@@ -103,8 +103,9 @@ def make_gm_step(net, *, num_classes: int, ipc: int, outer_loop: int, inner_loop
                  dsa_strategy: Optional[str] = C.FULL_STRATEGY, class_loop: str = "map",
                  host_loop: Optional[bool] = None):
     """The DC/DSA step ``(state, key, pool: ClassArrays) -> (state, metrics)``; real
-    batches are drawn from ``pool`` (``ClassIndex(train).arrays``) inside (``outer_loop * K * batch_real`` images per
-    iteration would not fit as an argument). ``dsa_strategy=None``: DC. ``class_loop``:
+    batches are drawn from ``pool`` (``ClassIndex(train).arrays``) inside (``outer_loop *
+    K * batch_real`` images per iteration would not fit as an argument).
+    ``dsa_strategy=None``: DC. ``class_loop``:
     ``"map"`` (classes one after another under ``lax.map``) or ``"vmap"`` (vectorised: the
     per-class weight gradients become batched/grouped convolutions, measured slower on the
     CPU, see BENCHMARKS.md).
@@ -283,12 +284,10 @@ def setup(method: str, s: GradientMatchingSettings, p: C.Prelude) -> C.Plan:
 
 
 def run_dsa(dataset, **kwargs):
-    """Distills with DSA (gradient matching + siamese DSA): ``distill("dsa", dataset,
-    **kwargs)``, ``kwargs`` the :class:`GradientMatchingSettings` fields and the driver's
-    (:func:`elf_jax.distill.common.distill`)."""
+    """DSA: :func:`elf_jax.distill.common.distill` with GradientMatchingSettings fields."""
     return C.distill("dsa", dataset, **kwargs)
 
 
 def run_dc(dataset, **kwargs):
-    """Distills with DC (gradient matching, no augmentation); see :func:`run_dsa`."""
+    """DC (DSA without augmentation); see :func:`run_dsa`."""
     return C.distill("dc", dataset, **kwargs)

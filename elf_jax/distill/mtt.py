@@ -354,13 +354,10 @@ def setup(method: str, s: TrajectorySettings, p: C.Prelude) -> C.Plan:
 
 
 def run_mtt(dataset, **kwargs):
-    """Distills with MTT: ``distill("mtt", dataset, **kwargs)``, ``kwargs`` the
-    :class:`TrajectorySettings` fields (``remat=True``: the same gradient with
-    ``jax.checkpoint``) and the driver's (:func:`elf_jax.distill.common.distill`)."""
+    """MTT: :func:`elf_jax.distill.common.distill` with :class:`TrajectorySettings` fields."""
     return C.distill("mtt", dataset, **kwargs)
 
 
 def run_tesla(dataset, **kwargs):
-    """Distills with TESLA: MTT's objective with the constant-memory gradient (see the
-    module docstring), optional soft labels from the expert (off by default)."""
+    """TESLA: MTT with the constant-memory gradient (see the module docstring)."""
     return C.distill("tesla", dataset, **kwargs)

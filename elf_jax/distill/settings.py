@@ -1,11 +1,9 @@
-"""What each distillation method reads: one frozen dataclass per method family. They are
-also the schema of ``config.synset``: :func:`elf_jax.config.base_config` declares every
-field from :func:`schema`, and :func:`from_config` reads them back.
+"""What each distillation method reads: one frozen dataclass per method family, also the
+schema of ``config.synset`` (``base_config`` declares every field from :func:`schema`).
 
-A field whose default is ``None`` (or differs between methods) is declared in the config as
-a typed ``None`` placeholder, overridable on the command line (``--config.synset.lr_img=2``);
-``None`` there means the method's default below. A method reads only its dataclass's fields;
-the other methods' fields in the config are ignored.
+A field whose default is None or differs between methods is a typed None placeholder in the
+config (still overridable: ``--config.synset.lr_img=2``), None meaning the method's default.
+A method reads only its dataclass's fields; other methods' fields are ignored.
 """
 from __future__ import annotations
 
@@ -107,25 +105,20 @@ METHOD_SETTINGS = {"dc": GradientMatchingSettings, "dsa": GradientMatchingSettin
                    "dm": DMSettings, "mtt": TrajectorySettings, "tesla": TrajectorySettings}
 
 
-def _config_type(hint):
-    """``Optional[int]`` -> ``int``; ``Mapping[...]`` -> ``dict``."""
-    origin = typing.get_origin(hint)
-    if origin is typing.Union:
-        return next(a for a in typing.get_args(hint) if a is not type(None))
-    return hint if origin is None else dict
-
-
 def schema() -> dict:
     """``{field: (default, type)}`` over all methods' settings; ``default`` is None where it
-    is None or the methods' defaults differ."""
+    is None or the methods' defaults differ; ``Optional[int]`` gives ``int``, a mapping
+    ``dict``."""
     out: dict = {}
     for cls in dict.fromkeys(METHOD_SETTINGS.values()):
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
+        for name, hint in typing.get_type_hints(cls).items():
+            f = cls.__dataclass_fields__[name]
             default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-            if f.name in out and out[f.name][0] != default:
-                default = None
-            out[f.name] = (default, _config_type(hints[f.name]))
+            if typing.get_origin(hint) is typing.Union:  # Optional[X]
+                hint = typing.get_args(hint)[0]
+            if name in out and out[name][0] != default:
+                default = None  # the methods differ: each keeps its own
+            out[name] = (default, dict if typing.get_origin(hint) else hint)
     return out
 
 
