@@ -282,7 +282,7 @@ def make_mtt_step(net, unravel, *, num_classes, hard_labels, syn_steps=20, lr_im
                       hard_labels=hard_labels, gradient=gradient, bn_template=bn_template)
 
 
-# ----------------------------------------------------------------------------- drivers
+# ----------------------------------------------------------------------------- driver hook
 def _train_experts(method, s: TrajectorySettings, p: C.Prelude, epochs: int) -> Path:
     """Trains ``num_experts`` experts into ``<workdir>/experts`` (no experts were given)."""
     if p.workdir is None:
