@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from elf_jax.data.sampler import ClassIndex
 from elf_jax.distill import common as C
 from elf_jax.distill.dm import make_dm_step
 from elf_jax.distill.gradient_matching import get_loops, make_gm_step
@@ -45,7 +46,7 @@ def _pool(key):
         images, num_classes, name = np.asarray(x), K, "random_cifar10_shape"
 
     D.labels = labels
-    return D, C.make_pool(D)
+    return D, ClassIndex(D)
 
 
 def _mtt_setup(net, ipc, syn_steps, gradient):
@@ -71,10 +72,9 @@ def bench_time(args):
         if method == "dm":
             step = make_dm_step(net, lr_img=1.0)
             state = C.init_state({"images": images}, step.optimizer, jax.random.key(2))
-            sample = jax.jit(C.sample_all_classes, static_argnums=2)
 
             def run(st, k):
-                return step(st, k, sample(pool, k, args.batch_real))
+                return step(st, k, pool.sample_all_classes(k, args.batch_real))
         elif method in ("dc", "dsa"):
             outer, inner = get_loops(args.ipc)
             if args.outer:
@@ -88,7 +88,7 @@ def bench_time(args):
             state = C.init_state({"images": images}, step.optimizer, jax.random.key(2))
 
             def run(st, k):
-                return step(st, k, pool)
+                return step(st, k, pool.arrays)
         elif method in ("mtt", "tesla", "remat"):
             gradient = {"mtt": "unrolled", "tesla": "tesla", "remat": "remat"}[method]
             n = int(args.syn_steps.split(",")[0])

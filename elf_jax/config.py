@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import ml_collections
 
+from elf_jax.distill.settings import FULL_STRATEGY, schema
+
 # The reference's cross-architecture pool ("cross"); "-IN" names are instance norm.
 CROSS_POOL = ("ConvNet", "ConvNetBN", "ResNet18", "ResNet18BN", "VGG11", "VGG11BN")
-FULL_STRATEGY = "color_crop_cutout_flip_scale_rotate"
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -46,6 +47,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.synset.ipc = 10
     c.synset.iterations = 1000
     c.synset.arch = "ConvNet"  # the distillation model
+    # Every distillation setting (elf_jax.distill.settings, where they are documented); a
+    # typed None: the method's default.
+    for name, (default, kind) in schema().items():
+        if name not in c.synset:
+            c.synset[name] = (ml_collections.config_dict.placeholder(kind) if default is None
+                              else default)
 
     # Stage 3: the feature bank.
     c.bank = ml_collections.ConfigDict()

@@ -9,11 +9,13 @@ import numpy as np
 import pytest
 
 from elf_jax.data import load
+from elf_jax.data.sampler import ClassIndex, sample_all_classes
 from elf_jax.distill import common as C
 from elf_jax.distill import distill, get_method, list_methods
 from elf_jax.distill.dm import make_dm_step
 from elf_jax.distill.gradient_matching import gradient_distance, make_gm_step
 from elf_jax.distill.mtt import load_expert_array, make_mtt_step
+from elf_jax.distill.settings import METHOD_SETTINGS, DMSettings, TrajectorySettings, from_config
 from elf_jax.models import get_model
 
 TINY = dict(width=8, depth=2)
@@ -53,8 +55,7 @@ def _assert_image_grads(g):
 def test_dm_loss_decreases_and_grads_reach_images(tiny, net):
     train, _ = tiny
     images, _ = C.init_synthetic(jax.random.key(0), train, 2)
-    pool = C.make_pool(train)
-    real = C.sample_all_classes(pool, jax.random.key(2), 32)
+    real = sample_all_classes(ClassIndex(train).arrays, jax.random.key(2), 32)
     key = jax.random.key(3)
     step = make_dm_step(net, lr_img=1.0, dsa_strategy=AUG)
     state = _state(images, step.optimizer)
@@ -100,7 +101,7 @@ def test_gradient_distance_matches_reference_layout():
 def test_dsa_step_loss_decreases_and_grads(tiny, net):
     train, _ = tiny
     images, _ = C.init_synthetic(jax.random.key(0), train, 2)
-    pool = C.make_pool(train)
+    pool = ClassIndex(train).arrays
     step = make_gm_step(net, num_classes=2, ipc=2, outer_loop=2, inner_loop=1, lr_img=0.1,
                         batch_real=32, dis_metric="ours", dsa_strategy=AUG)
     state = _state(images, step.optimizer)
@@ -208,7 +209,7 @@ def test_cpu_unrolled_loops_match_rolled_scans(tiny, net, experts, monkeypatch):
     assert C.loop_unroll(3, max_length=4) is (True if C.cpu_loops() else 1)
     assert C.loop_unroll(5, max_length=4) == 1
     # DSA: host loop (unrolled classes/minibatches; last partial batch) vs one jitted scan
-    pool = C.make_pool(train)
+    pool = ClassIndex(train).arrays
     out = []
     for host in (True, False):
         step = make_gm_step(net, num_classes=2, ipc=2, outer_loop=3, inner_loop=2,
@@ -313,6 +314,8 @@ def test_bad_input_errors(tiny, net, tmp_path):
                           model_kwargs=TINY, epochs_needed=3)
     with pytest.raises(ValueError, match="unknown dis_metric"):
         gradient_distance({"a": jnp.ones((2, 2))}, {"a": jnp.ones((2, 2))}, "l3")
+    with pytest.raises(TypeError, match="dm takes DMSettings"):
+        distill("dm", train, TrajectorySettings())
 
 
 def test_nan_stops_and_keeps_last_good_checkpoint(tiny, net, tmp_path):
@@ -349,3 +352,21 @@ def test_distill_from_config_hook(tmp_path):
     s = distill_from_config(c, tmp_path)
     assert s.method == "dm" and s.images.shape == (100, 28, 28, 1) and s.dataset == "mnist5k"
     assert (tmp_path / "synset_best").exists() and (tmp_path / "checkpoints").exists()
+
+
+def test_every_setting_is_a_config_field():
+    """``base_config().synset`` declares every settings field, with the method's defaults
+    (its own ``iterations`` and ``ipc`` aside), and reads back the ones a config sets."""
+    from elf_jax.config import base_config, mnist5k_distill_config
+
+    c = base_config().synset
+    for method, cls in METHOD_SETTINGS.items():
+        assert [f.name for f in dataclasses.fields(cls) if f.name not in c] == []
+        assert from_config(method, c) == cls(iterations=c.iterations, ipc=c.ipc)
+    c.lr_img, c.batch_syn, c.experts, c.outer_loop = 2.0, 5, "runs/experts", 3
+    assert from_config("tesla", c).lr_img == 2.0 and from_config("tesla", c).batch_syn == 5
+    assert from_config("mtt", c).experts == "runs/experts"
+    assert from_config("dc", c).outer_loop == 3 and from_config("dm", c) == DMSettings(lr_img=2.0)
+    s = from_config("dm", mnist5k_distill_config("dm").synset)
+    assert (s.iterations, s.batch_real, s.model_kwargs, s.eval_every) == (200, 64,
+                                                                         {"width": 32}, 100)

@@ -2,7 +2,8 @@
 
 * `ClassIndex(dataset)`: the whole split on the device; `sample_class(key, c, n)` draws n
   distinct images of class c uniformly (the reference: `np.random.permutation(
-  indices_class[c])[:n]`). Jittable: `c` may be traced, `n` is static.
+  indices_class[c])[:n]`). Jittable: `c` may be traced, `n` is static; `sample_class(
+  index.arrays, key, c, n)` is the same draw as a pure function (distillation steps).
 * `StreamingClassSampler`: the same for datasets too big for memory; reads only the drawn
   records from the array_record files.
 * `make_loader(...)`: a grain `DataLoader` of normalized batches, sharded by process.
@@ -10,8 +11,7 @@
 
 from __future__ import annotations
 
-import functools
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 
@@ -21,33 +21,47 @@ import jax.numpy as jnp
 from elf_jax.data.dataset import ArrayDataset
 
 
-def _indices(table, counts, key, c, n):
-    k = table.shape[1]
-    u = jax.random.uniform(key, (k,))
-    u = jnp.where(jnp.arange(k) < counts[c], u, 2.0)  # padding slots lose
+class ClassArrays(NamedTuple):
+    """The arrays of a `ClassIndex`: a pytree, so jitted code can take it as an argument."""
+
+    images: jax.Array  # [M, H, W, C]
+    table: jax.Array  # [K, width] int32: row c holds the indices of class c, then padding
+    counts: jax.Array  # [K] int32
+
+
+def class_indices(a: ClassArrays, key, c, n: int):
+    """Dataset indices of n distinct random images of class c; jittable (c may be traced,
+    n static and at most the class count)."""
+    width = a.table.shape[1]
+    u = jax.random.uniform(key, (width,))
+    u = jnp.where(jnp.arange(width) < a.counts[c], u, 2.0)  # padding slots lose
     _, pos = jax.lax.top_k(-u, n)  # n smallest uniforms = a uniform n-subset, random order
-    return table[c, pos]
+    return a.table[c, pos]
 
 
-_indices_jit = jax.jit(_indices, static_argnames=("n",))
+def sample_class(a: ClassArrays, key, c, n: int):
+    """[n, H, W, C]: the images `class_indices` draws."""
+    return a.images[class_indices(a, key, c, n)]
 
 
-@functools.partial(jax.jit, static_argnames=("n",))
-def _sample(images, table, counts, key, c, n):
-    return images[_indices(table, counts, key, c, n)]
+def sample_all_classes(a: ClassArrays, key, n: int):
+    """[K, n, H, W, C]: n images of every class, one key per class."""
+    k = a.table.shape[0]
+    return jax.vmap(lambda kk, c: sample_class(a, kk, c, n))(jax.random.split(key, k),
+                                                             jnp.arange(k))
 
 
-@functools.partial(jax.jit, static_argnames=("n",))
-def _sample_all(images, table, counts, key, n):
-    keys = jax.random.split(key, table.shape[0])
-    cls = jnp.arange(table.shape[0])
-    return jax.vmap(lambda kk, c: _sample(images, table, counts, kk, c, n))(keys, cls)
+_indices_jit = jax.jit(class_indices, static_argnames=("n",))
+_sample_jit = jax.jit(sample_class, static_argnames=("n",))
+_sample_all_jit = jax.jit(sample_all_classes, static_argnames=("n",))
 
 
 class ClassIndex:
     """Per-class index of an in-memory dataset for fast class-conditional sampling.
 
-    `images` are kept as a device array; `table[c, :counts[c]]` are the indices of class c.
+    `arrays.images` are kept as a device array; `arrays.table[c, :counts[c]]` are the indices
+    of class c. The methods check `n`; the module functions of `arrays` are their jittable
+    form for code that draws inside jit.
     """
 
     def __init__(self, dataset: ArrayDataset, *, device_put: bool = True):
@@ -66,8 +80,7 @@ class ClassIndex:
         self.indices = [table[c, :counts[c]] for c in range(k)]
         self.images = jnp.asarray(dataset.images) if device_put else dataset.images
         self.labels = labels
-        self.table = jnp.asarray(table)
-        self._counts = jnp.asarray(counts, jnp.int32)
+        self.arrays = ClassArrays(self.images, jnp.asarray(table), jnp.asarray(counts, jnp.int32))
 
     def _check(self, n: int, c=None):
         n = int(n)
@@ -87,17 +100,17 @@ class ClassIndex:
     def sample_class(self, key, c, n: int):
         """n distinct images of class c, [n, H, W, C] (uniform without replacement)."""
         n = self._check(n, c)
-        return _sample(self.images, self.table, self._counts, key, c, n)
+        return _sample_jit(self.arrays, key, c, n)
 
     def sample_class_indices(self, key, c, n: int):
         """Dataset indices of the images `sample_class(key, c, n)` returns."""
         n = self._check(n, c)
-        return _indices_jit(self.table, self._counts, key, c, n)
+        return _indices_jit(self.arrays, key, c, n)
 
     def sample_all_classes(self, key, n: int):
         """[num_classes, n, H, W, C]: n distinct images per class (independent keys)."""
         n = self._check(n)
-        return _sample_all(self.images, self.table, self._counts, key, n)
+        return _sample_all_jit(self.arrays, key, n)
 
 
 class StreamingClassSampler:

@@ -1,12 +1,13 @@
-"""Shared machinery of the distillation methods: state, init, real-data sampling, siamese
-DSA, evaluation of the current set, and the checkpointed driver loop with best-set keeping.
+"""Shared machinery of the distillation methods: state, init, siamese DSA, evaluation of
+the current set, the checkpointed loop with best-set keeping, and the one driver.
 
 Every method is split into
 
 * a pure, jitted *step* ``(state, key, real data) -> (state, metrics)`` that updates the
   synthetic set once (one outer iteration of the reference), and
-* a driver ``run_<method>(dataset, *, arch, ipc, iterations, ..., workdir, key)`` that calls
-  :func:`run_loop` here.
+* a hook ``setup(method, settings, prelude) -> Plan`` in its module that builds the step
+  and its ``advance`` function; :func:`distill` (the driver) does the rest: data, initial
+  set, evaluation settings, keys, then :func:`run_loop`.
 
 :func:`run_loop` owns everything around the step: a tqdm bar, a NaN/Inf stop (the synthetic
 images or the learned lr; nothing is saved then, so the last good checkpoint stays), a
@@ -31,47 +32,13 @@ import numpy as np
 import optax
 
 from elf_jax.checkpoint import StepCheckpoints, check_expect
+from elf_jax.distill.settings import FULL_STRATEGY, METHOD_SETTINGS, Settings
 from elf_jax.synset import SyntheticSet, load_synset, save_synset
 
-__all__ = [
-    "DistillState",
-    "DistillationDiverged",
-    "RealPool",
-    "EvalSettings",
-    "as_dataset",
-    "check_ipc",
-    "init_synthetic",
-    "make_optimizer",
-    "init_state",
-    "apply_grads",
-    "make_pool",
-    "sample_class",
-    "sample_all_classes",
-    "siamese_dsa",
-    "iteration_key",
-    "evaluate_set",
-    "run_loop",
-    "SIAMESE_PARAMS",
-    "CPU_UNROLL_MAX",
-    "cpu_loops",
-    "loop_unroll",
-    "scan",
-    "map_",
-]
-
-FULL_STRATEGY = "color_crop_cutout_flip_scale_rotate"
-
-
-def _siamese_params():
-    from elf_jax.augment import DSAParams
-
-    # The reference seeds DiffAugment for its siamese calls, which turns on batchmode: all
-    # samples share one draw, so a real batch of 256 and a synthetic batch of ipc images get
-    # exactly the same transformation.
-    return DSAParams(batchmode=True)
-
-
-SIAMESE_PARAMS = None  # filled lazily (augment may import late); see siamese_dsa
+__all__ = ["DistillState", "DistillationDiverged", "EvalSettings", "as_dataset", "check_ipc",
+           "init_synthetic", "make_optimizer", "init_state", "apply_grads", "siamese_dsa",
+           "iteration_key", "evaluate_set", "run_loop", "distill", "Prelude", "Plan",
+           "CPU_UNROLL_MAX", "cpu_loops", "loop_unroll", "scan", "map_"]
 
 
 class DistillationDiverged(ValueError):
@@ -153,43 +120,6 @@ def init_synthetic(key, dataset, ipc: int, init: str = "real"):
     return np.ascontiguousarray(out, np.float32), labels
 
 
-class RealPool(NamedTuple):
-    """The real training set on the device, indexed by class (for sampling inside jit)."""
-
-    images: jax.Array  # [M, H, W, C]
-    table: jax.Array  # [K, max_count] int32 indices of each class (padded)
-    counts: jax.Array  # [K] int32
-
-
-def make_pool(dataset) -> RealPool:
-    labels = np.asarray(dataset.labels)
-    k = num_classes_of(dataset)
-    counts = np.bincount(labels, minlength=k)
-    table = np.zeros((k, max(1, int(counts.max()))), np.int32)
-    for c in range(k):
-        idx = np.flatnonzero(labels == c)
-        table[c, :idx.size] = idx
-    return RealPool(jnp.asarray(dataset.images, jnp.float32), jnp.asarray(table),
-                    jnp.asarray(counts, jnp.int32))
-
-
-def sample_class(pool: RealPool, key, c, n: int):
-    """``n`` distinct random images of class ``c`` (``np.random.permutation(idx)[:n]``);
-    jittable, ``c`` may be traced, ``n`` static and <= the class count."""
-    width = pool.table.shape[1]
-    u = jax.random.uniform(key, (width,))
-    u = jnp.where(jnp.arange(width) < pool.counts[c], u, 2.0)
-    _, pos = jax.lax.top_k(-u, n)
-    return pool.images[pool.table[c, pos]]
-
-
-def sample_all_classes(pool: RealPool, key, n: int):
-    """``[K, n, H, W, C]``: ``n`` random images of every class."""
-    k = pool.table.shape[0]
-    keys = jax.random.split(key, k)
-    return jax.vmap(lambda kk, c: sample_class(pool, kk, c, n))(keys, jnp.arange(k))
-
-
 def real_batch_size(dataset, wanted: int) -> int:
     """The reference takes ``permutation(class)[:n]``, i.e. all images of a class smaller
     than ``n``; with static shapes every class gives ``min(n, smallest class)``."""
@@ -202,9 +132,12 @@ def siamese_dsa(key, real, syn, strategy: str):
     of one class (the reference's seeded ``DiffAugment`` pair)."""
     if strategy in (None, "", "none", "None"):
         return real, syn
-    from elf_jax.augment import dsa
+    from elf_jax.augment import DSAParams, dsa
 
-    p = _siamese_params()
+    # The reference seeds DiffAugment for its siamese calls, which turns on batchmode: all
+    # samples share one draw, so a real batch of 256 and a synthetic batch of ipc images get
+    # exactly the same transformation.
+    p = DSAParams(batchmode=True)
     return dsa(key, real, strategy, "S", p), dsa(key, syn, strategy, "S", p)
 
 
@@ -505,7 +438,6 @@ def load_result(workdir, which: str = "best") -> SyntheticSet:
     return load_synset(Path(workdir) / f"synset_{which}")
 
 
-# ----------------------------------------------------------------------------- driver glue
 def apply_front(net, variables, x):
     """The embedding ``front(x)`` in training mode (BatchNorm: batch statistics)."""
     if not getattr(net, "has_split", False):
@@ -517,60 +449,94 @@ def apply_front(net, variables, x):
     return net.apply(variables, x, train=True, method=net.front)
 
 
-def prepare(dataset, *, ipc, init, key, eval_settings: EvalSettings, test_dataset,
-            data_kw=None):
-    """Loads/validates the data and draws the initial set.
+# ----------------------------------------------------------------------------- the driver
+class Prelude(NamedTuple):
+    """What :func:`distill` prepared for a method's ``setup`` hook."""
 
-    Returns ``(train, test, images0, labels0, num_classes, key_init, key_run)``."""
-    train = as_dataset(dataset, "train", **(data_kw or {}))
-    check_ipc(train, ipc)
-    test = None
-    if eval_settings.enabled:
-        if test_dataset is None:
-            name = dataset if isinstance(dataset, str) else getattr(dataset, "name", None)
-            if name is None:
-                raise ValueError("eval_every > 0 needs test_dataset (the dataset has no name "
-                                 "to load its test split from)")
-            test = as_dataset(name, "test", **(data_kw or {}))
-        else:
-            test = as_dataset(test_dataset, "test", **(data_kw or {}))
+    train: Any  # the ArrayDataset
+    net: Any  # get_model(settings.arch, num_classes, **settings.model_kwargs)
+    images: np.ndarray  # the initial set [K*ipc, H, W, C], class-ordered
+    labels: np.ndarray  # its hard labels [K*ipc]
+    num_classes: int
+    workdir: Any
+    progress: bool
+
+
+class Plan(NamedTuple):
+    """What a method's ``setup(method, settings, prelude)`` returns."""
+
+    syn: Mapping[str, Any]  # the initial synthetic parameters {"images"[, "lr", "labels"]}
+    optimizer: Any  # the step's optax optimizer on them
+    advance: Callable  # advance(state) -> (state, metrics): one iteration (see run_loop)
+    meta: Mapping[str, Any]  # the method's settings for the resume check
+    labels: Optional[np.ndarray] = None  # fixed soft labels (probabilities); None: hard
+    extra: Mapping[str, Any] = {}  # more metadata of the set
+
+
+def distill(method: str, dataset, settings: Optional[Settings] = None, *, workdir=None,
+            key=None, test_dataset=None, evaluation: Optional[EvalSettings] = None,
+            progress: bool = True, callback=None, **fields) -> SyntheticSet:
+    """Distills ``dataset`` (an ``ArrayDataset`` or a dataset name) with ``method``.
+
+    settings: the method's dataclass (:data:`elf_jax.distill.settings.METHOD_SETTINGS`;
+    default: its defaults) with ``fields`` replaced (``ipc=1, lr_img=0.5``). key: the run's
+    key (default ``key(0)``), split into the initial set's and the iterations'.
+    evaluation: the periodic evaluation's protocol (default: the settings' ``eval_epochs``
+    and ``eval_repeats``; ``eval_every``, when set, replaces its ``every``); test_dataset:
+    its test set (default: the test split of the dataset's name). workdir, progress,
+    callback: see :func:`run_loop`. The method's module adds ``setup(method, settings,
+    Prelude) -> Plan``. Returns the best set (evaluation on) or the final one.
+    """
+    import importlib
+
+    from elf_jax.distill import METHODS, method_name
+    from elf_jax.models import get_model
+
+    method = method_name(method)
+    cls = METHOD_SETTINGS[method]
+    s = dataclasses.replace(settings or cls(), **fields)
+    if not isinstance(s, cls):
+        raise TypeError(f"{method} takes {cls.__name__}, got {type(s).__name__}")
+    # DC distils without augmentation and is evaluated without it too
+    ev = evaluation or EvalSettings(epochs=int(s.eval_epochs), repeats=int(s.eval_repeats),
+                                    dsa_strategy="none" if method == "dc" else FULL_STRATEGY)
+    if s.eval_every:
+        ev = dataclasses.replace(ev, every=int(s.eval_every))
+    train = as_dataset(dataset, "train")
     key = jax.random.key(0) if key is None else key
     if not jnp.issubdtype(getattr(key, "dtype", jnp.uint32), jax.dtypes.prng_key):
         key = jax.random.wrap_key_data(jnp.asarray(key, jnp.uint32))
     k_init, k_run = jax.random.split(key)
-    images0, labels0 = init_synthetic(k_init, train, ipc, init)
-    return train, test, images0, labels0, num_classes_of(train), k_init, k_run
-
-
-def synset_factory(*, method, dataset, ipc, arch, model_kwargs, num_classes, hard_labels,
-                   extra=None):
-    """``to_synset(syn, meta)`` for :func:`run_loop`: soft labels from ``syn["labels"]``
-    (logits, stored as probabilities) when present, else the hard class-ordered labels."""
-    base = {"method": method, "dataset": getattr(dataset, "name", None), "ipc": int(ipc),
-            "arch": arch, "zca": getattr(dataset, "zca", None) is not None,
-            "model_kwargs": dict(model_kwargs or {}), **dict(extra or {})}
+    images0, labels0 = init_synthetic(k_init, train, s.ipc, s.init)
+    test = None
+    if ev.enabled:
+        name = dataset if isinstance(dataset, str) else getattr(dataset, "name", None)
+        if test_dataset is None and name is None:
+            raise ValueError("eval_every > 0 needs test_dataset (the dataset has no name to "
+                             "load its test split from)")
+        test = as_dataset(name if test_dataset is None else test_dataset, "test")
+    k, mk = num_classes_of(train), dict(s.model_kwargs)
+    prelude = Prelude(train, get_model(s.arch, k, **mk), images0, labels0, k, workdir, progress)
+    plan = importlib.import_module(METHODS[method]).setup(method, s, prelude)
+    base = {"dataset": getattr(train, "name", None), "ipc": int(s.ipc), "arch": s.arch,
+            "model_kwargs": mk}
+    run_meta = {**base, "lr_img": s.lr_img, "momentum": s.momentum, "init": s.init,
+                "dsa_strategy": s.dsa_strategy, **plan.meta, "key": raw_key(k_run).tolist()}
+    set_meta = {"method": method, **base, "zca": getattr(train, "zca", None) is not None,
+                **plan.extra}
+    labels = labels0 if plan.labels is None else plan.labels
 
     def to_synset(syn, meta):
-        syn = {k: np.asarray(v) for k, v in syn.items()}
-        if "labels" in syn:
+        syn, out = {name: np.asarray(v) for name, v in syn.items()}, labels
+        if "labels" in syn:  # learned logits, stored as probabilities
             z = syn["labels"] - syn["labels"].max(-1, keepdims=True)
-            labels = np.exp(z) / np.exp(z).sum(-1, keepdims=True)
-        else:
-            labels = hard_labels
+            out = np.exp(z) / np.exp(z).sum(-1, keepdims=True)
         lr = float(syn["lr"]) if "lr" in syn else None
-        return SyntheticSet(syn["images"], labels, lr=lr, metadata={**base, **meta},
-                            num_classes=num_classes)
+        return SyntheticSet(syn["images"], out, lr=lr, metadata={**set_meta, **meta},
+                            num_classes=k)
 
-    return to_synset
-
-
-def eval_settings_from(eval_every=0, eval_epochs=300, eval_repeats=1, eval_arch=None,
-                       eval_model_kwargs=None, eval_lr=0.01, eval_use_learned_lr=False,
-                       eval_dsa_strategy=FULL_STRATEGY, eval_at_start=False,
-                       eval_batch_size=256) -> EvalSettings:
-    mk = None if eval_model_kwargs is None else tuple(sorted(dict(eval_model_kwargs).items()))
-    return EvalSettings(every=int(eval_every or 0), at_start=bool(eval_at_start),
-                        epochs=int(eval_epochs), repeats=int(eval_repeats),
-                        batch_size=int(eval_batch_size), lr=float(eval_lr),
-                        dsa_strategy=eval_dsa_strategy, arch=eval_arch, model_kwargs=mk,
-                        use_learned_lr=bool(eval_use_learned_lr))
+    return run_loop(method=method, state=init_state(plan.syn, plan.optimizer, k_run),
+                    advance=plan.advance, iterations=s.iterations, to_synset=to_synset,
+                    run_meta=run_meta, workdir=workdir, checkpoint_every=s.checkpoint_every,
+                    eval_settings=ev, test=test, arch=s.arch, model_kwargs=mk,
+                    progress=progress, callback=callback)

@@ -16,17 +16,15 @@ loop.
 from __future__ import annotations
 
 import functools
-from typing import Any, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
 
+from elf_jax.data.sampler import ClassIndex
 from elf_jax.distill import common as C
+from elf_jax.distill.settings import DMSettings
 
-__all__ = ["make_dm_step", "run_dm", "DM_DEFAULTS"]
-
-DM_DEFAULTS = dict(lr_img=1.0, momentum=0.5, batch_real=256, init="real",
-                   dsa_strategy=C.FULL_STRATEGY)
+__all__ = ["make_dm_step", "run_dm"]
 
 
 def dm_loss(net, variables, syn_images, real, key, dsa_strategy):
@@ -68,47 +66,25 @@ def make_dm_step(net, *, lr_img: float = 1.0, momentum: float = 0.5,
     return step
 
 
-def run_dm(dataset, *, arch: str = "ConvNet", ipc: int = 10, iterations: int = 1000,
-           lr_img: float = 1.0, momentum: float = 0.5, batch_real: int = 256,
-           init: str = "real", dsa_strategy: str = C.FULL_STRATEGY,
-           model_kwargs: Optional[Mapping[str, Any]] = None, workdir=None, key=None,
-           checkpoint_every: int = 100, eval_every: int = 0,
-           evaluation: Optional[C.EvalSettings] = None, test_dataset=None,
-           progress: bool = True, callback=None) -> "C.SyntheticSet":
-    """Distills ``dataset`` (an ``ArrayDataset`` or a name) with DM; returns the best set by
-    evaluation accuracy (``eval_every > 0``) or the final one. See
-    :func:`elf_jax.distill.common.run_loop` for checkpoints, resume and NaN handling."""
-    from elf_jax.models import get_model
-
-    ev = evaluation or C.EvalSettings()
-    if eval_every:
-        ev = C.dataclasses.replace(ev, every=int(eval_every))
-    train, test, images0, labels0, k, _, k_run = C.prepare(
-        dataset, ipc=ipc, init=init, key=key, eval_settings=ev, test_dataset=test_dataset)
-    model_kwargs = dict(model_kwargs or {})
-    net = get_model(arch, k, **model_kwargs)
-    if not getattr(net, "has_split", False):
+def setup(method: str, s: DMSettings, p: C.Prelude) -> C.Plan:
+    """The driver's hook: a fresh network per iteration, ``batch_real`` real images of every
+    class drawn outside the step."""
+    if not getattr(p.net, "has_split", False):
         raise ValueError(f"DM needs an embedding network with a front (ConvNet/VGG/ResNet "
-                         f"families); {arch} has none")
-    b = C.real_batch_size(train, batch_real)
-    pool = C.make_pool(train)
-    step = make_dm_step(net, lr_img=lr_img, momentum=momentum, dsa_strategy=dsa_strategy)
-    sample = jax.jit(C.sample_all_classes, static_argnums=2)
+                         f"families); {s.arch} has none")
+    b = C.real_batch_size(p.train, s.batch_real)
+    index = ClassIndex(p.train)
+    step = make_dm_step(p.net, lr_img=s.lr_img, momentum=s.momentum,
+                        dsa_strategy=s.dsa_strategy)
 
     def advance(state):
-        k_it = C.iteration_key(state)
-        k_real, k_step = jax.random.split(k_it)
-        return step(state, k_step, sample(pool, k_real, b))
+        k_real, k_step = jax.random.split(C.iteration_key(state))
+        return step(state, k_step, index.sample_all_classes(k_real, b))
 
-    state = C.init_state({"images": images0}, step.optimizer, k_run)
-    to_synset = C.synset_factory(method="dm", dataset=train, ipc=ipc, arch=arch,
-                                 model_kwargs=model_kwargs, num_classes=k, hard_labels=labels0)
-    run_meta = {"dataset": getattr(train, "name", None), "ipc": int(ipc), "arch": arch,
-                "model_kwargs": model_kwargs, "lr_img": lr_img, "momentum": momentum,
-                "batch_real": b, "init": init, "dsa_strategy": dsa_strategy,
-                "num_train": int(len(train.labels)),
-                "key": C.raw_key(k_run).tolist()}
-    return C.run_loop(method="dm", state=state, advance=advance, iterations=iterations,
-                      to_synset=to_synset, run_meta=run_meta, workdir=workdir,
-                      checkpoint_every=checkpoint_every, eval_settings=ev, test=test, arch=arch,
-                      model_kwargs=model_kwargs, progress=progress, callback=callback)
+    return C.Plan({"images": p.images}, step.optimizer, advance,
+                  {"batch_real": b, "num_train": int(len(p.train.labels))})
+
+
+def run_dm(dataset, **kwargs) -> "C.SyntheticSet":
+    """DM: :func:`elf_jax.distill.common.distill` with :class:`DMSettings` fields."""
+    return C.distill("dm", dataset, **kwargs)

@@ -30,13 +30,15 @@ Distances (``dis_metric``), over the parameter gradient tensors:
 from __future__ import annotations
 
 import functools
-from typing import Any, Mapping, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from elf_jax.data.sampler import ClassArrays, ClassIndex, sample_all_classes
 from elf_jax.distill import common as C
+from elf_jax.distill.settings import GradientMatchingSettings
 
 __all__ = ["get_loops", "gradient_distance", "make_gm_step", "run_dc", "run_dsa",
            "DIS_METRICS"]
@@ -100,9 +102,10 @@ def make_gm_step(net, *, num_classes: int, ipc: int, outer_loop: int, inner_loop
                  batch_real: int = 256, batch_train: int = 256, dis_metric: str = "ours",
                  dsa_strategy: Optional[str] = C.FULL_STRATEGY, class_loop: str = "map",
                  host_loop: Optional[bool] = None):
-    """The DC/DSA step ``(state, key, pool: RealPool) -> (state, metrics)``; real
-    batches are drawn from ``pool`` inside (``outer_loop * K * batch_real`` images per
-    iteration would not fit as an argument). ``dsa_strategy=None``: DC. ``class_loop``:
+    """The DC/DSA step ``(state, key, pool: ClassArrays) -> (state, metrics)``; real
+    batches are drawn from ``pool`` (``ClassIndex(train).arrays``) inside (``outer_loop *
+    K * batch_real`` images per iteration would not fit as an argument).
+    ``dsa_strategy=None``: DC. ``class_loop``:
     ``"map"`` (classes one after another under ``lax.map``) or ``"vmap"`` (vectorised: the
     per-class weight gradients become batched/grouped convolutions, measured slower on the
     CPU, see BENCHMARKS.md).
@@ -192,12 +195,12 @@ def make_gm_step(net, *, num_classes: int, ipc: int, outer_loop: int, inner_loop
         and the key of the round's training."""
         k_bn, k_real, k_aug, k_train = jax.random.split(kk, 4)
         if bstats:  # running statistics from 16 real images per class, then frozen
-            xbn = C.sample_all_classes(pool, k_bn, BN_SIZE_PER_CLASS)
+            xbn = sample_all_classes(pool, k_bn, BN_SIZE_PER_CLASS)
             xbn = xbn.reshape((-1,) + xbn.shape[2:])
             _, upd = net.apply(_variables(params, bstats), xbn, train=True,
                                mutable=["batch_stats"])
             bstats = upd["batch_stats"]
-        real = C.sample_all_classes(pool, k_real, batch_real)
+        real = sample_all_classes(pool, k_real, batch_real)
         loss, g = jax.value_and_grad(match_loss)(syn["images"], params, bstats, real, k_aug)
         updates, opt_state = optimizer.update({"images": g}, opt_state, syn)
         syn = optax.apply_updates(syn, updates)
@@ -214,7 +217,7 @@ def make_gm_step(net, *, num_classes: int, ipc: int, outer_loop: int, inner_loop
         j_finish = jax.jit(finish)
         j_epoch_keys = jax.jit(lambda kk: jax.random.split(kk, inner_loop))
 
-        def step(state: C.DistillState, key, pool: C.RealPool):
+        def step(state: C.DistillState, key, pool: ClassArrays):
             params, bstats, round_keys = j_init(key, pool)
             syn, opt_state, losses = state.syn, state.opt_state, []
             for ol in range(outer_loop):
@@ -230,7 +233,7 @@ def make_gm_step(net, *, num_classes: int, ipc: int, outer_loop: int, inner_loop
             return j_finish(state, syn, opt_state, jnp.stack(losses))
     else:
         @jax.jit
-        def step(state: C.DistillState, key, pool: C.RealPool):
+        def step(state: C.DistillState, key, pool: ClassArrays):
             params, bstats0, round_keys = init_net(key, pool)
 
             def round_(carry, xs):
@@ -255,76 +258,36 @@ def make_gm_step(net, *, num_classes: int, ipc: int, outer_loop: int, inner_loop
     return step
 
 
-def _run_gm(method, dataset, *, arch, ipc, iterations, lr_img, momentum, lr_net, batch_real,
-            batch_train, outer_loop, inner_loop, dis_metric, init, dsa_strategy, model_kwargs,
-            workdir, key, checkpoint_every, eval_every, evaluation, test_dataset, progress,
-            callback):
-    from elf_jax.models import get_model
-
-    if dis_metric not in DIS_METRICS:
-        raise ValueError(f"unknown dis_metric {dis_metric!r}; choose one of {DIS_METRICS}")
-    if outer_loop is None or inner_loop is None:
-        o, i = get_loops(ipc)
-        outer_loop = o if outer_loop is None else outer_loop
-        inner_loop = i if inner_loop is None else inner_loop
-    ev = evaluation or C.EvalSettings()
-    if eval_every:
-        ev = C.dataclasses.replace(ev, every=int(eval_every))
-    if method == "dc" and evaluation is None:
-        ev = C.dataclasses.replace(ev, dsa_strategy="none")  # DC evaluates without DSA
-    train, test, images0, labels0, k, _, k_run = C.prepare(
-        dataset, ipc=ipc, init=init, key=key, eval_settings=ev, test_dataset=test_dataset)
-    model_kwargs = dict(model_kwargs or {})
-    net = get_model(arch, k, **model_kwargs)
-    b = C.real_batch_size(train, batch_real)
-    pool = C.make_pool(train)
-    step = make_gm_step(net, num_classes=k, ipc=ipc, outer_loop=int(outer_loop),
-                        inner_loop=int(inner_loop), lr_img=lr_img, momentum=momentum,
-                        lr_net=lr_net, batch_real=b, batch_train=batch_train,
-                        dis_metric=dis_metric,
-                        dsa_strategy=dsa_strategy if method == "dsa" else None)
+def setup(method: str, s: GradientMatchingSettings, p: C.Prelude) -> C.Plan:
+    """The driver's hook: DC (no augmentation) or DSA; (outer_loop, inner_loop) not given
+    are the reference's for the ipc."""
+    outer, inner = s.outer_loop, s.inner_loop
+    if outer is None or inner is None:
+        o, i = get_loops(s.ipc)
+        outer, inner = o if outer is None else outer, i if inner is None else inner
+    b = C.real_batch_size(p.train, s.batch_real)
+    pool = ClassIndex(p.train).arrays
+    step = make_gm_step(p.net, num_classes=p.num_classes, ipc=s.ipc, outer_loop=int(outer),
+                        inner_loop=int(inner), lr_img=s.lr_img, momentum=s.momentum,
+                        lr_net=s.lr_net, batch_real=b, batch_train=s.batch_train,
+                        dis_metric=s.dis_metric,
+                        dsa_strategy=s.dsa_strategy if method == "dsa" else None)
 
     def advance(state):
         return step(state, C.iteration_key(state), pool)
 
-    state = C.init_state({"images": images0}, step.optimizer, k_run)
-    to_synset = C.synset_factory(method=method, dataset=train, ipc=ipc, arch=arch,
-                                 model_kwargs=model_kwargs, num_classes=k, hard_labels=labels0)
-    run_meta = {"dataset": getattr(train, "name", None), "ipc": int(ipc), "arch": arch,
-                "model_kwargs": model_kwargs, "lr_img": lr_img, "momentum": momentum,
-                "lr_net": lr_net, "batch_real": b, "batch_train": batch_train,
-                "outer_loop": int(outer_loop), "inner_loop": int(inner_loop),
-                "dis_metric": dis_metric, "init": init,
-                "dsa_strategy": dsa_strategy if method == "dsa" else "none",
-                "num_train": int(len(train.labels)), "key": C.raw_key(k_run).tolist()}
-    return C.run_loop(method=method, state=state, advance=advance, iterations=iterations,
-                      to_synset=to_synset, run_meta=run_meta, workdir=workdir,
-                      checkpoint_every=checkpoint_every, eval_settings=ev, test=test, arch=arch,
-                      model_kwargs=model_kwargs, progress=progress, callback=callback)
+    return C.Plan({"images": p.images}, step.optimizer, advance,
+                  {"lr_net": s.lr_net, "batch_real": b, "batch_train": s.batch_train,
+                   "outer_loop": int(outer), "inner_loop": int(inner),
+                   "dis_metric": s.dis_metric, "num_train": int(len(p.train.labels)),
+                   "dsa_strategy": s.dsa_strategy if method == "dsa" else "none"})
 
 
-def run_dsa(dataset, *, arch: str = "ConvNet", ipc: int = 10, iterations: int = 1000,
-            lr_img: float = 0.1, momentum: float = 0.5, lr_net: float = 0.01,
-            batch_real: int = 256, batch_train: int = 256, outer_loop: Optional[int] = None,
-            inner_loop: Optional[int] = None, dis_metric: str = "ours", init: str = "real",
-            dsa_strategy: str = C.FULL_STRATEGY,
-            model_kwargs: Optional[Mapping[str, Any]] = None, workdir=None, key=None,
-            checkpoint_every: int = 100, eval_every: int = 0,
-            evaluation: Optional[C.EvalSettings] = None, test_dataset=None,
-            progress: bool = True, callback=None):
-    """Distills with DSA (gradient matching + siamese DSA); ``(outer_loop, inner_loop)``
-    default to the reference's per-ipc values (:func:`get_loops`). Returns a
-    ``SyntheticSet`` (best by evaluation when ``eval_every > 0``)."""
-    return _run_gm("dsa", dataset, **{k: v for k, v in locals().items() if k != "dataset"})
+def run_dsa(dataset, **kwargs):
+    """DSA: :func:`elf_jax.distill.common.distill` with GradientMatchingSettings fields."""
+    return C.distill("dsa", dataset, **kwargs)
 
 
-def run_dc(dataset, *, arch: str = "ConvNet", ipc: int = 10, iterations: int = 1000,
-           lr_img: float = 0.1, momentum: float = 0.5, lr_net: float = 0.01,
-           batch_real: int = 256, batch_train: int = 256, outer_loop: Optional[int] = None,
-           inner_loop: Optional[int] = None, dis_metric: str = "ours", init: str = "real",
-           dsa_strategy: str = "none", model_kwargs: Optional[Mapping[str, Any]] = None,
-           workdir=None, key=None, checkpoint_every: int = 100, eval_every: int = 0,
-           evaluation: Optional[C.EvalSettings] = None, test_dataset=None,
-           progress: bool = True, callback=None):
-    """Distills with DC (gradient matching, no augmentation); see :func:`run_dsa`."""
-    return _run_gm("dc", dataset, **{k: v for k, v in locals().items() if k != "dataset"})
+def run_dc(dataset, **kwargs):
+    """DC (DSA without augmentation); see :func:`run_dsa`."""
+    return C.distill("dc", dataset, **kwargs)

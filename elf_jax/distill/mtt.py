@@ -57,14 +57,11 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from elf_jax.distill import common as C
+from elf_jax.distill.settings import TrajectorySettings
 
-__all__ = ["GRADIENTS", "load_expert_array", "make_mtt_step", "make_tesla_step",
-           "run_mtt", "run_tesla", "MTT_ELF_CIFAR100"]
+__all__ = ["GRADIENTS", "load_expert_array", "make_mtt_step", "run_mtt", "run_tesla"]
 
 GRADIENTS = ("unrolled", "remat", "tesla")
-# the ELF repository's distill_MTT.sh (CIFAR-100, IPC 10)
-MTT_ELF_CIFAR100 = dict(syn_steps=20, expert_epochs=2, max_start_epoch=40, lr_img=1e3,
-                        lr_lr=1e-5, lr_teacher=1e-2, iterations=5000)
 
 
 # ----------------------------------------------------------------------------- experts
@@ -285,136 +282,82 @@ def make_mtt_step(net, unravel, *, num_classes, hard_labels, syn_steps=20, lr_im
                       hard_labels=hard_labels, gradient=gradient, bn_template=bn_template)
 
 
-def make_tesla_step(net, unravel, *, gradient="tesla", **kw):
-    """:func:`make_mtt_step` with TESLA's constant-memory gradient by default."""
-    return make_mtt_step(net, unravel, gradient=gradient, **kw)
+# ----------------------------------------------------------------------------- driver hook
+def _train_experts(method, s: TrajectorySettings, p: C.Prelude, epochs: int) -> Path:
+    """Trains ``num_experts`` experts into ``<workdir>/experts`` (no experts were given)."""
+    if p.workdir is None:
+        raise ValueError(f"{method} needs expert trajectories: pass experts= (a teacher "
+                         "workdir, a replay_buffer_<n>.pt or a list) or a workdir to "
+                         "train them in")
+    from elf_jax.teacher import train_experts
+
+    train_experts(s.arch, p.train, epochs=int(s.expert_train_epochs or epochs),
+                  num_experts=int(s.num_experts), workdir=Path(p.workdir) / "experts",
+                  model_kwargs=dict(s.model_kwargs), progress=p.progress)
+    return Path(p.workdir) / "experts"
 
 
-# ----------------------------------------------------------------------------- drivers
-def _run_tm(method, dataset, *, arch, ipc, iterations, syn_steps, expert_epochs,
-            max_start_epoch, lr_img, lr_lr, lr_teacher, momentum, batch_syn, init,
-            dsa_strategy, experts, num_experts, expert_train_epochs, model_kwargs, workdir,
-            key, checkpoint_every, eval_every, evaluation, test_dataset, progress, callback,
-            gradient, soft_labels=False, learn_labels=False, lr_label=10.0,
-            soft_label_epoch=None, max_experts=None):
-    from elf_jax.models import get_model
-
+def setup(method: str, s: TrajectorySettings, p: C.Prelude) -> C.Plan:
+    """The driver's hook: expert trajectories (loaded, or trained first), optional soft
+    labels, the MTT/TESLA step, and ``advance`` drawing the expert and the start epoch."""
+    gradient = s.gradient or {"mtt": "unrolled", "tesla": "tesla"}[method]
+    if s.remat and gradient == "unrolled":
+        gradient = "remat"
     if gradient not in GRADIENTS:
         raise ValueError(f"unknown gradient {gradient!r}; choose one of {GRADIENTS}")
-    if int(max_start_epoch) < 1 or int(expert_epochs) < 1 or int(syn_steps) < 1:
+    if int(s.max_start_epoch) < 1 or int(s.expert_epochs) < 1 or int(s.syn_steps) < 1:
         raise ValueError("max_start_epoch, expert_epochs and syn_steps must be >= 1")
-    if not np.isfinite(lr_teacher):
+    if not np.isfinite(s.lr_teacher):
         raise C.DistillationDiverged(f"{method}: lr_teacher (the initial syn_lr) is "
-                                     f"{lr_teacher}; it must be a finite positive number")
-    ev = evaluation or C.EvalSettings()
-    if eval_every:
-        ev = C.dataclasses.replace(ev, every=int(eval_every))
-    train, test, images0, labels0, k, _, k_run = C.prepare(
-        dataset, ipc=ipc, init=init, key=key, eval_settings=ev, test_dataset=test_dataset)
-    model_kwargs = dict(model_kwargs or {})
-    net = get_model(arch, k, **model_kwargs)
-    image_shape = tuple(images0.shape[1:])
-    needed = int(max_start_epoch) - 1 + int(expert_epochs)  # start < max_start_epoch
-    if experts is None:
-        if workdir is None:
-            raise ValueError(f"{method} needs expert trajectories: pass experts= (a teacher "
-                             "workdir, a replay_buffer_<n>.pt or a list) or a workdir to "
-                             "train them in")
-        from elf_jax.teacher import train_experts
-
-        epochs = int(expert_train_epochs or needed)
-        train_experts(arch, train, epochs=epochs, num_experts=int(num_experts),
-                      workdir=Path(workdir) / "experts", model_kwargs=model_kwargs,
-                      progress=progress)
-        experts = Path(workdir) / "experts"
-    traj, unravel = load_expert_array(experts, arch=arch, num_classes=k,
-                                      image_shape=image_shape, model_kwargs=model_kwargs,
-                                      epochs_needed=needed, max_experts=max_experts)
-    variables = net.init(jax.random.key(0), jnp.asarray(images0[:1]), train=False)
+                                     f"{s.lr_teacher}; it must be a finite positive number")
+    needed = int(s.max_start_epoch) - 1 + int(s.expert_epochs)  # start < max_start_epoch
+    experts = s.experts or _train_experts(method, s, p, needed)
+    traj, unravel = load_expert_array(experts, arch=s.arch, num_classes=p.num_classes,
+                                      image_shape=p.images.shape[1:],
+                                      model_kwargs=s.model_kwargs, epochs_needed=needed,
+                                      max_experts=s.max_experts)
+    variables = p.net.init(jax.random.key(0), jnp.asarray(p.images[:1]), train=False)
     bn_template = variables.get("batch_stats") or None
 
-    syn0 = {"images": images0, "lr": np.float32(lr_teacher)}
-    hard = labels0
-    if soft_labels:
-        e0 = traj.shape[1] - 1 if soft_label_epoch is None else int(soft_label_epoch)
-        logits = net.apply({"params": unravel(jnp.asarray(traj[0, e0])),
-                            **({"batch_stats": bn_template} if bn_template else {})},
-                           jnp.asarray(images0), train=False)
-        if learn_labels:
+    syn0 = {"images": p.images, "lr": np.float32(s.lr_teacher)}
+    hard = p.labels
+    if s.soft_labels:
+        e0 = traj.shape[1] - 1 if s.soft_label_epoch is None else int(s.soft_label_epoch)
+        logits = p.net.apply({"params": unravel(jnp.asarray(traj[0, e0])),
+                              **({"batch_stats": bn_template} if bn_template else {})},
+                             jnp.asarray(p.images), train=False)
+        if s.learn_labels:
             syn0["labels"] = np.asarray(logits, np.float32)
         else:
             hard = np.asarray(logits, np.float32)  # fixed soft-label logits
-    step = make_mtt_step(net, unravel, num_classes=k, hard_labels=hard,
-                         syn_steps=int(syn_steps), lr_img=lr_img, lr_lr=lr_lr,
-                         momentum=momentum, batch_syn=batch_syn, dsa_strategy=dsa_strategy,
-                         gradient=gradient, bn_template=bn_template,
-                         lr_label=lr_label if (soft_labels and learn_labels) else None)
+    step = make_mtt_step(p.net, unravel, num_classes=p.num_classes, hard_labels=hard,
+                         syn_steps=int(s.syn_steps), lr_img=s.lr_img, lr_lr=s.lr_lr,
+                         momentum=s.momentum, batch_syn=s.batch_syn,
+                         dsa_strategy=s.dsa_strategy, gradient=gradient,
+                         bn_template=bn_template,
+                         lr_label=s.lr_label if (s.soft_labels and s.learn_labels) else None)
     traj_dev = jnp.asarray(traj)
-    n_exp = traj.shape[0]
 
     def advance(state):
-        k_it = C.iteration_key(state)
-        k_e, k_s, k_step = jax.random.split(k_it, 3)
-        e = int(jax.random.randint(k_e, (), 0, n_exp))
-        s = int(jax.random.randint(k_s, (), 0, int(max_start_epoch)))
-        return step(state, k_step, traj_dev[e, s], traj_dev[e, s + int(expert_epochs)])
+        k_e, k_s, k_step = jax.random.split(C.iteration_key(state), 3)
+        e = int(jax.random.randint(k_e, (), 0, traj.shape[0]))
+        t = int(jax.random.randint(k_s, (), 0, int(s.max_start_epoch)))
+        return step(state, k_step, traj_dev[e, t], traj_dev[e, t + int(s.expert_epochs)])
 
-    state = C.init_state(syn0, step.optimizer, k_run)
-    to_synset = C.synset_factory(method=method, dataset=train, ipc=ipc, arch=arch,
-                                 model_kwargs=model_kwargs, num_classes=k,
-                                 hard_labels=(labels0 if np.ndim(hard) == 1 else
-                                              np.asarray(jax.nn.softmax(jnp.asarray(hard), -1))),
-                                 extra={"gradient": gradient})
-    run_meta = {"dataset": getattr(train, "name", None), "ipc": int(ipc), "arch": arch,
-                "model_kwargs": model_kwargs, "syn_steps": int(syn_steps),
-                "expert_epochs": int(expert_epochs), "max_start_epoch": int(max_start_epoch),
-                "lr_img": lr_img, "lr_lr": lr_lr, "lr_teacher": lr_teacher,
-                "momentum": momentum, "batch_syn": batch_syn, "init": init,
-                "dsa_strategy": dsa_strategy, "gradient": gradient,
-                "soft_labels": bool(soft_labels), "learn_labels": bool(learn_labels),
-                "experts_hash": C._fingerprint(json.dumps(
-                    [float(traj.sum()), list(traj.shape)])),
-                "key": C.raw_key(k_run).tolist()}
-    return C.run_loop(method=method, state=state, advance=advance, iterations=iterations,
-                      to_synset=to_synset, run_meta=run_meta, workdir=workdir,
-                      checkpoint_every=checkpoint_every, eval_settings=ev, test=test, arch=arch,
-                      model_kwargs=model_kwargs, progress=progress, callback=callback)
+    meta = {"syn_steps": int(s.syn_steps), "expert_epochs": int(s.expert_epochs),
+            "max_start_epoch": int(s.max_start_epoch), "lr_lr": s.lr_lr,
+            "lr_teacher": s.lr_teacher, "batch_syn": s.batch_syn, "gradient": gradient,
+            "soft_labels": bool(s.soft_labels), "learn_labels": bool(s.learn_labels),
+            "experts_hash": C._fingerprint(json.dumps([float(traj.sum()), list(traj.shape)]))}
+    labels = None if np.ndim(hard) == 1 else np.asarray(jax.nn.softmax(jnp.asarray(hard), -1))
+    return C.Plan(syn0, step.optimizer, advance, meta, labels, {"gradient": gradient})
 
 
-def run_mtt(dataset, *, arch: str = "ConvNet", ipc: int = 10, iterations: int = 5000,
-            syn_steps: int = 20, expert_epochs: int = 2, max_start_epoch: int = 20,
-            lr_img: float = 1e3, lr_lr: float = 1e-5, lr_teacher: float = 1e-2,
-            momentum: float = 0.5, batch_syn: Optional[int] = None, init: str = "real",
-            dsa_strategy: str = C.FULL_STRATEGY, experts=None, num_experts: int = 5,
-            expert_train_epochs: Optional[int] = None,
-            model_kwargs: Optional[Mapping[str, Any]] = None, workdir=None, key=None,
-            checkpoint_every: int = 100, eval_every: int = 0,
-            evaluation: Optional[C.EvalSettings] = None, test_dataset=None,
-            progress: bool = True, callback=None, gradient: str = "unrolled",
-            remat: bool = False, max_experts: Optional[int] = None):
-    """Distills with MTT (``remat=True``: the same gradient with ``jax.checkpoint``).
-    ``experts``: teacher workdir / ``replay_buffer_<n>.pt`` / list; None trains
-    ``num_experts`` experts for ``expert_train_epochs`` (default
-    ``max_start_epoch - 1 + expert_epochs``) epochs in ``<workdir>/experts``."""
-    if remat and gradient == "unrolled":
-        gradient = "remat"
-    kw = {k: v for k, v in locals().items() if k not in ("dataset", "remat")}
-    return _run_tm("mtt", dataset, **kw)
+def run_mtt(dataset, **kwargs):
+    """MTT: :func:`elf_jax.distill.common.distill` with :class:`TrajectorySettings` fields."""
+    return C.distill("mtt", dataset, **kwargs)
 
 
-def run_tesla(dataset, *, arch: str = "ConvNet", ipc: int = 10, iterations: int = 5000,
-              syn_steps: int = 20, expert_epochs: int = 2, max_start_epoch: int = 20,
-              lr_img: float = 1e3, lr_lr: float = 1e-5, lr_teacher: float = 1e-2,
-              momentum: float = 0.5, batch_syn: Optional[int] = None, init: str = "real",
-              dsa_strategy: str = C.FULL_STRATEGY, experts=None, num_experts: int = 5,
-              expert_train_epochs: Optional[int] = None,
-              model_kwargs: Optional[Mapping[str, Any]] = None, workdir=None, key=None,
-              checkpoint_every: int = 100, eval_every: int = 0,
-              evaluation: Optional[C.EvalSettings] = None, test_dataset=None,
-              progress: bool = True, callback=None, gradient: str = "tesla",
-              soft_labels: bool = False, learn_labels: bool = False, lr_label: float = 10.0,
-              soft_label_epoch: Optional[int] = None, max_experts: Optional[int] = None):
-    """Distills with TESLA: MTT's objective with the constant-memory gradient (see the
-    module docstring), optional soft labels from the expert (off by default)."""
-    kw = {k: v for k, v in locals().items() if k != "dataset"}
-    return _run_tm("tesla", dataset, **kw)
+def run_tesla(dataset, **kwargs):
+    """TESLA: MTT with the constant-memory gradient (see the module docstring)."""
+    return C.distill("tesla", dataset, **kwargs)
