@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
@@ -51,7 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from elf_jax.checkpoint import StepCheckpoints
+from elf_jax.checkpoint import StepCheckpoints, write_json_atomic
 from elf_jax.keys import stage_key
 from elf_jax.models import get_model
 from elf_jax.train.protocol import FULL_DSA_STRATEGY, EvalProtocol
@@ -85,12 +84,6 @@ _RESUME_KEYS = ("format", "stage", "net_name", "num_classes", "model_kwargs", "d
 # ----------------------------------------------------------------------------- helpers
 def _expert_dir(workdir: Path, expert: int) -> Path:
     return workdir / f"expert_{expert:03d}"
-
-
-def _write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
-    os.replace(tmp, path)
 
 
 def read_manifest(workdir) -> dict:
@@ -240,7 +233,7 @@ def train_teacher(
     workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     manifest["num_experts"] = _check_resume(workdir, manifest)
-    _write_json_atomic(workdir / MANIFEST, manifest)
+    write_json_atomic(workdir / MANIFEST, manifest)
 
     net = _build_net(manifest)
     protocol = EvalProtocol(

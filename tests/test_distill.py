@@ -10,6 +10,7 @@ import pytest
 
 from elf_jax.data import load
 from elf_jax.data.sampler import ClassIndex, sample_all_classes
+from elf_jax import loops
 from elf_jax.distill import common as C
 from elf_jax.distill import distill, get_method, list_methods
 from elf_jax.distill.dm import make_dm_step
@@ -206,8 +207,8 @@ def test_cpu_unrolled_loops_match_rolled_scans(tiny, net, experts, monkeypatch):
     rolled ``lax.scan`` results up to float reassociation."""
     train, _ = tiny
     images, labels = C.init_synthetic(jax.random.key(0), train, 2)
-    assert C.loop_unroll(3, max_length=4) is (True if C.cpu_loops() else 1)
-    assert C.loop_unroll(5, max_length=4) == 1
+    assert loops.loop_unroll(3, max_length=4) is (True if loops.cpu_loops() else 1)
+    assert loops.loop_unroll(5, max_length=4) == 1
     # DSA: host loop (unrolled classes/minibatches; last partial batch) vs one jitted scan
     pool = ClassIndex(train).arrays
     out = []
@@ -226,8 +227,8 @@ def test_cpu_unrolled_loops_match_rolled_scans(tiny, net, experts, monkeypatch):
     start, target = jnp.asarray(traj[0, 0]), jnp.asarray(traj[0, 2])
     for gradient in ("unrolled", "tesla"):
         res = []
-        for bound in (C.CPU_UNROLL_MAX, 0):  # 0: never unroll
-            monkeypatch.setattr(C, "CPU_UNROLL_MAX", bound)
+        for bound in (loops.CPU_UNROLL_MAX, 0):  # 0: never unroll
+            monkeypatch.setattr(loops, "CPU_UNROLL_MAX", bound)
             step = make_mtt_step(net, unravel, num_classes=2, hard_labels=labels, syn_steps=3,
                                  lr_img=100.0, lr_lr=1e-5, dsa_strategy=AUG, gradient=gradient)
             state = _state(images, step.optimizer, {"lr": np.float32(0.01)})

@@ -20,8 +20,6 @@ current set with the train runner, keeping the best set by test accuracy as the 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, NamedTuple, Optional
@@ -31,14 +29,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from elf_jax.checkpoint import StepCheckpoints, check_expect
+from elf_jax.checkpoint import StepCheckpoints, check_expect, fingerprint
 from elf_jax.distill.settings import FULL_STRATEGY, METHOD_SETTINGS, Settings
+from elf_jax.keys import raw_key, stage_key
 from elf_jax.synset import SyntheticSet, load_synset, save_synset
+
+# v2: the run's key comes from the "distill" stage tag (elf_jax.keys)
+DISTILL_FORMAT = "elf_jax.distill/2"
 
 __all__ = ["DistillState", "DistillationDiverged", "EvalSettings", "as_dataset", "check_ipc",
            "init_synthetic", "make_optimizer", "init_state", "apply_grads", "siamese_dsa",
-           "iteration_key", "evaluate_set", "run_loop", "distill", "Prelude", "Plan",
-           "CPU_UNROLL_MAX", "cpu_loops", "loop_unroll", "scan", "map_"]
+           "iteration_key", "evaluate_set", "run_loop", "distill", "Prelude", "Plan"]
 
 
 class DistillationDiverged(ValueError):
@@ -150,49 +151,6 @@ def per_class_siamese(key, real, syn, strategy: str):
     return jax.lax.map(lambda a: siamese_dsa(a[0], a[1], a[2], strategy), (keys, real, syn))
 
 
-# ----------------------------------------------------------------------------- loops
-#: Longest ``lax.scan`` with convolutions in its body that :func:`scan` fully unrolls on
-#: XLA:CPU. On the CPU a convolution inside a ``while`` loop body (a rolled scan) falls to a
-#: naive path, 10-30x slower in the backward pass (BENCHMARKS.md, "Evaluation training");
-#: a full unroll (no while loop) keeps the fast path, for compile time that grows with the
-#: length (BENCHMARKS.md, "Distillation"); a partial unroll does not help.
-CPU_UNROLL_MAX = 24
-
-
-def cpu_loops() -> bool:
-    """Whether the default backend is XLA:CPU (loops with convolutions want unrolling)."""
-    return jax.default_backend() == "cpu"
-
-
-def loop_unroll(length: int, max_length: Optional[int] = None):
-    """The ``unroll`` argument for a ``lax.scan`` of ``length`` steps whose body holds
-    convolutions: ``True`` (full unroll) on XLA:CPU when ``0 < length <= max_length``
-    (default :data:`CPU_UNROLL_MAX`), else ``1`` (a rolled loop: GPU/TPU, long loops)."""
-    bound = CPU_UNROLL_MAX if max_length is None else int(max_length)
-    return True if cpu_loops() and 0 < int(length) <= bound else 1
-
-
-def scan(f, init, xs=None, length: Optional[int] = None, *, max_length: Optional[int] = None):
-    """``lax.scan(f, init, xs, length)`` fully unrolled (traced step by step) when
-    :func:`loop_unroll` says so (bodies with convolutions on the CPU), else the rolled
-    ``lax.scan``. The same results as the rolled scan up to float reassociation."""
-    n = length if length is not None else jax.tree.leaves(xs)[0].shape[0]
-    if loop_unroll(n, max_length) is not True:
-        return jax.lax.scan(f, init, xs, length=length)
-    # a Python loop, as lax.scan(unroll=True) but with no while loop even for length 1
-    # (lax.scan keeps a one-trip while loop there)
-    carry, ys = init, []
-    for i in range(n):
-        carry, y = f(carry, jax.tree.map(lambda a: a[i], xs))
-        ys.append(y)
-    return carry, jax.tree.map(lambda *a: jnp.stack(a), *ys)
-
-
-def map_(f, xs, *, max_length: Optional[int] = None):
-    """``lax.map(f, xs)`` unrolled per :func:`loop_unroll`."""
-    return scan(lambda c, x: (c, f(x)), (), xs, max_length=max_length)[1]
-
-
 # ----------------------------------------------------------------------------- state
 def make_optimizer(lrs: Mapping[str, float], momentum: float = 0.5) -> optax.GradientTransformation:
     """SGD with momentum (PyTorch semantics: ``buf = m*buf + g; p -= lr*buf``) with one lr
@@ -205,13 +163,6 @@ def init_state(syn: Mapping[str, Any], optimizer, key) -> DistillState:
     syn = {k: jnp.asarray(v, jnp.float32) for k, v in syn.items()}
     return DistillState(syn=syn, opt_state=optimizer.init(syn), key=raw_key(key),
                         iteration=jnp.zeros((), jnp.int32))
-
-
-def raw_key(key) -> jax.Array:
-    key = jnp.asarray(key) if not hasattr(key, "dtype") else key
-    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-        return jax.random.key_data(key)
-    return jnp.asarray(key, jnp.uint32)
 
 
 def iteration_key(state: DistillState):
@@ -286,10 +237,6 @@ def evaluate_set(images, labels, lr, test, settings: EvalSettings, arch: str, mo
 
 
 # ----------------------------------------------------------------------------- driver
-def _fingerprint(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def _tqdm():
     try:
         from tqdm.auto import tqdm
@@ -333,9 +280,9 @@ def run_loop(
     if iterations < 0:
         raise ValueError(f"iterations must be >= 0, got {iterations}")
     model_kwargs = dict(model_kwargs or {})
-    run_meta = {"kind": "elf_jax.distill/1", "method": method, **dict(run_meta)}
-    run_meta["settings_hash"] = _fingerprint({k: v for k, v in run_meta.items()
-                                             if k != "settings_hash"})
+    run_meta = {"kind": DISTILL_FORMAT, "method": method, **dict(run_meta)}
+    run_meta["settings_hash"] = fingerprint({k: v for k, v in run_meta.items()
+                                            if k != "settings_hash"})[:16]
     checkpoint_every = max(1, int(checkpoint_every or iterations or 1))
     if eval_settings.enabled and test is None:
         raise ValueError("evaluation is on (eval_every > 0) but no test set was given")
@@ -352,6 +299,12 @@ def run_loop(
         latest = ck.latest_step()
         if latest is not None:
             meta = ck.read_meta(latest)
+            if meta.get("kind") != DISTILL_FORMAT:
+                raise ValueError(
+                    f"distillation checkpoints in {ck.directory} are in format "
+                    f"{meta.get('kind')!r}, but this version writes {DISTILL_FORMAT!r} (the "
+                    "random streams changed, so they cannot be continued exactly); delete that "
+                    "directory or use another workdir to start over")
             check_expect(meta, {k: run_meta[k] for k in ("kind", "method", "settings_hash")},
                          where=f"distillation checkpoints in {ck.directory} (another run's "
                                "settings; use another workdir or delete it to start over)")
@@ -480,7 +433,8 @@ def distill(method: str, dataset, settings: Optional[Settings] = None, *, workdi
 
     settings: the method's dataclass (:data:`elf_jax.distill.settings.METHOD_SETTINGS`;
     default: its defaults) with ``fields`` replaced (``ipc=1, lr_img=0.5``). key: the run's
-    key (default ``key(0)``), split into the initial set's and the iterations'.
+    key or seed (default 0), tagged with the "distill" stage and split into the initial set's
+    and the iterations'.
     evaluation: the periodic evaluation's protocol (default: the settings' ``eval_epochs``
     and ``eval_repeats``; ``eval_every``, when set, replaces its ``every``); test_dataset:
     its test set (default: the test split of the dataset's name). workdir, progress,
@@ -503,10 +457,7 @@ def distill(method: str, dataset, settings: Optional[Settings] = None, *, workdi
     if s.eval_every:
         ev = dataclasses.replace(ev, every=int(s.eval_every))
     train = as_dataset(dataset, "train")
-    key = jax.random.key(0) if key is None else key
-    if not jnp.issubdtype(getattr(key, "dtype", jnp.uint32), jax.dtypes.prng_key):
-        key = jax.random.wrap_key_data(jnp.asarray(key, jnp.uint32))
-    k_init, k_run = jax.random.split(key)
+    k_init, k_run = jax.random.split(stage_key(0 if key is None else key, "distill"))
     images0, labels0 = init_synthetic(k_init, train, s.ipc, s.init)
     test = None
     if ev.enabled:

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import optax
 
 from elf_jax.data.sampler import ClassArrays, ClassIndex, sample_all_classes
+from elf_jax import loops
 from elf_jax.distill import common as C
 from elf_jax.distill.settings import GradientMatchingSettings
 
@@ -115,7 +116,7 @@ def make_gm_step(net, *, num_classes: int, ipc: int, outer_loop: int, inner_loop
     epoch; no host synchronisation) instead of one jitted step with ``lax.scan``: on the
     CPU convolutions in a rolled loop take a slow path, and unrolling the whole step would
     compile for minutes. The class loop and an epoch's minibatches are unrolled there
-    (:func:`elf_jax.distill.common.scan`). Same results as the jitted step up to float
+    (:func:`elf_jax.loops.scan`). Same results as the jitted step up to float
     reassociation. ``False``: one jitted step (GPU/TPU)."""
     if class_loop not in ("map", "vmap"):
         raise ValueError(f"class_loop must be 'map' or 'vmap', got {class_loop!r}")
@@ -125,7 +126,7 @@ def make_gm_step(net, *, num_classes: int, ipc: int, outer_loop: int, inner_loop
         raise ValueError(f"outer_loop must be >= 1 and inner_loop >= 0, got "
                          f"({outer_loop}, {inner_loop})")
     if host_loop is None:
-        host_loop = C.cpu_loops()
+        host_loop = loops.cpu_loops()
     optimizer = C.make_optimizer({"images": lr_img}, momentum)
     k, dsa = num_classes, dsa_strategy if dsa_strategy not in ("", "none", "None") else None
     labels = jnp.repeat(jnp.arange(k, dtype=jnp.int32), ipc)
@@ -146,7 +147,7 @@ def make_gm_step(net, *, num_classes: int, ipc: int, outer_loop: int, inner_loop
 
         if class_loop == "vmap":
             return jnp.sum(jax.vmap(per_class)(real_a, syn_a, jnp.arange(k)))
-        return jnp.sum(C.map_(lambda a: per_class(*a), (real_a, syn_a, jnp.arange(k))))
+        return jnp.sum(loops.map_(lambda a: per_class(*a), (real_a, syn_a, jnp.arange(k))))
 
     def sgd_step(pb, images, idx, kk):
         p, bs = pb
@@ -172,7 +173,7 @@ def make_gm_step(net, *, num_classes: int, ipc: int, outer_loop: int, inner_loop
         k_perm, k_aug = jax.random.split(kk)
         perm = jax.random.permutation(k_perm, n)
         keys = jax.random.split(k_aug, nfull + 1)
-        pb, _ = C.scan(lambda c, xs: (sgd_step(c, images, xs[0], xs[1]), None), pb,
+        pb, _ = loops.scan(lambda c, xs: (sgd_step(c, images, xs[0], xs[1]), None), pb,
                        (perm[:nfull * b].reshape(nfull, b), keys[:nfull]))
         if last:
             pb = sgd_step(pb, images, perm[nfull * b:], keys[nfull])

@@ -29,8 +29,8 @@ Gradients (``gradient=``):
   product. Memory is constant in ``syn_steps`` (no per-step parameters either); the cost is
   one extra gradient per step.
 
-On XLA:CPU the student-step scans are fully unrolled up to ``C.CPU_UNROLL_MAX`` steps
-(:func:`elf_jax.distill.common.scan`: convolutions in a rolled loop take a slow CPU path);
+On XLA:CPU the student-step scans are fully unrolled up to ``elf_jax.loops.CPU_UNROLL_MAX`` steps
+(:func:`elf_jax.loops.scan`: convolutions in a rolled loop take a slow CPU path);
 the results are the rolled scan's up to float reassociation.
 
 Soft labels (TESLA, ``soft_labels=True``): the label logits are the expert's logits (epoch
@@ -56,7 +56,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
+from elf_jax import loops
 from elf_jax.distill import common as C
+from elf_jax.checkpoint import fingerprint
 from elf_jax.distill.settings import TrajectorySettings
 
 __all__ = ["GRADIENTS", "load_expert_array", "make_mtt_step", "run_mtt", "run_tesla"]
@@ -217,7 +219,7 @@ def _make_step(net, unravel, *, num_classes, syn_steps, lrs, momentum, batch_syn
 
         if gradient == "remat":
             body = jax.checkpoint(body)
-        theta_n, _ = C.scan(body, start, (idx, keys))
+        theta_n, _ = loops.scan(body, start, (idx, keys))
         return _param_loss(theta_n, start, target)
 
     def tesla_value_and_grad(syn, start, target, key):
@@ -229,7 +231,7 @@ def _make_step(net, unravel, *, num_classes, syn_steps, lrs, momentum, batch_syn
         def fwd(theta, xs):
             return theta - lr * st.grad(theta, images, targets, xs[0], xs[1]), None
 
-        theta_n, _ = C.scan(fwd, start, (idx, keys))
+        theta_n, _ = loops.scan(fwd, start, (idx, keys))
         den = jnp.sum((start - target) ** 2)
         loss = jnp.sum((theta_n - target) ** 2) / den
         a = 2.0 * (theta_n - target) / den  # dL/dtheta_N
@@ -248,7 +250,7 @@ def _make_step(net, unravel, *, num_classes, syn_steps, lrs, momentum, batch_syn
             return (theta - lr * g, g_sum + g, g_img + d_img, g_lab), None
 
         g_lab0 = jnp.zeros_like(syn["labels"]) if learn_labels else jnp.zeros(())
-        (_, g_sum, g_img, g_lab), _ = C.scan(
+        (_, g_sum, g_img, g_lab), _ = loops.scan(
             bwd, (start, jnp.zeros_like(start), jnp.zeros_like(images), g_lab0), (idx, keys))
         grads = {"images": g_img, "lr": -jnp.vdot(a, g_sum)}
         if learn_labels:
@@ -348,7 +350,7 @@ def setup(method: str, s: TrajectorySettings, p: C.Prelude) -> C.Plan:
             "max_start_epoch": int(s.max_start_epoch), "lr_lr": s.lr_lr,
             "lr_teacher": s.lr_teacher, "batch_syn": s.batch_syn, "gradient": gradient,
             "soft_labels": bool(s.soft_labels), "learn_labels": bool(s.learn_labels),
-            "experts_hash": C._fingerprint(json.dumps([float(traj.sum()), list(traj.shape)]))}
+            "experts_hash": fingerprint(json.dumps([float(traj.sum()), list(traj.shape)]))}
     labels = None if np.ndim(hard) == 1 else np.asarray(jax.nn.softmax(jnp.asarray(hard), -1))
     return C.Plan(syn0, step.optimizer, advance, meta, labels, {"gradient": gradient})
 

@@ -36,6 +36,7 @@ import numpy as np
 from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from elf_jax.keys import raw_key, typed_key
 from elf_jax.parallel.mesh import DATA, ParallelConfig, data_size, make_mesh, runs_size
 
 __all__ = [
@@ -60,14 +61,9 @@ def check_divisible(global_batch: int, n: int, what: str = "global batch") -> in
     return global_batch // n
 
 
-def _typed(key):
-    key = jnp.asarray(key) if not hasattr(key, "dtype") else key
-    return key if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else jax.random.wrap_key_data(key)
-
-
 def fold_key(key, axis_name: str = DATA):
     """``fold_in(key, axis_index(axis_name))`` as raw key data (inside pmap/shard_map)."""
-    return jax.random.key_data(jax.random.fold_in(_typed(key), lax.axis_index(axis_name)))
+    return jax.random.key_data(jax.random.fold_in(typed_key(key), lax.axis_index(axis_name)))
 
 
 def global_augment(batch: Mapping[str, Any], key, protocol) -> dict:
@@ -76,7 +72,7 @@ def global_augment(batch: Mapping[str, Any], key, protocol) -> dict:
     augments with ``k_aug``; so do we. The step then runs with ``dsa_strategy="none"``."""
     from elf_jax.train.step import augment
 
-    k_aug = jax.random.split(_typed(key), 3)[0]
+    k_aug = jax.random.split(typed_key(key), 3)[0]
     out = dict(batch)
     out["images"] = augment(k_aug, batch["images"], protocol)
     return out
@@ -278,8 +274,7 @@ class DataParallel:
     # -- the step
     def step(self, state, batch, key):
         """One data-parallel step; returns ``(state, metrics)`` (metrics: jax scalars)."""
-        key = jax.random.key_data(key) if jnp.issubdtype(jnp.asarray(key).dtype, jax.dtypes.prng_key) \
-            else jnp.asarray(key)
+        key = raw_key(key)
         if self.mode == "pmap":
             if self._pre is not None:
                 nl = len(self.devices)

@@ -17,12 +17,12 @@ Structure of the compiled program (one ``jit`` per (network, protocol, shapes, p
   epochs past the requested count are skipped by a ``lax.cond``, so the last, shorter chunk
   reuses the executable. Repeats: ``sequential`` (``lax.map``) or ``vmap``; on a mesh each
   ``runs`` group maps over its share inside ``shard_map``, every step data parallel.
-* ``host`` engine (the CPU default): XLA:CPU does not canonicalise the backward
-  convolutions inside a while-loop body and falls onto a naive emitter (measured: a
-  ConvNet-W32 step 60 ms alone, 1.6 s inside ``lax.scan``; no XLA flag changes it). So on
-  the CPU the steps stay OUT of loops: one jitted step (minibatch sliced from the epoch
-  permutation inside it) dispatched asynchronously per minibatch, per-epoch bookkeeping in
-  small jitted functions. Nothing goes to the host until the end of a chunk.
+* ``host`` engine (the CPU default, :mod:`elf_jax.loops`): XLA:CPU runs convolutions inside
+  a while-loop body on a naive emitter (measured: a ConvNet-W32 step 60 ms alone, 1.6 s
+  inside ``lax.scan``; no XLA flag changes it). So the steps stay OUT of loops: one jitted
+  step (minibatch sliced from the epoch permutation inside it) dispatched asynchronously
+  per minibatch, per-epoch bookkeeping in small jitted functions. Nothing goes to the host
+  until the end of a chunk.
 
 Between chunks the host updates a tqdm bar, checks the per-epoch losses for NaN/Inf
 (:class:`EvaluationDiverged`, without saving, so the last good checkpoint stays), calls
@@ -46,8 +46,10 @@ import numpy as np
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
+from elf_jax.checkpoint import StepCheckpoints, check_expect, fingerprint
 from elf_jax.elf.losses import mode_needs_features
 from elf_jax.keys import raw_key, stage_key, typed_key
+from elf_jax.loops import default_engine
 from elf_jax.parallel.mesh import DATA, RUNS
 from elf_jax.parallel.placement import Placement, global_rows, local_rows, place_rows
 from elf_jax.parallel.wrappers import check_divisible, fold_key, global_augment, with_bn_axis
@@ -83,11 +85,6 @@ def default_repeat_strategy(backend: Optional[str] = None, arch: str = "", dtype
     if backend == "gpu" and dtype == "bfloat16" and arch.startswith("ConvNet"):
         return "vmap"
     return "sequential"
-
-
-def default_engine(backend: Optional[str] = None) -> str:
-    """``host`` on the CPU (see the module docstring), ``scan`` elsewhere."""
-    return "host" if (backend or jax.default_backend()) == "cpu" else "scan"
 
 
 # ------------------------------------------------------------------------------- one step
@@ -417,8 +414,6 @@ def repeat_accuracies(net, states: EvalState, images, labels, batch_size: int = 
 def _resume(mngr, states, meta):
     """``(states, start epoch)`` from the newest checkpoint (refused when its settings or
     format differ)."""
-    from elf_jax.checkpoint import check_expect
-
     latest = mngr.latest_step()
     if latest is None:
         return states, 0
@@ -504,8 +499,6 @@ def fit(net, protocol: EvalProtocol, data: Mapping[str, Any], states: EvalState,
 
     mngr, start = None, 0
     if workdir is not None:
-        from elf_jax.checkpoint import StepCheckpoints
-
         mngr = StepCheckpoints(Path(workdir), max_to_keep=max_to_keep)
         states, start = _resume(mngr, states, meta)
     history = _load_history(workdir, start, repeats, num_epochs)
@@ -539,17 +532,6 @@ def fit(net, protocol: EvalProtocol, data: Mapping[str, Any], states: EvalState,
     info = {"seconds": time.perf_counter() - t0, "resumed_from": start or None, "engine": engine,
             "chunk_epochs": k, "placement": placement.describe(), "net": with_bn_axis(net, None)}
     return states, history, info
-
-
-def _fingerprint(*arrays) -> str:  # TODO(merge): elf_jax.checkpoint.fingerprint
-    import hashlib
-
-    h = hashlib.sha1()
-    for a in arrays:
-        a = np.ascontiguousarray(np.asarray(a))
-        h.update(str((a.shape, a.dtype.str)).encode())
-        h.update(a.tobytes())
-    return h.hexdigest()[:16]
 
 
 def _load_history(workdir, start, repeats, num_epochs):
@@ -626,7 +608,7 @@ def run_evaluation(net, protocol: EvalProtocol, images, labels, test_images, tes
     states = init_states(net, protocol, base, repeats, jnp.asarray(data["images"][:1]), hparams)
     meta = {"net": type(net).__name__, "net_config": repr(net), "protocol": protocol.to_dict(),
             "repeats": int(repeats), "key": np.asarray(raw_key(key)).tolist(),
-            "data": _fingerprint(*data.values()),
+            "data": fingerprint(*data.values()),
             "hparams": {k: np.asarray(v).tolist() for k, v in (hparams or {}).items()},
             **dict(run_info or {})}
     states, history, info = fit(

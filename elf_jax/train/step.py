@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from elf_jax.elf.losses import elf_objective, mode_needs_features
+from elf_jax.keys import typed_key
 from elf_jax.train.protocol import EvalProtocol
 
 __all__ = ["EvalState", "init_state", "train_step", "jit_train_step", "make_variables", "augment"]
@@ -160,8 +161,7 @@ def train_step(
     if need_f and feats is None:
         raise ValueError(f"loss mode {mode!r} needs batch['features'] (the teacher feature bank)")
     cdt = protocol.compute_dtype
-    if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-        key = jax.random.wrap_key_data(key)
+    key = typed_key(key)
     k_aug, k_drop_img, k_drop_feat = jax.random.split(key, 3)
     x = augment(k_aug, images, protocol).astype(cdt)
 
