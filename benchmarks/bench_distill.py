@@ -82,7 +82,7 @@ def bench_time(args):
                 extra = f"outer {outer}, inner {inner} (reference {get_loops(args.ipc)})"
             step = make_gm_step(net, num_classes=K, ipc=args.ipc, outer_loop=outer,
                                 inner_loop=inner, batch_real=args.batch_real,
-                                dsa_strategy=C.FULL_STRATEGY if method == "dsa" else None,
+                                dsa_strategy=C.DEFAULT_STRATEGY if method == "dsa" else None,
                                 class_loop=args.class_loop)
             extra += f" class_loop {args.class_loop}"
             state = C.init_state({"images": images}, step.optimizer, jax.random.key(2))

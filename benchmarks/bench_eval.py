@@ -77,7 +77,7 @@ def main(argv=None):
     import jax.numpy as jnp
 
     from elf_jax.models import get_model
-    from elf_jax.train.protocol import EvalProtocol
+    from elf_jax.train.protocol import TrainProtocol
     from elf_jax.train.runner import (default_engine, init_states, make_chunk_fn,
                                       make_host_chunk_fn, run_evaluation)
     from elf_jax.train.step import jit_train_step
@@ -110,7 +110,7 @@ def main(argv=None):
         if name == "ConvNet" and args.width:
             ovr["width"] = args.width
         net = get_model(name, w["classes"], **ovr)
-        p = EvalProtocol(mode=mode, dtype=args.dtype, epochs=args.epochs)
+        p = TrainProtocol(mode=mode, dtype=args.dtype, epochs=args.epochs)
         x = jnp.asarray(rng.normal(size=(n, 32, 32, 3)).astype(np.float32))
         y = jnp.asarray(np.arange(n) % w["classes"], jnp.int32)
         fshape = jax.eval_shape(

@@ -38,7 +38,7 @@ from jax._src import array as jax_array  # noqa: E402
 
 from elf_jax.models import get_model  # noqa: E402
 from elf_jax.parallel import ParallelConfig  # noqa: E402
-from elf_jax.train.protocol import EvalProtocol  # noqa: E402
+from elf_jax.train.protocol import TrainProtocol  # noqa: E402
 
 FETCHES = [0]
 _value = jax_array.ArrayImpl._value
@@ -76,7 +76,7 @@ def train(net, proto, data, pc, epochs):
 
 def main():
     net = get_model(args.arch, 10, width=args.width)
-    proto = EvalProtocol(batch_size=args.batch, mode="front_rear_task", epochs=args.epochs)
+    proto = TrainProtocol(batch_size=args.batch, mode="front_rear_task", epochs=args.epochs)
     rng = np.random.default_rng(0)
     x = rng.normal(size=(args.n, args.hw, args.hw, 3)).astype(np.float32)
     fshape = jax.eval_shape(lambda: net.apply(net.init(jax.random.key(0), x[:1]), x[:1],

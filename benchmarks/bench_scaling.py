@@ -38,7 +38,7 @@ import numpy as np  # noqa: E402
 
 from elf_jax.models import get_model  # noqa: E402
 from elf_jax.parallel import DataParallel, ParallelConfig, make_mesh  # noqa: E402
-from elf_jax.train.protocol import EvalProtocol  # noqa: E402
+from elf_jax.train.protocol import TrainProtocol  # noqa: E402
 from elf_jax.train.step import init_state  # noqa: E402
 
 
@@ -47,7 +47,7 @@ def main():
     if args.dtype != "float32":
         kw["dtype"] = args.dtype
     net = get_model(args.arch, args.classes, **kw)
-    proto = EvalProtocol(batch_size=args.batch, mode=args.mode, dtype=args.dtype)
+    proto = TrainProtocol(batch_size=args.batch, mode=args.mode, dtype=args.dtype)
     B = args.batch
     x = np.asarray(jax.random.normal(jax.random.key(1), (B, args.hw, args.hw, 3)))
     y = np.arange(B) % args.classes

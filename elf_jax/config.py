@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import ml_collections
 
-from elf_jax.distill.settings import FULL_STRATEGY, schema
+from elf_jax.augment import DEFAULT_STRATEGY
+from elf_jax.distill.settings import schema
 
 # The reference's cross-architecture pool ("cross"); "-IN" names are instance norm.
 CROSS_POOL = ("ConvNet", "ConvNetBN", "ResNet18", "ResNet18BN", "VGG11", "VGG11BN")
@@ -31,7 +32,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.teacher.momentum = 0.9
     c.teacher.weight_decay = 5e-4
     c.teacher.batch_size = 256
-    c.teacher.dsa_strategy = FULL_STRATEGY
+    c.teacher.dsa_strategy = DEFAULT_STRATEGY
     c.teacher.lr_decay = True  # lr x0.1 once after epoch epochs//2 + 1
     c.teacher.feature_epoch = 100  # the snapshot ELF uses
     # Teacher per feature width: an eval net whose front has C channels uses the teacher
@@ -70,7 +71,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.momentum = 0.9
     c.eval.weight_decay = 5e-4
     c.eval.batch_size = 256
-    c.eval.dsa_strategy = FULL_STRATEGY
+    c.eval.dsa_strategy = DEFAULT_STRATEGY
     c.eval.kind = "ce"  # feature distance: ce | l2 | l1 | cos
     c.eval.lambda_front = 1.0
     c.eval.lambda_rear = 1.0

@@ -250,10 +250,10 @@ def stage_features(run: Run, synset=None) -> dict[str, Any]:
 
 # ------------------------------------------------------------------ stage 4: evaluation
 def _protocol(config):
-    from elf_jax.train.protocol import EvalProtocol
+    from elf_jax.train.protocol import TrainProtocol
 
     e = config.eval
-    return EvalProtocol(
+    return TrainProtocol(
         lr=e.lr, momentum=e.momentum, weight_decay=e.weight_decay, batch_size=int(e.batch_size),
         epochs=int(e.epochs), dsa_strategy=e.dsa_strategy, kind=e.kind,
         lambda_front=e.lambda_front, lambda_rear=e.lambda_rear,

@@ -53,7 +53,8 @@ import numpy as np
 from elf_jax.checkpoint import StepCheckpoints, write_json_atomic
 from elf_jax.keys import stage_key
 from elf_jax.models import get_model
-from elf_jax.train.protocol import FULL_DSA_STRATEGY, EvalProtocol
+from elf_jax.augment import DEFAULT_STRATEGY
+from elf_jax.train.protocol import TrainProtocol
 from elf_jax.train.runner import fit, init_states, test_accuracy
 from elf_jax.train.step import make_variables
 
@@ -165,7 +166,7 @@ def train_teacher(
     momentum: float = 0.9,
     weight_decay: float = 5e-4,
     batch_size: int = 256,
-    dsa_strategy: str = FULL_DSA_STRATEGY,
+    dsa_strategy: str = DEFAULT_STRATEGY,
     lr_decay_at_half: bool = True,
     reset_momentum_at_decay: bool = True,
     seed: int = 0,
@@ -236,7 +237,7 @@ def train_teacher(
     write_json_atomic(workdir / MANIFEST, manifest)
 
     net = _build_net(manifest)
-    protocol = EvalProtocol(
+    protocol = TrainProtocol(
         lr=lr, momentum=momentum, weight_decay=weight_decay, batch_size=batch_size,
         epochs=epochs, lr_decay=lr_decay_at_half, reset_momentum_at_decay=reset_momentum_at_decay,
         dsa_strategy=dsa_strategy or "none", mode="task", kind="ce", dtype=str(jnp.dtype(dtype)))

@@ -39,10 +39,10 @@ SETTINGS = {
 
 def evaluate(images, labels, test, *, width, epochs, repeats, key):
     from elf_jax.models import get_model
-    from elf_jax.train import EvalProtocol, run_evaluation
+    from elf_jax.train import TrainProtocol, run_evaluation
 
     net = get_model("ConvNet", 10, width=width)
-    protocol = EvalProtocol(epochs=epochs, mode="task")
+    protocol = TrainProtocol(epochs=epochs, mode="task")
     out = run_evaluation(net, protocol, images, labels, test.images, test.labels,
                          repeats=repeats, key=key, strategy="sequential", progress=False)
     return out["mean"], out["std"]

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from elf_jax.elf import cross_evaluate, evaluate_synset
-from elf_jax.train import EvalProtocol
+from elf_jax.train import TrainProtocol
 
 K = 3
 
@@ -21,7 +21,7 @@ def data():
     return x, y, tx, ty, f8
 
 
-TINY = EvalProtocol(epochs=1, batch_size=4, dsa_strategy="none")
+TINY = TrainProtocol(epochs=1, batch_size=4, dsa_strategy="none")
 W8 = {"width": 8}
 
 

@@ -72,11 +72,11 @@ def _train(batches_fn):
 
     from elf_jax.models import get_model
     from elf_jax.parallel import DataParallel, ParallelConfig
-    from elf_jax.train.protocol import EvalProtocol
+    from elf_jax.train.protocol import TrainProtocol
     from elf_jax.train.step import init_state
 
     net = get_model("ConvNetBN", 10, width=8)
-    proto = EvalProtocol(batch_size=GLOBAL_B, mode="task")
+    proto = TrainProtocol(batch_size=GLOBAL_B, mode="task")
     st0 = init_state(net, proto, jax.random.key(0), jax.random.key_data(jax.random.key(1)),
                      np.zeros((1, 8, 8, 1), np.float32))
     dp = DataParallel(net, proto, ParallelConfig(parallel="shard_map"))

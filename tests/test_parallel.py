@@ -102,13 +102,13 @@ def test_process_count_and_distributed_settings():
 def test_memory_estimate_and_clear_error():
     from elf_jax.models import get_model
     from elf_jax.parallel import memory
-    from elf_jax.train.protocol import EvalProtocol
+    from elf_jax.train.protocol import TrainProtocol
 
     net = get_model("ConvNetD4", 1000, width=32)
     kw = dict(n_images=50_000, image_shape=(64, 64, 3), num_classes=1000,
               feature_shape=(4, 4, 32), repeats=5)
-    f32 = memory.estimate_for(net, EvalProtocol(), config={}, n_data=1, **kw)
-    bf16 = memory.estimate_for(net, EvalProtocol(), config={"bank_dtype": "bfloat16"}, n_data=8, **kw)
+    f32 = memory.estimate_for(net, TrainProtocol(), config={}, n_data=1, **kw)
+    bf16 = memory.estimate_for(net, TrainProtocol(), config={"bank_dtype": "bfloat16"}, n_data=8, **kw)
     assert f32.items["synthetic images (f32)"] == 50_000 * 64 * 64 * 3 * 4
     assert f32.items["feature bank (float32)"] == 50_000 * 512 * 4
     assert bf16.items["feature bank (bfloat16)"] == 50_000 * 512 * 2 // 8
@@ -144,6 +144,8 @@ def test_equivalence_convnet_8_devices():
         assert r["max_param_diff"] < PARAM_ATOL, (engine, r)
         np.testing.assert_allclose(r["losses"], res["loop"]["runner_losses"], rtol=LOSS_RTOL)
         assert r["strategy"] == "sequential (mesh runs=2 x data=4)"
+    assert res["loop"]["devices"]["max_param_diff"] < PARAM_ATOL, res["loop"]["devices"]
+    assert res["loop"]["devices"]["strategy"] == "devices (mesh runs=8 x data=1)"
     # bad input on 8 devices
     assert "does not divide over the 8 devices" in res["errors"]["batch"]
     assert "needs 9 devices but 8" in res["errors"]["mesh"]
@@ -177,14 +179,14 @@ def _case_equiv(name, hw, steps):
 
     from elf_jax.models import get_model
     from elf_jax.parallel import DataParallel, ParallelConfig
-    from elf_jax.train.protocol import EvalProtocol
+    from elf_jax.train.protocol import TrainProtocol
     from elf_jax.train.step import init_state
 
     assert jax.device_count() == 8
     hw, steps, B = int(hw), int(steps), 16
     kw = dict(width=16) if name.startswith("ConvNet") else {}
     net = get_model(name, 10, **kw)
-    proto = EvalProtocol(batch_size=B, mode="front_rear_task")  # full DSA, full ELF loss
+    proto = TrainProtocol(batch_size=B, mode="front_rear_task")  # full DSA, full ELF loss
     x = jax.random.normal(jax.random.key(1), (B, hw, hw, 3))
     y = jnp.arange(B) % 10
     st0 = init_state(net, proto, jax.random.key(0), jax.random.key_data(jax.random.key(2)), x[:1])
@@ -229,10 +231,10 @@ def _case_loop(net):
     import jax
 
     from elf_jax.parallel import ParallelConfig
-    from elf_jax.train.protocol import EvalProtocol
+    from elf_jax.train.protocol import TrainProtocol
     from elf_jax.train.runner import run_evaluation
 
-    proto = EvalProtocol(batch_size=16, epochs=1, mode="front_rear_task")
+    proto = TrainProtocol(batch_size=16, epochs=1, mode="front_rear_task")
     x = np.asarray(jax.random.normal(jax.random.key(1), (32, 16, 16, 3)))
     y = np.arange(32) % 10
     f = np.asarray(jax.random.uniform(jax.random.key(5), (32, 2, 2, 16)))
@@ -245,6 +247,13 @@ def _case_loop(net):
         r = run_evaluation(net, proto, x, y, x[:8], y[:8], f, engine=engine, placement=pc, **common)
         out[engine] = {"max_param_diff": _max_diff(ref["states"].params, r["states"].params),
                        "losses": r["train_loss"].tolist(), "strategy": r["strategy"]}
+    # strategy "devices": 8 repeats, one per device == the same repeats on one device
+    kw = dict(common, repeats=8, strategy="devices")
+    proto1 = proto.replace(epochs=0)
+    dev = run_evaluation(net, proto1, x, y, x[:8], y[:8], f, **kw)
+    one = run_evaluation(net, proto1, x, y, x[:8], y[:8], f, **dict(kw, strategy="sequential"))
+    out["devices"] = {"max_param_diff": _max_diff(one["states"].params, dev["states"].params),
+                      "strategy": dev["strategy"]}
     return out
 
 

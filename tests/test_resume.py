@@ -23,7 +23,7 @@ def _main(workdir: str, out: str, placement: str) -> None:
 
     from elf_jax.elf import evaluate_synset
     from elf_jax.parallel import ParallelConfig
-    from elf_jax.train import EvalProtocol
+    from elf_jax.train import TrainProtocol
 
     mesh = placement == "mesh"
     n, batch = (16, 8) if mesh else (13, 5)  # on the mesh, batches split over 4 devices
@@ -31,7 +31,7 @@ def _main(workdir: str, out: str, placement: str) -> None:
     x = rng.normal(size=(n, 16, 16, 3)).astype(np.float32)
     y = (np.arange(n) % 4).astype(np.int32)
     f = np.abs(rng.normal(size=(n, 2, 2, 8))).astype(np.float32)
-    p = EvalProtocol(epochs=EPOCHS, batch_size=batch, dsa_strategy="flip_crop")
+    p = TrainProtocol(epochs=EPOCHS, batch_size=batch, dsa_strategy="flip_crop")
     r = evaluate_synset(
         "ConvNetBN", x, y, x, y, f, p, repeats=2, key=jax.random.PRNGKey(7),
         workdir=None if workdir == "-" else workdir, chunk_epochs=2, checkpoint_every=2,

@@ -5,7 +5,7 @@ import numpy as np
 
 from elf_jax.elf import evaluate_synset
 from elf_jax.teacher import load_teacher, load_trajectory, train_experts, train_teacher
-from elf_jax.train import EvalProtocol
+from elf_jax.train import TrainProtocol
 
 N, HW, K, WIDTH = 24, 16, 4, 8
 
@@ -22,7 +22,7 @@ def _data():
 
 def _initial_eval_params(train, mode):
     """The evaluation's initial weights: with lr 0 and no weight decay, training leaves them."""
-    p = EvalProtocol(epochs=0, lr=0.0, weight_decay=0.0, batch_size=8, dsa_strategy="none",
+    p = TrainProtocol(epochs=0, lr=0.0, weight_decay=0.0, batch_size=8, dsa_strategy="none",
                      mode=mode)
     f = np.ones((N, 2, 2, WIDTH), np.float32) / WIDTH
     r = evaluate_synset("ConvNet", train.images, train.labels, train.images, train.labels, f, p,

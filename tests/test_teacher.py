@@ -157,13 +157,13 @@ def test_scan_and_host_engines_agree():
     import jax.numpy as jnp
 
     from elf_jax.models import get_model
-    from elf_jax.train.protocol import EvalProtocol
+    from elf_jax.train.protocol import TrainProtocol
     from elf_jax.train.runner import fit, init_states
 
     train, _ = _data()
     data = {"images": np.asarray(train.images[:256]), "labels": np.asarray(train.labels[:256])}
     net = get_model("ConvNet", 10, width=8)
-    protocol = EvalProtocol(batch_size=128, epochs=2, dsa_strategy="none", mode="task")
+    protocol = TrainProtocol(batch_size=128, epochs=2, dsa_strategy="none", mode="task")
     out = {}
     for engine in ("host", "scan"):
         states = init_states(net, protocol, jax.random.key(0), 1, jnp.asarray(data["images"][:1]))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from elf_jax.models import get_model
-from elf_jax.train import EvalProtocol, EvaluationDiverged, run_evaluation, torch_sgd
+from elf_jax.train import TrainProtocol, TrainingDiverged, run_evaluation, torch_sgd
 from elf_jax.keys import stage_key
 from elf_jax.train.runner import init_states
 from elf_jax.train.step import jit_train_step
@@ -14,17 +14,17 @@ from elf_jax.train.step import jit_train_step
 
 # ----------------------------------------------------------------------------- protocol
 def test_schedule_and_batches():
-    p = EvalProtocol(epochs=10)
+    p = TrainProtocol(epochs=10)
     assert p.num_epochs == 11 and p.decay_epoch == 6  # range(E + 1); E // 2 + 1
     factors = [float(p.lr_factor(e)) for e in range(11)]
     assert factors == [1.0] * 7 + [pytest.approx(0.1)] * 4  # decayed AFTER epoch 6
-    assert EvalProtocol().decay_epoch == 501
+    assert TrainProtocol().decay_epoch == 501
     assert p.batch_plan(1000) == (3, 256, 232)  # CIFAR-100 IPC 10: 4 steps, last one 232
     assert p.batch_plan(100) == (1, 100, 0)  # CIFAR-10 IPC 10: one batch of 100
     assert p.batch_plan(512) == (2, 256, 0)
-    assert float(EvalProtocol(epochs=10, lr_decay=False).lr_factor(10)) == 1.0
+    assert float(TrainProtocol(epochs=10, lr_decay=False).lr_factor(10)) == 1.0
     with pytest.raises(ValueError, match="mode"):
-        EvalProtocol(mode="elf")
+        TrainProtocol(mode="elf")
 
 
 def test_torch_sgd_matches_torch_with_optimizer_rebuild():
@@ -46,7 +46,7 @@ def test_torch_sgd_matches_torch_with_optimizer_rebuild():
         opt.step()
     want = w.detach().numpy()
     # ours: the direction transform of the protocol, -lr applied by hand, trace zeroed at 3
-    tx = EvalProtocol().optimizer()
+    tx = TrainProtocol().optimizer()
     p = jnp.asarray(p0)
     state = tx.init(p)
     for i, g in enumerate(grads):
@@ -105,7 +105,7 @@ def _python_loop(net, protocol, x, y, f, key):
 def test_runner_equals_plain_loop_and_vmap(tiny):
     x, y, f = tiny
     net = get_model("ConvNetBN", K, width=8)
-    p = EvalProtocol(epochs=3, batch_size=B, dsa_strategy="flip", lr=0.05)
+    p = TrainProtocol(epochs=3, batch_size=B, dsa_strategy="flip", lr=0.05)
     key = jax.random.PRNGKey(3)
     ref = _python_loop(net, p, x, y, f, key)
     outs = {}
@@ -144,7 +144,7 @@ def test_rear_batchnorm_sees_the_feature_batch():
     key = jax.random.PRNGKey(0)
     out = {}
     for mode in ("task", "front_task"):
-        p = EvalProtocol(mode=mode, dsa_strategy="none")
+        p = TrainProtocol(mode=mode, dsa_strategy="none")
         st = jax.tree.map(lambda a: a[0], init_states(net, p, key, 1, jnp.asarray(x[:1])))
         out[mode], _ = jit_train_step(st, batch, jax.random.PRNGKey(1), net=net, protocol=p)
     bt, bf = out["task"].batch_stats, out["front_task"].batch_stats
@@ -159,9 +159,9 @@ def test_nan_stops_with_clear_error_and_keeps_checkpoint(tiny, tmp_path):
     x, y, f = tiny
     net = get_model("ConvNet", K, width=8)
     # E=4: epochs 0..3 at lr, then the decay multiplies the lr by inf -> epoch 4 diverges
-    p = EvalProtocol(epochs=4, batch_size=B, dsa_strategy="none", mode="task",
+    p = TrainProtocol(epochs=4, batch_size=B, dsa_strategy="none", mode="task",
                      decay_factor=float("inf"))
-    with pytest.raises(EvaluationDiverged, match=r"at repeat 0, epoch 4 ") as e:
+    with pytest.raises(TrainingDiverged, match=r"at repeat 0, epoch 4 ") as e:
         run_evaluation(net, p, x, y, x, y, repeats=2, key=jax.random.PRNGKey(0),
                        chunk_epochs=1, checkpoint_every=1, workdir=tmp_path, progress=False)
     assert "last good checkpoint (epoch 4)" in str(e.value)
@@ -174,7 +174,7 @@ def test_bf16_and_soft_labels_and_lambda_sweep(tiny):
     x, y, f = tiny
     net = get_model("ConvNet", K, width=8, dtype=jnp.bfloat16)
     soft = np.eye(K, dtype=np.float32)[y] * 0.9 + 0.1 / K
-    p = EvalProtocol(epochs=1, batch_size=B, dsa_strategy="none", dtype="bfloat16")
+    p = TrainProtocol(epochs=1, batch_size=B, dsa_strategy="none", dtype="bfloat16")
     out = run_evaluation(net, p, x, soft, x, y, f, repeats=3, key=jax.random.PRNGKey(0),
                          hparams={"lambda_front": np.array([0.0, 1.0, 2.0])},
                          progress=False, return_states=True)

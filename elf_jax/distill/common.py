@@ -30,7 +30,8 @@ import numpy as np
 import optax
 
 from elf_jax.checkpoint import StepCheckpoints, check_expect, fingerprint
-from elf_jax.distill.settings import FULL_STRATEGY, METHOD_SETTINGS, Settings
+from elf_jax.augment import DEFAULT_STRATEGY
+from elf_jax.distill.settings import METHOD_SETTINGS, Settings
 from elf_jax.keys import raw_key, stage_key
 from elf_jax.synset import SyntheticSet, load_synset, save_synset
 
@@ -200,7 +201,7 @@ class EvalSettings:
     repeats: int = 1
     batch_size: int = 256
     lr: float = 0.01
-    dsa_strategy: str = FULL_STRATEGY
+    dsa_strategy: str = DEFAULT_STRATEGY
     arch: Optional[str] = None
     model_kwargs: Optional[tuple] = None  # tuple of (key, value) pairs (hashable)
     use_learned_lr: bool = False
@@ -221,14 +222,14 @@ def evaluate_set(images, labels, lr, test, settings: EvalSettings, arch: str, mo
                  key) -> tuple:
     """``(mean, std)`` test accuracy of ConvNet-style evaluation training on the set."""
     from elf_jax.models import get_model
-    from elf_jax.train import EvalProtocol, run_evaluation
+    from elf_jax.train import TrainProtocol, run_evaluation
 
     labels = np.asarray(labels)
     k = labels.shape[1] if labels.ndim == 2 else num_classes_of(test)
     kw = dict(settings.model_kwargs) if settings.model_kwargs is not None else dict(model_kwargs)
     net = get_model(settings.arch or arch, k, **kw)
     base_lr = float(lr) if (settings.use_learned_lr and lr is not None) else settings.lr
-    protocol = EvalProtocol(lr=base_lr, epochs=settings.epochs, batch_size=settings.batch_size,
+    protocol = TrainProtocol(lr=base_lr, epochs=settings.epochs, batch_size=settings.batch_size,
                             dsa_strategy=settings.dsa_strategy or "none", mode="task")
     out = run_evaluation(net, protocol, np.asarray(images), labels, np.asarray(test.images),
                          np.asarray(test.labels), repeats=settings.repeats, key=key,
@@ -453,7 +454,7 @@ def distill(method: str, dataset, settings: Optional[Settings] = None, *, workdi
         raise TypeError(f"{method} takes {cls.__name__}, got {type(s).__name__}")
     # DC distils without augmentation and is evaluated without it too
     ev = evaluation or EvalSettings(epochs=int(s.eval_epochs), repeats=int(s.eval_repeats),
-                                    dsa_strategy="none" if method == "dc" else FULL_STRATEGY)
+                                    dsa_strategy="none" if method == "dc" else DEFAULT_STRATEGY)
     if s.eval_every:
         ev = dataclasses.replace(ev, every=int(s.eval_every))
     train = as_dataset(dataset, "train")

@@ -44,7 +44,7 @@ def dm_loss(net, variables, syn_images, real, key, dsa_strategy):
 
 @functools.lru_cache(maxsize=16)
 def make_dm_step(net, *, lr_img: float = 1.0, momentum: float = 0.5,
-                 dsa_strategy: str = C.FULL_STRATEGY):
+                 dsa_strategy: str = C.DEFAULT_STRATEGY):
     """The jitted DM step ``(state, key, real [K,B,H,W,C]) -> (state, metrics)`` (cached per
     network and settings, so repeated runs reuse the compiled step)."""
     optimizer = C.make_optimizer({"images": lr_img}, momentum)

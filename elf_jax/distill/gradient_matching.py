@@ -101,7 +101,7 @@ def _variables(params, bstats):
 def make_gm_step(net, *, num_classes: int, ipc: int, outer_loop: int, inner_loop: int,
                  lr_img: float = 0.1, momentum: float = 0.5, lr_net: float = 0.01,
                  batch_real: int = 256, batch_train: int = 256, dis_metric: str = "ours",
-                 dsa_strategy: Optional[str] = C.FULL_STRATEGY, class_loop: str = "map",
+                 dsa_strategy: Optional[str] = C.DEFAULT_STRATEGY, class_loop: str = "map",
                  host_loop: Optional[bool] = None):
     """The DC/DSA step ``(state, key, pool: ClassArrays) -> (state, metrics)``; real
     batches are drawn from ``pool`` (``ClassIndex(train).arrays``) inside (``outer_loop *

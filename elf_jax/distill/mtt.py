@@ -272,7 +272,7 @@ def _make_step(net, unravel, *, num_classes, syn_steps, lrs, momentum, batch_syn
 
 
 def make_mtt_step(net, unravel, *, num_classes, hard_labels, syn_steps=20, lr_img=1e3,
-                  lr_lr=1e-5, momentum=0.5, batch_syn=None, dsa_strategy=C.FULL_STRATEGY,
+                  lr_lr=1e-5, momentum=0.5, batch_syn=None, dsa_strategy=C.DEFAULT_STRATEGY,
                   gradient="unrolled", bn_template=None, lr_label=None):
     """The jitted MTT step ``(state, key, start [P], target [P]) -> (state, metrics)``;
     ``state.syn = {"images", "lr"[, "labels"]}``."""

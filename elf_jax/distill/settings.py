@@ -11,7 +11,8 @@ import dataclasses
 import typing
 from typing import Any, Mapping, Optional
 
-FULL_STRATEGY = "color_crop_cutout_flip_scale_rotate"
+from elf_jax.augment import DEFAULT_STRATEGY
+
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,7 +35,7 @@ class Settings:
     init: str = "real"
     lr_img: float = 1.0
     momentum: float = 0.5
-    dsa_strategy: str = FULL_STRATEGY
+    dsa_strategy: str = DEFAULT_STRATEGY
     model_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     checkpoint_every: int = 100
     eval_every: int = 0

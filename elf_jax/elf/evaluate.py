@@ -1,7 +1,7 @@
 """Evaluate a synthetic set on one architecture (``evaluate_synset``) or a pool
 (``cross_evaluate``), with the baseline loss and with ELF.
 
-Both follow the reference protocol (:class:`elf_jax.train.EvalProtocol`) and return plain
+Both follow the reference protocol (:class:`elf_jax.train.TrainProtocol`) and return plain
 dicts; ``cross_evaluate``'s result is the input of :mod:`elf_jax.report`::
 
     {"results": {arch: {mode: {"accs": [...], "mean", "std", "seconds"}}},
@@ -25,7 +25,7 @@ import numpy as np
 from elf_jax.elf.losses import mode_needs_features
 from elf_jax.elf.summary import BASELINE_MODE, ELF_MODE, summarize
 from elf_jax.parallel.placement import Placement
-from elf_jax.train.protocol import EvalProtocol
+from elf_jax.train.protocol import TrainProtocol
 from elf_jax.train.runner import run_evaluation
 
 __all__ = ["evaluate_synset", "cross_evaluate", "validate_inputs", "describe_split"]
@@ -177,7 +177,7 @@ def _features_for(features, arch: str, net, image_shape):
     return features
 
 
-def _resolve_net(arch, num_classes: int, protocol: EvalProtocol, model_overrides):
+def _resolve_net(arch, num_classes: int, protocol: TrainProtocol, model_overrides):
     if isinstance(arch, str):
         from elf_jax.models import get_model
 
@@ -188,7 +188,7 @@ def _resolve_net(arch, num_classes: int, protocol: EvalProtocol, model_overrides
     return type(arch).__name__, arch
 
 
-def training_lr(protocol: EvalProtocol, learned_lr) -> float:
+def training_lr(protocol: TrainProtocol, learned_lr) -> float:
     """The base lr of a run: the protocol's, or the set's learned lr when
     ``protocol.use_learned_lr`` (which must then be a positive finite number)."""
     if not (protocol.use_learned_lr and learned_lr is not None):
@@ -200,7 +200,7 @@ def training_lr(protocol: EvalProtocol, learned_lr) -> float:
 
 
 def resolve_pool(pool, modes, images, labels, test_images, test_labels, features, k: int,
-                 protocol: EvalProtocol, overrides: Callable[[str], Mapping[str, Any]]) -> list:
+                 protocol: TrainProtocol, overrides: Callable[[str], Mapping[str, Any]]) -> list:
     """Builds every pool network and checks every (arch, mode) input BEFORE any training.
 
     Returns ``[(arch, name, net, features or None)]`` in pool order (host arrays in)."""
@@ -224,7 +224,7 @@ def evaluate_synset(
     test_images,
     test_labels,
     features=None,
-    protocol: EvalProtocol = EvalProtocol(),
+    protocol: TrainProtocol = TrainProtocol(),
     repeats: int = 5,
     key=None,
     workdir=None,
@@ -248,7 +248,7 @@ def evaluate_synset(
       test_images, test_labels: the real test set.
       features: teacher features ``[N, ...front]`` (array or ``FeatureBank``); required for
         every mode but ``task``.
-      protocol: :class:`EvalProtocol` (mode, kind, lambdas, epochs, dtype, ...).
+      protocol: :class:`TrainProtocol` (mode, kind, lambdas, epochs, dtype, ...).
       repeats, key: repeats and base key (default ``PRNGKey(0)``).
       workdir: checkpoint/resume directory (None: no checkpoints).
       num_classes: default inferred (soft labels' width, else max label + 1).
@@ -307,7 +307,7 @@ def cross_evaluate(
     features=None,
     *,
     modes: Sequence[str] = (BASELINE_MODE, ELF_MODE),
-    protocol: EvalProtocol = EvalProtocol(),
+    protocol: TrainProtocol = TrainProtocol(),
     repeats: int = 5,
     key=None,
     workdir=None,

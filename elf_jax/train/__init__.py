@@ -1,10 +1,10 @@
-"""Evaluation training: the reference protocol, one train step, the chunked runner."""
+"""Training: the reference protocol, the one train step and the one engine (`runner.fit`)."""
 
-from elf_jax.train.protocol import FULL_DSA_STRATEGY, EvalProtocol, torch_sgd  # noqa: F401
-from elf_jax.train.step import EvalState, init_state, jit_train_step, train_step  # noqa: F401
+from elf_jax.train.protocol import TrainProtocol, torch_sgd  # noqa: F401
+from elf_jax.train.step import TrainState, init_state, jit_train_step, train_step  # noqa: F401
 from elf_jax.train.runner import (  # noqa: F401
     REPEAT_STRATEGIES,
-    EvaluationDiverged,
+    TrainingDiverged,
     default_repeat_strategy,
     run_evaluation,
     test_accuracy,

@@ -27,11 +27,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from elf_jax.augment import DEFAULT_STRATEGY
 from elf_jax.elf.losses import FEATURE_KINDS, LOSS_MODES
 
-FULL_DSA_STRATEGY = "color_crop_cutout_flip_scale_rotate"
 
-__all__ = ["EvalProtocol", "torch_sgd", "FULL_DSA_STRATEGY"]
+__all__ = ["TrainProtocol", "torch_sgd"]
 
 
 def torch_sgd(
@@ -58,7 +58,7 @@ def torch_sgd(
 
 
 @dataclasses.dataclass(frozen=True)
-class EvalProtocol:
+class TrainProtocol:
     """Static settings of one evaluation training (hashable: used as a jit static argument).
 
     Attributes:
@@ -86,7 +86,7 @@ class EvalProtocol:
     lr_decay: bool = True
     decay_factor: float = 0.1
     reset_momentum_at_decay: bool = True
-    dsa_strategy: str = FULL_DSA_STRATEGY
+    dsa_strategy: str = DEFAULT_STRATEGY
     mode: str = "front_rear_task"
     kind: str = "ce"
     lambda_front: float = 1.0
@@ -97,15 +97,15 @@ class EvalProtocol:
 
     def __post_init__(self):
         if self.mode not in LOSS_MODES:
-            raise ValueError(f"EvalProtocol.mode {self.mode!r}: choose one of {LOSS_MODES}")
+            raise ValueError(f"TrainProtocol.mode {self.mode!r}: choose one of {LOSS_MODES}")
         if self.kind not in FEATURE_KINDS:
-            raise ValueError(f"EvalProtocol.kind {self.kind!r}: choose one of {FEATURE_KINDS}")
+            raise ValueError(f"TrainProtocol.kind {self.kind!r}: choose one of {FEATURE_KINDS}")
         if self.epochs < 0:
-            raise ValueError(f"EvalProtocol.epochs must be >= 0, got {self.epochs}")
+            raise ValueError(f"TrainProtocol.epochs must be >= 0, got {self.epochs}")
         if self.batch_size < 1:
-            raise ValueError(f"EvalProtocol.batch_size must be >= 1, got {self.batch_size}")
+            raise ValueError(f"TrainProtocol.batch_size must be >= 1, got {self.batch_size}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"EvalProtocol.dtype {self.dtype!r}: float32 | bfloat16 | float16")
+            raise ValueError(f"TrainProtocol.dtype {self.dtype!r}: float32 | bfloat16 | float16")
 
     # ------------------------------------------------------------------ derived values
     @property
@@ -146,7 +146,7 @@ class EvalProtocol:
         b = min(self.batch_size, n)
         return n // b, b, n % b
 
-    def replace(self, **kw) -> "EvalProtocol":
+    def replace(self, **kw) -> "TrainProtocol":
         return dataclasses.replace(self, **kw)
 
     def to_dict(self) -> dict:

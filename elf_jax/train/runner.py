@@ -25,7 +25,7 @@ Structure of the compiled program (one ``jit`` per (network, protocol, shapes, p
   until the end of a chunk.
 
 Between chunks the host updates a tqdm bar, checks the per-epoch losses for NaN/Inf
-(:class:`EvaluationDiverged`, without saving, so the last good checkpoint stays), calls
+(:class:`TrainingDiverged`, without saving, so the last good checkpoint stays), calls
 ``on_chunk`` and saves a checkpoint every ``checkpoint_every`` epochs
 (``elf_jax.checkpoint.StepCheckpoints``; atomic). Started again with the same arguments and
 ``workdir``, a run resumes and ends bit-identical to an uninterrupted run (the key is part
@@ -53,11 +53,11 @@ from elf_jax.loops import default_engine
 from elf_jax.parallel.mesh import DATA, RUNS
 from elf_jax.parallel.placement import Placement, global_rows, local_rows, place_rows
 from elf_jax.parallel.wrappers import check_divisible, fold_key, global_augment, with_bn_axis
-from elf_jax.train.protocol import EvalProtocol
-from elf_jax.train.step import EvalState, init_state, make_variables, train_step
+from elf_jax.train.protocol import TrainProtocol
+from elf_jax.train.step import TrainState, init_state, make_variables, train_step
 
 __all__ = [
-    "ENGINES", "REPEAT_STRATEGIES", "EVAL_FORMAT", "EvaluationDiverged", "default_engine",
+    "ENGINES", "REPEAT_STRATEGIES", "EVAL_FORMAT", "TrainingDiverged", "default_engine",
     "default_repeat_strategy", "epoch_plan", "fit", "init_states", "make_chunk_fn",
     "make_host_chunk_fn", "run_evaluation", "test_accuracy", "repeat_accuracies",
 ]
@@ -70,7 +70,7 @@ _EPOCH_KEYS = METRIC_KEYS + ("finite",)
 EVAL_FORMAT = "elf_jax.eval_run/2"
 
 
-class EvaluationDiverged(FloatingPointError):
+class TrainingDiverged(FloatingPointError):
     """The training loss became NaN/Inf; the message names the repeat and the epoch."""
 
 
@@ -88,7 +88,7 @@ def default_repeat_strategy(backend: Optional[str] = None, arch: str = "", dtype
 
 
 # ------------------------------------------------------------------------------- one step
-def epoch_batches(protocol: EvalProtocol, n: int, placement: Placement) -> tuple[int, int, int]:
+def epoch_batches(protocol: TrainProtocol, n: int, placement: Placement) -> tuple[int, int, int]:
     """``(full_batches, batch, last)`` of an epoch over ``n`` rows. On a data mesh the batch
     must divide over the ``data`` devices; a last partial batch that does not is dropped
     (``parallel.drop_remainder``) or is an error."""
@@ -108,7 +108,7 @@ def epoch_batches(protocol: EvalProtocol, n: int, placement: Placement) -> tuple
 
 
 @functools.lru_cache(maxsize=64)
-def placed_step(net, protocol: EvalProtocol, placement: Placement) -> Callable:
+def placed_step(net, protocol: TrainProtocol, placement: Placement) -> Callable:
     """``step(state, data, idx, key) -> (state, metrics)`` of ONE run: the minibatch of global
     row indices ``idx`` and one :func:`train_step`. On a data mesh (called inside
     ``shard_map``) each device trains on its share, gradients and BN statistics averaged over
@@ -152,7 +152,7 @@ def epoch_plan(key_data, *, n, nsteps):
         jax.random.split(k_aug, nsteps))
 
 
-def end_epoch(state: EvalState, k_next, protocol: EvalProtocol) -> EvalState:
+def end_epoch(state: TrainState, k_next, protocol: TrainProtocol) -> TrainState:
     """The end of an epoch: the momentum restarts at zero after epoch ``E//2+1`` (the
     reference builds a new optimizer there), the key becomes ``k_next`` and the epoch count
     goes up."""
@@ -163,7 +163,7 @@ def end_epoch(state: EvalState, k_next, protocol: EvalProtocol) -> EvalState:
     return state._replace(opt_state=opt_state, key=k_next, epoch=state.epoch + 1)
 
 
-def _all_finite(state: EvalState):
+def _all_finite(state: TrainState):
     """1.0 if every parameter / BN statistic is still finite after this epoch (the loss of an
     epoch is computed before its last update, so the state can break first)."""
     leaves = jax.tree.leaves((state.params, state.batch_stats))
@@ -183,7 +183,7 @@ def _skipped_epoch():
 
 
 # ------------------------------------------------------------------------------- scan engine
-def run_epoch(state: EvalState, data, *, step, protocol: EvalProtocol, plan, n: int):
+def run_epoch(state: TrainState, data, *, step, protocol: TrainProtocol, plan, n: int):
     """One epoch of one run; returns ``(state, metrics)`` averaged over the rows trained."""
     nfull, b, last = plan
     k_next, perm, keys = epoch_plan(state.key, n=n, nsteps=nfull + (1 if last else 0))
@@ -201,7 +201,7 @@ def run_epoch(state: EvalState, data, *, step, protocol: EvalProtocol, plan, n: 
 
 
 @functools.lru_cache(maxsize=32)
-def make_chunk_fn(net, protocol: EvalProtocol, chunk_epochs: int, strategy: str,
+def make_chunk_fn(net, protocol: TrainProtocol, chunk_epochs: int, strategy: str,
                   placement: Placement = Placement(), n: int = 0):
     """Jitted ``(stacked states, data, n_run) -> (states, metrics [R, chunk])``: up to
     ``chunk_epochs`` epochs, only the first ``n_run`` (traced) run; states donated. Cached
@@ -285,7 +285,7 @@ def _mesh_host_fns(step, placement: Placement, protocol, plan, n):
 
 
 @functools.lru_cache(maxsize=32)
-def make_host_chunk_fn(net, protocol: EvalProtocol, chunk_epochs: int, strategy: str,
+def make_host_chunk_fn(net, protocol: TrainProtocol, chunk_epochs: int, strategy: str,
                        placement: Placement = Placement(), n: int = 0):
     """The host engine with the signature of :func:`make_chunk_fn`. One device: the repeats
     one after another (``vmap`` is not offered: grouped convolutions are the slow path on the
@@ -343,7 +343,7 @@ def _mesh_host_chunk(placement, stepper, plans, close, *, plan, pad):
 
 # ------------------------------------------------------------------------------- init/test
 def init_states(net, protocol, key, repeats: int, sample_images, hparams=None, *,
-                first: int = 0) -> EvalState:
+                first: int = 0) -> TrainState:
     """Stacked initial states of repeats ``first .. first + repeats - 1`` (leading axis).
 
     Repeat ``r`` uses ``fold_in(key, r)`` (split into an init key and a training key), so a
@@ -402,7 +402,7 @@ def test_accuracy(net, variables, images, labels, batch_size: int = 500) -> floa
 test_accuracy.__test__ = False  # not a pytest test when imported into a test module
 
 
-def repeat_accuracies(net, states: EvalState, images, labels, batch_size: int = 500) -> np.ndarray:
+def repeat_accuracies(net, states: TrainState, images, labels, batch_size: int = 500) -> np.ndarray:
     """:func:`test_accuracy` of every run of stacked ``states``: ``[R]``."""
     states = jax.device_get(states)
     r = np.shape(states.epoch)[0]
@@ -426,7 +426,7 @@ def _resume(mngr, states, meta):
             "exactly); delete that directory or use another workdir to start over")
     check_expect(saved, meta, where=f"{where} (use another workdir or delete it to start over)")
     restored, _ = mngr.restore(latest, like=dict(states._asdict()))
-    states = EvalState(**restored)
+    states = TrainState(**restored)
     return states, int(np.asarray(jax.device_get(states.epoch)).reshape(-1)[0])
 
 
@@ -440,18 +440,18 @@ def _first_bad(ms, epoch, num_epochs, desc, mngr):
     where = (f"the last good checkpoint (epoch {last_good}) is kept in {mngr.directory}"
              if last_good is not None else "no checkpoint was written" if mngr is not None
              else "no workdir was given, so nothing was saved")
-    raise EvaluationDiverged(
+    raise TrainingDiverged(
         f"{desc}: the training diverged (NaN/Inf loss or parameters) at repeat {r}, epoch "
         f"{epoch + e} (of 0..{num_epochs - 1}); stopping. {where}. Lower the learning rate or "
         "check the synthetic set / feature bank for extreme values.")
 
 
-def fit(net, protocol: EvalProtocol, data: Mapping[str, Any], states: EvalState, *,
+def fit(net, protocol: TrainProtocol, data: Mapping[str, Any], states: TrainState, *,
         num_epochs: Optional[int] = None, placement: Any = None, engine: str = "auto",
         strategy: str = "sequential", chunk_epochs: Optional[int] = None, workdir=None,
         checkpoint_every: int = 100, max_to_keep: Optional[int] = 2,
         meta: Optional[Mapping[str, Any]] = None,
-        on_chunk: Optional[Callable[[int, EvalState, dict], None]] = None,
+        on_chunk: Optional[Callable[[int, TrainState, dict], None]] = None,
         progress: bool = True, desc: str = "train") -> tuple:
     """Trains the stacked runs ``states`` (``[R, ...]``, :func:`init_states`) on ``data``.
 
@@ -561,7 +561,7 @@ def _resolve_placement(strategy, placement, mesh):
     return strategy, Placement.of(placement, mesh)
 
 
-def run_evaluation(net, protocol: EvalProtocol, images, labels, test_images, test_labels,
+def run_evaluation(net, protocol: TrainProtocol, images, labels, test_images, test_labels,
                    features=None, *, repeats: int = 5, key=None, strategy: str = "auto",
                    engine: str = "auto", chunk_epochs: Optional[int] = None, workdir=None,
                    checkpoint_every: int = 100, max_to_keep: int = 2,

@@ -37,12 +37,12 @@ import jax.numpy as jnp
 
 from elf_jax.elf.losses import elf_objective, mode_needs_features
 from elf_jax.keys import typed_key
-from elf_jax.train.protocol import EvalProtocol
+from elf_jax.train.protocol import TrainProtocol
 
-__all__ = ["EvalState", "init_state", "train_step", "jit_train_step", "make_variables", "augment"]
+__all__ = ["TrainState", "init_state", "train_step", "jit_train_step", "make_variables", "augment"]
 
 
-class EvalState(NamedTuple):
+class TrainState(NamedTuple):
     """Everything needed to continue an evaluation training exactly."""
 
     params: Any
@@ -60,7 +60,7 @@ def make_variables(params, batch_stats) -> dict:
     return {"params": params}
 
 
-def default_hparams(protocol: EvalProtocol, lr: Optional[float] = None) -> dict:
+def default_hparams(protocol: TrainProtocol, lr: Optional[float] = None) -> dict:
     return {
         "lr": jnp.asarray(protocol.lr if lr is None else lr, jnp.float32),
         "lambda_front": jnp.asarray(protocol.lambda_front, jnp.float32),
@@ -70,12 +70,12 @@ def default_hparams(protocol: EvalProtocol, lr: Optional[float] = None) -> dict:
 
 def init_state(
     net,
-    protocol: EvalProtocol,
+    protocol: TrainProtocol,
     init_key: jax.Array,
     train_key: jax.Array,
     sample_images: jax.Array,
     hparams: Optional[Mapping[str, Any]] = None,
-) -> EvalState:
+) -> TrainState:
     """Initialises the network (``net.init(init_key, x, train=False)``) and the optimizer."""
     variables = net.init(init_key, sample_images, train=False)
     params = variables["params"]
@@ -83,7 +83,7 @@ def init_state(
     hp = default_hparams(protocol)
     if hparams:
         hp.update({k: jnp.asarray(v, jnp.float32) for k, v in hparams.items()})
-    return EvalState(
+    return TrainState(
         params=params,
         batch_stats=batch_stats,
         opt_state=protocol.optimizer().init(params),
@@ -94,7 +94,7 @@ def init_state(
     )
 
 
-def augment(key, images, protocol: EvalProtocol):
+def augment(key, images, protocol: TrainProtocol):
     """DSA (mode S) on the images, or the identity for strategy ``none``/``""``."""
     if protocol.dsa_strategy in ("", "none", None):
         return images
@@ -132,23 +132,23 @@ def _apply(net, params, batch_stats, x, method, rng):
 
 
 def train_step(
-    state: EvalState,
+    state: TrainState,
     batch: Mapping[str, jax.Array],
     key: jax.Array,
     *,
     net,
-    protocol: EvalProtocol,
+    protocol: TrainProtocol,
     axis_name: Optional[str] = None,
 ):
     """One SGD step of the ELF objective (see the module docstring).
 
     Args:
-      state: :class:`EvalState`.
+      state: :class:`TrainState`.
       batch: ``{"images": [b,H,W,C], "labels": [b] int or [b,K] float, "features":
         [b,h,w,c]}`` (``features`` only for modes other than ``task``).
       key: PRNG key (raw or typed) for this step's DSA draw.
       net: a Flax module from ``elf_jax.models.get_model`` (with ``front``/``rear``).
-      protocol: static :class:`EvalProtocol`.
+      protocol: static :class:`TrainProtocol`.
       axis_name: if set, gradients, BN statistics and metrics are averaged over this named
         axis (``pmap``/``shard_map`` data parallelism).
     Returns: ``(new_state, metrics)``; metrics: loss, task, front, rear, acc (float32).
