@@ -257,6 +257,7 @@ def _host_epochs(state, data, n_run, *, step, protocol, plan, n):
     return state, out
 
 
+@functools.lru_cache(maxsize=32)
 def _mesh_host_fns(step, placement: Placement, protocol, plan, n):
     """The host engine's jitted pieces on a mesh: a step advances local run ``j`` (traced) of
     every ``runs`` group by one minibatch; the epoch plan and end are vmapped over runs."""
