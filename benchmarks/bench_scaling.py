@@ -1,4 +1,4 @@
-"""Steps/s of the data-parallel ELF train step against the number of devices (issue 6).
+"""Steps/s of the data-parallel ELF train step against the number of devices.
 
     python benchmarks/bench_scaling.py --arch ConvNet --batch 256 --devices 1 2 4 8
     python benchmarks/bench_scaling.py --arch ResNet18 --dtype bfloat16 --devices 1   # a GPU

@@ -1,4 +1,4 @@
-"""ELF evaluation on ImageNet-1k at 64x64, data parallel with jax.shard_map (issue 6).
+"""ELF evaluation on ImageNet-1k at 64x64, data parallel with jax.shard_map.
 
 The settings of configs/imagenet64.py (ConvNetD4W512 teacher, ConvNetD4 / ResNet18ImageNet /
 VGG11ImageNet pool, bfloat16) plus a `parallel` section, read by the evaluation stage of the
@@ -7,7 +7,8 @@ devices (`shard_map` over a ("runs", "data") mesh, synchronized BatchNorm, the D
 for the global minibatch as on one device), the synthetic set and the feature bank split by
 rows over the devices, the bank stored in bfloat16. IPC 10 = 10,000 images; the memory
 estimate is printed before the evaluation and the run stops with a clear error if it will not
-fit. Teachers, the synthetic set and the banks are made on one device.
+fit. The teachers train data parallel on all devices too; the synthetic set and the banks
+are made on one device.
 
 Run (one host, all devices):
     elf-jax all --config configs/imagenet64_shard_map.py --workdir runs/imagenet64_shard_map
@@ -27,7 +28,7 @@ def get_config():
     c = imagenet64_config()
 
     c.parallel = ml_collections.ConfigDict()
-    c.parallel.parallel = "shard_map"  # none | pmap | shard_map
+    c.parallel.parallel = "shard_map"  # none | shard_map
     c.parallel.runs = 1  # repeats side by side on the "runs" mesh axis
     c.parallel.data = 0  # 0 = all devices (per runs group)
     c.parallel.sync_bn = True  # BatchNorm moments over all data devices (== one device)

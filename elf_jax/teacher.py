@@ -53,6 +53,7 @@ import numpy as np
 from elf_jax.checkpoint import StepCheckpoints, write_json_atomic
 from elf_jax.keys import stage_key
 from elf_jax.models import get_model
+from elf_jax.parallel.wrappers import host_copy
 from elf_jax.augment import DEFAULT_STRATEGY
 from elf_jax.train.protocol import TrainProtocol
 from elf_jax.train.runner import fit, init_states, test_accuracy
@@ -283,7 +284,7 @@ def train_teacher(
 
 def _snapshot(states) -> dict:
     """``{"params", "batch_stats"}`` of the single run in stacked ``states``, on the host."""
-    params, stats = jax.tree.map(lambda a: a[0], jax.device_get((states.params, states.batch_stats)))
+    params, stats = jax.tree.map(lambda a: a[0], host_copy((states.params, states.batch_stats)))
     return {"params": params, "batch_stats": stats}
 
 

@@ -1,4 +1,4 @@
-"""Data parallelism (issue 6): pmap, shard_map and one device give the same numbers.
+"""Data parallelism: pmap, shard_map and one device give the same numbers.
 
 The 8-device checks run in a subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=8
 (the flag must be set before JAX starts, and other test modules of this pytest worker may

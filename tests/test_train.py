@@ -170,6 +170,23 @@ def test_nan_stops_with_clear_error_and_keeps_checkpoint(tiny, tmp_path):
     assert StepCheckpoints(tmp_path / "checkpoints").latest_step() == 4
 
 
+def test_checkpoints_of_an_older_format_are_refused(tiny, tmp_path, monkeypatch):
+    """Checkpoints written before the random streams changed cannot be continued exactly:
+    refused with a message that says why and what to do, never mixed in."""
+    from elf_jax.train import runner
+
+    x, y, f = tiny
+    net = get_model("ConvNet", K, width=8)
+    p = TrainProtocol(epochs=1, batch_size=B, dsa_strategy="none", mode="task")
+    kw = dict(repeats=1, key=jax.random.PRNGKey(0), checkpoint_every=1, workdir=tmp_path,
+              progress=False)
+    with monkeypatch.context() as m:
+        m.setattr(runner, "EVAL_FORMAT", "elf_jax.eval_run/1")
+        run_evaluation(net, p, x, y, x, y, **kw)
+    with pytest.raises(ValueError, match=r"format 'elf_jax.eval_run/1'.*delete that directory"):
+        run_evaluation(net, p, x, y, x, y, **kw)
+
+
 def test_bf16_and_soft_labels_and_lambda_sweep(tiny):
     x, y, f = tiny
     net = get_model("ConvNet", K, width=8, dtype=jnp.bfloat16)

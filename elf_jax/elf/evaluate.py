@@ -4,12 +4,16 @@
 Both follow the reference protocol (:class:`elf_jax.train.TrainProtocol`) and return plain
 dicts; ``cross_evaluate``'s result is the input of :mod:`elf_jax.report`::
 
-    {"results": {arch: {mode: {"accs": [...], "mean", "std", "seconds"}}},
-     "summary": {arch: {mode: {"mean", "std"}, "gain": ELF mean - baseline mean}},
-     "pool", "modes", "repeats", "protocol", "num_classes"}
+    {"results": {arch: {mode: {"accs": [...], "mean", "std", "seconds", "strategy", "lr",
+                                "resumed_from", "final_train_loss"}}},
+     "summary": {arch: {mode: {"mean", "std", "n"}, "gain": ELF mean - baseline mean}},
+     "pool", "modes", "repeats", "protocol", "num_classes", "placement"}
 
 Within ``cross_evaluate`` every (architecture, mode) uses the same base key, so repeat ``r``
-of the baseline and of ELF start from the same initial weights (a paired comparison).
+of the baseline and of ELF start from the same initial weights (a paired comparison), and
+that key is the evaluation stage's (``elf_jax.keys``): never a teacher's or an expert's.
+On one device or a mesh (``parallel=``) the runs train in the one engine
+(``elf_jax.train.runner``), checkpointed and resumable inside each run.
 """
 
 from __future__ import annotations

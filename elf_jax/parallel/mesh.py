@@ -48,8 +48,9 @@ class ParallelConfig:
     """The ``parallel`` section of a config (every field has the default shown).
 
     Attributes:
-      parallel: ``"none"`` (one device, plain ``jit``), ``"pmap"`` (``jax.pmap`` over the
-        local devices, axis ``data``) or ``"shard_map"`` (``jax.shard_map`` over a mesh).
+      parallel: ``"none"`` (one device, plain ``jit``) or ``"shard_map"`` (``jax.shard_map``
+        over a mesh: the placement the training engine takes); ``"pmap"`` (``jax.pmap`` over
+        the local devices, axis ``data``) only for single steps (``DataParallel``).
       runs: size of the ``runs`` mesh axis (independent repeats/architectures side by side).
       data: size of the ``data`` axis; 0 = all devices left (``device_count // runs``).
       sync_bn: BatchNorm batch moments averaged over the ``data`` axis (synchronized BN: the

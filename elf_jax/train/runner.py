@@ -52,7 +52,8 @@ from elf_jax.keys import raw_key, stage_key, typed_key
 from elf_jax.loops import default_engine
 from elf_jax.parallel.mesh import DATA, RUNS
 from elf_jax.parallel.placement import Placement, global_rows, local_rows, place_rows
-from elf_jax.parallel.wrappers import check_divisible, fold_key, global_augment, with_bn_axis
+from elf_jax.parallel.wrappers import (check_divisible, fold_key, global_augment, host_copy,
+                                       with_bn_axis)
 from elf_jax.train.protocol import TrainProtocol
 from elf_jax.train.step import TrainState, init_state, make_variables, train_step
 
@@ -405,7 +406,7 @@ test_accuracy.__test__ = False  # not a pytest test when imported into a test mo
 
 def repeat_accuracies(net, states: TrainState, images, labels, batch_size: int = 500) -> np.ndarray:
     """:func:`test_accuracy` of every run of stacked ``states``: ``[R]``."""
-    states = jax.device_get(states)
+    states = host_copy(states)
     r = np.shape(states.epoch)[0]
     return np.asarray([test_accuracy(net, make_variables(*jax.tree.map(lambda a: a[i], (
         states.params, states.batch_stats))), images, labels, batch_size) for i in range(r)])
@@ -428,7 +429,7 @@ def _resume(mngr, states, meta):
     check_expect(saved, meta, where=f"{where} (use another workdir or delete it to start over)")
     restored, _ = mngr.restore(latest, like=dict(states._asdict()))
     states = TrainState(**restored)
-    return states, int(np.asarray(jax.device_get(states.epoch)).reshape(-1)[0])
+    return states, int(np.asarray(host_copy(states.epoch)).reshape(-1)[0])
 
 
 def _first_bad(ms, epoch, num_epochs, desc, mngr):
@@ -485,7 +486,7 @@ def fit(net, protocol: TrainProtocol, data: Mapping[str, Any], states: TrainStat
         engine = "scan"  # the host engine runs repeats one after another
     repeats = int(np.shape(states.epoch)[0])
     if placement.mesh is not None:
-        states = placement.put_runs(jax.device_get(states))
+        states = placement.put_runs(host_copy(states))
     dtypes = {"images": jnp.float32}
     if "features" in data:
         dtypes["features"] = jnp.bfloat16 if placement.config.bank_dtype == "bfloat16" else jnp.float32
@@ -513,7 +514,7 @@ def fit(net, protocol: TrainProtocol, data: Mapping[str, Any], states: TrainStat
         while epoch < num_epochs:
             n_run = min(k, num_epochs - epoch)
             states, ms = chunk_fn(states, on_dev, jnp.asarray(n_run, jnp.int32))
-            ms = {k_: np.asarray(jax.device_get(v))[:, :n_run] for k_, v in ms.items()}
+            ms = {k_: v[:, :n_run] for k_, v in host_copy(ms).items()}  # the one sync per chunk
             _first_bad(ms, epoch, num_epochs, desc, mngr)
             for k_ in METRIC_KEYS:
                 history[k_][:, epoch: epoch + n_run] = ms[k_]
@@ -623,5 +624,5 @@ def run_evaluation(net, protocol: TrainProtocol, images, labels, test_images, te
            "strategy": label if placement.mesh is None else f"{label} ({placement.describe()})",
            **{k: info[k] for k in ("seconds", "engine", "resumed_from", "chunk_epochs", "placement")}}
     if return_states:
-        out["states"] = jax.device_get(states)
+        out["states"] = host_copy(states)
     return out
