@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-EPOCHS = 59  # 60 epochs in chunks of 2, a checkpoint after each chunk
+EPOCHS = 29  # 30 epochs in chunks of 2, a checkpoint after each chunk
 
 
 def _main(workdir: str, out: str, placement: str) -> None:

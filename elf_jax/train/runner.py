@@ -55,7 +55,7 @@ from elf_jax.parallel.placement import Placement, global_rows, local_rows, place
 from elf_jax.parallel.wrappers import (check_divisible, fold_key, global_augment, host_copy,
                                        with_bn_axis)
 from elf_jax.train.protocol import TrainProtocol
-from elf_jax.train.step import TrainState, init_state, make_variables, train_step
+from elf_jax.train.step import TrainState, default_hparams, init_state, make_variables, train_step
 
 __all__ = [
     "ENGINES", "REPEAT_STRATEGIES", "EVAL_FORMAT", "TrainingDiverged", "default_engine",
@@ -354,20 +354,19 @@ def init_states(net, protocol, key, repeats: int, sample_images, hparams=None, *
     ``hparams``: optional dict of scalars or ``[repeats]`` arrays (lr, lambda_front,
     lambda_rear), e.g. for a vectorised lambda sweep.
     """
-    hparams = dict(hparams or {})
+    hparams = {**default_hparams(protocol), **dict(hparams or {})}
+    # the init depends on the protocol only through the optimizer's state: one executable
+    # for every loss mode, lr and lambda
+    sgd = TrainProtocol(momentum=protocol.momentum, weight_decay=protocol.weight_decay)
     key = typed_key(key)
     states = []
     for i in range(repeats):
         k_init, k_train = jax.random.split(jax.random.fold_in(key, first + i))
         hp = {k: jnp.asarray(v, jnp.float32).reshape(-1)[i] if jnp.ndim(v) else v for k, v in hparams.items()}
-        states.append(_init_one(net, protocol, k_init, jax.random.key_data(k_train), sample_images, hp))
+        # eager: each op compiles once and is reused by every later network, which beats one
+        # jitted init per network when many networks are evaluated (measured on the CPU)
+        states.append(init_state(net, sgd, k_init, jax.random.key_data(k_train), sample_images, hp))
     return jax.tree.map(lambda *xs: jnp.stack(xs), *states)
-
-
-@functools.partial(jax.jit, static_argnames=("net", "protocol"))
-def _init_one(net, protocol, k_init, k_train, sample, hp):
-    # jitted: an eager flax init compiles every op separately (seconds on the CPU)
-    return init_state(net, protocol, k_init, k_train, sample, hp)
 
 
 @functools.partial(jax.jit, static_argnames=("net",))
