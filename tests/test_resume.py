@@ -18,7 +18,9 @@ import pytest
 EPOCHS = 29  # 30 epochs in chunks of 2, a checkpoint after each chunk
 
 
-def _main(workdir: str, out: str, placement: str) -> None:
+def _main(workdir: str, out: str, placement: str, ref_out: str = "") -> None:
+    """Runs the evaluation in ``workdir`` (resuming what is there) and saves it to ``out``;
+    with ``ref_out``, then an uninterrupted run without checkpoints in this process too."""
     import jax
 
     from elf_jax.elf import evaluate_synset
@@ -32,21 +34,24 @@ def _main(workdir: str, out: str, placement: str) -> None:
     y = (np.arange(n) % 4).astype(np.int32)
     f = np.abs(rng.normal(size=(n, 2, 2, 8))).astype(np.float32)
     p = TrainProtocol(epochs=EPOCHS, batch_size=batch, dsa_strategy="flip_crop")
-    r = evaluate_synset(
-        "ConvNetBN", x, y, x, y, f, p, repeats=2, key=jax.random.PRNGKey(7),
-        workdir=None if workdir == "-" else workdir, chunk_epochs=2, checkpoint_every=2,
-        model_overrides={"width": 8}, progress=False, return_states=True,
-        parallel=ParallelConfig(parallel="shard_map", runs=2, data=4) if mesh else None,
-    )
-    st = r["states"]
-    leaves = jax.tree.leaves((st.params, st.batch_stats, st.opt_state, st.key, st.epoch))
-    np.savez(out, accs=np.asarray(r["accs"]), resumed=-1 if r["resumed_from"] is None
-             else r["resumed_from"], loss=r["train_loss"],
-             **{f"leaf{i}": np.asarray(v) for i, v in enumerate(leaves)})
+    for wd, path in ((workdir, out), (None, ref_out)):
+        if not path:
+            continue
+        r = evaluate_synset(
+            "ConvNetBN", x, y, x, y, f, p, repeats=2, key=jax.random.PRNGKey(7), workdir=wd,
+            chunk_epochs=2, checkpoint_every=2, model_overrides={"width": 8}, progress=False,
+            return_states=True,
+            parallel=ParallelConfig(parallel="shard_map", runs=2, data=4) if mesh else None,
+        )
+        st = r["states"]
+        leaves = jax.tree.leaves((st.params, st.batch_stats, st.opt_state, st.key, st.epoch))
+        np.savez(path, accs=np.asarray(r["accs"]), resumed=-1 if r["resumed_from"] is None
+                 else r["resumed_from"], loss=r["train_loss"],
+                 **{f"leaf{i}": np.asarray(v) for i, v in enumerate(leaves)})
 
 
-def _cmd(workdir, out, placement):
-    return [sys.executable, __file__, str(workdir), str(out), placement]
+def _cmd(workdir, out, placement, ref_out=""):
+    return [sys.executable, __file__, str(workdir), str(out), placement, str(ref_out)]
 
 
 def _env(placement):
@@ -74,12 +79,11 @@ def test_sigkill_and_resume_is_exact(tmp_path, placement):
     assert first.exists(), f"no checkpoint was written:\n{log[-3000:]}"
     assert alive, "the run finished before it could be killed; raise EPOCHS"
     assert not (tmp_path / "killed.npz").exists()
-    # the same command again resumes ...
-    res = subprocess.run(_cmd(wd, tmp_path / "resumed.npz", placement), env=_env(placement), capture_output=True)
+    # the same command again resumes; then, in that new process, an uninterrupted run
+    # without checkpoints is the reference
+    res = subprocess.run(_cmd(wd, tmp_path / "resumed.npz", placement, tmp_path / "ref.npz"),
+                         env=_env(placement), capture_output=True)
     assert res.returncode == 0, res.stderr.decode(errors="replace")[-3000:]
-    # ... and an uninterrupted run without checkpoints is the reference
-    ref = subprocess.run(_cmd("-", tmp_path / "ref.npz", placement), env=_env(placement), capture_output=True)
-    assert ref.returncode == 0, ref.stderr.decode(errors="replace")[-3000:]
     a, b = np.load(tmp_path / "resumed.npz"), np.load(tmp_path / "ref.npz")
     assert 2 <= int(a["resumed"]) < EPOCHS + 1 and int(b["resumed"]) == -1
     np.testing.assert_array_equal(a["accs"], b["accs"])
@@ -91,4 +95,4 @@ def test_sigkill_and_resume_is_exact(tmp_path, placement):
 
 
 if __name__ == "__main__":
-    _main(sys.argv[1], sys.argv[2], sys.argv[3])
+    _main(*sys.argv[1:])
