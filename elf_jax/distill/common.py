@@ -32,7 +32,7 @@ import optax
 from elf_jax.checkpoint import StepCheckpoints, check_expect, fingerprint
 from elf_jax.augment import DEFAULT_STRATEGY
 from elf_jax.distill.settings import METHOD_SETTINGS, Settings
-from elf_jax.keys import raw_key, stage_key
+from elf_jax.keys import raw_key, stage_key, typed_key
 from elf_jax.synset import SyntheticSet, load_synset, save_synset
 
 # v2: the run's key comes from the "distill" stage tag (elf_jax.keys)
@@ -168,7 +168,7 @@ def init_state(syn: Mapping[str, Any], optimizer, key) -> DistillState:
 
 def iteration_key(state: DistillState):
     """The typed key of the coming iteration: ``fold_in(base key, iteration)``."""
-    return jax.random.fold_in(jax.random.wrap_key_data(state.key), state.iteration)
+    return jax.random.fold_in(typed_key(state.key), state.iteration)
 
 
 def apply_grads(state: DistillState, grads, optimizer) -> DistillState:
@@ -332,7 +332,7 @@ def run_loop(
                                                              for h in history):
                 syn_host = jax.device_get(state.syn)
                 s = to_synset(syn_host, {"iteration": it})
-                ekey = jax.random.fold_in(jax.random.wrap_key_data(state.key), 1_000_003 + it)
+                ekey = jax.random.fold_in(typed_key(state.key), 1_000_003 + it)
                 mean, std = evaluate_set(s.images, s.labels, s.lr, test, eval_settings, arch,
                                          model_kwargs, ekey)
                 history.append({"iteration": it, "acc": mean, "std": std})

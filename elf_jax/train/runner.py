@@ -148,9 +148,8 @@ def placed_step(net, protocol: TrainProtocol, placement: Placement) -> Callable:
 def epoch_plan(key_data, *, n, nsteps):
     """``(next key, permutation [n], step keys [nsteps, 2])`` of the epoch that starts with
     ``state.key == key_data``: the random stream of every epoch of the engine."""
-    k_next, k_perm, k_aug = jax.random.split(jax.random.wrap_key_data(key_data), 3)
-    return jax.random.key_data(k_next), jax.random.permutation(k_perm, n), jax.random.key_data(
-        jax.random.split(k_aug, nsteps))
+    k_next, k_perm, k_aug = jax.random.split(typed_key(key_data), 3)
+    return raw_key(k_next), jax.random.permutation(k_perm, n), raw_key(jax.random.split(k_aug, nsteps))
 
 
 def end_epoch(state: TrainState, k_next, protocol: TrainProtocol) -> TrainState:
@@ -365,7 +364,7 @@ def init_states(net, protocol, key, repeats: int, sample_images, hparams=None, *
         hp = {k: jnp.asarray(v, jnp.float32).reshape(-1)[i] if jnp.ndim(v) else v for k, v in hparams.items()}
         # eager: each op compiles once and is reused by every later network, which beats one
         # jitted init per network when many networks are evaluated (measured on the CPU)
-        states.append(init_state(net, sgd, k_init, jax.random.key_data(k_train), sample_images, hp))
+        states.append(init_state(net, sgd, k_init, raw_key(k_train), sample_images, hp))
     return jax.tree.map(lambda *xs: jnp.stack(xs), *states)
 
 
