@@ -5,7 +5,9 @@ Each process reads ITS shard of the data with ``make_loader`` (grain sharding by
 the global batch (process p holds rows [p*b, (p+1)*b)). The reference run is one process
 with 4 devices fed the concatenation of both shards. Model: ConvNetBN (width 8, sync BN) on
 the embedded 8x8 ``digits`` set, full DSA drawn for the global batch, 3 steps.
-Tolerance: parameters to 2e-5 absolute, losses to 1e-5 relative.
+Tolerance: parameters to 2e-5 absolute, losses to 1e-5 relative. The training engine
+(``run_evaluation`` on a ``(runs=2, data=2)`` mesh over the two processes) is compared the
+same way.
 """
 
 import json
@@ -65,6 +67,11 @@ def test_two_processes_equal_one(tmp_path):
         np.testing.assert_allclose(o["losses"], ref["losses"], rtol=1e-5)
         np.testing.assert_allclose(o["params"], ref["params"], atol=2e-5)
     assert outs[0]["params"] == outs[1]["params"]  # replicated state
+    # the training engine on a (runs=2, data=2) mesh over both processes == one process
+    for o in outs:
+        np.testing.assert_allclose(o["engine"]["losses"], ref["engine"]["losses"], rtol=1e-5)
+        np.testing.assert_allclose(o["engine"]["params"], ref["engine"]["params"], atol=2e-5)
+        assert o["engine"]["accs"] == ref["engine"]["accs"]
 
 
 def _train(batches_fn):
@@ -91,6 +98,28 @@ def _train(batches_fn):
             "process_count": jax.process_count(), "devices": jax.device_count()}
 
 
+def _engine():
+    """Two repeats of 2 epochs through ``run_evaluation`` on a (runs=2, data=2) mesh; every
+    process passes the same (small, in-memory) set."""
+    import jax
+
+    from elf_jax.data import load
+    from elf_jax.models import get_model
+    from elf_jax.parallel import ParallelConfig
+    from elf_jax.train import TrainProtocol, run_evaluation
+
+    d = load("digits", "train")
+    x, y = d.images[:48], d.labels[:48]
+    net = get_model("ConvNetBN", 10, width=8)
+    r = run_evaluation(net, TrainProtocol(batch_size=GLOBAL_B, epochs=1, mode="task"), x, y, x, y,
+                       repeats=2, key=jax.random.PRNGKey(3), progress=False, return_states=True,
+                       placement=ParallelConfig(parallel="shard_map", runs=2, data=2))
+    flat = np.concatenate([np.ravel(v) for v in jax.tree.leaves(r["states"].params)])
+    return {"losses": r["train_loss"].ravel().tolist(), "accs": [float(a) for a in r["accs"]],
+            # a sample: the workers' RESULT lines must fit a pipe buffer (64 KiB) together
+            "params": flat[:: max(1, flat.size // 300)].tolist()}
+
+
 def _loader(shard, count, b):
     from elf_jax.data import make_loader
 
@@ -112,7 +141,7 @@ def worker(pid, port):
         it = iter(make_loader("digits", "train", b, seed=7))
         return [next(it) for _ in range(STEPS)]
 
-    return _train(batches)
+    return {**_train(batches), "engine": _engine()}
 
 
 def single():
@@ -122,7 +151,7 @@ def single():
         return [{k: np.concatenate([shards[0][i][k], shards[1][i][k]]) for k in ("image", "label")}
                 for i in range(STEPS)]
 
-    return _train(batches)
+    return {**_train(batches), "engine": _engine()}
 
 
 if __name__ == "__main__":
