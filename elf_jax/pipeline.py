@@ -124,7 +124,7 @@ def check_prerequisites(run: Run, command: str) -> None:
     if untrained:
         todo.append(f"no teacher {', '.join(untrained)} with the epoch-{epoch} snapshot in "
                     f"{wd / 'teachers'}: run `elf-jax train-teacher {args}` first")
-    if _saved_synset(run) is None and run.config.synset.source == "distill":
+    if run.config.synset.source == "distill" and not (wd / "distill" / "synset_best").exists():
         todo.append(f"no synthetic set in {wd} (config.synset.source='distill'): run "
                     f"`elf-jax distill {args}` first")
     if todo:
@@ -162,45 +162,58 @@ def _teacher_placement(config):
 
 
 # ------------------------------------------------------------------ stage 2: synthetic set
-def _saved_synset(run: Run) -> Optional[Path]:
-    """The set the workdir holds: synset/ (imported or real_random sets; older runs kept a
-    copy of the distilled one there too), else the best set the distillation wrote."""
-    for path in (run.workdir / "synset", run.workdir / "distill" / "synset_best"):
-        if path.exists():
-            return path
-    return None
+def _request(config) -> dict:
+    """What the config asks of the synthetic-set stage (stored with a made or imported set)."""
+    s = config.synset
+    want = {"source": s.source, "dataset": config.dataset, "zca": bool(config.zca)}
+    if s.source == "real_random":
+        want.update(ipc=int(s.ipc), seed=int(config.seed))
+    elif s.source == "import":
+        want["path"] = str(Path(s.path).absolute()) if s.path else ""
+    return want
 
 
 def stage_synset(run: Run):
-    """Makes (or imports) the synthetic set once; later runs reuse the saved one."""
+    """The synthetic set the config asks for. A distillation resumes (or reuses) its run in
+    `distill/`, which refuses other settings; an import is read again and replaces the saved
+    set when its content differs; a random real subset is reused when its settings match.
+    Every replacement is logged."""
     from elf_jax.synset import load_synset, random_real_subset, save_synset
 
-    config = run.config
-    path = _saved_synset(run)
-    if path is not None:
-        s = load_synset(path)
-        _log(f"[synset] reusing {path} ({s.metadata.get('method')}, IPC {s.ipc})")
-        return s
-    source = config.synset.source
+    config, saved = run.config, run.workdir / "synset"
+    source, want = config.synset.source, _request(config)
     if source == "distill":
+        if saved.exists():
+            raise ValueError(
+                f"{saved} holds a set made with {load_synset(saved).metadata.get('request')}, "
+                "but the config asks to distill: delete it or use another workdir")
         from elf_jax.distill import distill_from_config
 
-        _log(f"[synset] distilling with {config.synset.method.upper()} on {config.synset.arch}, "
-             f"IPC {config.synset.ipc}, {config.synset.iterations} iterations")
-        # the periodic evaluation is the only use of the test split there
+        _log(f"[synset] {config.synset.method.upper()} on {config.synset.arch}, IPC "
+             f"{config.synset.ipc}, {config.synset.iterations} iterations (a run in "
+             f"{run.workdir / 'distill'} with these settings is resumed or reused)")
         evaluates = int(config.synset.get("eval_every", 0) or 0) > 0
-        # saves its result as distill/synset_best itself, which later runs reuse
         return distill_from_config(config, run.workdir / "distill", train=run.train,
                                    test=run.test if evaluates else None)
+    old = load_synset(saved) if saved.exists() else None
+    if old is not None and source == "real_random" and old.metadata.get("request") == want:
+        _log(f"[synset] reusing {saved} ({old.metadata.get('method')}, IPC {old.ipc})")
+        return old
     if source == "real_random":
         s = random_real_subset(jax.random.PRNGKey(config.seed), run.train, int(config.synset.ipc))
     elif source == "import":
         s = import_synset(config.synset.path)
     else:
         raise ValueError(f"config.synset.source={source!r}: choose distill, import or real_random")
-    save_synset(run.workdir / "synset", s)
-    _log(f"[synset] {s.metadata.get('method')} set with {len(s.images)} images -> "
-         f"{run.workdir / 'synset'}")
+    s = s.replace(metadata={"request": want})
+    if old is not None and old.content_hash() == s.content_hash():
+        _log(f"[synset] reusing {saved}: the import is unchanged")
+        return old
+    if old is not None:
+        _log(f"[synset] replacing {saved} (made for {old.metadata.get('request')}) with the set "
+             f"the config asks for ({want})")
+    save_synset(saved, s)
+    _log(f"[synset] {s.metadata.get('method')} set with {len(s.images)} images -> {saved}")
     return s
 
 
@@ -222,9 +235,11 @@ def import_synset(path: str):
 
 # ------------------------------------------------------------------ stage 3: banks
 def stage_features(run: Run, synset=None) -> dict[str, Any]:
-    """One feature bank per needed teacher, from its `feature_epoch` snapshot. Without
-    `synset` (the `features` command) the prerequisites are checked first."""
-    from elf_jax.elf.bank import build_bank, load_bank, save_bank
+    """One feature bank per needed teacher, from its `feature_epoch` snapshot. A saved bank
+    is reused only when it was built from this synthetic set and these teacher weights
+    (content hashes); otherwise it is rebuilt, and the log says why. Without `synset` (the
+    `features` command) the prerequisites are checked first."""
+    from elf_jax.elf.bank import build_bank, save_bank
     from elf_jax.teacher import load_teacher
 
     if synset is None:
@@ -235,17 +250,40 @@ def stage_features(run: Run, synset=None) -> dict[str, Any]:
     banks = {}
     for teacher in sorted(set(run.teachers.values())):
         path = run.workdir / "banks" / teacher
-        expect = {"teacher": teacher, "snapshot_epoch": epoch, "layer": layer or "front"}
-        if path.exists():
-            banks[teacher] = load_bank(path, expect_synset=synset, expect_teacher=expect)
+        tdir = run.workdir / "teachers" / teacher
+        net, variables = load_teacher(tdir, epoch) if tdir.exists() else (None, None)
+        bank = _saved_bank(path, synset, teacher, epoch, layer, variables)
+        if bank is not None:
+            banks[teacher] = bank
             continue
-        net, variables = load_teacher(run.workdir / "teachers" / teacher, epoch)
         bank = build_bank(net, variables, synset, teacher_name=teacher, snapshot_epoch=epoch,
                           layer=layer, batch_size=int(run.config.bank.batch_size))
         save_bank(path, bank)
         _log(f"[features] {teacher} epoch {epoch}: bank {bank.features.shape} -> {path}")
         banks[teacher] = bank
     return {arch: banks[t] for arch, t in run.teachers.items()}
+
+
+def _saved_bank(path: Path, synset, teacher: str, epoch: int, layer, variables):
+    """The bank at `path` if it was built from `synset` and the teacher snapshot `variables`
+    (None: the teacher is not in the workdir, so only its name and epoch are checked);
+    None when there is none or it is stale (the log says which)."""
+    from elf_jax.elf.bank import load_bank, teacher_hash
+
+    if not path.exists():
+        return None
+    expect = {"teacher": teacher, "snapshot_epoch": epoch, "layer": layer or "front"}
+    if variables is not None:
+        expect["teacher_hash"] = teacher_hash(variables)
+    try:
+        bank = load_bank(path, expect_synset=synset, expect_teacher=expect)
+    except ValueError as e:
+        _log(f"[features] rebuilding the bank in {path}: {e}")
+        return None
+    if variables is None:
+        _log(f"[features] reusing {path}: teacher {teacher} is not in this workdir, so the bank "
+             "was checked by the teacher's name and epoch only, not its weights")
+    return bank
 
 
 # ------------------------------------------------------------------ stage 4: evaluation

@@ -95,6 +95,29 @@ def test_save_load_and_mismatch(tmp_path, teacher):
         load_bank(tmp_path / "missing")
 
 
+def test_bank_records_teacher_weights_and_its_own_content(tmp_path, teacher):
+    """A bank is tied to the teacher's WEIGHTS (not only its name and epoch), and a stored
+    bank whose features changed after saving is refused as corrupt."""
+    from elf_jax import checkpoint
+    from elf_jax.elf.bank import teacher_hash
+
+    net, v = teacher
+    s = _synset()
+    bank = build_bank(net, v, s, teacher_name="ConvNetW8", snapshot_epoch=2)
+    save_bank(tmp_path / "bank", bank)
+    retrained = jax.tree.map(lambda a: a + 1e-3, v)
+    assert teacher_hash(retrained) != bank.metadata["teacher_hash"]
+    with pytest.raises(ValueError, match="teacher_hash"):
+        load_bank(tmp_path / "bank", expect_teacher={"teacher_hash": teacher_hash(retrained)})
+    meta = checkpoint.read_metadata(tmp_path / "bank")  # same metadata, one value changed
+    flipped = bank.features.copy()
+    flipped.flat[7] = np.nextafter(flipped.flat[7], np.float32(1e9))
+    checkpoint.save_tree(tmp_path / "bank", {"features": flipped},
+                         {k: v_ for k, v_ in meta.items() if k not in ("format", "elf_jax_version")})
+    with pytest.raises(ValueError, match="corrupt"):
+        load_bank(tmp_path / "bank")
+
+
 def test_bad_features():
     with pytest.raises(ValueError, match="NaN/Inf"):
         FeatureBank(np.full((2, 3), np.nan, np.float32), {})

@@ -52,6 +52,26 @@ def test_all_stages_then_report_again(tmp_path):
     assert {a: {m: e["accs"] for m, e in r.items()} for a, r in rerun.items()} == \
         {a: {m: e["accs"] for m, e in r.items()} for a, r in results["results"].items()}
     _cli("report", "--workdir", wd, *TINY)
+    # a retrained teacher (another lr): the old bank is rebuilt from the new weights, loudly
+    import shutil
+
+    from elf_jax.synset import load_synset, to_npz
+
+    shutil.rmtree(tmp_path / "run" / "teachers")
+    other_teacher = [*TINY, "--config.teacher.lr=0.02"]
+    _cli("train-teacher", "--workdir", wd, *other_teacher)
+    out = _cli("features", "--workdir", wd, *other_teacher).stdout
+    assert "rebuilding the bank" in out and "teacher_hash" in out, out
+    # an import replaces the saved set (the old set is never evaluated in its place)
+    old = load_synset(tmp_path / "run" / "synset")
+    to_npz(tmp_path / "set.npz", old.replace(images=old.images[::-1].copy()))
+    imported = [*other_teacher, "--config.synset.source=import",
+                f"--config.synset.path={tmp_path / 'set.npz'}"]
+    out = _cli("features", "--workdir", wd, *imported).stdout
+    assert "replacing" in out and "rebuilding the bank" in out, out
+    new = load_synset(tmp_path / "run" / "synset")
+    assert new.content_hash() != old.content_hash()
+    assert "reusing" in _cli("features", "--workdir", wd, *imported).stdout  # unchanged now
 
 
 def test_bad_invocations_say_what_to_do(tmp_path):
@@ -86,6 +106,9 @@ def test_stages_refuse_without_prerequisites(tmp_path):
     distill = [*TINY, "--config.synset.source=distill", "--config.synset.iterations=2",
                "--config.synset.batch_real=8"]
     _cli("distill", "--workdir", str(wd), *distill)
+    # another IPC on a workdir holding an IPC-2 distillation: refused, never reused
+    proc = _cli("distill", "--workdir", str(wd), *distill, "--config.synset.ipc=3", check=False)
+    assert proc.returncode != 0 and "another run's settings" in proc.stderr, proc.stderr[-2000:]
     proc = _cli("evaluate", "--workdir", str(wd), *distill, check=False)
     assert proc.returncode == 2 and "`elf-jax train-teacher" in proc.stderr
     assert "elf-jax distill" not in proc.stderr

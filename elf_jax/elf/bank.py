@@ -227,6 +227,13 @@ def teacher_features(net, variables, images, *, layer: Optional[str] = None,
     return np.concatenate(out, axis=0)
 
 
+def teacher_hash(variables) -> str:
+    """Content hash of a teacher snapshot's weights (and BatchNorm statistics): a bank is
+    reused only for the weights that made it, whatever the teacher's name and epoch say."""
+    v = {k: val for k, val in dict(variables).items() if k in ("params", "batch_stats") and val}
+    return checkpoint.fingerprint(*(np.asarray(x) for x in jax.tree.leaves(v)))
+
+
 def build_bank(teacher_net, teacher_variables, synset: SyntheticSet, *, teacher_name: str,
                snapshot_epoch: Optional[int], layer: Optional[str] = None,
                batch_size: int = 256, train: bool = False) -> FeatureBank:
@@ -245,6 +252,7 @@ def build_bank(teacher_net, teacher_variables, synset: SyntheticSet, *, teacher_
         "layer": FRONT_LAYER if layer is None else layer,
         "dataset": synset.dataset,
         "synset_hash": synset.content_hash(),
+        "teacher_hash": teacher_hash(teacher_variables),
         "synset_method": synset.method,
         "synset_ipc": synset.ipc,
         "image_shape": list(synset.image_shape),
@@ -257,10 +265,11 @@ def save_bank(path, bank: FeatureBank) -> Path:
     """Writes ``bank`` atomically with orbax."""
     if not isinstance(bank, FeatureBank):
         raise ValueError(f"save_bank expects a FeatureBank, got {type(bank).__name__}")
-    return checkpoint.save_tree(path, {"features": bank.features}, dict(bank.metadata))
+    meta = {**dict(bank.metadata), "features_hash": checkpoint.fingerprint(bank.features)}
+    return checkpoint.save_tree(path, {"features": bank.features}, meta)
 
 
-_STORAGE_KEYS = ("format", "elf_jax_version")
+_STORAGE_KEYS = ("format", "elf_jax_version", "features_hash")
 
 
 def load_bank(path, expect_synset: Union[SyntheticSet, str, None] = None,
@@ -286,6 +295,9 @@ def load_bank(path, expect_synset: Union[SyntheticSet, str, None] = None,
         header.check_synset(expect_synset, where)
     tree, meta = checkpoint.load_tree(path)
     feats = np.asarray(tree["features"])
+    if "features_hash" in meta and checkpoint.fingerprint(feats) != meta["features_hash"]:
+        raise ValueError(f"{where} is corrupt: its features do not match the content hash "
+                         "saved with them; delete it and rebuild it (elf-jax features)")
     if list(feats.shape[1:]) != list(meta.get("feature_shape", feats.shape[1:])):
         raise ValueError(f"{where} is corrupt: features {feats.shape} but metadata says "
                          f"{meta['feature_shape']}; rebuild it")
