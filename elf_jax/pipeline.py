@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import jax
+import numpy as np
 
 from elf_jax import report as report_lib
 from elf_jax.checkpoint import write_json_atomic
@@ -90,6 +91,9 @@ class Run:
     def __init__(self, config, workdir):
         self.config = config
         self.workdir = Path(workdir)
+        _protocol(config)  # bad evaluation settings fail here, before any stage runs
+        if int(config.eval.repeats) < 1:
+            raise ValueError(f"config.eval.repeats={config.eval.repeats}: at least 1 is needed")
 
     def _load(self, split: str):
         c = self.config
@@ -202,7 +206,8 @@ def stage_synset(run: Run):
     if source == "real_random":
         s = random_real_subset(jax.random.PRNGKey(config.seed), run.train, int(config.synset.ipc))
     elif source == "import":
-        s = import_synset(config.synset.path)
+        s = check_import(import_synset(config.synset.path), resolve_info(config.dataset),
+                         config.synset.path)
     else:
         raise ValueError(f"config.synset.source={source!r}: choose distill, import or real_random")
     s = s.replace(metadata={"request": want})
@@ -215,6 +220,34 @@ def stage_synset(run: Run):
     save_synset(saved, s)
     _log(f"[synset] {s.metadata.get('method')} set with {len(s.images)} images -> {saved}")
     return s
+
+
+def check_import(s, info, path):
+    """The imported set `s` with the dataset's class count (never inferred from its labels),
+    or a `ValueError` (one line, what to do) when it does not fit the dataset it will be
+    evaluated on: image shape, labels, soft labels that are not probabilities, pixels far
+    from the dataset's normalized scale."""
+    where = f"the imported set {path}"
+    if tuple(s.image_shape) != tuple(info.image_shape):
+        raise ValueError(f"{where} has images {tuple(s.image_shape)} but {info.name} has "
+                         f"{tuple(info.image_shape)} (NHWC); resize or pick the right dataset")
+    labels = np.asarray(s.labels)
+    if labels.ndim == 1 and (labels.min() < 0 or labels.max() >= info.num_classes):
+        raise ValueError(f"{where} has labels in [{labels.min()}, {labels.max()}] but {info.name} "
+                         f"has {info.num_classes} classes (0..{info.num_classes - 1}); fix the labels")
+    if labels.ndim == 2:
+        if labels.shape[1] != info.num_classes:
+            raise ValueError(f"{where} has soft labels over {labels.shape[1]} classes but "
+                             f"{info.name} has {info.num_classes}")
+        if labels.min() < 0 or not np.allclose(labels.sum(-1), 1.0, atol=1e-3):
+            raise ValueError(f"{where} has soft labels that are not probabilities (negative, or "
+                             "rows not summing to 1): logits? store softmax(logits) instead")
+    lo, hi = float(np.min(s.images)), float(np.max(s.images))
+    if lo >= 0 and hi > 50:  # normalized images have negative values; raw pixels reach 255
+        raise ValueError(f"{where} has pixel values in [{lo:.0f}, {hi:.0f}]: it looks unnormalized; "
+                         f"store images normalized with {info.name}'s mean {info.mean} and std "
+                         f"{info.std} (after /255), as the training data are")
+    return s.replace(num_classes=info.num_classes)
 
 
 def import_synset(path: str):

@@ -74,6 +74,33 @@ def test_all_stages_then_report_again(tmp_path):
     assert "reusing" in _cli("features", "--workdir", wd, *imported).stdout  # unchanged now
 
 
+def test_imports_are_checked_against_the_dataset(tmp_path):
+    """Each bad import is a one-line refusal (exit 2) before anything is trained."""
+    import numpy as np
+
+    from elf_jax.synset import SyntheticSet, to_npz
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(20, 28, 28, 1)).astype(np.float32)
+    soft = np.eye(10, dtype=np.float32)[np.arange(20) % 10]
+    cases = {
+        "classes (0..9)": SyntheticSet(x, np.arange(20) % 11, num_classes=11),
+        "not probabilities": SyntheticSet(x, 5.0 * soft - 2.0),
+        "looks unnormalized": SyntheticSet(rng.integers(0, 256, x.shape).astype(np.float32),
+                                           np.arange(20) % 10),
+        "has images (28, 28, 3)": SyntheticSet(np.repeat(x, 3, -1), np.arange(20) % 10),
+    }
+    task_only = [*TINY, "--config.synset.source=import", "--config.eval.modes=('task',)"]
+    for message, s in cases.items():
+        path = tmp_path / f"{len(message)}.npz"
+        to_npz(path, s)
+        proc = _cli("evaluate", "--workdir", str(tmp_path / "wd"), *task_only,
+                    f"--config.synset.path={path}", check=False)
+        assert proc.returncode == 2 and message in proc.stderr.strip().splitlines()[-1], \
+            (message, proc.stderr[-1500:])
+        assert not (tmp_path / "wd" / "synset").exists()
+
+
 def test_bad_invocations_say_what_to_do(tmp_path):
     proc = _cli("frobnicate", "--workdir", str(tmp_path), check=False)
     assert proc.returncode != 0 and "usage: elf-jax" in (proc.stdout + proc.stderr)
@@ -84,6 +111,12 @@ def test_bad_invocations_say_what_to_do(tmp_path):
     proc = _cli("all", "--workdir", str(tmp_path / "x"), *TINY,
                 "--config.eval.pool=('AlexNet',)", check=False)
     assert proc.returncode == 2 and "no ELF front/rear split" in proc.stderr
+    for flag, message in (("--config.eval.lr=-0.01", "lr=-0.01"),
+                          ("--config.eval.repeats=0", "repeats=0")):
+        proc = _cli("all", "--workdir", str(tmp_path / "y"), *TINY, flag, check=False)
+        assert proc.returncode == 2 and message in proc.stderr.strip().splitlines()[-1], \
+            proc.stderr[-1500:]
+        assert not (tmp_path / "y" / "teachers").exists()
 
 
 def test_stages_refuse_without_prerequisites(tmp_path):

@@ -21,13 +21,13 @@ def _data():
 
 
 def _initial_eval_params(train, mode):
-    """The evaluation's initial weights: with lr 0 and no weight decay, training leaves them."""
-    p = TrainProtocol(epochs=0, lr=0.0, weight_decay=0.0, batch_size=8, dsa_strategy="none",
-                     mode=mode)
+    """The evaluation's initial weights: with lr 0 (a traced per-repeat hparam) and no weight
+    decay, training leaves them."""
+    p = TrainProtocol(epochs=0, weight_decay=0.0, batch_size=8, dsa_strategy="none", mode=mode)
     f = np.ones((N, 2, 2, WIDTH), np.float32) / WIDTH
     r = evaluate_synset("ConvNet", train.images, train.labels, train.images, train.labels, f, p,
                         repeats=2, key=jax.random.PRNGKey(0), model_overrides={"width": WIDTH},
-                        progress=False, return_states=True)
+                        hparams={"lr": 0.0}, progress=False, return_states=True)
     return [jax.tree.map(lambda a, i=i: np.asarray(a[i]), r["states"].params) for i in range(2)]
 
 

@@ -21,6 +21,7 @@ Reference semantics reproduced here (``Lirui-Zhao/ELF`` ``utils.py``):
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Optional
 
 import jax
@@ -104,6 +105,13 @@ class TrainProtocol:
             raise ValueError(f"TrainProtocol.epochs must be >= 0, got {self.epochs}")
         if self.batch_size < 1:
             raise ValueError(f"TrainProtocol.batch_size must be >= 1, got {self.batch_size}")
+        for name in ("lr", "weight_decay", "lambda_front", "lambda_rear"):
+            v = float(getattr(self, name))
+            if not math.isfinite(v) or v < 0 or (name == "lr" and v == 0):
+                raise ValueError(f"TrainProtocol.{name}={v}: it must be a finite number "
+                                 f"{'> 0' if name == 'lr' else '>= 0'}")
+        if not 0 <= float(self.momentum) < 1:
+            raise ValueError(f"TrainProtocol.momentum={self.momentum}: it must lie in [0, 1)")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"TrainProtocol.dtype {self.dtype!r}: float32 | bfloat16 | float16")
 

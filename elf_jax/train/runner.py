@@ -491,7 +491,7 @@ def fit(net, protocol: TrainProtocol, data: Mapping[str, Any], states: TrainStat
     on_dev = place_rows(data, placement, dtypes)
     # lr and lambdas live in state.hparams: fields that do not change the compiled program
     # are normalised so that such runs share one executable
-    compiled = dataclasses.replace(protocol, lr=0.0, lambda_front=0.0, lambda_rear=0.0,
+    compiled = dataclasses.replace(protocol, lr=1.0, lambda_front=0.0, lambda_rear=0.0,
                                    use_learned_lr=False, test_batch_size=1)
     factory = make_host_chunk_fn if engine == "host" else make_chunk_fn
     chunk_fn = factory(net, compiled, k, strategy, placement, n)
@@ -593,6 +593,8 @@ def run_evaluation(net, protocol: TrainProtocol, images, labels, test_images, te
       ``chunk_epochs``, ``placement`` and ``states`` if ``return_states``.
     """
     key = jax.random.PRNGKey(0) if key is None else key
+    if int(repeats) < 1:
+        raise ValueError(f"repeats={repeats}: at least one repeat is needed")
     if strategy == "auto":
         strategy = default_repeat_strategy(arch=type(net).__name__, dtype=protocol.dtype)
     if strategy not in REPEAT_STRATEGIES[1:]:
