@@ -24,9 +24,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, PartitionSpec as P
 
 from elf_jax.parallel.mesh import DATA, RUNS, ParallelConfig, data_size, make_mesh, runs_size
+from elf_jax.parallel.wrappers import replicate_global
 
 __all__ = ["Placement", "place_rows", "local_rows", "global_rows"]
 
@@ -73,22 +74,11 @@ class Placement:
     def describe(self) -> str:
         return "one device" if self.mesh is None else f"mesh runs={self.n_runs} x data={self.n_data}"
 
-    def sharding(self, spec=P()):
-        return NamedSharding(self.mesh, spec)
-
     def put(self, tree, spec=P()):
         """Host values onto the mesh with ``spec`` (every process passes the full value)."""
         if self.mesh is None:
             return jax.tree.map(jnp.asarray, tree)
-
-        def one(x):
-            x = np.asarray(x)
-            sh = self.sharding(spec)
-            if jax.process_count() == 1:
-                return jax.device_put(x, sh)
-            return jax.make_array_from_callback(x.shape, sh, lambda idx: x[idx])
-
-        return jax.tree.map(one, tree)
+        return replicate_global(tree, self.mesh, spec)
 
     def put_runs(self, stacked):
         """Stacked run states ``[R, ...]`` split over the ``runs`` axis."""

@@ -104,17 +104,18 @@ def replicate_global(tree, mesh, spec=P()):
 
 
 def host_copy(tree):
-    """Numpy copy of a (replicated or fully addressable) pytree of arrays."""
-    def get(x):
+    """Numpy copy of a pytree of arrays; arrays spread over several processes are gathered
+    first. The local copies are started together (one ``device_get``), not leaf by leaf."""
+    def local(x):
         if isinstance(x, jax.Array) and not x.is_fully_addressable:
             if x.sharding.is_fully_replicated:
-                return np.asarray(x.addressable_data(0))
+                return x.addressable_data(0)
             from jax.experimental import multihost_utils
 
-            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-        return np.asarray(x)
+            return multihost_utils.process_allgather(x, tiled=True)
+        return x
 
-    return jax.tree.map(get, tree)
+    return jax.tree.map(np.asarray, jax.device_get(jax.tree.map(local, tree)))
 
 
 # ----------------------------------------------------------------------------- wrappers

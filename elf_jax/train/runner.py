@@ -374,10 +374,9 @@ def _count_correct(net, variables, x, y, mask):
     return jnp.sum((jnp.argmax(logits, -1) == y) & mask)
 
 
-def test_accuracy(net, variables, images, labels, batch_size: int = 500) -> float:
-    """Top-1 accuracy of ``net`` (inference mode, no augmentation) on ``images``/``labels``
-    (hard ``[N]`` or soft ``[N, K]``), in fixed-size batches (one compilation; a Python loop,
-    since XLA:CPU runs convolutions inside loops slowly)."""
+def _test_batches(images, labels, batch_size: int):
+    """The test set as fixed-size device batches ``[(x, y, mask)]`` (the last one padded and
+    masked: one compilation) and its size; made once per evaluation, reused by every run."""
     images = np.asarray(jax.device_get(images), np.float32)
     labels = np.asarray(jax.device_get(labels))
     labels = labels.argmax(-1) if labels.ndim == 2 else labels
@@ -386,17 +385,29 @@ def test_accuracy(net, variables, images, labels, batch_size: int = 500) -> floa
         raise ValueError("test_accuracy: no images")
     if labels.shape[0] != n:
         raise ValueError(f"test_accuracy: {n} images but {labels.shape[0]} labels")
-    variables = {k: v for k, v in dict(variables).items() if k in ("params", "batch_stats") and v}
     bs = int(min(batch_size, n))
-    correct = 0
+    out = []
     for s in range(0, n, bs):
         x, y = images[s:s + bs], labels[s:s + bs].astype(np.int32)
         real = x.shape[0]
         if real < bs:
             x = np.concatenate([x, np.zeros((bs - real,) + x.shape[1:], x.dtype)])
             y = np.concatenate([y, np.zeros(bs - real, np.int32)])
-        correct += int(_count_correct(net, variables, x, y, np.arange(bs) < real))
-    return correct / n
+        out.append((jnp.asarray(x), jnp.asarray(y), jnp.asarray(np.arange(bs) < real)))
+    return out, n
+
+
+def _accuracy(net, variables, batches, n) -> float:
+    # a Python loop (XLA:CPU runs convolutions inside loops slowly), one host sync at the end
+    variables = {k: v for k, v in dict(variables).items() if k in ("params", "batch_stats") and v}
+    counts = [_count_correct(net, variables, x, y, m) for x, y, m in batches]
+    return int(np.sum(jax.device_get(counts))) / n
+
+
+def test_accuracy(net, variables, images, labels, batch_size: int = 500) -> float:
+    """Top-1 accuracy of ``net`` (inference mode, no augmentation) on ``images``/``labels``
+    (hard ``[N]`` or soft ``[N, K]``)."""
+    return _accuracy(net, variables, *_test_batches(images, labels, batch_size))
 
 
 test_accuracy.__test__ = False  # not a pytest test when imported into a test module
@@ -405,9 +416,9 @@ test_accuracy.__test__ = False  # not a pytest test when imported into a test mo
 def repeat_accuracies(net, states: TrainState, images, labels, batch_size: int = 500) -> np.ndarray:
     """:func:`test_accuracy` of every run of stacked ``states``: ``[R]``."""
     states = host_copy(states)
-    r = np.shape(states.epoch)[0]
-    return np.asarray([test_accuracy(net, make_variables(*jax.tree.map(lambda a: a[i], (
-        states.params, states.batch_stats))), images, labels, batch_size) for i in range(r)])
+    batches, n = _test_batches(images, labels, batch_size)
+    return np.asarray([_accuracy(net, make_variables(*jax.tree.map(lambda a: a[i], (
+        states.params, states.batch_stats))), batches, n) for i in range(np.shape(states.epoch)[0])])
 
 
 # ------------------------------------------------------------------------------- the engine
@@ -555,10 +566,11 @@ def _save(mngr, workdir, epoch, states, meta, history):
 # ------------------------------------------------------------------------------- evaluation
 def _resolve_placement(strategy, placement, mesh):
     """``devices`` is a placement: every device its share of the repeats."""
-    if strategy == "devices":
-        return "sequential", Placement.repeats_over_devices() if placement is None and mesh is None \
-            else Placement.of(placement or "shard_map", mesh)
-    return strategy, Placement.of(placement, mesh)
+    if strategy != "devices":
+        return strategy, Placement.of(placement, mesh)
+    if placement is None and mesh is None:
+        return "sequential", Placement.repeats_over_devices()
+    return "sequential", Placement.of(placement or "shard_map", mesh)
 
 
 def run_evaluation(net, protocol: TrainProtocol, images, labels, test_images, test_labels,
