@@ -1,63 +1,169 @@
-"""`elf-jax`: the command line.
+"""`elf-jax`: the command line (`elf-jax --help` lists the commands, `elf-jax COMMAND --help`
+explains one).
 
-    elf-jax demo                       the whole pipeline on the embedded mnist5k (no network)
-    elf-jax train-teacher --config configs/cifar10_cross.py --workdir runs/c10
-    elf-jax distill       --config ... --workdir ...
-    elf-jax features      --config ... --workdir ...
-    elf-jax evaluate      --config ... --workdir ...
-    elf-jax report        --config ... --workdir ...
-    elf-jax all           --config ... --workdir ...   (every stage, as the demo)
-
-Any config field can be overridden: `--config.eval.repeats=3`. Every stage resumes from
-what the workdir already holds. `features` and `evaluate` do not run earlier stages that
-take long: without the teachers they need, or without a synthetic set when the config
-distills one, they stop at once and say which command to run first (`all` runs them all).
-A config's `parallel` section chooses data-parallel evaluation
-(`configs/imagenet64_shard_map.py`); its `distributed` section starts
-`jax.distributed` for several processes (fields left empty are read from
-ELF_JAX_COORDINATOR / ELF_JAX_NUM_PROCESSES / ELF_JAX_PROCESS_ID).
+Errors from bad input (config values, paths, files, a busy workdir, a diverged training)
+end the run with one line on stderr and exit code 2; `--debug` shows the traceback instead.
+Ctrl-C stops cleanly (exit 130): what was checkpointed stays, and the same command resumes.
 """
 
 from __future__ import annotations
 
+import re
 import sys
 import time
+import zipfile
+from pathlib import Path
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "A configs/*.py file (its get_config()); default for `demo`: the "
-    "embedded mnist5k demo config.", lock_config=False)
+    "config", None, "A configs/*.py file (its get_config()).", lock_config=False)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for all outputs of the run.")
+_OVERWRITE = flags.DEFINE_list("overwrite", [], "Stages to recompute (comma separated).")
+_DEBUG = flags.DEFINE_bool("debug", False, "Show Python tracebacks for errors.")
 
-COMMANDS = ("demo", "all", "train-teacher", "distill", "features", "evaluate", "report")
+# command: (what it does, example)
+COMMANDS = {
+    "demo": ("every stage on the embedded real mnist5k, offline (~5 min on 2 CPU cores); "
+             "--config defaults to the demo config, --workdir to runs/demo",
+             "elf-jax demo --workdir runs/demo --config.eval.repeats=1"),
+    "all": ("every stage in order: teachers, synthetic set, feature banks, evaluation, report",
+            "elf-jax all --config configs/cifar10_cross.py --workdir runs/c10"),
+    "train-teacher": ("train the teacher(s) the pool needs on the real training set",
+                      "elf-jax train-teacher --config configs/cifar10_cross.py --workdir runs/c10"),
+    "distill": ("make the synthetic set: distill (dc|dsa|dm|mtt|tesla), import, or real_random",
+                "elf-jax distill --config configs/distill_dm.py --workdir runs/dm"),
+    "features": ("build each teacher's feature bank on the synthetic set",
+                 "elf-jax features --config configs/cifar10_cross.py --workdir runs/c10"),
+    "evaluate": ("train the pool on the synthetic set with and without ELF; writes "
+                 "results.json as each (architecture, mode) finishes",
+                 "elf-jax evaluate --config configs/cifar10_cross.py --workdir runs/c10 "
+                 "--config.eval.repeats=3"),
+    "report": ("print the results table and write results.{json,md,png}",
+               "elf-jax report --config configs/cifar10_cross.py --workdir runs/c10"),
+    "config": ("print every config field with its value and a one-line description",
+               "elf-jax config --config configs/cifar10_cross.py --config.eval.repeats=3"),
+}
+STAGE_COMMANDS = ("train-teacher", "distill", "features", "evaluate")
+
+FLAGS_HELP = """\
+flags:
+  --config FILE           a configs/*.py file whose get_config() gives the settings
+                          (`demo` and `config` default to the demo's)
+  --workdir DIR           where every stage writes; a rerun resumes from what it holds
+  --config.FIELD=VALUE    override one field, e.g. --config.eval.repeats=3,
+                          --config.eval.pool="('ConvNet','VGG11')"; `elf-jax config` lists them
+  --overwrite=STAGE,...   recompute teacher | synset | features | evaluate (removes that
+                          stage's outputs, and those computed from them, first)
+  --debug                 show Python tracebacks instead of one-line errors
+  --help                  this help"""
+
+
+def usage(command: str | None = None) -> str:
+    """The help text: every command, or one command in detail."""
+    if command in COMMANDS:
+        what, example = COMMANDS[command]
+        return f"usage: elf-jax {command} [flags]\n\n{what}.\n\nexample:\n  {example}\n\n{FLAGS_HELP}\n"
+    width = max(map(len, COMMANDS))
+    rows = "\n".join(f"  {name:<{width}}  {what}" for name, (what, _) in COMMANDS.items())
+    return (f"usage: elf-jax COMMAND [--config FILE] [--workdir DIR] [--config.FIELD=VALUE ...]\n\n"
+            f"commands:\n{rows}\n\n{FLAGS_HELP}\n\nexamples:\n  elf-jax demo\n"
+            f"  {COMMANDS['all'][1]} --config.eval.repeats=3\n"
+            "  elf-jax evaluate --help\n")
+
+
+class UsageError(ValueError):
+    """A command line that cannot run; the message says what to type instead."""
 
 
 def _log(msg: str) -> None:
     print(msg, flush=True)
 
 
+def _command(argv) -> str | None:
+    """The first positional argument (the command), if any."""
+    rest = [a for a in argv[1:] if not a.startswith("-")]
+    # `--config FILE` / `--workdir DIR` take the next word
+    for i, a in enumerate(argv[1:-1], 1):
+        if a in ("--config", "--workdir", "--overwrite") and argv[i + 1] in rest:
+            rest.remove(argv[i + 1])
+    return rest[0] if rest else None
+
+
+def _with_default_config(argv: list[str], command: str | None) -> list[str]:
+    """`demo` and `config` without --config read the demo config, so that their
+    `--config.x=y` overrides parse."""
+    has_config = any(a == "--config" or a.startswith("--config=") for a in argv)
+    if command in ("demo", "config") and not has_config:
+        from elf_jax import config as config_module
+
+        return [argv[0], f"--config={config_module.__file__}", *argv[1:]]
+    return argv
+
+
+def _config_path(argv) -> str | None:
+    for i, a in enumerate(argv):
+        if a.startswith("--config="):
+            return a.split("=", 1)[1]
+        if a == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
+def _parse_flags(argv):
+    """absl parsing with every failure as one `UsageError` line (an unknown config field gets
+    the nearest declared name)."""
+    path = _config_path(argv)
+    if path is not None and not Path(path.split(":", 1)[0]).is_file():
+        raise UsageError(f"--config {path}: no such file (config files are in configs/)")
+    try:
+        return flags.FLAGS(argv)
+    except (AttributeError, KeyError) as err:  # ml_collections: an undeclared field
+        raise UsageError(_unknown_field(str(err), argv)) from None
+    except flags.Error as err:
+        raise UsageError(f"{err}".splitlines()[0] + "; `elf-jax --help` lists the flags") from None
+
+
+def _unknown_field(message: str, argv) -> str:
+    """'unknown config field ...' with ml_collections' suggestion, for `message` (its
+    KeyError/AttributeError text: the bad key, maybe 'Did you mean "x" instead of "y"?')."""
+    message = message.encode().decode("unicode_escape")
+    bad = re.search(r"'([^'\\]+)'", message)
+    near = re.search(r'Did you mean "([^"]+)"', message)
+    arg = next((a for a in argv if a.startswith("--config.") and bad and bad.group(1) in a), "")
+    where = f" in {arg.split('=', 1)[0]}" if arg else ""
+    hint = f"; did you mean {near.group(1)!r}?" if near else ""
+    return (f"unknown config field {bad.group(1) if bad else '?'!r}{where}{hint} "
+            "(`elf-jax config --config FILE` lists every field)")
+
+
 def _main(argv) -> None:
     from elf_jax import pipeline
 
-    if len(argv) != 2 or argv[1] not in COMMANDS:
-        raise app.UsageError(
-            f"usage: elf-jax {{{'|'.join(COMMANDS)}}} --config FILE --workdir DIR "
-            f"[--config.key=value ...]; got {' '.join(argv[1:]) or 'no command'}")
-    command = argv[1]
+    positional = argv[1:]
+    if len(positional) != 1 or positional[0] not in COMMANDS:
+        raise UsageError(f"unknown command {' '.join(positional) or '(none)'}; choose one of "
+                         f"{', '.join(COMMANDS)} (`elf-jax --help`)")
+    command = positional[0]
     # orbax logs every checkpoint step at INFO; our progress lines say what matters
     logging.set_verbosity(logging.WARNING)
     config = _CONFIG.value
     if config is None:
-        if command != "demo":
-            raise app.UsageError(f"`elf-jax {command}` needs --config (e.g. configs/cifar10_cross.py)")
-        from elf_jax.config import demo_config
+        raise UsageError(f"`elf-jax {command}` needs --config FILE (e.g. configs/cifar10_cross.py)")
+    if command == "config":
+        from elf_jax.config import check_config, describe
 
-        config = demo_config()
+        print(describe(config))
+        check_config(config)
+        return
     workdir = _WORKDIR.value or ("runs/demo" if command == "demo" else None)
     if workdir is None:
-        raise app.UsageError(f"`elf-jax {command}` needs --workdir DIR")
+        raise UsageError(f"`elf-jax {command}` needs --workdir DIR")
+    run = pipeline.Run(config, workdir)  # checks every config value first
+    from elf_jax import workdir as workdir_lib
+
+    workdir_lib.check_usable(run.workdir, create=command != "report")
     if "distributed" in config:  # several processes: before anything else touches JAX
         from elf_jax.parallel import distributed
 
@@ -65,24 +171,65 @@ def _main(argv) -> None:
         if info["process_count"] > 1:
             _log(f"elf-jax: process {info['process_index']} of {info['process_count']}, "
                  f"{info['local_devices']} local / {info['devices']} devices")
+    import jax
+
     pipeline.set_logger(_log)
+    lock = (workdir_lib.locked(run.workdir, command) if jax.process_index() == 0
+            else _no_lock())
+    with lock:
+        _run(pipeline, run, command)
+
+
+def _run(pipeline, run, command: str) -> None:
+    if _OVERWRITE.value:
+        pipeline.overwrite(run, _OVERWRITE.value, command)
     start = time.perf_counter()
     if command in ("demo", "all"):
-        _log(f"elf-jax {command}: dataset {config.dataset}, pool {list(config.eval.pool)}, "
-             f"workdir {workdir}")
+        _log(f"elf-jax {command}: dataset {run.config.dataset}, pool {list(run.config.eval.pool)}, "
+             f"workdir {run.workdir}")
     stage = {"train-teacher": pipeline.stage_teachers, "distill": pipeline.stage_synset,
              "features": pipeline.stage_features, "evaluate": pipeline.stage_evaluate,
              "report": pipeline.stage_report}.get(command, pipeline.run_all)
-    stage(pipeline.Run(config, workdir))
+    stage(run)
     _log(f"elf-jax {command}: finished in {time.perf_counter() - start:.0f} s")
 
 
-def run() -> None:
-    """Console-script entry point; errors from bad input end the run with their message."""
+class _no_lock:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _user_errors() -> tuple:
+    """Exceptions that mean bad input or a state the user must act on (not our bugs)."""
+    from elf_jax.train.runner import TrainingDiverged
+
+    return (ValueError, OSError, zipfile.BadZipFile, TrainingDiverged)
+
+
+def run(argv: list[str] | None = None) -> None:
+    """Console-script entry point."""
+    argv = list(sys.argv if argv is None else argv)
+    command = _command(argv)
+    if any(a in ("--help", "-h", "--helpshort", "--helpfull", "help") for a in argv[1:]):
+        print(usage(command), end="")
+        sys.exit(0)
+    debug = "--debug" in argv or "--debug=true" in argv
     try:
-        app.run(_main)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"elf-jax: error: {err}", file=sys.stderr)
+        app.run(_main, argv=_with_default_config(argv, command), flags_parser=_parse_flags)
+    except KeyboardInterrupt:
+        workdir = _WORKDIR.value if flags.FLAGS.is_parsed() else None
+        print(f"\nelf-jax: interrupted. Finished stages and the last checkpoint of the running "
+              f"one are kept{f' in {workdir}' if workdir else ''}: run the same command again "
+              "to resume.", file=sys.stderr)
+        sys.exit(130)
+    except _user_errors() as err:
+        if debug:
+            raise
+        hint = "" if isinstance(err, ValueError) else " (--debug shows the traceback)"
+        print(f"elf-jax: error: {err}{hint}", file=sys.stderr)
         sys.exit(2)
 
 

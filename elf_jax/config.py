@@ -1,15 +1,20 @@
 """The defaults every `configs/*.py` file starts from: the reference's settings (SPEC.md).
 
 A config file calls `base_config()` and changes what its experiment needs; every field is
-overridable on the command line (`--config.eval.repeats=3`).
+overridable on the command line (`--config.eval.repeats=3`), has a one-line description in
+`FIELD_DOCS` (`elf-jax config` prints them) and is checked by `check_config` before any
+stage runs.
 """
 
 from __future__ import annotations
 
+import difflib
+
 import ml_collections
 
 from elf_jax.augment import DEFAULT_STRATEGY
-from elf_jax.distill.settings import schema
+from elf_jax.distill.settings import FIELD_DOCS as SYNSET_DOCS
+from elf_jax.distill.settings import METHOD_SETTINGS, schema
 
 # The reference's cross-architecture pool ("cross"); "-IN" names are instance norm.
 CROSS_POOL = ("ConvNet", "ConvNetBN", "ResNet18", "ResNet18BN", "VGG11", "VGG11BN")
@@ -39,6 +44,7 @@ def base_config() -> ml_collections.ConfigDict:
     # of width C (SPEC: ConvNet fronts are 4x4x128 and take a width-128 ConvNet teacher).
     # "" = this rule; otherwise one architecture name for every eval net.
     c.teacher.override_arch = ""
+    c.teacher.model_kwargs = {}  # get_model overrides of the teacher, e.g. {"width": 64}
 
     # Stage 2: the synthetic set.
     c.synset = ml_collections.ConfigDict()
@@ -110,6 +116,11 @@ def demo_config() -> ml_collections.ConfigDict:
     return c
 
 
+def get_config() -> ml_collections.ConfigDict:
+    """This module as a config file is the demo (`elf-jax demo` without --config loads it)."""
+    return demo_config()
+
+
 # CPU-sized distillation on mnist5k per method (configs/distill_mnist5k_*.py): fewer
 # iterations and shorter loops than the reference, the same as experiments/distill_vs_random.py.
 _MNIST5K_DISTILL = {
@@ -154,3 +165,140 @@ def imagenet64_config() -> ml_collections.ConfigDict:
     c.eval.pool = ("ConvNetD4", "ResNet18ImageNet", "VGG11ImageNet")
     c.dtype = "bfloat16"
     return c
+
+
+# ------------------------------------------------------------------ the schema, documented
+FIELD_DOCS = {
+    "dataset": "dataset name (elf_jax.data registry: mnist5k, cifar10, cifar100, ...)",
+    "data_dir": "TFDS data dir ('' = the TFDS default, ~/tensorflow_datasets)",
+    "zca": "ZCA-whiten the images (as the reference does for some MTT runs)",
+    "seed": "base seed; each stage draws its own stream from it (elf_jax.keys)",
+    "dtype": "compute dtype of every network: float32 | bfloat16",
+    "teacher.arch": "teacher architecture; its width follows each pool net's front (override_arch)",
+    "teacher.epochs": "teacher training epochs on the real training set",
+    "teacher.lr": "teacher SGD learning rate",
+    "teacher.momentum": "teacher SGD momentum",
+    "teacher.weight_decay": "teacher weight decay",
+    "teacher.batch_size": "teacher minibatch size",
+    "teacher.dsa_strategy": "DSA groups while training the teacher, or 'none'",
+    "teacher.lr_decay": "lr x0.1 once after epoch epochs//2 + 1 (the reference)",
+    "teacher.feature_epoch": "the teacher snapshot (epoch) whose features ELF uses",
+    "teacher.override_arch": "one teacher for every pool net ('' = the width rule)",
+    "teacher.model_kwargs": "get_model overrides of the teacher, e.g. {'width': 64}",
+    "synset.source": "where the synthetic set comes from: distill | import | real_random",
+    "synset.path": "source=import: a synset dir, an .npz, or a reference .pt folder",
+    "synset.method": "source=distill: dc | dsa | dm | mtt | tesla",
+    "bank.layer": "teacher layer of the features ('' = the front output)",
+    "bank.batch_size": "batch size of the bank's forward passes",
+    "eval.pool": "architectures to evaluate (models registry names)",
+    "eval.modes": "loss modes: task (baseline) and ELF modes such as front_rear_task",
+    "eval.repeats": "trainings per (architecture, mode) from different initializations",
+    "eval.epochs": "evaluation epochs (the loop runs epochs 0..epochs, as the reference)",
+    "eval.lr": "evaluation SGD learning rate",
+    "eval.use_learned_lr": "use an MTT set's learned lr instead of eval.lr",
+    "eval.momentum": "evaluation SGD momentum",
+    "eval.weight_decay": "evaluation weight decay",
+    "eval.batch_size": "evaluation minibatch size",
+    "eval.dsa_strategy": "DSA groups while evaluating, or 'none'",
+    "eval.kind": "ELF feature distance: ce | l2 | l1 | cos",
+    "eval.lambda_front": "weight of ELF's front (feature) loss",
+    "eval.lambda_rear": "weight of ELF's rear (teacher feature -> rear) loss",
+    "eval.repeat_strategy": "how repeats run: auto | sequential | vmap | devices",
+    "eval.checkpoint_every": "epochs between evaluation checkpoints",
+    "eval.width": "> 0: width of ConvNet-family pool nets and their teacher (demo only)",
+    "parallel.parallel": "none (one device) | shard_map (data parallel on a runs x data mesh)",
+    "parallel.runs": "repeats side by side on the 'runs' mesh axis",
+    "parallel.data": "devices per run on the 'data' axis (0 = all the rest)",
+    "parallel.sync_bn": "BatchNorm moments over all data devices (equals one device)",
+    "parallel.dsa": "global (one DSA draw per global batch) | per_device",
+    "parallel.drop_remainder": "drop a last minibatch that does not split over the devices",
+    "parallel.bank_dtype": "storage dtype of the feature bank on the devices",
+    "parallel.shard_bank": "split the synthetic set and bank over the data devices",
+    "parallel.memory_headroom": "fraction of a device's memory the estimate may use",
+    "distributed.coordinator_address": "jax.distributed coordinator ('' = environment)",
+    "distributed.num_processes": "number of processes (0 = environment)",
+    "distributed.process_id": "this process's index (-1 = environment)",
+    **{f"synset.{k}": v for k, v in SYNSET_DOCS.items()},
+}
+
+
+def fields(config, prefix: str = "") -> dict:
+    """``{dotted name: value}`` of every leaf field (a ``model_kwargs`` dict is one leaf)."""
+    out = {}
+    for key, value in config.items():
+        name = prefix + key
+        if isinstance(value, ml_collections.ConfigDict) and not key.endswith("model_kwargs"):
+            out.update(fields(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def describe(config) -> str:
+    """Every field with its value and description, one per line (`elf-jax config`)."""
+    items = fields(config)
+    width = min(44, max(len(f"{k}={v!r}") for k, v in items.items()))
+    return "\n".join(f"{f'{k}={v!r}':<{width}}  # {FIELD_DOCS.get(k, '(undocumented)')}"
+                     for k, v in items.items())
+
+
+def _one_of(name: str, value, options) -> None:
+    if value not in options:
+        near = difflib.get_close_matches(str(value), [str(o) for o in options], n=1)
+        hint = f"; did you mean {near[0]!r}?" if near else ""
+        raise ValueError(f"config.{name}={value!r}: choose one of {', '.join(map(str, options))}{hint}")
+
+
+def _at_least(config, names, low) -> None:
+    for name in names:
+        value = fields(config)[name]
+        if value is None or value < low:
+            raise ValueError(f"config.{name}={value!r}: must be >= {low}")
+
+
+def check_config(config) -> None:
+    """One-line `ValueError` for the first bad value, naming the field and what is allowed
+    (the nearest valid name where one is close); nothing when the config is usable."""
+    from elf_jax.augment import parse_strategy
+    from elf_jax.data import resolve_info
+    from elf_jax.elf.losses import FEATURE_KINDS, LOSS_MODES
+    from elf_jax.models.registry import canonical_name
+    from elf_jax.parallel.mesh import ParallelConfig
+    from elf_jax.train.protocol import TrainProtocol
+    from elf_jax.train.runner import REPEAT_STRATEGIES
+
+    resolve_info(config.dataset)
+    _one_of("dtype", config.dtype, ("float32", "bfloat16"))
+    t, s, e = config.teacher, config.synset, config.eval
+    for name, arch in [("teacher.arch", t.arch), ("synset.arch", s.arch)] + [
+            ("eval.pool", a) for a in e.pool] + (
+            [("teacher.override_arch", t.override_arch)] if t.override_arch else []):
+        try:
+            canonical_name(arch)
+        except ValueError as err:
+            raise ValueError(f"config.{name}: {err}") from None
+    _at_least(config, ["teacher.epochs", "teacher.feature_epoch", "teacher.batch_size",
+                       "synset.ipc", "bank.batch_size", "eval.repeats", "eval.epochs",
+                       "eval.batch_size", "eval.checkpoint_every"], 1)
+    _at_least(config, ["synset.iterations", "eval.width"], 0)
+    if t.feature_epoch > t.epochs:
+        raise ValueError(f"config.teacher.feature_epoch={t.feature_epoch} is after the last "
+                         f"teacher epoch (teacher.epochs={t.epochs}): lower it or train longer")
+    TrainProtocol(lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay,
+                  batch_size=int(t.batch_size), epochs=int(t.epochs), dtype=config.dtype)
+    _one_of("synset.source", s.source, ("distill", "import", "real_random"))
+    _one_of("synset.method", s.method, tuple(METHOD_SETTINGS))
+    if s.source == "import" and not s.path:
+        raise ValueError("config.synset.source='import' needs config.synset.path")
+    if not e.pool:
+        raise ValueError("config.eval.pool is empty: name at least one architecture")
+    for mode in e.modes:
+        _one_of("eval.modes", mode, LOSS_MODES)
+    _one_of("eval.kind", e.kind, FEATURE_KINDS)
+    _one_of("eval.repeat_strategy", e.repeat_strategy, REPEAT_STRATEGIES)
+    for name in ("teacher.dsa_strategy", "synset.dsa_strategy", "eval.dsa_strategy"):
+        try:
+            parse_strategy(fields(config)[name])
+        except ValueError as err:
+            raise ValueError(f"config.{name}: {err}") from None
+    ParallelConfig.from_config(config.get("parallel", None))

@@ -89,11 +89,12 @@ class Run:
     only when a stage asks for it (`elf-jax report` loads no data)."""
 
     def __init__(self, config, workdir):
+        from elf_jax.config import check_config
+
+        check_config(config)  # bad settings fail here, before any stage runs
+        _protocol(config)
         self.config = config
         self.workdir = Path(workdir)
-        _protocol(config)  # bad evaluation settings fail here, before any stage runs
-        if int(config.eval.repeats) < 1:
-            raise ValueError(f"config.eval.repeats={config.eval.repeats}: at least 1 is needed")
 
     def _load(self, split: str):
         c = self.config
@@ -134,6 +135,49 @@ def check_prerequisites(run: Run, command: str) -> None:
     if todo:
         raise FileNotFoundError(f"{command} needs earlier stages: {'; '.join(todo)} "
                                 "(or `elf-jax all`)")
+
+
+# ------------------------------------------------------------------ --overwrite
+# What each stage writes in the workdir, and the stages computed from it (removed with it:
+# they would be stale).
+STAGE_PATHS = {"teacher": ("teachers",), "synset": ("distill", "synset"),
+               "features": ("banks",),
+               "evaluate": ("eval", "results.json", "results.md", "results.png")}
+DOWNSTREAM = {"teacher": ("features", "evaluate"), "synset": ("features", "evaluate"),
+              "features": ("evaluate",), "evaluate": ()}
+# The stages each command computes (and so may be asked to recompute).
+COMMAND_STAGES = {"train-teacher": ("teacher",), "distill": ("synset",),
+                  "features": ("synset", "features"),
+                  "evaluate": ("synset", "features", "evaluate"), "report": ()}
+
+
+def overwrite(run: Run, stages, command: str) -> list[Path]:
+    """Removes what `stages` (and the stages computed from them) wrote in the workdir, so
+    `command` computes them again; logs every removed path. `ValueError` for a stage the
+    command does not compute (it would only delete it)."""
+    import shutil
+
+    allowed = COMMAND_STAGES.get(command, tuple(STAGE_PATHS))
+    removed = []
+    for stage in stages:
+        if stage not in STAGE_PATHS:
+            raise ValueError(f"--overwrite={stage}: choose from {', '.join(STAGE_PATHS)}")
+        if stage not in allowed:
+            raise ValueError(f"--overwrite={stage}: `elf-jax {command}` does not compute the "
+                             f"{stage} stage (it computes: {', '.join(allowed) or 'nothing'}); "
+                             "use `elf-jax all`")
+        for name in (stage,) + DOWNSTREAM[stage]:
+            for rel in STAGE_PATHS[name]:
+                path = run.workdir / rel
+                if path.is_dir():
+                    shutil.rmtree(path)
+                elif path.exists():
+                    path.unlink()
+                else:
+                    continue
+                removed.append(path)
+                _log(f"[overwrite] removed {path} ({name} stage; --overwrite={stage})")
+    return removed
 
 
 # ------------------------------------------------------------------ stage 1: teachers

@@ -102,6 +102,46 @@ class TrajectorySettings(Settings):
     soft_label_epoch: Optional[int] = None
 
 
+# One line per ``config.synset`` field (``elf-jax config`` prints them; a test checks every
+# schema field has one). The dataclass docstrings above say the same at more length.
+FIELD_DOCS = {
+    "arch": "the distillation network (a models registry name)",
+    "ipc": "synthetic images per class",
+    "iterations": "updates of the synthetic set",
+    "init": "initial images: real (random real images per class, the reference) | noise",
+    "lr_img": "SGD learning rate on the images (None: the method's default)",
+    "momentum": "SGD momentum on the images",
+    "dsa_strategy": "DSA groups joined by '_' while distilling, or 'none'",
+    "model_kwargs": "get_model overrides of the distillation network, e.g. {'width': 32}",
+    "checkpoint_every": "iterations between distillation checkpoints",
+    "eval_every": "evaluate the set every this many iterations and keep the best (0 = never)",
+    "eval_epochs": "training epochs of each of those evaluations",
+    "eval_repeats": "trainings per evaluation (their mean picks the best set)",
+    "batch_real": "real images per class per iteration (DM) or round (DC/DSA)",
+    "lr_net": "DC/DSA: SGD learning rate of the network between rounds",
+    "batch_train": "DC/DSA: minibatch of the network's training on the set",
+    "outer_loop": "DC/DSA: rounds per iteration (None: the reference's get_loops(ipc))",
+    "inner_loop": "DC/DSA: network epochs between rounds (None: the reference's get_loops(ipc))",
+    "dis_metric": "DC/DSA: gradient distance ours | mse | cos",
+    "syn_steps": "MTT/TESLA: student steps per iteration",
+    "expert_epochs": "MTT/TESLA: expert epochs the student steps must match",
+    "max_start_epoch": "MTT/TESLA: start epochs are drawn below this",
+    "lr_lr": "MTT/TESLA: SGD learning rate of the learned lr",
+    "lr_teacher": "MTT/TESLA: initial learned lr (the experts' lr)",
+    "batch_syn": "MTT/TESLA: student minibatch (None: all images)",
+    "experts": "MTT/TESLA: a teacher workdir or replay_buffer_<n>.pt ('': train experts)",
+    "num_experts": "MTT/TESLA: experts to train when none are given",
+    "expert_train_epochs": "MTT/TESLA: epochs per trained expert (None: max_start_epoch-1+expert_epochs)",
+    "max_experts": "MTT/TESLA: use at most this many experts (None: all)",
+    "gradient": "MTT/TESLA: unrolled | remat | tesla ('': the method's)",
+    "remat": "MTT: rematerialize the unrolled student steps (less memory)",
+    "soft_labels": "TESLA: labels from expert 0's logits",
+    "learn_labels": "TESLA: learn the soft labels too",
+    "lr_label": "TESLA: SGD learning rate of the learned labels",
+    "soft_label_epoch": "TESLA: the expert epoch of the soft labels (None: its last)",
+}
+
+
 METHOD_SETTINGS = {"dc": GradientMatchingSettings, "dsa": GradientMatchingSettings,
                    "dm": DMSettings, "mtt": TrajectorySettings, "tesla": TrajectorySettings}
 
