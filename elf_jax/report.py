@@ -206,11 +206,12 @@ def _widths_line(req: Mapping[str, Any]) -> str:
 
 
 def _synset_line(s: Mapping[str, Any]) -> str:
-    origin = {"import": f"imported from {s.get('path')}", "real_random": "random real images"}
-    how = origin.get(s.get("source"), f"{s.get('method')} on {s.get('arch')}, iteration "
-                                      f"{s.get('iteration')}")
-    return (f"synthetic set: {how}; method {s.get('method')}, IPC {s.get('ipc')} "
-            f"({s.get('images')} images), content hash {str(s.get('content_hash'))[:12]}")
+    origin = {"import": f"imported from {s.get('path')} (method {s.get('method')})",
+              "real_random": "random real images"}
+    how = origin.get(s.get("source"), f"distilled with {s.get('method')} on {s.get('arch')}, "
+                                      f"iteration {s.get('iteration')}")
+    return (f"synthetic set: {how}; IPC {s.get('ipc')} ({s.get('images')} images), content "
+            f"hash {str(s.get('content_hash'))[:12]}")
 
 
 def _teacher_line(name: str, t: Mapping[str, Any]) -> str:
