@@ -376,9 +376,90 @@ def _protocol(config):
     )
 
 
+def eval_request(config, synset_hash: Optional[str]) -> dict:
+    """What the config asks of the evaluation, as stored in results.json (`request`) and
+    compared by `stage_report`: dataset, pool and its widths, modes, repeats, seed, dtype,
+    protocol, teacher settings, the synthetic set asked for and the content hash of the one
+    used (None: unknown, left out)."""
+    t, info = config.teacher, resolve_info(config.dataset)
+    synset = _request(config)
+    if config.synset.source == "distill":
+        synset.update({k: config.synset.get(k) for k in ("method", "arch", "ipc", "iterations")})
+    if synset_hash is not None:
+        synset["content_hash"] = synset_hash
+    return {
+        "dataset": config.dataset, "zca": bool(config.zca), "pool": list(config.eval.pool),
+        "modes": list(config.eval.modes), "repeats": int(config.eval.repeats),
+        "seed": int(config.seed), "dtype": config.dtype,
+        "width_override": int(config.eval.get("width", 0) or 0),
+        "widths": {a: getattr(get_model(a, info.num_classes, **_model_overrides(config, a)),
+                              "width", None) for a in config.eval.pool},
+        "protocol": _protocol(config).to_dict(), "synset": synset,
+        "teacher": {"arch": t.arch, "override_arch": t.get("override_arch", ""),
+                    "epochs": int(t.epochs), "lr": t.lr, "momentum": t.momentum,
+                    "weight_decay": t.weight_decay, "batch_size": int(t.batch_size),
+                    "dsa_strategy": t.dsa_strategy, "lr_decay": bool(t.lr_decay),
+                    "feature_epoch": int(t.feature_epoch), "bank_layer": config.bank.layer or "front"},
+    }
+
+
+def _teacher_provenance(run: Run, teacher: str, users: list, bank) -> dict:
+    """A teacher's settings and test accuracy as its trajectory in the workdir records them
+    (only the bank's record when the teacher is gone)."""
+    from elf_jax.checkpoint import StepCheckpoints
+    from elf_jax.teacher import read_manifest
+
+    epoch = int(run.config.teacher.feature_epoch)
+    out = {"for": users, "snapshot_epoch": epoch,
+           "teacher_hash": bank.metadata.get("teacher_hash") if bank is not None else None}
+    tdir = run.workdir / "teachers" / teacher
+    if not (tdir / "trajectory.json").exists():
+        return out
+    m = read_manifest(tdir)
+    out.update({k: m.get(k) for k in ("epochs", "lr", "momentum", "weight_decay", "batch_size",
+                                       "seed")})
+    traj = StepCheckpoints(tdir / "expert_000" / "trajectory", max_to_keep=None)
+    try:  # the accuracy is measured after the last epoch (and others when asked)
+        steps = traj.all_steps()
+        out["test_acc"] = traj.read_meta(steps[-1]).get("test_acc") if steps else None
+        out["snapshot_test_acc"] = traj.read_meta(epoch).get("test_acc") if epoch in steps else None
+    except (ValueError, FileNotFoundError):  # a damaged record: no accuracy, not no results
+        out["test_acc"] = None
+    finally:
+        traj.close()
+    return out
+
+
+def _provenance(run: Run, synset, banks) -> dict:
+    """What produced the results beyond the request: the set and teachers as found, the
+    code version and the date."""
+    import datetime
+
+    from elf_jax.version import __version__
+
+    m = synset.metadata
+    teachers: dict[str, list] = {}
+    for arch, teacher in run.teachers.items():
+        teachers.setdefault(teacher, []).append(arch)
+    return {
+        "elf_jax": __version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "synset": {"source": run.config.synset.source, "path": (m.get("request") or {}).get("path"),
+                   "images": len(synset.images), "content_hash": synset.content_hash(),
+                   **{k: m.get(k) for k in ("method", "arch", "ipc", "iteration")}},
+        "teachers": {t: _teacher_provenance(run, t, users, (banks or {}).get(users[0]))
+                     for t, users in teachers.items()},
+    }
+
+
 def stage_evaluate(run: Run, synset=None, banks=None) -> dict:
     """Cross-architecture evaluation with and without ELF; writes results.json as it goes.
-    Without `synset` (the `evaluate` command) the prerequisites are checked first."""
+    Without `synset` (the `evaluate` command) the prerequisites are checked first.
+
+    results.json is replaced at the start by one with this request and no results, so an
+    earlier run's file is never reported for this one (even when this one fails before its
+    first result); finished (arch, mode) runs are read back from their checkpoints in
+    seconds and written again one by one, and the file is marked `partial` until the end."""
     from elf_jax.elf.evaluate import cross_evaluate
     config, results_path = run.config, run.workdir / "results.json"
     if synset is None:
@@ -391,15 +472,21 @@ def stage_evaluate(run: Run, synset=None, banks=None) -> dict:
         "synset": {k: synset.metadata.get(k) for k in ("method", "ipc", "arch", "iteration")},
         "teachers": {a: b.metadata.get("teacher") for a, b in (banks or {}).items()},
         "feature_epoch": int(config.teacher.feature_epoch),
+        "request": eval_request(config, synset.content_hash()),
+        "provenance": _provenance(run, synset, banks),
     }
     pc = ParallelConfig.from_config(config.get("parallel", None))  # absent: one device
     partial: dict = {}
+    write_json_atomic(results_path, {**meta, "results": partial, "partial": True})
 
     def on_result(arch, mode, entry):
         partial.setdefault(arch, {})[mode] = entry
         write_json_atomic(results_path, {**meta, "results": partial, "partial": True})
-        _log(f"[evaluate] {arch:<12} {mode:<16} {100 * entry['mean']:.2f} ± "
-             f"{100 * entry['std']:.2f}  ({entry['seconds']:.0f} s, {entry['strategy']})")
+        total = entry.get("total_seconds")
+        earlier = f", {total:.0f} s with earlier runs" if entry.get("resumed_from") and total else ""
+        acc = report_lib.format_accuracy(entry["mean"], entry["std"], len(entry["accs"]))
+        _log(f"[evaluate] {arch:<12} {mode:<16} {acc}  ({entry['seconds']:.0f} s{earlier}, "
+             f"{entry['strategy']})")
 
     out = cross_evaluate(
         list(config.eval.pool), synset.images, synset.labels, run.test.images, run.test.labels,
@@ -415,19 +502,61 @@ def stage_evaluate(run: Run, synset=None, banks=None) -> dict:
         pl = Placement.of(pc)
         meta["parallel"] = {"mode": pc.parallel, "mesh": [pl.n_runs, pl.n_data],
                             "devices": jax.device_count(), "processes": jax.process_count()}
-    full = {**meta, **out}
+    full = {**meta, **out, "partial": False}
     write_json_atomic(results_path, full)
     return full
 
 
 # ------------------------------------------------------------------ stage 5: report
+def _saved_synset_hash(run: Run) -> Optional[str]:
+    """The content hash of the set the config's source would evaluate now (None: none yet,
+    or unreadable; the report then compares the settings only)."""
+    from elf_jax.synset import load_synset
+
+    source = run.config.synset.source
+    path = run.workdir / ("distill/synset_best" if source == "distill" else "synset")
+    try:
+        return load_synset(path).content_hash() if path.exists() else None
+    except (ValueError, FileNotFoundError):
+        return None
+
+
+def stale_notes(run: Run, results: dict) -> list[str]:
+    """The loud lines for results.json made for another request than the config's ([] when
+    it matches)."""
+    stored = results.get("request")
+    if not stored:
+        return ["WARNING: results.json does not record the settings it was made with (written "
+                "by an older elf_jax), so it cannot be checked against this config"]
+    current = eval_request(run.config, _saved_synset_hash(run))
+    if "content_hash" not in current["synset"]:  # no set in the workdir to compare with
+        stored = {**stored, "synset": {k: v for k, v in stored.get("synset", {}).items()
+                                       if k != "content_hash"}}
+    diffs = report_lib.differences(stored, current)
+    if not diffs:
+        return []
+    return [f"STALE: these results were produced by the settings stored in results.json, "
+            f"not by this config ({len(diffs)} difference(s)): " + "; ".join(diffs)
+            + ". Run `elf-jax evaluate` with this config to replace them."]
+
+
 def stage_report(run: Run, results: Optional[dict] = None) -> dict[str, str]:
-    """Prints the table and writes results.{json,md,png}."""
-    results = results or report_lib.load_report(str(run.workdir / "results.json"))
+    """Prints the table and writes results.{json,md,png}.
+
+    Reading results.json (the `report` command), it is checked against the config: when it
+    was made for another request (dataset, pool, widths, modes, repeats, seed, dtype,
+    protocol, synthetic set or its content hash, teacher settings), the report still shows
+    it (refusing would force rebuilding the old config just to look at finished numbers),
+    but every format opens with a STALE line naming each difference and saying the numbers
+    come from the stored settings. Partial results open with a PARTIAL line."""
+    notes: list[str] = []
+    if results is None:
+        results = report_lib.load_report(str(run.workdir / "results.json"))
+        notes = stale_notes(run, results)
     s = results.get("synset", {})
     title = f"ELF on {results.get('dataset')} ({s.get('method')}, IPC {s.get('ipc')})"
-    paths = report_lib.write_report(results, str(run.workdir), title)
-    _log("\n" + title + "\n" + report_lib.text_table(report_lib.summary_of(results)))
+    paths = report_lib.write_report(results, str(run.workdir), title, notes)
+    _log("\n" + report_lib.text_report(results, title, notes))
     _log(f"\nwritten: {paths['json']}, {paths['markdown']}, {paths['plot']}")
     return paths
 

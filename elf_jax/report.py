@@ -1,18 +1,27 @@
-"""Cross-architecture results as a printed table, JSON, Markdown and a PNG bar chart.
+"""Cross-architecture results as a printed table, JSON, Markdown and a PNG chart.
 
-The input is the plain dict `cross_evaluate` returns (or the JSON it was saved as):
-`{"results": {arch: {mode: {"accs": [...]}}}, "summary": ..., ...metadata}`. Tables and
-chart show a summary `{arch: {mode: {"mean", "std"}, "gain"}}`: the report's own (as
+The input is the plain dict `cross_evaluate` returns, or the results.json the evaluation
+stage writes: `{"results": {arch: {mode: {"accs": [...]}}}, "summary": ..., "request":
+{"pool", "modes", "repeats", ...}, "provenance": {...}, "partial": bool, ...}`. Tables and
+chart show a summary `{arch: {mode: {"mean", "std", "n"}, "gain"}}`: the report's own (as
 `cross_evaluate` makes it) or, without one, `summarize` of the per-repeat accuracies.
+
+Every format says when results are partial (how many of the requested (arch, mode)
+evaluations finished; the others are shown as "missing"), shows n, and carries the
+settings that produced the numbers (`settings_lines`). `notes` (e.g. the pipeline's
+warning that the results were made for another config) go first in every format.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
-from elf_jax.elf.summary import BASELINE_MODE, ELF_MODE, summarize  # noqa: F401
+from elf_jax.elf.summary import BASELINE_MODE, ELF_MODE, paired_gains, summarize  # noqa: F401
+
+_LABELS = {BASELINE_MODE: "baseline (task)", ELF_MODE: "ELF"}
+
 
 def summary_of(report: Mapping[str, Any]) -> dict[str, dict]:
     """The report's stored summary, or one computed from its per-repeat accuracies."""
@@ -22,98 +31,361 @@ def summary_of(report: Mapping[str, Any]) -> dict[str, dict]:
     return summarize(report["results"])
 
 
+# ------------------------------------------------------------------ what was asked, what is done
+def _request(report: Mapping[str, Any]) -> Mapping[str, Any]:
+    # older files (and cross_evaluate's own dict) keep pool/modes/repeats at the top
+    return report.get("request") or report
+
+
+def requested_cells(report: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The (arch, mode) evaluations asked for; without a record of them, those held."""
+    req = _request(report)
+    if req.get("pool") and req.get("modes"):
+        return [(a, m) for a in req["pool"] for m in req["modes"]]
+    return [(a, m) for a, by_mode in (report.get("results") or {}).items() for m in by_mode]
+
+
+def missing_cells(report: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The requested (arch, mode) evaluations without a result."""
+    results = report.get("results") or {}
+    return [(a, m) for a, m in requested_cells(report) if m not in results.get(a, {})]
+
+
+def partial_line(report: Mapping[str, Any]) -> str:
+    """The loud line that opens a partial report; "" when every requested result is there."""
+    total, missing = len(requested_cells(report)), len(missing_cells(report))
+    rerun = "rerun `elf-jax evaluate --config ... --workdir ...` (it resumes) to complete"
+    if missing:
+        return (f"PARTIAL: {total - missing} of {total} evaluations (arch x mode) finished; "
+                f"{rerun}")
+    if report.get("partial"):  # an older file without the request: the total is unknown
+        return f"PARTIAL: {total} evaluations (arch x mode) finished, of a number not recorded; {rerun}"
+    return ""
+
+
+def differences(stored: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """`key: results X, config Y` for every setting that differs (nested keys joined by
+    dots; a key only one side has counts as a difference)."""
+    a, b = _flat(stored), _flat(current)
+    return [f"{k}: results {_short(a.get(k, '(absent)'))}, config {_short(b.get(k, '(absent)'))}"
+            for k in sorted(set(a) | set(b)) if a.get(k, _ABSENT) != b.get(k, _ABSENT)]
+
+
+_ABSENT = object()
+
+
+def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in json.loads(json.dumps(tree)).items():  # tuples -> lists, as stored
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else value
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# ------------------------------------------------------------------ tables
+def _dedupe(items) -> list:
+    return list(dict.fromkeys(items))
+
+
 def _modes(summary: Mapping[str, dict]) -> list[str]:
-    seen: list[str] = []
-    for row in summary.values():
-        for key, value in row.items():
-            if isinstance(value, dict) and key not in seen:
-                seen.append(key)
-    return seen
+    return _dedupe(k for row in summary.values() for k, v in row.items() if isinstance(v, dict))
 
 
-def _cell(entry: dict | None) -> str:
+def _column_n(summary: Mapping[str, dict], mode: str, repeats: int | None) -> int | None:
+    """The n of a mode's column: the requested repeats, else the most common n."""
+    if repeats:
+        return int(repeats)
+    ns = [row[mode]["n"] for row in summary.values() if "n" in row.get(mode, {})]
+    return max(ns, key=lambda n: (ns.count(n), n)) if ns else None
+
+
+def format_accuracy(mean: float, std: float, n: int | None, n_shown: int | None = None) -> str:
+    """`84.70 ± 1.20` in percent; `(n=k)` added when n is not the `n_shown` elsewhere (a
+    header); one run has no spread, so it reads `84.70 (n=1)`."""
+    if n == 1:
+        return f"{100 * mean:.2f} (n=1)"
+    text = f"{100 * mean:.2f} ± {100 * std:.2f}"
+    return text if n is None or n == n_shown else f"{text} (n={n})"
+
+
+def _cell(entry: dict | None, missing: bool, n_col: int | None) -> str:
     if entry is None:
-        return "-"
-    return f"{100 * entry['mean']:.2f} ± {100 * entry['std']:.2f}"
+        return "missing" if missing else "-"
+    return format_accuracy(entry["mean"], entry["std"], entry.get("n"), n_col)
 
 
-def _cells(summary: Mapping[str, dict], gain_title: str) -> tuple[list, list[list]]:
-    """Header and body cells: architecture, one column per mode, the gain if any has one."""
-    modes = _modes(summary)
-    has_gain = any("gain" in r for r in summary.values())
-    header = ["architecture"] + modes + ([gain_title] if has_gain else [])
+def _cells(summary: Mapping[str, dict], gain_title: str, missing: Sequence = (),
+           repeats: int | None = None) -> tuple[list, list[list]]:
+    """Header and body cells: architecture, one column per mode (n in its header), the gain
+    if any has one; requested results that are not there read "missing"."""
+    gone = {tuple(c) for c in missing}
+    modes = _dedupe(_modes(summary) + [m for _, m in missing])
+    archs = _dedupe(list(summary) + [a for a, _ in missing])
+    has_gain = {BASELINE_MODE, ELF_MODE} <= set(modes) or any("gain" in r for r in summary.values())
+    ns = {m: _column_n(summary, m, repeats) for m in modes}
+    header = (["architecture"] + [m if ns[m] is None else f"{m} (n={ns[m]})" for m in modes]
+              + ([gain_title] if has_gain else []))
     body = []
-    for arch, row in summary.items():
-        cells = [arch] + [_cell(row.get(m)) for m in modes]
+    for arch in archs:
+        row = summary.get(arch, {})
+        cells = [arch] + [_cell(row.get(m), (arch, m) in gone, ns[m]) for m in modes]
         if has_gain:
-            cells.append(f"{100 * row['gain']:+.2f}" if "gain" in row else "-")
+            lost = (arch, BASELINE_MODE) in gone or (arch, ELF_MODE) in gone
+            cells.append(f"{100 * row['gain']:+.2f}" if "gain" in row else
+                         "missing" if lost else "-")
         body.append(cells)
     return header, body
 
 
-def markdown_table(summary: Mapping[str, dict]) -> str:
-    """Accuracy in percent (mean ± std over repeats) per architecture and mode, plus gain."""
-    header, body = _cells(summary, "ELF gain (points)")
+def markdown_table(summary: Mapping[str, dict], missing: Sequence = (),
+                   repeats: int | None = None) -> str:
+    """Accuracy in percent (mean ± std over n repeats) per architecture and mode, plus gain."""
+    header, body = _cells(summary, "ELF gain (points)", missing, repeats)
     lines = [header, ["---"] * len(header)] + body
     return "\n".join("| " + " | ".join(cells) + " |" for cells in lines)
 
 
-def text_table(summary: Mapping[str, dict]) -> str:
+def text_table(summary: Mapping[str, dict], missing: Sequence = (),
+               repeats: int | None = None) -> str:
     """The same table aligned for a terminal."""
-    header, body = _cells(summary, "ELF gain")
+    header, body = _cells(summary, "ELF gain", missing, repeats)
     widths = [max(len(str(c)) for c in col) for col in zip(header, *body)]
     fmt = "  ".join("{:<%d}" % w for w in widths)
     out = [fmt.format(*header), fmt.format(*["-" * w for w in widths])]
     return "\n".join(out + [fmt.format(*cells) for cells in body])
 
 
-def bar_chart(summary: Mapping[str, dict], path: str, title: str = "") -> str:
-    """Grouped bars (one group per architecture, one bar per mode) with std error bars."""
+def _table_args(report: Mapping[str, Any]) -> tuple:
+    return summary_of(report), missing_cells(report), _request(report).get("repeats")
+
+
+def text_report(report: Mapping[str, Any], title: str = "", notes: Sequence[str] = ()) -> str:
+    """What a terminal shows: the loud lines (partial, notes), title, table and settings."""
+    loud = [line for line in (partial_line(report), *notes) if line]
+    settings = [f"  {line}" for line in settings_lines(report)]
+    parts = loud + ([title] if title else []) + [text_table(*_table_args(report))]
+    return "\n".join(parts + (["settings:"] + settings if settings else []))
+
+
+def markdown_report(report: Mapping[str, Any], title: str = "", notes: Sequence[str] = ()) -> str:
+    """results.md: the loud lines first, the title, the table and a Settings section."""
+    loud = [f"**{line}**\n" for line in (partial_line(report), *notes) if line]
+    parts = loud + ([f"# {title}\n"] if title else []) + [markdown_table(*_table_args(report))]
+    settings = settings_lines(report)
+    if settings:
+        parts.append("\n## Settings\n\n" + "\n".join(f"- {line}" for line in settings))
+    return "\n".join(parts) + "\n"
+
+
+# ------------------------------------------------------------------ settings
+def _pct(x: Any) -> str:
+    return "n/a" if x is None else f"{100 * float(x):.2f}%"
+
+
+def _protocol_line(p: Mapping[str, Any]) -> str:
+    return (f"evaluation protocol: {p.get('epochs')} epochs, lr {p.get('lr')}, batch "
+            f"{p.get('batch_size')}, momentum {p.get('momentum')}, weight decay "
+            f"{p.get('weight_decay')}, DSA {p.get('dsa_strategy')}, feature loss "
+            f"{p.get('kind')}, lambda_front {p.get('lambda_front')}, lambda_rear "
+            f"{p.get('lambda_rear')}")
+
+
+def _widths_line(req: Mapping[str, Any]) -> str:
+    widths = ", ".join(f"{a} {w if w else 'n/a'}" for a, w in req["widths"].items())
+    override = req.get("width_override")
+    why = (f" (config.eval.width={override} sets the width of the ConvNet-family pool nets, "
+           "whose default is 128)" if override else "")
+    return f"pool widths: {widths}{why}"
+
+
+def _synset_line(s: Mapping[str, Any]) -> str:
+    origin = {"import": f"imported from {s.get('path')} (method {s.get('method')})",
+              "real_random": "random real images"}
+    how = origin.get(s.get("source"), f"distilled with {s.get('method')} on {s.get('arch')}, "
+                                      f"iteration {s.get('iteration')}")
+    return (f"synthetic set: {how}; IPC {s.get('ipc')} ({s.get('images')} images), content "
+            f"hash {str(s.get('content_hash'))[:12]}")
+
+
+def _teacher_line(name: str, t: Mapping[str, Any]) -> str:
+    users = ", ".join(t.get("for") or [])
+    acc = f"; test accuracy {_pct(t.get('test_acc'))} after epoch {t.get('epochs')}"
+    if t.get("snapshot_test_acc") is not None:
+        acc += f", {_pct(t['snapshot_test_acc'])} at the snapshot"
+    return (f"teacher {name} (for {users}): epoch-{t.get('snapshot_epoch')} snapshot of "
+            f"{t.get('epochs')} epochs, lr {t.get('lr')}, batch {t.get('batch_size')}"
+            + (acc if t.get("test_acc") is not None else "; test accuracy not recorded"))
+
+
+def _time_line(results: Mapping[str, Any]) -> str:
+    entries = [e for by_mode in results.values() for e in by_mode.values()]
+    now = sum(float(e.get("seconds") or 0) for e in entries)
+    totals = [e.get("total_seconds") for e in entries]
+    if any(t is None for t in totals):
+        return (f"training time: {now:.0f} s in this process (the total is unknown for runs "
+                "resumed from checkpoints that predate its record)")
+    return f"training time: {sum(totals):.0f} s over all processes ({now:.0f} s in the last)"
+
+
+def settings_lines(report: Mapping[str, Any]) -> list[str]:
+    """One short line per setting group that produced the results ([] when not recorded)."""
+    req, prov = report.get("request") or {}, report.get("provenance") or {}
+    if "dataset" not in req:  # not a request the pipeline stored: nothing to say
+        return []
+    lines = [f"dataset {req.get('dataset')}; {req.get('repeats')} repeats per evaluation, "
+             f"seed {req.get('seed')}, dtype {req.get('dtype')}"]
+    if req.get("protocol"):
+        lines.append(_protocol_line(req["protocol"]))
+    if req.get("widths"):
+        lines.append(_widths_line(req))
+    if prov.get("synset"):
+        lines.append(_synset_line(prov["synset"]))
+    lines += [_teacher_line(n, t) for n, t in (prov.get("teachers") or {}).items()]
+    if report.get("results") and "seconds" in _first_entry(report["results"]):
+        lines.append(_time_line(report["results"]))
+    if prov:
+        lines.append(f"produced by elf_jax {prov.get('elf_jax')} on {prov.get('date')}")
+    return lines
+
+
+def _first_entry(results: Mapping[str, Any]) -> Mapping[str, Any]:
+    return next(iter(next(iter(results.values()), {}).values()), {})
+
+
+def plot_subtitle(report: Mapping[str, Any]) -> str:
+    """The settings in one line for the PNG (the Markdown has them in full)."""
+    req, prov = report.get("request") or {}, report.get("provenance") or {}
+    if not req:
+        return ""
+    p, s = req.get("protocol") or {}, prov.get("synset") or {}
+    teachers = [f"{n}@{t.get('snapshot_epoch')} ({_pct(t.get('test_acc'))})"
+                for n, t in (prov.get("teachers") or {}).items()]
+    parts = [("seed", f"seed {req.get('seed')}"), ("repeats", f"n={req.get('repeats')}"),
+             (s, f"{s.get('method')} IPC {s.get('ipc')} #{str(s.get('content_hash'))[:8]}"),
+             (teachers, f"teacher {', '.join(teachers)}"),
+             (p, f"{p.get('epochs')} ep, lr {p.get('lr')}"),
+             (req.get("width_override"), f"width {req.get('width_override')}"),
+             (prov, f"elf_jax {prov.get('elf_jax')} {str(prov.get('date'))[:10]}")]
+    # a part only when its source is recorded (older files lack some)
+    return "; ".join(text for have, text in parts
+                     if (req.get(have) is not None if isinstance(have, str) else have))
+
+
+# ------------------------------------------------------------------ the chart
+def _zoomed(lo: float, hi: float) -> tuple[float, float]:
+    # not from 0: gains of 1-3 points must be visible next to accuracies of 80-90%
+    pad = max(0.5, 0.15 * (hi - lo))
+    return max(0.0, lo - pad), min(100.0, hi + pad)
+
+
+def _arch_axis(ax, archs: Sequence[str]) -> None:
+    ax.set_xticks(range(len(archs)))
+    ax.set_xticklabels(archs, rotation=20, ha="right")
+    ax.set_xlim(-0.5, len(archs) - 0.5)
+
+
+def _accuracy_panel(ax, summary, modes, missing, repeats) -> None:
+    """Mean ± std per architecture and mode as points (bars would imply a 0 baseline)."""
+    archs = _dedupe(list(summary) + [a for a, _ in missing])
+    step = 0.6 / max(len(modes), 1)
+
+    def x(arch, mode):
+        return archs.index(arch) + (modes.index(mode) - (len(modes) - 1) / 2) * step
+
+    values = []
+    for mode in modes:
+        n = _column_n(summary, mode, repeats)
+        pts = [(x(a, mode), 100 * summary[a][mode]["mean"],
+                100 * summary[a][mode].get("std", 0.0))
+               for a in archs if mode in summary.get(a, {})]
+        if pts:
+            xs, ms, ss = zip(*pts)
+            label = _LABELS.get(mode, mode) + ("" if n is None else f" (n={n})")
+            ax.errorbar(xs, ms, yerr=ss, fmt="o", capsize=3, label=label)
+            values += [m - s for m, s in zip(ms, ss)] + [m + s for m, s in zip(ms, ss)]
+    if values:
+        ax.set_ylim(*_zoomed(min(values), max(values)))
+    for a, m in missing:  # say so where the point would be
+        ax.annotate("missing", (x(a, m), 0.03), xycoords=("data", "axes fraction"),
+                    rotation=90, ha="center", va="bottom", fontsize="x-small", color="red")
+    _arch_axis(ax, archs)
+    ax.set_ylabel("test accuracy (%)")
+    ax.grid(axis="y", alpha=0.3)
+    # above the axes, so it never covers a point
+    ax.legend(loc="lower left", bbox_to_anchor=(0.0, 1.01), ncol=2, fontsize="small",
+              frameon=False)
+
+
+def _gain_panel(ax, gains: Mapping[str, dict]) -> None:
+    """ELF - baseline per architecture (points) with the spread of the paired differences."""
+    archs = list(gains)
+    means = [100 * gains[a]["mean"] for a in archs]
+    stds = [100 * gains[a]["std"] for a in archs]
+    colors = ["tab:green" if m >= 0 else "tab:red" for m in means]
+    ax.bar(range(len(archs)), means, 0.5, yerr=stds, capsize=3, color=colors)
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    for j, a in enumerate(archs):
+        ax.annotate(f"n={gains[a]['n']}", (j, 1.0), xycoords=("data", "axes fraction"),
+                    ha="center", va="bottom", fontsize="x-small")
+    _arch_axis(ax, archs)
+    ax.set_ylabel("ELF gain (points, ± std of paired differences)")
+    ax.grid(axis="y", alpha=0.3)
+
+
+def bar_chart(summary: Mapping[str, dict], path: str, title: str = "",
+              gains: Mapping[str, dict] | None = None, missing: Sequence = (),
+              repeats: int | None = None) -> str:
+    """Two panels: accuracy per architecture and mode on a zoomed axis, and the ELF gain
+    per architecture (`gains`, `paired_gains`) with its spread; the title also goes into the
+    PNG's metadata."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on servers and CI
     import matplotlib.pyplot as plt
 
-    modes, rows = _modes(summary), list(summary.values())
-    n_arch = len(rows)
-    width = 0.8 / max(len(modes), 1)
-    fig, ax = plt.subplots(figsize=(max(4.0, 1.4 * n_arch + 1), 3.6))
-    for i, mode in enumerate(modes):
-        xs = [j + (i - (len(modes) - 1) / 2) * width for j in range(n_arch)]
-        means = [100 * r[mode]["mean"] if mode in r else 0.0 for r in rows]
-        stds = [100 * r[mode]["std"] if mode in r else 0.0 for r in rows]
-        label = {"task": "baseline (task)", "front_rear_task": "ELF"}.get(mode, mode)
-        ax.bar(xs, means, width, yerr=stds, capsize=3, label=label)
-    ax.set_xticks(range(n_arch))
-    ax.set_xticklabels(list(summary), rotation=20, ha="right")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(title)
-    ax.legend(loc="lower right", fontsize="small")
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    archs = _dedupe(list(summary) + [a for a, _ in missing])
+    modes = _dedupe(_modes(summary) + [m for _, m in missing])
+    panels = 2 if gains else 1
+    fig, axes = plt.subplots(1, panels, figsize=(panels * max(4.0, 1.2 * len(archs) + 1.5), 4.4),
+                             layout="constrained", squeeze=False)
+    _accuracy_panel(axes[0][0], summary, modes, missing, repeats)
+    if gains:
+        _gain_panel(axes[0][1], gains)
+    fig.suptitle(title, fontsize="small")
+    fig.savefig(path, dpi=120, metadata={"Title": title})
     plt.close(fig)
     return path
 
 
-def write_report(report: Mapping[str, Any], outdir: str, title: str = "") -> dict[str, str]:
-    """Write results.json, results.md and results.png into `outdir`; return their paths."""
+# ------------------------------------------------------------------ files
+def write_report(report: Mapping[str, Any], outdir: str, title: str = "",
+                 notes: Sequence[str] = ()) -> dict[str, str]:
+    """Write results.json, results.md and results.png into `outdir`; return their paths.
+    `notes` are loud lines for the Markdown and the PNG title, not stored in the JSON."""
     if "results" not in report or not report["results"]:
         raise ValueError(
             "The report has no 'results' (expected {arch: {mode: {'accs': [...]}}}); "
-            "run `elf-jax evaluate` first.")
+            f"{partial_line(report) or 'run `elf-jax evaluate` first'}.")
     from elf_jax.checkpoint import write_json_atomic  # here: the tables need no jax
 
     os.makedirs(outdir, exist_ok=True)
-    summary = summary_of(report)
+    summary, missing, repeats = _table_args(report)
     paths = {key: os.path.join(outdir, f"results.{ext}")
              for key, ext in (("json", "json"), ("markdown", "md"), ("plot", "png"))}
     write_json_atomic(paths["json"], {**report, "summary": summary})
     with open(paths["markdown"], "w") as f:
-        if title:
-            f.write(f"# {title}\n\n")
-        f.write(markdown_table(summary) + "\n")
-    bar_chart(summary, paths["plot"], title=title)
+        f.write(markdown_report(report, title, notes))
+    heading = [line for line in (partial_line(report), *notes) if line]
+    chart_title = "\n".join(heading + [title, plot_subtitle(report)]).strip()
+    bar_chart(summary, paths["plot"], chart_title, paired_gains(report["results"]), missing,
+              repeats)
     return paths
 
 

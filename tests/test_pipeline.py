@@ -43,6 +43,13 @@ def test_all_stages_then_report_again(tmp_path):
         assert set(by_mode) == {"task", "front_rear_task"}
         assert all(0.0 <= a <= 1.0 for m in by_mode.values() for a in m["accs"])
     assert results["teachers"] == {"ConvNet": "ConvNetW32", "ConvNetBN": "ConvNetW32"}
+    assert results["partial"] is False and results["request"]["seed"] == 0
+    teacher = results["provenance"]["teachers"]["ConvNetW32"]
+    assert 0 < teacher["test_acc"] <= 1 and teacher["epochs"] == 1 and teacher["lr"] == 0.01
+    assert results["request"]["widths"] == {"ConvNet": 32, "ConvNetBN": 32}
+    md = (tmp_path / "run" / "results.md").read_text()
+    assert "## Settings" in md and "config.eval.width=32" in md and "PARTIAL" not in md
+    assert "(n=1)" in out and "± 0.00" not in out  # one repeat: no spread printed
     for name in ("results.md", "results.png"):
         assert (tmp_path / "run" / name).stat().st_size > 0
     # the stages reuse what the workdir holds: evaluate again resumes finished runs
@@ -51,7 +58,13 @@ def test_all_stages_then_report_again(tmp_path):
     rerun = json.loads((tmp_path / "run" / "results.json").read_text())["results"]
     assert {a: {m: e["accs"] for m, e in r.items()} for a, r in rerun.items()} == \
         {a: {m: e["accs"] for m, e in r.items()} for a, r in results["results"].items()}
-    _cli("report", "--workdir", wd, *TINY)
+    for arch, by_mode in rerun.items():  # resumed: the first process's seconds count too
+        for mode, e in by_mode.items():
+            assert e["resumed_from"] and e["total_seconds"] >= \
+                e["seconds"] + results["results"][arch][mode]["seconds"] * 0.5
+    assert "STALE" not in _cli("report", "--workdir", wd, *TINY).stdout
+    out = _cli("report", "--workdir", wd, *TINY, "--config.eval.repeats=2").stdout
+    assert "STALE" in out and "repeats: results 1, config 2" in out, out
     # a retrained teacher (another lr): the old bank is rebuilt from the new weights, loudly
     import shutil
 
@@ -145,3 +158,62 @@ def test_stages_refuse_without_prerequisites(tmp_path):
     proc = _cli("evaluate", "--workdir", str(wd), *distill, check=False)
     assert proc.returncode == 2 and "`elf-jax train-teacher" in proc.stderr
     assert "elf-jax distill" not in proc.stderr
+
+
+def test_interrupted_evaluation_is_reported_as_partial_and_old_results_go(tmp_path, monkeypatch):
+    """In process, no training: cross_evaluate is replaced by one that stops after a result."""
+    import numpy as np
+    import pytest
+
+    from elf_jax import pipeline
+    from elf_jax.config import demo_config
+    from elf_jax.elf import evaluate
+    from elf_jax.synset import SyntheticSet
+
+    config = demo_config()  # pool of 4 x 2 modes, 2 repeats
+    wd = tmp_path / "wd"
+    wd.mkdir()
+    (wd / "results.json").write_text(json.dumps(  # an earlier run's complete results
+        {"dataset": "mnist5k", "results": {"OldNet": {"task": {"accs": [0.5]}}}}))
+    synset = SyntheticSet(np.zeros((10, 28, 28, 1), np.float32), np.arange(10),
+                          metadata={"method": "real_random", "ipc": 1, "dataset": "mnist5k"})
+    entry = {"accs": [0.8, 0.82], "mean": 0.81, "std": 0.01, "seconds": 1.0,
+             "total_seconds": 5.0, "resumed_from": 3, "strategy": "sequential"}
+
+    def stops(first_results):
+        def cross_evaluate(pool, *args, on_result, **kw):
+            for arch, mode in first_results:
+                on_result(arch, mode, entry)
+            raise KeyboardInterrupt
+        return cross_evaluate
+
+    logged: list = []
+    pipeline.set_logger(logged.append)
+    try:
+        run = pipeline.Run(config, wd)
+        monkeypatch.setattr(evaluate, "cross_evaluate", stops([]))
+        with pytest.raises(KeyboardInterrupt):
+            pipeline.stage_evaluate(run, synset, banks={})
+        with pytest.raises(ValueError, match="PARTIAL: 0 of 8"):  # never the old results
+            pipeline.stage_report(run)
+        monkeypatch.setattr(evaluate, "cross_evaluate", stops([("ConvNet", "task")]))
+        with pytest.raises(KeyboardInterrupt):
+            pipeline.stage_evaluate(run, synset, banks={})
+        stored = json.loads((wd / "results.json").read_text())
+        assert stored["partial"] and set(stored["results"]) == {"ConvNet"}
+        assert stored["request"]["repeats"] == 2 and stored["request"]["widths"]["ConvNet"] == 32
+        assert stored["request"]["synset"]["content_hash"] == synset.content_hash()
+        assert stored["provenance"]["synset"]["content_hash"] == synset.content_hash()
+        assert stored["provenance"]["teachers"]["ConvNetW32"]["snapshot_epoch"] == 8
+        assert "5 s with earlier runs" in logged[-1]
+        paths = pipeline.stage_report(run)
+        assert "PARTIAL: 1 of 8" in logged[-2] and "STALE" not in logged[-2], logged[-2]
+        assert (wd / "results.md").read_text().startswith("**PARTIAL: 1 of 8")
+        assert b"PARTIAL: 1 of 8" in Path(paths["plot"]).read_bytes()
+        # the same results read with another config: shown, but loudly as another request's
+        config.eval.repeats = 3
+        pipeline.stage_report(pipeline.Run(config, wd))
+        assert "STALE" in logged[-2] and "repeats: results 2, config 3" in logged[-2]
+        assert "repeats: results 2, config 3" in (wd / "results.md").read_text()
+    finally:
+        pipeline.set_logger(print)

@@ -58,3 +58,89 @@ def test_bad_input_errors(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         report.load_report(str(bad))
+
+
+PARTIAL = {"results": {"ConvNet": {"task": {"accs": [0.847]}}}, "partial": True,
+           "request": {"pool": ["ConvNet", "ConvNetBN"], "modes": ["task", "front_rear_task"],
+                       "repeats": 1}}
+
+
+def test_partial_results_say_so_in_every_format(tmp_path):
+    line = "PARTIAL: 1 of 4 evaluations (arch x mode) finished"
+    text = report.text_report(PARTIAL, "t")
+    assert text.startswith(line) and text.count("missing") == 5  # 3 cells, 2 gains
+    paths = report.write_report(PARTIAL, str(tmp_path), "t")
+    md = open(paths["markdown"]).read()
+    assert md.startswith(f"**{line}") and "| ConvNetBN | missing | missing | missing |" in md
+    with open(paths["plot"], "rb") as f:  # the PNG's title (also drawn) is in its metadata
+        assert line.encode() in f.read()
+    # a complete report has no such line, and its absent cells are "-" (not requested)
+    done = report.text_report({"results": RESULTS})
+    assert "PARTIAL" not in done and "missing" not in done
+    with pytest.raises(ValueError, match="PARTIAL: 0 of 4"):
+        report.write_report({**PARTIAL, "results": {}}, str(tmp_path))
+
+
+def test_one_repeat_shows_no_spread_and_n_is_shown():
+    table = report.markdown_table(report.summarize(PARTIAL["results"]), repeats=1)
+    assert "84.70 (n=1)" in table and "± 0.00" not in table and "task (n=1)" in table
+    rows = report.summarize(RESULTS)  # ConvNet has 2 repeats, ResNet18 1
+    assert "| 70.00 (n=1) |" in report.markdown_table(rows)
+    assert "task (n=2)" in report.text_table(rows)
+
+
+def test_gain_spread_is_over_paired_repeats():
+    accs = {"A": {"task": {"accs": [0.80, 0.90]}, "front_rear_task": {"accs": [0.81, 0.91]}}}
+    g = report.paired_gains(accs)["A"]
+    # the modes' own spreads are 5 points each; the paired differences do not spread at all
+    assert g["mean"] == pytest.approx(0.01) and g["std"] == pytest.approx(0.0) and g["n"] == 2
+
+
+def test_differences_name_each_setting():
+    stored = {"repeats": 1, "pool": ["ConvNet"], "synset": {"ipc": 10, "content_hash": "a"}}
+    current = {"repeats": 2, "pool": ("ConvNet",), "synset": {"ipc": 10, "content_hash": "b"}}
+    assert report.differences(stored, current) == [
+        "repeats: results 1, config 2", "synset.content_hash: results a, config b"]
+    assert report.differences(stored, stored) == []
+
+
+def test_settings_lines_carry_the_provenance():
+    rep = {"results": RESULTS, "request": {
+        "dataset": "mnist5k", "repeats": 2, "seed": 3, "dtype": "float32", "width_override": 32,
+        "widths": {"ConvNet": 32}, "protocol": {"epochs": 100, "lr": 0.01, "dsa_strategy": "x"}},
+        "provenance": {"elf_jax": "9.9", "date": "2030-01-02", "synset": {
+            "source": "import", "path": "/sets/a.npz", "method": "dm", "ipc": 10,
+            "content_hash": "0123456789abcdef"}, "teachers": {"ConvNetW32": {
+                "for": ["ConvNet"], "snapshot_epoch": 8, "epochs": 8, "lr": 0.01,
+                "test_acc": 0.951}}}}
+    text = "\n".join(report.settings_lines(rep))
+    for part in ("seed 3", "2 repeats", "100 epochs", "ConvNet 32", "config.eval.width=32",
+                 "/sets/a.npz", "IPC 10", "0123456789ab", "teacher ConvNetW32", "95.10%",
+                 "epoch-8 snapshot", "elf_jax 9.9", "2030-01-02"):
+        assert part in text, part
+    sub = report.plot_subtitle(rep)
+    assert "seed 3" in sub and "n=2" in sub and "ConvNetW32@8" in sub
+    assert report.settings_lines({"results": RESULTS}) == []  # older files: nothing invented
+
+
+def test_seconds_add_up_over_a_resume(tmp_path):
+    """A run resumed from its checkpoints reports the seconds of every process it ran in."""
+    import numpy as np
+
+    from elf_jax.models import get_model
+    from elf_jax.train import TrainProtocol
+    from elf_jax.train.runner import run_evaluation
+
+    rng = np.random.default_rng(0)
+    x, tx = (rng.normal(size=(n, 16, 16, 3)).astype(np.float32) for n in (6, 4))
+    y, ty = (np.arange(n) % 3 for n in (6, 4))
+    net, protocol = get_model("ConvNet", 3, width=8), TrainProtocol(
+        epochs=2, batch_size=4, dsa_strategy="none", mode="task")
+    kw = dict(repeats=1, workdir=tmp_path, checkpoint_every=1, progress=False)
+    first = run_evaluation(net, protocol, x, y, tx, ty, **kw)
+    assert first["resumed_from"] is None
+    assert first["total_seconds"] == pytest.approx(first["seconds"], abs=0.1)
+    again = run_evaluation(net, protocol, x, y, tx, ty, **kw)  # every epoch is done: resumed
+    assert again["resumed_from"] is not None
+    # the first process's time (mostly compilation and training) is counted in
+    assert again["total_seconds"] >= again["seconds"] + 0.5 * first["seconds"]

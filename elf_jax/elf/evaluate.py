@@ -4,8 +4,8 @@
 Both follow the reference protocol (:class:`elf_jax.train.TrainProtocol`) and return plain
 dicts; ``cross_evaluate``'s result is the input of :mod:`elf_jax.report`::
 
-    {"results": {arch: {mode: {"accs": [...], "mean", "std", "seconds", "strategy", "lr",
-                                "resumed_from", "final_train_loss"}}},
+    {"results": {arch: {mode: {"accs": [...], "mean", "std", "seconds", "total_seconds",
+                                "strategy", "lr", "resumed_from", "final_train_loss"}}},
      "summary": {arch: {mode: {"mean", "std", "n"}, "gain": ELF mean - baseline mean}},
      "pool", "modes", "repeats", "protocol", "num_classes", "placement"}
 
@@ -369,8 +369,8 @@ def cross_evaluate(
                 workdir=None if workdir is None else Path(workdir) / arch / mode,
                 strategy=strategy, chunk_epochs=chunk_epochs, checkpoint_every=checkpoint_every,
                 placement=placement, progress=progress)
-            entry = {kk: r[kk] for kk in ("accs", "mean", "std", "seconds", "strategy", "lr",
-                                          "resumed_from")}
+            entry = {kk: r[kk] for kk in ("accs", "mean", "std", "seconds", "total_seconds",
+                                          "strategy", "lr", "resumed_from")}
             entry["final_train_loss"] = np.asarray(r["train_loss"])[:, -1].tolist()
             results[arch][mode] = entry
             if on_result is not None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping, Sequence
 
-__all__ = ["BASELINE_MODE", "ELF_MODE", "summarize"]
+__all__ = ["BASELINE_MODE", "ELF_MODE", "paired_gains", "summarize"]
 
 BASELINE_MODE = "task"
 ELF_MODE = "front_rear_task"
@@ -34,3 +34,17 @@ def summarize(results: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> dict[st
             row["gain"] = row[ELF_MODE]["mean"] - row[BASELINE_MODE]["mean"]
         summary[arch] = row
     return summary
+
+
+def paired_gains(results: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> dict[str, dict]:
+    """Per architecture with both modes: mean/std/n of the per-repeat ELF - baseline
+    differences (repeat r of both modes starts from the same weights, so the pairs share
+    the initialization and their spread is the gain's own)."""
+    gains = {}
+    for arch, by_mode in results.items():
+        if BASELINE_MODE in by_mode and ELF_MODE in by_mode:
+            diffs = [float(e) - float(b) for b, e in zip(by_mode[BASELINE_MODE]["accs"],
+                                                          by_mode[ELF_MODE]["accs"])]
+            mean, std = _mean_std(diffs)
+            gains[arch] = {"mean": mean, "std": std, "n": len(diffs)}
+    return gains

@@ -423,11 +423,12 @@ def repeat_accuracies(net, states: TrainState, images, labels, batch_size: int =
 
 # ------------------------------------------------------------------------------- the engine
 def _resume(mngr, states, meta):
-    """``(states, start epoch)`` from the newest checkpoint (refused when its settings or
-    format differ)."""
+    """``(states, start epoch, training seconds before this process)`` from the newest
+    checkpoint (refused when its settings or format differ). The seconds are None when the
+    checkpoint does not record them (written before they were stored: unknown)."""
     latest = mngr.latest_step()
     if latest is None:
-        return states, 0
+        return states, 0, 0.0
     saved = mngr.read_meta(latest)
     where = f"checkpoints in {mngr.directory}"
     if saved.get("kind") != meta["kind"]:
@@ -438,7 +439,9 @@ def _resume(mngr, states, meta):
     check_expect(saved, meta, where=f"{where} (use another workdir or delete it to start over)")
     restored, _ = mngr.restore(latest, like=dict(states._asdict()))
     states = TrainState(**restored)
-    return states, int(np.asarray(host_copy(states.epoch)).reshape(-1)[0])
+    earlier = saved.get("train_seconds")
+    epoch = int(np.asarray(host_copy(states.epoch)).reshape(-1)[0])
+    return states, epoch, None if earlier is None else float(earlier)
 
 
 def _first_bad(ms, epoch, num_epochs, desc, mngr):
@@ -478,9 +481,11 @@ def fit(net, protocol: TrainProtocol, data: Mapping[str, Any], states: TrainStat
       meta: JSON settings stored with the checkpoints that must match on resume.
       on_chunk: ``on_chunk(epochs_done, states, metrics)`` after each chunk, before its
         checkpoint (teachers save a snapshot per epoch here).
-    Returns: ``(states, history {metric: [R, num_epochs]}, info)``; info holds ``seconds``,
-      ``resumed_from``, ``engine``, ``chunk_epochs``, ``placement``, ``net`` (the network as
-      built for one device, e.g. for testing).
+    Returns: ``(states, history {metric: [R, num_epochs]}, info)``; info holds ``seconds``
+      (this call), ``total_seconds`` (with the processes a resumed run ran in before; None
+      when its checkpoint predates that record), ``resumed_from``, ``engine``,
+      ``chunk_epochs``, ``placement``, ``net`` (the network as built for one device, e.g.
+      for testing).
     """
     t0 = time.perf_counter()
     placement = Placement.of(placement)
@@ -508,10 +513,14 @@ def fit(net, protocol: TrainProtocol, data: Mapping[str, Any], states: TrainStat
     chunk_fn = factory(net, compiled, k, strategy, placement, n)
     meta = {"kind": EVAL_FORMAT, **dict(meta or {})}
 
-    mngr, start = None, 0
+    mngr, start, earlier = None, 0, 0.0
     if workdir is not None:
         mngr = StepCheckpoints(Path(workdir), max_to_keep=max_to_keep)
-        states, start = _resume(mngr, states, meta)
+        states, start, earlier = _resume(mngr, states, meta)
+
+    def total_seconds():  # stored with each checkpoint, so a resumed run reports its total
+        return None if earlier is None else earlier + time.perf_counter() - t0
+
     history = _load_history(workdir, start, repeats, num_epochs)
     bar = None
     if progress and start < num_epochs:
@@ -534,13 +543,14 @@ def fit(net, protocol: TrainProtocol, data: Mapping[str, Any], states: TrainStat
             if on_chunk is not None:
                 on_chunk(epoch, states, ms)
             if mngr is not None and (epoch % ckpt_every == 0 or epoch == num_epochs):
-                _save(mngr, workdir, epoch, states, meta, history)
+                _save(mngr, workdir, epoch, states, meta, history, total_seconds())
     finally:
         if bar is not None:
             bar.close()
         if mngr is not None:
             mngr.close()
-    info = {"seconds": time.perf_counter() - t0, "resumed_from": start or None, "engine": engine,
+    info = {"seconds": time.perf_counter() - t0, "total_seconds": total_seconds(),
+            "resumed_from": start or None, "engine": engine,
             "chunk_epochs": k, "placement": placement.describe(), "net": with_bn_axis(net, None)}
     return states, history, info
 
@@ -555,9 +565,12 @@ def _load_history(workdir, start, repeats, num_epochs):
     return history
 
 
-def _save(mngr, workdir, epoch, states, meta, history):
+def _save(mngr, workdir, epoch, states, meta, history, train_seconds):
     np.savez(Path(workdir) / f"history_{epoch}.npz", **history)
-    mngr.save(epoch, dict(states._asdict()), {**meta, "epoch": epoch})
+    extra = {"epoch": epoch}
+    if train_seconds is not None:  # not part of `meta`: never compared on resume
+        extra["train_seconds"] = round(train_seconds, 3)
+    mngr.save(epoch, dict(states._asdict()), {**meta, **extra})
     for old in Path(workdir).glob("history_*.npz"):
         if int(old.stem.split("_")[1]) not in mngr.all_steps():
             old.unlink(missing_ok=True)
@@ -601,7 +614,8 @@ def run_evaluation(net, protocol: TrainProtocol, images, labels, test_images, te
       hparams: per-repeat ``lr``/``lambda_front``/``lambda_rear`` (scalars or ``[R]``).
       run_info: extra JSON metadata that must match on resume (e.g. the architecture name).
     Returns: dict with ``accs`` ``[R]``, ``mean``, ``std``, ``train_loss``/``train_acc``
-      ``[R, E+1]``, ``history``, ``seconds``, ``strategy``, ``engine``, ``resumed_from``,
+      ``[R, E+1]``, ``history``, ``seconds`` (this process), ``total_seconds`` (with the
+      processes before a resume; None if unknown), ``strategy``, ``engine``, ``resumed_from``,
       ``chunk_epochs``, ``placement`` and ``states`` if ``return_states``.
     """
     key = jax.random.PRNGKey(0) if key is None else key
@@ -634,7 +648,8 @@ def run_evaluation(net, protocol: TrainProtocol, images, labels, test_images, te
     out = {"accs": accs, "mean": float(np.mean(accs)), "std": float(np.std(accs)),
            "train_loss": history["loss"], "train_acc": history["acc"], "history": history,
            "strategy": label if placement.mesh is None else f"{label} ({placement.describe()})",
-           **{k: info[k] for k in ("seconds", "engine", "resumed_from", "chunk_epochs", "placement")}}
+           **{k: info[k] for k in ("seconds", "total_seconds", "engine", "resumed_from",
+                                   "chunk_epochs", "placement")}}
     if return_states:
         out["states"] = host_copy(states)
     return out
