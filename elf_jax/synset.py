@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -261,23 +263,55 @@ def to_npz(path, s: SyntheticSet) -> Path:
     return path
 
 
+def _not_npz(path) -> ValueError:
+    return ValueError(
+        f"{path} is not a valid .npz archive (truncated, corrupt or not an npz): re-export "
+        "it with elf_jax.synset.to_npz (or numpy.savez) and copy it again")
+
+
+def _read_npz(path: Path) -> dict:
+    """The ``images``/``labels``/``lr``/``metadata_json`` arrays of the ``.npz`` at ``path``.
+
+    Never loads pickled data, and never repeats numpy's advice to allow it: a file that is not
+    a zip of ``.npy`` arrays (truncated, random bytes, a pickle) is reported as not an npz."""
+    try:
+        z = np.load(path, allow_pickle=False)
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile):
+        raise _not_npz(path) from None
+    if not isinstance(z, np.lib.npyio.NpzFile):  # a bare .npy renamed
+        raise _not_npz(path)
+    with z:
+        if "images" not in z.files or "labels" not in z.files:
+            raise ValueError(
+                f"{path} has arrays {sorted(z.files)}; a synthetic set needs 'images' "
+                "(NHWC) and 'labels'")
+        out = {}
+        for name in ("images", "labels", "lr", "metadata_json"):
+            if name not in z.files:
+                continue
+            try:
+                out[name] = z[name]
+            except ValueError as e:  # an object array: loading it would unpickle
+                if "allow_pickle" not in str(e):
+                    raise _not_npz(path) from None
+                raise ValueError(f"{path}: array {name!r} holds Python objects (pickled); "
+                                 "store it as a numeric array") from None
+            except (OSError, EOFError, zipfile.BadZipFile, zlib.error):  # bad CRC, cut data
+                raise _not_npz(path) from None
+    return out
+
+
 def from_npz(path) -> SyntheticSet:
     """Imports a set written by ``to_npz`` (or any npz with ``images`` and ``labels``, NHWC)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no file at {path}; check the path")
+    z = _read_npz(path)
     try:
-        with np.load(path, allow_pickle=False) as z:
-            if "images" not in z or "labels" not in z:
-                raise ValueError(
-                    f"{path} has arrays {sorted(z.files)}; a synthetic set needs 'images' "
-                    "(NHWC) and 'labels'")
-            images, labels = z["images"], z["labels"]
-            lr = z["lr"] if "lr" in z else None
-            meta = json.loads(str(z["metadata_json"])) if "metadata_json" in z else {}
-    except (OSError, EOFError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path} is not a readable .npz synthetic set ({e})") from e
-    return _from_stored(path, images, labels, lr, meta)
+        meta = json.loads(str(z["metadata_json"])) if "metadata_json" in z else {}
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: its metadata_json is not valid JSON ({e}); re-export it") from e
+    return _from_stored(path, z["images"], z["labels"], z.get("lr"), meta)
 
 
 def random_real_subset(key, dataset, ipc: int) -> SyntheticSet:
