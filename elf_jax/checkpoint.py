@@ -47,6 +47,7 @@ __all__ = [
     "load_tree",
     "read_metadata",
     "check_finite",
+    "CorruptCheckpoint",
     "check_expect",
     "write_json_atomic",
     "fingerprint",
@@ -207,10 +208,21 @@ def _checkpointer() -> ocp.Checkpointer:
     return ocp.Checkpointer(ocp.CompositeCheckpointHandler())
 
 
-def _corrupt(path, err: BaseException) -> ValueError:
-    return ValueError(
-        f"checkpoint at {path} is corrupt or incomplete ({type(err).__name__}: {err}). "
-        "Delete that directory and re-create it (re-run the step that wrote it).")
+class CorruptCheckpoint(ValueError):
+    """A checkpoint whose files cannot be read back (truncated, damaged, half-deleted);
+    ``reason`` is the underlying error in one short line."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def _corrupt(path, err: BaseException) -> CorruptCheckpoint:
+    # tensorstore errors run to several long lines; the first 200 characters name the cause
+    reason = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:200]}"
+    return CorruptCheckpoint(
+        f"checkpoint at {path} is corrupt or incomplete ({reason}). "
+        "Delete that directory and re-create it (re-run the step that wrote it).", reason)
 
 
 # --------------------------------------------------------------------------- one tree

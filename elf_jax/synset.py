@@ -223,16 +223,26 @@ def save_synset(path, s: SyntheticSet) -> Path:
     return checkpoint.save_tree(path, tree, _full_meta(s))
 
 
+def _corrupt_set(where, why: str) -> ValueError:
+    return ValueError(f"synthetic set {where} is corrupt ({why}): re-run `elf-jax distill` "
+                      "(or re-export an imported set) or restore it from a copy")
+
+
+def _stored_hash(images, labels) -> str:
+    """``SyntheticSet.content_hash`` of stored arrays, computed before validation so a damaged
+    set is reported as damaged, not as invalid (e.g. NaN read as a diverged distillation)."""
+    labels = np.asarray(labels)
+    return checkpoint.fingerprint(np.asarray(images, np.float32),
+                                  labels.astype(np.int32 if labels.ndim == 1 else np.float32))
+
+
 def _from_stored(where, images, labels, lr, meta: dict) -> SyntheticSet:
     expected_hash = meta.get("content_hash")
+    if expected_hash is not None and _stored_hash(images, labels) != expected_hash:
+        raise _corrupt_set(where, "content hash mismatch: its arrays changed after it was saved")
     user_meta = {k: v for k, v in meta.items() if k not in _STORAGE_KEYS}
-    s = SyntheticSet(images, labels, lr=lr, metadata=user_meta,
-                     num_classes=user_meta.get("num_classes"))
-    if expected_hash is not None and s.content_hash() != expected_hash:
-        raise ValueError(
-            f"synthetic set at {where} is corrupt: its content hash {s.content_hash()[:12]}... "
-            f"does not match the stored {expected_hash[:12]}...; re-create or re-export it")
-    return s
+    return SyntheticSet(images, labels, lr=lr, metadata=user_meta,
+                        num_classes=user_meta.get("num_classes"))
 
 
 def load_synset(path, expect: Optional[Mapping[str, Any]] = None) -> SyntheticSet:
@@ -242,7 +252,10 @@ def load_synset(path, expect: Optional[Mapping[str, Any]] = None) -> SyntheticSe
         raise ValueError(
             f"{path} is not a synthetic set (kind={meta.get('kind')!r}); pass a directory "
             "written by save_synset")
-    tree, meta = checkpoint.load_tree(path, expect=expect)
+    try:
+        tree, meta = checkpoint.load_tree(path, expect=expect)
+    except checkpoint.CorruptCheckpoint as e:
+        raise _corrupt_set(path, f"unreadable: {e.reason}") from e
     return _from_stored(path, tree["images"], tree["labels"], meta.get("lr"), meta)
 
 

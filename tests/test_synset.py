@@ -181,3 +181,26 @@ def test_npz_damaged_files_are_one_line_errors(tmp_path):
     with pytest.raises(ValueError, match="holds Python objects") as e:
         from_npz(tmp_path / "objects.npz")
     assert "allow_pickle" not in str(e.value)
+
+
+def test_damage_is_corruption_not_divergence(tmp_path):
+    """NaN in a file whose content hash does not match = corrupt; NaN in a file that matches
+    its hash = the distillation diverged; unreadable arrays = corrupt."""
+    s = _set()
+    meta = json.loads(str(np.load(to_npz(tmp_path / "s.npz", s))["metadata_json"]))
+    nan_images = s.images.copy()
+    nan_images[0, 0, 0, 0] = np.nan
+    np.savez(tmp_path / "flipped.npz", images=nan_images, labels=s.labels,
+             metadata_json=json.dumps(meta))
+    with pytest.raises(ValueError, match=r"flipped.npz is corrupt \(content hash mismatch"):
+        from_npz(tmp_path / "flipped.npz")
+    meta["content_hash"] = checkpoint.fingerprint(nan_images, s.labels)
+    np.savez(tmp_path / "nan.npz", images=nan_images, labels=s.labels,
+             metadata_json=json.dumps(meta))
+    with pytest.raises(ValueError, match="diverged"):
+        from_npz(tmp_path / "nan.npz")
+    save_synset(tmp_path / "syn", s)
+    for f in (tmp_path / "syn" / "tree").rglob("d/*"):  # the array chunks
+        f.write_bytes(f.read_bytes()[:20])
+    with pytest.raises(ValueError, match=r"syn is corrupt \(unreadable: .*re-run `elf-jax distill`"):
+        load_synset(tmp_path / "syn")
