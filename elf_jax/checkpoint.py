@@ -31,12 +31,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import jax
 import numpy as np
@@ -56,6 +57,7 @@ __all__ = [
 ]
 
 TREE_FORMAT = "elf_jax.tree/1"
+log = logging.getLogger(__name__)
 _TREE = "tree"
 _META = "metadata"
 
@@ -416,6 +418,34 @@ class StepCheckpoints:
         if meta is None:
             raise _corrupt(self.directory / str(step), RuntimeError("metadata missing"))
         return _rewrap_keys(out["state"], like), meta
+
+    def restore_latest_good(self, like: Any = None,
+                            check: Optional[Callable[[dict], None]] = None) -> Optional[tuple]:
+        """``(step, state, meta)`` of the newest step that reads back, or ``None`` if there are
+        no steps. ``check(meta)`` may refuse a step (its error propagates). A step that cannot be
+        read (truncated or damaged files) is skipped with a logged warning naming it, and
+        deleted once an older step has been restored (it is rewritten by the resumed run);
+        when no step can be read, the oldest one's ``CorruptCheckpoint`` is raised."""
+        steps = self.all_steps()
+        bad = []
+        for i, step in enumerate(reversed(steps)):
+            try:
+                meta = self.read_meta(step)
+                if check is not None:
+                    check(meta)
+                state, meta = self.restore(step, like=like)
+            except CorruptCheckpoint as e:
+                if i == len(steps) - 1:
+                    raise
+                log.warning("checkpoint step %d in %s cannot be read (%s); falling back to the "
+                            "step before it (it will be written again)", step, self.directory,
+                            e.reason)
+                bad.append(step)
+                continue
+            for b in bad:
+                self._mngr.delete(b)
+            return step, state, meta
+        return None
 
     def close(self) -> None:
         self._mngr.close()

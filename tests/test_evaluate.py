@@ -99,3 +99,23 @@ def test_learned_lr_option(data):
     out = evaluate_synset("ConvNet", x, y, tx, ty, None, p.replace(use_learned_lr=False), 1,
                           learned_lr=0.003, model_overrides=W8, progress=False)
     assert out["lr"] == pytest.approx(0.01)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # orbax, on the bad read
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous(data, tmp_path, caplog):
+    """The newest evaluation checkpoint damaged on disk: the rerun warns naming it, resumes
+    from the step before and ends with the uninterrupted run's result."""
+    x, y, tx, ty, _ = data
+    p = TrainProtocol(epochs=2, batch_size=4, dsa_strategy="none", mode="task")  # 3 epochs
+    kw = dict(repeats=1, key=jax.random.PRNGKey(3), workdir=tmp_path, checkpoint_every=1,
+              chunk_epochs=1, model_overrides={"width": 4}, progress=False, return_states=True)
+    first = evaluate_synset("ConvNet", x, y, tx, ty, None, p, **kw)
+    latest = tmp_path / "checkpoints" / "3"
+    for f in (latest / "state").rglob("d/*"):  # truncate the array chunks
+        f.write_bytes(f.read_bytes()[:16])
+    with caplog.at_level("WARNING", logger="elf_jax.checkpoint"):
+        again = evaluate_synset("ConvNet", x, y, tx, ty, None, p, **kw)
+    assert again["resumed_from"] == 2 and "step 3 in " + str(latest.parent) in caplog.text
+    assert again["accs"] == first["accs"]
+    for a, b in zip(jax.tree.leaves(first["states"].params), jax.tree.leaves(again["states"].params)):
+        np.testing.assert_array_equal(a, b)

@@ -423,21 +423,22 @@ def repeat_accuracies(net, states: TrainState, images, labels, batch_size: int =
 
 # ------------------------------------------------------------------------------- the engine
 def _resume(mngr, states, meta):
-    """``(states, start epoch)`` from the newest checkpoint (refused when its settings or
-    format differ)."""
-    latest = mngr.latest_step()
-    if latest is None:
-        return states, 0
-    saved = mngr.read_meta(latest)
+    """``(states, start epoch)`` from the newest checkpoint that reads back (an unreadable
+    newer one is skipped with a warning); refused when its settings or format differ."""
     where = f"checkpoints in {mngr.directory}"
-    if saved.get("kind") != meta["kind"]:
-        raise ValueError(
-            f"{where} were written in format {saved.get('kind')!r}, but this version of elf_jax "
-            f"writes {meta['kind']!r} (the random streams changed, so they cannot be continued "
-            "exactly); delete that directory or use another workdir to start over")
-    check_expect(saved, meta, where=f"{where} (use another workdir or delete it to start over)")
-    restored, _ = mngr.restore(latest, like=dict(states._asdict()))
-    states = TrainState(**restored)
+
+    def check(saved):
+        if saved.get("kind") != meta["kind"]:
+            raise ValueError(
+                f"{where} were written in format {saved.get('kind')!r}, but this version of "
+                f"elf_jax writes {meta['kind']!r} (the random streams changed, so they cannot be "
+                "continued exactly); delete that directory or use another workdir to start over")
+        check_expect(saved, meta, where=f"{where} (use another workdir or delete it to start over)")
+
+    found = mngr.restore_latest_good(like=dict(states._asdict()), check=check)
+    if found is None:
+        return states, 0
+    states = TrainState(**found[1])
     return states, int(np.asarray(host_copy(states.epoch)).reshape(-1)[0])
 
 
