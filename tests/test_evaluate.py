@@ -52,9 +52,29 @@ def test_bad_labels_and_nans(data):
     fn[1] = np.inf
     with pytest.raises(ValueError, match="feature bank holds"):
         evaluate_synset("ConvNet", x, y, tx, ty, fn, TINY, 1, model_overrides=W8)
-    with pytest.raises(ValueError, match="soft labels must have shape"):
+    with pytest.raises(ValueError, match="synthetic set: soft labels are over 5 classes but "
+                       "num_classes is 3"):
         evaluate_synset("ConvNet", x, np.ones((9, 5), np.float32) / 5, tx, ty, f8, TINY, 1,
                         num_classes=K, model_overrides=W8)
+
+
+@pytest.mark.parametrize("width", [2, 5])
+def test_soft_label_width_blames_the_synthetic_set(data, width):
+    """Soft labels over the wrong number of classes: an error about the synthetic set's labels
+    (not the test set's), from cross_evaluate and from run_evaluation, before any training."""
+    from elf_jax.models import get_model
+    from elf_jax.train.runner import run_evaluation
+
+    x, _, tx, ty, _ = data
+    soft = np.full((9, width), 1 / width, np.float32)
+    with pytest.raises(ValueError, match=f"synthetic set's soft labels are over {width} classes "
+                       "but the test set's labels are 0..2"):
+        cross_evaluate(["ConvNet"], x, soft, tx, ty, modes=["task"], protocol=TINY, repeats=1,
+                       model_overrides=W8, progress=False)
+    with pytest.raises(ValueError, match=f"synthetic set's soft labels are over {width} classes "
+                       "but the network has 3 outputs"):
+        run_evaluation(get_model("ConvNet", K, width=8), TINY.replace(mode="task"), x, soft, tx,
+                       ty, repeats=1, progress=False)
 
 
 def test_cross_evaluate_validates_before_training(data):

@@ -574,6 +574,17 @@ def _resolve_placement(strategy, placement, mesh):
     return "sequential", Placement.of(placement or "shard_map", mesh)
 
 
+def _check_soft_width(labels: np.ndarray, net) -> None:
+    """Soft labels must be over the network's classes: say so before training, naming the
+    synthetic set (the loss would only report mismatched shapes)."""
+    k = getattr(net, "num_classes", None)
+    if labels.ndim == 2 and k is not None and labels.shape[1] != int(k):
+        raise ValueError(
+            f"the synthetic set's soft labels are over {labels.shape[1]} classes but the network "
+            f"has {k} outputs (num_classes); fix the set's labels or build the network with "
+            f"{labels.shape[1]} classes")
+
+
 def run_evaluation(net, protocol: TrainProtocol, images, labels, test_images, test_labels,
                    features=None, *, repeats: int = 5, key=None, strategy: str = "auto",
                    engine: str = "auto", chunk_epochs: Optional[int] = None, workdir=None,
@@ -615,6 +626,7 @@ def run_evaluation(net, protocol: TrainProtocol, images, labels, test_images, te
     label, (strategy, placement) = strategy, _resolve_placement(strategy, placement, mesh)
     data = {"images": np.asarray(jax.device_get(images), np.float32),
             "labels": np.asarray(jax.device_get(labels))}
+    _check_soft_width(data["labels"], net)
     if mode_needs_features(protocol.mode):
         if features is None:
             raise ValueError(f"loss mode {protocol.mode!r} needs the teacher feature bank (features=None)")
