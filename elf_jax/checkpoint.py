@@ -31,12 +31,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import jax
 import numpy as np
@@ -47,6 +48,7 @@ __all__ = [
     "load_tree",
     "read_metadata",
     "check_finite",
+    "CorruptCheckpoint",
     "check_expect",
     "write_json_atomic",
     "fingerprint",
@@ -55,6 +57,7 @@ __all__ = [
 ]
 
 TREE_FORMAT = "elf_jax.tree/1"
+log = logging.getLogger(__name__)
 _TREE = "tree"
 _META = "metadata"
 
@@ -207,10 +210,21 @@ def _checkpointer() -> ocp.Checkpointer:
     return ocp.Checkpointer(ocp.CompositeCheckpointHandler())
 
 
-def _corrupt(path, err: BaseException) -> ValueError:
-    return ValueError(
-        f"checkpoint at {path} is corrupt or incomplete ({type(err).__name__}: {err}). "
-        "Delete that directory and re-create it (re-run the step that wrote it).")
+class CorruptCheckpoint(ValueError):
+    """A checkpoint whose files cannot be read back (truncated, damaged, half-deleted);
+    ``reason`` is the underlying error in one short line."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def _corrupt(path, err: BaseException) -> CorruptCheckpoint:
+    # tensorstore errors run to several long lines; the first 200 characters name the cause
+    reason = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:200]}"
+    return CorruptCheckpoint(
+        f"checkpoint at {path} is corrupt or incomplete ({reason}). "
+        "Delete that directory and re-create it (re-run the step that wrote it).", reason)
 
 
 # --------------------------------------------------------------------------- one tree
@@ -404,6 +418,34 @@ class StepCheckpoints:
         if meta is None:
             raise _corrupt(self.directory / str(step), RuntimeError("metadata missing"))
         return _rewrap_keys(out["state"], like), meta
+
+    def restore_latest_good(self, like: Any = None,
+                            check: Optional[Callable[[dict], None]] = None) -> Optional[tuple]:
+        """``(step, state, meta)`` of the newest step that reads back, or ``None`` if there are
+        no steps. ``check(meta)`` may refuse a step (its error propagates). A step that cannot be
+        read (truncated or damaged files) is skipped with a logged warning naming it, and
+        deleted once an older step has been restored (it is rewritten by the resumed run);
+        when no step can be read, the oldest one's ``CorruptCheckpoint`` is raised."""
+        steps = self.all_steps()
+        bad = []
+        for i, step in enumerate(reversed(steps)):
+            try:
+                meta = self.read_meta(step)
+                if check is not None:
+                    check(meta)
+                state, meta = self.restore(step, like=like)
+            except CorruptCheckpoint as e:
+                if i == len(steps) - 1:
+                    raise
+                log.warning("checkpoint step %d in %s cannot be read (%s); falling back to the "
+                            "step before it (it will be written again)", step, self.directory,
+                            e.reason)
+                bad.append(step)
+                continue
+            for b in bad:
+                self._mngr.delete(b)
+            return step, state, meta
+        return None
 
     def close(self) -> None:
         self._mngr.close()

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -221,16 +223,26 @@ def save_synset(path, s: SyntheticSet) -> Path:
     return checkpoint.save_tree(path, tree, _full_meta(s))
 
 
+def _corrupt_set(where, why: str) -> ValueError:
+    return ValueError(f"synthetic set {where} is corrupt ({why}): re-run `elf-jax distill` "
+                      "(or re-export an imported set) or restore it from a copy")
+
+
+def _stored_hash(images, labels) -> str:
+    """``SyntheticSet.content_hash`` of stored arrays, computed before validation so a damaged
+    set is reported as damaged, not as invalid (e.g. NaN read as a diverged distillation)."""
+    labels = np.asarray(labels)
+    return checkpoint.fingerprint(np.asarray(images, np.float32),
+                                  labels.astype(np.int32 if labels.ndim == 1 else np.float32))
+
+
 def _from_stored(where, images, labels, lr, meta: dict) -> SyntheticSet:
     expected_hash = meta.get("content_hash")
+    if expected_hash is not None and _stored_hash(images, labels) != expected_hash:
+        raise _corrupt_set(where, "content hash mismatch: its arrays changed after it was saved")
     user_meta = {k: v for k, v in meta.items() if k not in _STORAGE_KEYS}
-    s = SyntheticSet(images, labels, lr=lr, metadata=user_meta,
-                     num_classes=user_meta.get("num_classes"))
-    if expected_hash is not None and s.content_hash() != expected_hash:
-        raise ValueError(
-            f"synthetic set at {where} is corrupt: its content hash {s.content_hash()[:12]}... "
-            f"does not match the stored {expected_hash[:12]}...; re-create or re-export it")
-    return s
+    return SyntheticSet(images, labels, lr=lr, metadata=user_meta,
+                        num_classes=user_meta.get("num_classes"))
 
 
 def load_synset(path, expect: Optional[Mapping[str, Any]] = None) -> SyntheticSet:
@@ -240,7 +252,10 @@ def load_synset(path, expect: Optional[Mapping[str, Any]] = None) -> SyntheticSe
         raise ValueError(
             f"{path} is not a synthetic set (kind={meta.get('kind')!r}); pass a directory "
             "written by save_synset")
-    tree, meta = checkpoint.load_tree(path, expect=expect)
+    try:
+        tree, meta = checkpoint.load_tree(path, expect=expect)
+    except checkpoint.CorruptCheckpoint as e:
+        raise _corrupt_set(path, f"unreadable: {e.reason}") from e
     return _from_stored(path, tree["images"], tree["labels"], meta.get("lr"), meta)
 
 
@@ -261,23 +276,55 @@ def to_npz(path, s: SyntheticSet) -> Path:
     return path
 
 
+def _not_npz(path) -> ValueError:
+    return ValueError(
+        f"{path} is not a valid .npz archive (truncated, corrupt or not an npz): re-export "
+        "it with elf_jax.synset.to_npz (or numpy.savez) and copy it again")
+
+
+def _read_npz(path: Path) -> dict:
+    """The ``images``/``labels``/``lr``/``metadata_json`` arrays of the ``.npz`` at ``path``.
+
+    Never loads pickled data, and never repeats numpy's advice to allow it: a file that is not
+    a zip of ``.npy`` arrays (truncated, random bytes, a pickle) is reported as not an npz."""
+    try:
+        z = np.load(path, allow_pickle=False)
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile):
+        raise _not_npz(path) from None
+    if not isinstance(z, np.lib.npyio.NpzFile):  # a bare .npy renamed
+        raise _not_npz(path)
+    with z:
+        if "images" not in z.files or "labels" not in z.files:
+            raise ValueError(
+                f"{path} has arrays {sorted(z.files)}; a synthetic set needs 'images' "
+                "(NHWC) and 'labels'")
+        out = {}
+        for name in ("images", "labels", "lr", "metadata_json"):
+            if name not in z.files:
+                continue
+            try:
+                out[name] = z[name]
+            except ValueError as e:  # an object array: loading it would unpickle
+                if "allow_pickle" not in str(e):
+                    raise _not_npz(path) from None
+                raise ValueError(f"{path}: array {name!r} holds Python objects (pickled); "
+                                 "store it as a numeric array") from None
+            except (OSError, EOFError, zipfile.BadZipFile, zlib.error):  # bad CRC, cut data
+                raise _not_npz(path) from None
+    return out
+
+
 def from_npz(path) -> SyntheticSet:
     """Imports a set written by ``to_npz`` (or any npz with ``images`` and ``labels``, NHWC)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no file at {path}; check the path")
+    z = _read_npz(path)
     try:
-        with np.load(path, allow_pickle=False) as z:
-            if "images" not in z or "labels" not in z:
-                raise ValueError(
-                    f"{path} has arrays {sorted(z.files)}; a synthetic set needs 'images' "
-                    "(NHWC) and 'labels'")
-            images, labels = z["images"], z["labels"]
-            lr = z["lr"] if "lr" in z else None
-            meta = json.loads(str(z["metadata_json"])) if "metadata_json" in z else {}
-    except (OSError, EOFError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path} is not a readable .npz synthetic set ({e})") from e
-    return _from_stored(path, images, labels, lr, meta)
+        meta = json.loads(str(z["metadata_json"])) if "metadata_json" in z else {}
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: its metadata_json is not valid JSON ({e}); re-export it") from e
+    return _from_stored(path, z["images"], z["labels"], z.get("lr"), meta)
 
 
 def random_real_subset(key, dataset, ipc: int) -> SyntheticSet:

@@ -168,3 +168,32 @@ def test_step_checkpoints(tmp_path):
     (d / "2" / "metadata" / "metadata").unlink()
     with pytest.raises(ValueError, match="corrupt or incomplete"):
         sc2.restore(2)
+
+
+def test_restore_latest_good_skips_unreadable_steps(tmp_path, caplog):
+    """An unreadable newest step is skipped (a warning names it) and deleted once an older
+    step reads back; when none reads back the error is raised and nothing is deleted."""
+    sc = StepCheckpoints(tmp_path / "s", max_to_keep=None)
+    assert sc.restore_latest_good() is None
+    for s in range(3):
+        sc.save(s, _tree(float(s)), {"epoch": s})
+    for f in _data_files(tmp_path / "s" / "2" / "state"):
+        f.write_bytes(b"")
+    with caplog.at_level("WARNING", logger="elf_jax.checkpoint"):
+        step, state, meta = sc.restore_latest_good(like=_tree())
+    assert step == 1 and meta["epoch"] == 1 and "step 2 in " + str(tmp_path / "s") in caplog.text
+    _assert_tree_equal(state, _tree(1.0))
+    assert sc.all_steps() == [0, 1]  # step 2 can be written again
+    def refuse(meta):
+        raise ValueError("other settings")
+
+    with pytest.raises(ValueError, match="other settings"):  # a refusal is not corruption
+        sc.restore_latest_good(check=refuse)
+    assert sc.all_steps() == [0, 1]
+    for s in (0, 1):
+        for f in _data_files(tmp_path / "s" / str(s) / "state"):
+            f.write_bytes(b"")
+    with pytest.raises(ValueError, match="corrupt or incomplete"):
+        sc.restore_latest_good(like=_tree())
+    assert sc.all_steps() == [0, 1]
+    sc.close()

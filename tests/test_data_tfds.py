@@ -66,6 +66,47 @@ def test_not_prepared_error(tiny, tmp_path):
         load("cifar10", "train", data_dir=tmp_path / "empty", download=False)
 
 
+def test_download_offline_fails_fast_with_one_line(tiny, tmp_path, monkeypatch, capsys):
+    """A dataset that must be downloaded into an empty data_dir, the network unreachable: said
+    up front, then one error naming the data_dir and what to do, without TFDS's retries."""
+    import tensorflow_datasets as tfds
+
+    from elf_jax.data import tfds_source
+
+    def no_download(*a, **k):
+        raise AssertionError("download_and_prepare must not start")
+
+    monkeypatch.setattr(tfds_source, "reachable", lambda hosts: False)  # never the network
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", no_download)
+    empty = tmp_path / "empty"
+    with pytest.raises(DatasetNotPreparedError) as e:
+        load("mnist", "train", data_dir=empty)
+    msg = str(e.value)
+    assert f"not prepared in {empty}" in msg and "tfds build mnist" in msg
+    assert "--config.data_dir" in msg and "\n" not in msg
+    assert f"mnist is not in {empty}; downloading it (needs network)" in capsys.readouterr().err
+
+
+def test_reachable_and_download_hosts(tiny, tmp_path, monkeypatch):
+    import socket
+
+    from elf_jax.data import tfds_source
+
+    for var in tfds_source._PROXY_VARS:
+        monkeypatch.delenv(var, raising=False)
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        here = [("127.0.0.1", srv.getsockname()[1])]
+        assert not tfds_source.reachable(here, timeout=1)  # not listening yet
+        srv.listen()
+        assert tfds_source.reachable(here, timeout=1)
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy:3128")
+    assert tfds_source.reachable(here, timeout=1)  # the proxy decides
+    assert tfds_source.download_hosts(tfds_source.get_builder(fx.TEST_INFO, tmp_path)) == []
+    mnist = tfds_source.get_builder(registry.dataset_info("mnist"), tmp_path)
+    assert tfds_source.download_hosts(mnist) == [("storage.googleapis.com", 443)]
+
+
 def test_grain_loader_epoch_sharding_determinism(tiny, data_dir):
     seen = []
     for shard in range(2):

@@ -52,9 +52,29 @@ def test_bad_labels_and_nans(data):
     fn[1] = np.inf
     with pytest.raises(ValueError, match="feature bank holds"):
         evaluate_synset("ConvNet", x, y, tx, ty, fn, TINY, 1, model_overrides=W8)
-    with pytest.raises(ValueError, match="soft labels must have shape"):
+    with pytest.raises(ValueError, match="synthetic set: soft labels are over 5 classes but "
+                       "num_classes is 3"):
         evaluate_synset("ConvNet", x, np.ones((9, 5), np.float32) / 5, tx, ty, f8, TINY, 1,
                         num_classes=K, model_overrides=W8)
+
+
+@pytest.mark.parametrize("width", [2, 5])
+def test_soft_label_width_blames_the_synthetic_set(data, width):
+    """Soft labels over the wrong number of classes: an error about the synthetic set's labels
+    (not the test set's), from cross_evaluate and from run_evaluation, before any training."""
+    from elf_jax.models import get_model
+    from elf_jax.train.runner import run_evaluation
+
+    x, _, tx, ty, _ = data
+    soft = np.full((9, width), 1 / width, np.float32)
+    with pytest.raises(ValueError, match=f"synthetic set's soft labels are over {width} classes "
+                       "but the test set's labels are 0..2"):
+        cross_evaluate(["ConvNet"], x, soft, tx, ty, modes=["task"], protocol=TINY, repeats=1,
+                       model_overrides=W8, progress=False)
+    with pytest.raises(ValueError, match=f"synthetic set's soft labels are over {width} classes "
+                       "but the network has 3 outputs"):
+        run_evaluation(get_model("ConvNet", K, width=8), TINY.replace(mode="task"), x, soft, tx,
+                       ty, repeats=1, progress=False)
 
 
 def test_cross_evaluate_validates_before_training(data):
@@ -99,3 +119,23 @@ def test_learned_lr_option(data):
     out = evaluate_synset("ConvNet", x, y, tx, ty, None, p.replace(use_learned_lr=False), 1,
                           learned_lr=0.003, model_overrides=W8, progress=False)
     assert out["lr"] == pytest.approx(0.01)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # orbax, on the bad read
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous(data, tmp_path, caplog):
+    """The newest evaluation checkpoint damaged on disk: the rerun warns naming it, resumes
+    from the step before and ends with the uninterrupted run's result."""
+    x, y, tx, ty, _ = data
+    p = TrainProtocol(epochs=2, batch_size=4, dsa_strategy="none", mode="task")  # 3 epochs
+    kw = dict(repeats=1, key=jax.random.PRNGKey(3), workdir=tmp_path, checkpoint_every=1,
+              chunk_epochs=1, model_overrides={"width": 4}, progress=False, return_states=True)
+    first = evaluate_synset("ConvNet", x, y, tx, ty, None, p, **kw)
+    latest = tmp_path / "checkpoints" / "3"
+    for f in (latest / "state").rglob("d/*"):  # truncate the array chunks
+        f.write_bytes(f.read_bytes()[:16])
+    with caplog.at_level("WARNING", logger="elf_jax.checkpoint"):
+        again = evaluate_synset("ConvNet", x, y, tx, ty, None, p, **kw)
+    assert again["resumed_from"] == 2 and "step 3 in " + str(latest.parent) in caplog.text
+    assert again["accs"] == first["accs"]
+    for a, b in zip(jax.tree.leaves(first["states"].params), jax.tree.leaves(again["states"].params)):
+        np.testing.assert_array_equal(a, b)

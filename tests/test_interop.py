@@ -325,6 +325,21 @@ def test_reference_synset_bad_input(tmp_path):
         ti.load_reference_synset(tmp_path / "missing")
 
 
+def test_reference_synset_damaged_files(tmp_path):
+    """A truncated or random-bytes .pt is one line saying so, without torch's advice to load
+    with weights_only=False (which would run pickled code)."""
+    torch.save(torch.zeros(4, 3, 8, 8), tmp_path / "images.pt")
+    good = (tmp_path / "images.pt").read_bytes()
+    for name, data in {"cut": good[: len(good) // 2], "random": bytes(range(256)) * 4}.items():
+        d = tmp_path / name
+        d.mkdir()
+        (d / "images_best.pt").write_bytes(data)
+        torch.save(torch.zeros(4, dtype=torch.long), d / "labels_best.pt")
+        with pytest.raises(ValueError, match="is not a valid .pt tensor file") as e:
+            ti.load_reference_synset(d)
+        assert "weights_only" not in str(e.value) and "\n" not in str(e.value)
+
+
 def test_missing_torch_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "torch", None)  # makes `import torch` fail
     with pytest.raises(ImportError, match=r"pip install 'elf_jax\[torch\]'"):

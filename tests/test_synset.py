@@ -157,3 +157,50 @@ def test_random_real_subset_mnist5k():
     s = random_real_subset(jax.random.key(0), ds, 10)
     assert len(s) == 10 * ds.num_classes and s.image_shape == tuple(ds.images.shape[1:])
     assert s.metadata["dataset"] == ds.name
+
+
+def _flip_image_byte(data: bytes) -> bytes:
+    """The npz bytes with one byte of the stored images changed (the zip stays readable)."""
+    i = data.index(b"images.npy") + 200  # inside the member's array data
+    return data[:i] + bytes([data[i] ^ 0xFF]) + data[i + 1:]
+
+
+def test_npz_damaged_files_are_one_line_errors(tmp_path):
+    """Truncated, random, corrupted or pickled .npz files: a ValueError saying the file is
+    not a valid npz (never numpy's advice to allow pickles, never a BadZipFile)."""
+    good = to_npz(tmp_path / "good.npz", _set()).read_bytes()
+    np.save(tmp_path / "array.npy", np.ones(3))
+    cases = {"truncated": good[: len(good) // 2], "random": np.random.default_rng(0).bytes(900),
+             "bitflip": _flip_image_byte(good), "npy": (tmp_path / "array.npy").read_bytes()}
+    for name, data in cases.items():
+        (tmp_path / f"{name}.npz").write_bytes(data)
+        with pytest.raises(ValueError, match="not a valid .npz archive") as e:
+            from_npz(tmp_path / f"{name}.npz")
+        assert "allow_pickle" not in str(e.value) and "\n" not in str(e.value)
+    np.savez(tmp_path / "objects.npz", images=np.array([{}], object), labels=np.zeros(1))
+    with pytest.raises(ValueError, match="holds Python objects") as e:
+        from_npz(tmp_path / "objects.npz")
+    assert "allow_pickle" not in str(e.value)
+
+
+def test_damage_is_corruption_not_divergence(tmp_path):
+    """NaN in a file whose content hash does not match = corrupt; NaN in a file that matches
+    its hash = the distillation diverged; unreadable arrays = corrupt."""
+    s = _set()
+    meta = json.loads(str(np.load(to_npz(tmp_path / "s.npz", s))["metadata_json"]))
+    nan_images = s.images.copy()
+    nan_images[0, 0, 0, 0] = np.nan
+    np.savez(tmp_path / "flipped.npz", images=nan_images, labels=s.labels,
+             metadata_json=json.dumps(meta))
+    with pytest.raises(ValueError, match=r"flipped.npz is corrupt \(content hash mismatch"):
+        from_npz(tmp_path / "flipped.npz")
+    meta["content_hash"] = checkpoint.fingerprint(nan_images, s.labels)
+    np.savez(tmp_path / "nan.npz", images=nan_images, labels=s.labels,
+             metadata_json=json.dumps(meta))
+    with pytest.raises(ValueError, match="diverged"):
+        from_npz(tmp_path / "nan.npz")
+    save_synset(tmp_path / "syn", s)
+    for f in (tmp_path / "syn" / "tree").rglob("d/*"):  # the array chunks
+        f.write_bytes(f.read_bytes()[:20])
+    with pytest.raises(ValueError, match=r"syn is corrupt \(unreadable: .*re-run `elf-jax distill`"):
+        load_synset(tmp_path / "syn")

@@ -10,6 +10,10 @@ Preparing a TFDS catalog dataset normally calls `tf.image.encode_png` for images
 numpy arrays. When TensorFlow is not installed we encode those PNGs with Pillow instead
 (lossless, so the decoded pixels are identical); anything else in a builder that needs
 TensorFlow raises an error that says to `pip install elf_jax[prepare]`.
+
+A dataset missing from the data dir is announced on stderr before TFDS starts; one that must
+be downloaded is refused within seconds when its download hosts cannot be reached (TFDS
+itself would retry for minutes), unless a proxy is configured.
 """
 
 from __future__ import annotations
@@ -18,8 +22,11 @@ import contextlib
 import functools
 import io
 import os
+import socket
+import sys
 from pathlib import Path
 from typing import Optional, Sequence
+from urllib.parse import urlparse
 
 import numpy as np
 
@@ -373,6 +380,54 @@ def get_builder(info: DatasetInfo, data_dir=None):
     return tfds.builder(info.tfds_name, data_dir=data_dir, file_format="array_record")
 
 
+def download_hosts(builder) -> list[tuple[str, int]]:
+    """The ``(host, port)`` pairs a builder downloads from (its registered URLs); [] for
+    builders that generate from local or manual files."""
+    try:
+        urls = [urlparse(u) for u in (builder.url_infos or {})]
+    except Exception:  # noqa: BLE001 - a builder without a checksums file
+        urls = []
+    return sorted({(u.hostname, u.port or (80 if u.scheme == "http" else 443))
+                   for u in urls if u.hostname})
+
+
+_PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+
+
+def reachable(hosts: Sequence[tuple[str, int]], timeout: float = 5.0) -> bool:
+    """Whether a TCP connection to one of ``hosts`` (``(host, port)``) opens within ``timeout``
+    seconds; True when a proxy is configured (only the proxy can tell)."""
+    if any(os.environ.get(v) for v in _PROXY_VARS):
+        return True
+    for host in hosts:
+        try:
+            socket.create_connection(host, timeout=timeout).close()
+            return True
+        except OSError:  # no route, refused, DNS failure, timeout
+            continue
+    return False
+
+
+def _announce_prepare(info: DatasetInfo, builder, data_dir: str) -> None:
+    """Says, before TFDS starts, that the dataset is missing and what preparing it needs; when
+    it must be downloaded and the network is unreachable, fails in seconds (TFDS itself
+    retries for minutes behind frozen progress bars)."""
+    hosts = download_hosts(builder)
+    names = ", ".join(sorted({h for h, _ in hosts}))
+    if not hosts:
+        print(f"[data] {info.tfds_name} is not in {data_dir}; preparing it ...",
+              file=sys.stderr, flush=True)
+        return
+    print(f"[data] {info.tfds_name} is not in {data_dir}; downloading it (needs network) "
+          f"from {names} ...", file=sys.stderr, flush=True)
+    if not reachable(hosts):
+        raise DatasetNotPreparedError(
+            f"dataset {info.name!r} is not prepared in {data_dir} and {names} cannot be "
+            f"reached (no network?): download it on a machine with network (`tfds build "
+            f"{info.tfds_name} --file_format=array_record --data_dir=<dir>`, or run once online) "
+            "and copy it here, or set --config.data_dir to where it is prepared")
+
+
 def ensure_prepared(info: DatasetInfo, data_dir=None, *, download: bool = True,
                     manual_dir=None):
     """Return a prepared (array_record) TFDS builder for `info`, preparing it if allowed."""
@@ -395,6 +450,7 @@ def ensure_prepared(info: DatasetInfo, data_dir=None, *, download: bool = True,
         raise DatasetNotPreparedError(
             f"dataset {info.name!r} ({info.tfds_name}) is not prepared in {data_dir} "
             f"({where}). {info.prepare_hint}")
+    _announce_prepare(info, builder, data_dir)
     cfg = tfds.download.DownloadConfig(
         manual_dir=os.fspath(manual_dir) if manual_dir else None)
     try:
@@ -423,7 +479,8 @@ def ensure_prepared(info: DatasetInfo, data_dir=None, *, download: bool = True,
                 f"preparing {info.tfds_name} needs TensorFlow: {PREPARE_EXTRA}") from e
         raise DatasetNotPreparedError(
             f"dataset {info.name!r} is not prepared in {data_dir} and preparing it failed "
-            f"({type(e).__name__}: {str(e)[:300]}). No network? {info.prepare_hint}") from e
+            f"({type(e).__name__}: {' '.join(str(e).split())[:300]}). No network? "
+            f"{info.prepare_hint}") from e
     return builder
 
 

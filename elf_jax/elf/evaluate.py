@@ -84,10 +84,12 @@ def _check_labels(labels: np.ndarray, n: int, k: int, what: str) -> None:
                 f"{what}: labels must lie in [0, {k - 1}] for {k} classes, found range "
                 f"[{int(labels.min())}, {int(labels.max())}]; pass num_classes= or fix the labels")
     elif labels.ndim == 2:
-        if labels.shape != (n, k):
+        if labels.shape[1] != k:
             raise ValueError(
-                f"{what}: soft labels must have shape [{n}, {k}] (images x classes), got "
-                f"{tuple(labels.shape)}")
+                f"{what}: soft labels are over {labels.shape[1]} classes but num_classes is {k}; "
+                f"fix the {what}'s labels or num_classes")
+        if labels.shape[0] != n:
+            raise ValueError(f"{what}: {labels.shape[0]} soft labels for {n} images")
         if _num_bad(labels):
             raise ValueError(f"{what}: soft labels hold {_num_bad(labels)} NaN/Inf value(s)")
     else:
@@ -95,12 +97,19 @@ def _check_labels(labels: np.ndarray, n: int, k: int, what: str) -> None:
 
 
 def _infer_num_classes(labels: np.ndarray, test_labels: np.ndarray) -> int:
+    test_k = None
+    if test_labels is not None and test_labels.ndim == 1 and test_labels.size:
+        test_k = int(test_labels.max()) + 1
     if labels.ndim == 2:
+        # the soft labels' width is a claim about the set, so a mismatch is the set's fault
+        if test_k is not None and labels.shape[1] != test_k:
+            raise ValueError(
+                f"the synthetic set's soft labels are over {labels.shape[1]} classes but the test "
+                f"set's labels are 0..{test_k - 1} ({test_k} classes): fix the synthetic set's "
+                "labels, or pass num_classes= if the test set lacks some classes")
         return int(labels.shape[1])
     hi = int(labels.max()) if labels.size else 0
-    if test_labels is not None and test_labels.ndim == 1 and test_labels.size:
-        hi = max(hi, int(test_labels.max()))
-    return hi + 1
+    return max(hi + 1, test_k or 0)
 
 
 def _front_shape(net, image_shape) -> tuple:

@@ -642,10 +642,7 @@ def load_replay_buffer(path, name: str, num_classes: int,
     if not path.is_file():
         raise FileNotFoundError(f"expert buffer {path} does not exist")
     input_shape = _norm_input_shape(input_shape, name)
-    try:
-        buf = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(f"cannot read expert buffer {path}: {err}") from err
+    buf = _torch_load(torch, path, "expert buffer")
     if not isinstance(buf, (list, tuple)) or not buf:
         raise ValueError(f"expert buffer {path}: expected a non-empty list of trajectories, "
                          f"got {type(buf).__name__}")
@@ -765,6 +762,18 @@ def _resolve_synset_files(source, suffix):
                      "mapping {'images':..., 'labels':..., 'lr':...}")
 
 
+def _torch_load(torch, path, what: str):
+    """``torch.load`` of tensors only; a damaged file is one ``ValueError`` line that never
+    repeats torch's advice to load with ``weights_only=False`` (unsafe: runs pickled code)."""
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - torch raises RuntimeError, UnpicklingError, ...
+        raise ValueError(
+            f"{what} {path} is not a valid .pt tensor file (truncated, corrupt, or holding "
+            f"Python objects besides tensors; {type(err).__name__}): re-export it and copy it "
+            "again") from None
+
+
 def load_reference_synset(source, *, zca: bool = False, num_classes: Optional[int] = None,
                           metadata: Optional[Mapping[str, Any]] = None,
                           suffix: str = "best", as_dict: bool = False):
@@ -791,10 +800,7 @@ def load_reference_synset(source, *, zca: bool = False, num_classes: Optional[in
             raise FileNotFoundError(f"reference synthetic set file {p} does not exist")
 
     def load(p):
-        try:
-            return torch.load(str(p), map_location="cpu", weights_only=True)
-        except Exception as err:
-            raise ValueError(f"cannot read {p}: {err}") from err
+        return _torch_load(torch, p, "synthetic set file")
 
     images = _to_numpy(load(imgs_p))
     if images.ndim != 4:

@@ -424,20 +424,24 @@ def repeat_accuracies(net, states: TrainState, images, labels, batch_size: int =
 # ------------------------------------------------------------------------------- the engine
 def _resume(mngr, states, meta):
     """``(states, start epoch, training seconds before this process)`` from the newest
-    checkpoint (refused when its settings or format differ). The seconds are None when the
-    checkpoint does not record them (written before they were stored: unknown)."""
-    latest = mngr.latest_step()
-    if latest is None:
-        return states, 0, 0.0
-    saved = mngr.read_meta(latest)
+    checkpoint that reads back (an unreadable newer one is skipped with a warning); refused
+    when its settings or format differ. The seconds are None when the checkpoint does not
+    record them (written before they were stored: unknown)."""
     where = f"checkpoints in {mngr.directory}"
-    if saved.get("kind") != meta["kind"]:
-        raise ValueError(
-            f"{where} were written in format {saved.get('kind')!r}, but this version of elf_jax "
-            f"writes {meta['kind']!r} (the random streams changed, so they cannot be continued "
-            "exactly); delete that directory or use another workdir to start over")
-    check_expect(saved, meta, where=f"{where} (use another workdir or delete it to start over)")
-    restored, _ = mngr.restore(latest, like=dict(states._asdict()))
+
+    def check(saved):
+        if saved.get("kind") != meta["kind"]:
+            raise ValueError(
+                f"{where} were written in format {saved.get('kind')!r}, but this version of "
+                f"elf_jax writes {meta['kind']!r} (the random streams changed, so they cannot be "
+                "continued exactly); delete that directory or use another workdir to start over")
+        check_expect(saved, meta, where=f"{where} (to start over: delete it, use another workdir, "
+                                        "or pass --overwrite=STAGE to elf-jax)")
+
+    found = mngr.restore_latest_good(like=dict(states._asdict()), check=check)
+    if found is None:
+        return states, 0, 0.0
+    _, restored, saved = found
     states = TrainState(**restored)
     earlier = saved.get("train_seconds")
     epoch = int(np.asarray(host_copy(states.epoch)).reshape(-1)[0])
@@ -586,6 +590,17 @@ def _resolve_placement(strategy, placement, mesh):
     return "sequential", Placement.of(placement or "shard_map", mesh)
 
 
+def _check_soft_width(labels: np.ndarray, net) -> None:
+    """Soft labels must be over the network's classes: say so before training, naming the
+    synthetic set (the loss would only report mismatched shapes)."""
+    k = getattr(net, "num_classes", None)
+    if labels.ndim == 2 and k is not None and labels.shape[1] != int(k):
+        raise ValueError(
+            f"the synthetic set's soft labels are over {labels.shape[1]} classes but the network "
+            f"has {k} outputs (num_classes); fix the set's labels or build the network with "
+            f"{labels.shape[1]} classes")
+
+
 def run_evaluation(net, protocol: TrainProtocol, images, labels, test_images, test_labels,
                    features=None, *, repeats: int = 5, key=None, strategy: str = "auto",
                    engine: str = "auto", chunk_epochs: Optional[int] = None, workdir=None,
@@ -628,6 +643,7 @@ def run_evaluation(net, protocol: TrainProtocol, images, labels, test_images, te
     label, (strategy, placement) = strategy, _resolve_placement(strategy, placement, mesh)
     data = {"images": np.asarray(jax.device_get(images), np.float32),
             "labels": np.asarray(jax.device_get(labels))}
+    _check_soft_width(data["labels"], net)
     if mode_needs_features(protocol.mode):
         if features is None:
             raise ValueError(f"loss mode {protocol.mode!r} needs the teacher feature bank (features=None)")
