@@ -228,7 +228,8 @@ def run(argv: list[str] | None = None) -> None:
     except _user_errors() as err:
         if debug:
             raise
-        hint = "" if isinstance(err, ValueError) else " (--debug shows the traceback)"
+        # our own messages say what to do; a system error may need the traceback
+        hint = " (--debug shows the traceback)" if isinstance(err, OSError) else ""
         print(f"elf-jax: error: {err}{hint}", file=sys.stderr)
         sys.exit(2)
 

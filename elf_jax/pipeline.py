@@ -452,6 +452,19 @@ def _provenance(run: Run, synset, banks) -> dict:
     }
 
 
+class _Eta:
+    """`[k/n, ~m min left]` after each of n evaluations: the mean time of the finished ones
+    times those left (rough: architectures differ; resumed ones finish early)."""
+
+    def __init__(self, n: int):
+        self.n, self.done, self.t0 = n, 0, time.perf_counter()
+
+    def tick(self) -> str:
+        self.done += 1
+        left = (time.perf_counter() - self.t0) / self.done * (self.n - self.done)
+        return f"[{self.done}/{self.n}" + (f", ~{left / 60:.1f} min left]" if left else "]")
+
+
 def stage_evaluate(run: Run, synset=None, banks=None) -> dict:
     """Cross-architecture evaluation with and without ELF; writes results.json as it goes.
     Without `synset` (the `evaluate` command) the prerequisites are checked first.
@@ -478,6 +491,7 @@ def stage_evaluate(run: Run, synset=None, banks=None) -> dict:
     pc = ParallelConfig.from_config(config.get("parallel", None))  # absent: one device
     partial: dict = {}
     write_json_atomic(results_path, {**meta, "results": partial, "partial": True})
+    eta = _Eta(len(config.eval.pool) * len(config.eval.modes))
 
     def on_result(arch, mode, entry):
         partial.setdefault(arch, {})[mode] = entry
@@ -486,7 +500,7 @@ def stage_evaluate(run: Run, synset=None, banks=None) -> dict:
         earlier = f", {total:.0f} s with earlier runs" if entry.get("resumed_from") and total else ""
         acc = report_lib.format_accuracy(entry["mean"], entry["std"], len(entry["accs"]))
         _log(f"[evaluate] {arch:<12} {mode:<16} {acc}  ({entry['seconds']:.0f} s{earlier}, "
-             f"{entry['strategy']})")
+             f"{entry['strategy']}) {eta.tick()}")
 
     out = cross_evaluate(
         list(config.eval.pool), synset.images, synset.labels, run.test.images, run.test.labels,

@@ -50,7 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from elf_jax.checkpoint import StepCheckpoints, write_json_atomic
+from elf_jax.checkpoint import StepCheckpoints, fingerprint, write_json_atomic
 from elf_jax.keys import stage_key
 from elf_jax.models import get_model
 from elf_jax.parallel.wrappers import host_copy
@@ -78,7 +78,7 @@ MTT_EXPERT_DEFAULTS = dict(momentum=0.0, weight_decay=0.0, lr_decay_at_half=Fals
 
 # manifest keys that must match when a workdir is resumed or extended
 _RESUME_KEYS = ("format", "stage", "net_name", "num_classes", "model_kwargs", "dtype", "dataset",
-                "image_shape", "num_train", "epochs", "lr", "momentum", "weight_decay",
+                "zca", "data_hash", "image_shape", "num_train", "epochs", "lr", "momentum", "weight_decay",
                 "batch_size", "dsa_strategy", "lr_decay_at_half", "reset_momentum_at_decay",
                 "seed")
 
@@ -224,6 +224,8 @@ def train_teacher(
         "num_classes": num_classes, "model_kwargs": dict(model_kwargs or {}),
         "dtype": str(jnp.dtype(dtype)), "dataset": dataset_name,
         "zca": getattr(train, "zca", None) is not None,
+        # the training data itself, not just its name: a changed split is never resumed
+        "data_hash": fingerprint(images_np, labels_np)[:16],
         "image_shape": list(images_np.shape[1:]), "num_train": int(images_np.shape[0]),
         "epochs": int(epochs), "lr": float(lr), "momentum": float(momentum),
         "weight_decay": float(weight_decay), "batch_size": int(batch_size),

@@ -115,21 +115,13 @@ def test_imports_are_checked_against_the_dataset(tmp_path):
 
 
 def test_bad_invocations_say_what_to_do(tmp_path):
-    proc = _cli("frobnicate", "--workdir", str(tmp_path), check=False)
-    assert proc.returncode != 0 and "usage: elf-jax" in (proc.stdout + proc.stderr)
-    proc = _cli("evaluate", "--workdir", str(tmp_path), check=False)
-    assert proc.returncode != 0 and "needs --config" in (proc.stdout + proc.stderr)
-    proc = _cli("report", "--workdir", str(tmp_path / "none"), *TINY, check=False)
+    """(More one-line errors in tests/test_cli.py.)"""
+    (tmp_path / "empty").mkdir()
+    proc = _cli("report", "--workdir", str(tmp_path / "empty"), *TINY, check=False)
     assert proc.returncode == 2 and "elf-jax evaluate" in proc.stderr
     proc = _cli("all", "--workdir", str(tmp_path / "x"), *TINY,
                 "--config.eval.pool=('AlexNet',)", check=False)
     assert proc.returncode == 2 and "no ELF front/rear split" in proc.stderr
-    for flag, message in (("--config.eval.lr=-0.01", "lr=-0.01"),
-                          ("--config.eval.repeats=0", "repeats=0")):
-        proc = _cli("all", "--workdir", str(tmp_path / "y"), *TINY, flag, check=False)
-        assert proc.returncode == 2 and message in proc.stderr.strip().splitlines()[-1], \
-            proc.stderr[-1500:]
-        assert not (tmp_path / "y" / "teachers").exists()
 
 
 def test_stages_refuse_without_prerequisites(tmp_path):

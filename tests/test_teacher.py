@@ -81,6 +81,10 @@ def test_rerun_complete_is_noop_and_mismatch(trained):
     assert not (wd / "expert_000" / "resume").exists()
     with pytest.raises(ValueError, match=r"lr=0\.01.*lr=0\.05.*another workdir"):
         train_teacher("ConvNet", train, workdir=wd, **{**SETTINGS, "lr": 0.05})
+    # the same shapes and name but other images: never resumed or reused
+    other = train.subset(np.arange(len(train))[::-1])
+    with pytest.raises(ValueError, match=r"data_hash="):
+        train_teacher("ConvNet", other, workdir=wd, **SETTINGS)
 
 
 def test_load_errors(trained, tmp_path):

@@ -473,7 +473,9 @@ def distill(method: str, dataset, settings: Optional[Settings] = None, *, workdi
     base = {"dataset": getattr(train, "name", None), "ipc": int(s.ipc), "arch": s.arch,
             "model_kwargs": mk}
     run_meta = {**base, "lr_img": s.lr_img, "momentum": s.momentum, "init": s.init,
-                "dsa_strategy": s.dsa_strategy, **plan.meta, "key": raw_key(k_run).tolist()}
+                "dsa_strategy": s.dsa_strategy, **plan.meta, "key": raw_key(k_run).tolist(),
+                # the real images themselves: another split or normalization is never resumed
+                "data_hash": fingerprint(np.asarray(train.images), np.asarray(train.labels))[:16]}
     set_meta = {"method": method, **base, "zca": getattr(train, "zca", None) is not None,
                 **plan.extra}
     labels = labels0 if plan.labels is None else plan.labels

@@ -527,10 +527,6 @@ def fit(net, protocol: TrainProtocol, data: Mapping[str, Any], states: TrainStat
 
     history = _load_history(workdir, start, repeats, num_epochs)
     bar = None
-    if progress and start < num_epochs:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=num_epochs, initial=start, desc=desc, unit="ep", leave=False, dynamic_ncols=True)
     try:
         epoch = start
         while epoch < num_epochs:
@@ -541,7 +537,13 @@ def fit(net, protocol: TrainProtocol, data: Mapping[str, Any], states: TrainStat
             for k_ in METRIC_KEYS:
                 history[k_][:, epoch: epoch + n_run] = ms[k_]
             epoch += n_run
-            if bar is not None:
+            if progress and bar is None and epoch < num_epochs:
+                # made after the first chunk, so its rate and ETA leave out the compilation
+                from tqdm.auto import tqdm
+
+                bar = tqdm(total=num_epochs, initial=epoch, desc=desc, unit="ep", leave=False,
+                           dynamic_ncols=True, postfix={"compiled+first": f"{time.perf_counter() - t0:.0f}s"})
+            elif bar is not None:
                 bar.set_postfix(loss=f"{float(ms['loss'][:, -1].mean()):.4f}")
                 bar.update(n_run)
             if on_chunk is not None:
