@@ -40,6 +40,8 @@ import numpy as np
 from flax import linen as nn
 from jax import lax
 
+from elf_jax.models.conv import conv2d
+
 Dtype = Any
 
 INITS = ("torch", "flax")
@@ -163,11 +165,8 @@ class Conv(nn.Module):
                                      f"{have[2]}")
         fan_in = k * k * cin
         kernel = self.param("kernel", kernel_init(self.init_mode, fan_in), shape, jnp.float32)
-        y = lax.conv_general_dilated(
-            x.astype(self.dtype), kernel.astype(self.dtype),
-            window_strides=(self.stride, self.stride),
-            padding=((pad, pad), (pad, pad)),
-            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        # lax's convolution on GPU/TPU, matrix products on the CPU (models/conv.py)
+        y = conv2d(x.astype(self.dtype), kernel.astype(self.dtype), self.stride, pad)
         if self.use_bias:
             b = self.param("bias", bias_init(self.init_mode, fan_in), (self.features,), jnp.float32)
             y = y + b.astype(self.dtype)
@@ -349,11 +348,49 @@ def avg_pool2(x):
 
 
 def max_pool2(x):
-    """2x2/2 max pooling (PyTorch floor mode)."""
+    """2x2/2 max pooling (PyTorch floor mode); the gradient goes to the first maximum of each
+    window in row-major order, as PyTorch's. Written as a reshape and elementwise maxima: XLA's
+    reduce_window gradient (select_and_scatter) is ~3x slower on the CPU."""
     if x.shape[1] < 2 or x.shape[2] < 2:
         raise ValueError(f"cannot 2x2-pool a {x.shape[1]}x{x.shape[2]} feature map "
                          "(input too small)")
-    return nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
+    return _max_pool2(x)
+
+
+def _windows(x):
+    """The four [N, H/2, W/2, C] corners of every 2x2 window, row-major (floor mode)."""
+    n, h, w, c = x.shape
+    v = x[:, : h // 2 * 2, : w // 2 * 2, :].reshape(n, h // 2, 2, w // 2, 2, c)
+    return [v[:, :, a, :, b, :] for a in (0, 1) for b in (0, 1)]
+
+
+@jax.custom_vjp
+def _max_pool2(x):
+    a, b, c, d = _windows(x)
+    return jnp.maximum(jnp.maximum(a, b), jnp.maximum(c, d))
+
+
+def _max_pool2_fwd(x):
+    y = _max_pool2(x)
+    return y, (x, y)
+
+
+def _max_pool2_bwd(res, g):
+    x, y = res
+    taken = jnp.zeros(y.shape, bool)
+    parts = []
+    for corner in _windows(x):  # the first corner equal to the maximum takes the gradient
+        first = (corner == y) & ~taken
+        taken = taken | first
+        parts.append(jnp.where(first, g, 0).astype(x.dtype))
+    n, h2, w2, c = y.shape
+    grid = jnp.stack(parts, axis=3).reshape(n, h2, w2, 2, 2, c).transpose(0, 1, 3, 2, 4, 5)
+    grid = grid.reshape(n, 2 * h2, 2 * w2, c)
+    dx = jnp.pad(grid, ((0, 0), (0, x.shape[1] - 2 * h2), (0, x.shape[2] - 2 * w2), (0, 0)))
+    return (dx,)
+
+
+_max_pool2.defvjp(_max_pool2_fwd, _max_pool2_bwd)
 
 
 def pool2(kind: str, x):

@@ -1,0 +1,110 @@
+"""One 3x3 convolution's input+filter gradient, per implementation, next to PyTorch's.
+
+The shapes are the convolutions of the cross pool on CIFAR (batch 100): ConvNet/VGG11's
+first layer, VGG11's middle ones and its last two on 2x2 maps, where XLA:CPU's backward
+convolution emitters are slowest. Per shape: ms of the jitted forward+backward with
+``lax.conv_general_dilated`` and with the ``im2col`` formulation (elf_jax/models/conv.py),
+and with ``torch.nn.functional.conv2d`` when torch is installed, all in one run.
+
+    python benchmarks/bench_conv.py [--batch 100] [--steps 5] [--json out.jsonl]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from elf_jax.models.conv import conv2d
+
+# (spatial size, Cin, Cout, stride)
+SHAPES = [(32, 3, 64, 1), (32, 3, 128, 1), (32, 64, 64, 1), (16, 64, 128, 1), (16, 128, 128, 1), (8, 128, 256, 1),
+          (8, 256, 256, 1), (4, 256, 512, 1), (4, 512, 512, 1), (2, 512, 512, 1),
+          (32, 64, 128, 2), (16, 128, 256, 2)]
+
+
+def cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        return next(ln.split(":", 1)[1].strip() for ln in out.splitlines() if "Model name" in ln)
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown"
+
+
+def _median_ms(fn, steps: int) -> float:
+    fn()  # compile / warm up
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return 1e3 * float(np.median(times))
+
+
+def time_jax(impl: str, x, w, r, stride: int) -> float:
+    def loss(x, w):
+        return jnp.sum(conv2d(x, w, stride, 1, impl) * r)
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
+    return lambda: jax.block_until_ready(grad(x, w))
+
+
+def time_torch(x, w, r, stride: int):
+    import torch
+
+    xt = torch.tensor(np.asarray(x).transpose(0, 3, 1, 2).copy(), requires_grad=True)
+    wt = torch.tensor(np.asarray(w).transpose(3, 2, 0, 1).copy(), requires_grad=True)
+    rt = torch.tensor(np.asarray(r).transpose(0, 3, 1, 2).copy())
+
+    def step():
+        xt.grad = wt.grad = None
+        (torch.nn.functional.conv2d(xt, wt, stride=stride, padding=1) * rt).sum().backward()
+    return step
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch", type=int, default=100)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--json", default="")
+    p.add_argument("--only", default="", help="comma-separated shape prefixes, e.g. '32x32 64'")
+    args = p.parse_args()
+    try:
+        import torch
+
+        torch.set_num_threads(os.cpu_count() or 1)
+    except ImportError:
+        torch = None
+    rng = np.random.default_rng(0)
+    meta = {"cpu": cpu_model(), "backend": jax.default_backend(), "jax": jax.__version__,
+            "torch": getattr(torch, "__version__", None), "date": time.strftime("%Y-%m-%d")}
+    print(json.dumps(meta))
+    for size, cin, cout, stride in SHAPES:
+        x = jnp.asarray(rng.standard_normal((args.batch, size, size, cin)), jnp.float32)
+        w = jnp.asarray(rng.standard_normal((3, 3, cin, cout)) * 0.05, jnp.float32)
+        so = (size + 2 - 3) // stride + 1
+        r = jnp.asarray(rng.standard_normal((args.batch, so, so, cout)), jnp.float32)
+        row = {"shape": f"{size}x{size} {cin}->{cout} s{stride}"}
+        if args.only and not any(row["shape"].startswith(o) for o in args.only.split(",")):
+            continue
+        for impl in ("lax", "im2col"):
+            row[f"ms_{impl}"] = round(_median_ms(time_jax(impl, x, w, r, stride), args.steps), 2)
+        if torch is not None:
+            row["ms_torch"] = round(_median_ms(time_torch(x, w, r, stride), args.steps), 2)
+            for impl in ("lax", "im2col"):
+                row[f"{impl}/torch"] = round(row[f"ms_{impl}"] / row["ms_torch"], 2)
+        print(json.dumps(row), flush=True)
+        if args.json:
+            with open(args.json, "a") as f:
+                f.write(json.dumps({**meta, **row}) + "\n")
+
+
+if __name__ == "__main__":
+    main()

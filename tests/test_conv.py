@@ -1,0 +1,108 @@
+"""The CPU formulations of convolution and max pooling are the same functions as XLA's:
+values, gradients, second-order gradients (DC/DSA/MTT differentiate through training
+steps) and under vmap (repeats side by side)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from elf_jax.models.conv import conv2d, resolve_impl
+from elf_jax.models.layers import max_pool2
+
+# (batch, size, cin, cout, kernel, stride, pad)
+CASES = [(3, 8, 4, 5, 3, 1, 1), (2, 9, 3, 6, 3, 2, 1), (2, 7, 3, 4, 1, 1, 0),
+         (2, 6, 2, 3, 3, 1, 0), (2, 12, 3, 8, 3, 1, 2), (2, 8, 4, 4, 1, 2, 0), (2, 2, 6, 5, 3, 1, 1)]
+
+
+def _arrays(case, seed=0):
+    n, s, ci, co, k, st, p = case
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.standard_normal((n, s, s, ci)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((k, k, ci, co)) / (k * np.sqrt(ci)), jnp.float32)
+    so = (s + 2 * p - k) // st + 1
+    r = jnp.asarray(rng.standard_normal((n, so, so, co)), jnp.float32)
+    return x, w, r, st, p
+
+
+def _close(a, b):
+    """Equal to float32 reassociation (relative to the array's scale)."""
+    b = np.asarray(b)
+    np.testing.assert_allclose(np.asarray(a), b, rtol=1e-4, atol=1e-5 + 1e-4 * np.abs(b).max())
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_im2col_equals_lax_values_and_gradients(case):
+    x, w, r, st, p = _arrays(case)
+    def loss(impl):
+        return lambda x, w: jnp.sum(conv2d(x, w, st, p, impl) * r)
+
+    _close(conv2d(x, w, st, p, "im2col"), conv2d(x, w, st, p, "lax"))
+    for a, b in zip(jax.grad(loss("im2col"), (0, 1))(x, w), jax.grad(loss("lax"), (0, 1))(x, w)):
+        _close(a, b)
+
+
+@pytest.mark.parametrize("case", CASES[:2])
+def test_im2col_second_order_and_vmap(case):
+    x, w, r, st, p = _arrays(case)
+
+    def inner(impl):  # a gradient-matching-like objective: a function of d loss / d w
+        def f(x, w):
+            g = jax.grad(lambda w: jnp.sum(jnp.tanh(conv2d(x, w, st, p, impl)) * r))(w)
+            return jnp.sum(g ** 2)
+        return f
+
+    ws = jnp.stack([w, 2 * w])
+    batched = {impl: jax.vmap(jax.grad(lambda w, impl=impl: jnp.sum(conv2d(x, w, st, p, impl) * r)))(ws)
+               for impl in ("im2col", "lax")}
+    _close(jax.grad(inner("im2col"))(x, w), jax.grad(inner("lax"))(x, w))
+    _close(batched["im2col"], batched["lax"])
+
+
+def test_impl_choice(monkeypatch):
+    assert resolve_impl("lax") == "lax"
+    cpu = jax.default_backend() == "cpu"
+    assert resolve_impl(out_positions=4) == ("im2col" if cpu else "lax")
+    assert resolve_impl(out_positions=64) == "lax"
+    monkeypatch.setenv("ELF_JAX_CONV", "lax")
+    assert resolve_impl() == "lax"
+    monkeypatch.setenv("ELF_JAX_CONV", "fast")
+    with pytest.raises(ValueError, match="ELF_JAX_CONV"):
+        resolve_impl()
+    with pytest.raises(ValueError, match="conv impl"):
+        resolve_impl("cudnn")
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 8, 3), (2, 7, 9, 4), (1, 2, 2, 1)])
+def test_max_pool_equals_reduce_window(shape):
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    r = jnp.asarray(rng.standard_normal((shape[0], shape[1] // 2, shape[2] // 2, shape[3])),
+                    jnp.float32)
+
+    def ref(x):
+        return jnp.sum(nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID") * r)
+
+    def ours(x):
+        return jnp.sum(max_pool2(x) * r)
+
+    _close(ours(x), ref(x))
+    _close(jax.grad(ours)(x), jax.grad(ref)(x))  # no ties in random data
+
+
+def test_max_pool_gradient_goes_to_the_first_maximum_as_pytorch():
+    x = jnp.asarray([[1.0, 3.0], [3.0, 3.0]]).reshape(1, 2, 2, 1)
+    g = jax.grad(lambda x: jnp.sum(max_pool2(x)))(x)
+    np.testing.assert_array_equal(np.asarray(g).ravel(), [0, 1, 0, 0])
+    # second order (MTT/DC differentiate through it): d/dx sum(grad(sum(pool^2))^2) = 8 x at
+    # each window's maximum
+    x = jnp.arange(16.0).reshape(1, 4, 4, 1)
+
+    def f(x):
+        return jnp.sum(max_pool2(x) ** 2)
+
+    gg = jax.grad(lambda x: jnp.sum(jax.grad(f)(x) ** 2))(x)
+    expect = np.zeros(16)
+    expect[[5, 7, 13, 15]] = 8 * np.array([5, 7, 13, 15])
+    np.testing.assert_allclose(np.asarray(gg).ravel(), expect)
