@@ -19,6 +19,9 @@ classes:
   ``rear(teacher feature)``, ``CE(out, y) + CE(ftr, teacher) + CE(rear(teacher), y)``,
   ``torch.optim.SGD(lr=0.01, momentum=0.9, weight_decay=5e-4)``. AlexNet has no ELF split
   (neither here nor in the reference): its ``elf`` line says so.
+* ``elf_epoch`` (not by default, ``--workloads plain,elf,elf_epoch``): ours is one whole
+  host-engine epoch (``_host_epochs``: ``epoch_plan``, the step, ``_close_epoch``), which
+  at one step per epoch is what the engine really pays per step; torch as for ``elf``.
 
 Both nets start from the same weights (the torch net's ``state_dict`` converted with
 ``elf_jax.interop.torch.from_torch_state_dict``); once per net, untimed, the plain loss
@@ -26,8 +29,10 @@ and gradient of both are compared: ``loss_ours``, ``loss_torch``, and ``grad_err
 (max |difference| over all parameters / the largest gradient entry) of ours vs torch and
 of each vs the torch net run in float64, which says which side is off.
 
-Timing: compile/warm-up first, then ``--steps`` steps of ours and torch interleaved (one of
-each, alternately); the median of each (``block_until_ready`` for ours). Torch runs with
+Timing: compile/warm-up first (ours: the compiling call, which also runs the step; torch:
+one call), then ``--steps`` steps of ours and torch interleaved (one of each, alternately;
+fewer, at least 3, where they would take more than ``--budget-s`` seconds: ``steps`` in
+the output says how many); the median of each (``block_until_ready`` for ours). Torch runs with
 ``torch.set_num_threads(os.cpu_count())``, JAX with its defaults. One JSON line per
 (net, workload) with ``ms_ours``, ``ms_torch``, ``ratio`` (ours / torch), the CPU model, the
 versions and the date; ``--json FILE`` appends them. A markdown table goes to stderr at the
@@ -146,7 +151,7 @@ def bench_net(name, args, torch, ctx):
     from elf_jax.models import get_model
     from elf_jax.parallel.placement import Placement
     from elf_jax.train.protocol import TrainProtocol
-    from elf_jax.train.runner import METRIC_KEYS, _host_step, placed_step
+    from elf_jax.train.runner import METRIC_KEYS, _host_epochs, _host_step, placed_step
     from elf_jax.train.step import init_state, make_variables
     from torch_reference_nets import get_reference_network
 
@@ -166,6 +171,7 @@ def bench_net(name, args, torch, ctx):
     out = []
 
     # ---------------------------------------------------------------- (a) plain gradient
+    # (always run: it holds the numerics check)
     def loss_fn(p, bs, x, y):
         v = make_variables(p, bs)
         if bs:
@@ -200,14 +206,14 @@ def bench_net(name, args, torch, ctx):
         check.update(grad_errors(torch, name, tnet, gsd, xt, yt))
     except Exception as err:  # say it rather than fake it
         check["grad_check"] = f"not compared: {type(err).__name__}: {err}"
-    ours_plain()
-    torch_plain()
-    to, tt = _interleaved(ours_plain, torch_plain, args.steps)
+    to, tt = _interleaved(ours_plain, torch_plain, args.steps, args.budget_s)
     out.append(_record(ctx, name, "plain", b, to, tt, compile_plain, check))
     del g
 
     # ---------------------------------------------------------------- (b) full ELF step
     split = TORCH_SPLIT.get(name)
+    if not {"elf", "elf_epoch"} & set(args.workloads):
+        return out
     if not getattr(net, "has_split", False) or split is None:
         out.append({**ctx, "net": name, "workload": "elf", "batch": b, "ms_ours": None,
                     "ms_torch": None, "ratio": None,
@@ -258,18 +264,33 @@ def bench_net(name, args, torch, ctx):
     t = time.perf_counter()
     ours_elf()
     compile_elf = time.perf_counter() - t
-    ours_elf()
-    torch_elf()
-    torch_elf()
-    to, tt = _interleaved(ours_elf, torch_elf, args.steps)
-    out.append(_record(ctx, name, "elf", b, to, tt, compile_elf,
-                       {"front_shape": list(fshape[1:]), "torch_net": split}))
+    torch_elf()  # warm-up (ours: the compiling call above)
+    extra = {"front_shape": list(fshape[1:]), "torch_net": split}
+    if "elf" in args.workloads:
+        to, tt = _interleaved(ours_elf, torch_elf, args.steps, args.budget_s)
+        out.append(_record(ctx, name, "elf", b, to, tt, compile_elf, extra))
+    if "elf_epoch" in args.workloads:
+        def ours_epoch():  # one engine epoch: epoch_plan, the step, _close_epoch
+            st["state"], ms = _host_epochs(st["state"], data, 1, step=step, protocol=protocol,
+                                           plan=(1, b, 0), n=b)
+            jax.block_until_ready((st["state"], ms))
+
+        t = time.perf_counter()
+        ours_epoch()
+        compile_ep = time.perf_counter() - t
+        to, tt = _interleaved(ours_epoch, torch_elf, args.steps, args.budget_s)
+        out.append(_record(ctx, name, "elf_epoch", b, to, tt, compile_ep, extra))
     return out
 
 
-def _interleaved(ours, theirs, steps):
+def _interleaved(ours, theirs, steps, budget_s=0.0):
+    """``steps`` timed (ours, theirs) pairs, fewer (but at least 3) where more would take
+    longer than ``budget_s`` seconds in all (0: no limit)."""
     to, tt = [], []
-    for _ in range(steps):
+    t0 = time.perf_counter()
+    for i in range(steps):
+        if i >= 3 and budget_s and (time.perf_counter() - t0) * (i + 1) / i > budget_s:
+            break
         t = time.perf_counter()
         ours()
         to.append(time.perf_counter() - t)
@@ -306,8 +327,17 @@ def main(argv=None) -> int:
     ap.add_argument("--nets", default=DEFAULT_NETS)
     ap.add_argument("--batch", type=int, default=100)
     ap.add_argument("--steps", type=int, default=10, help="timed steps (median) per side")
+    ap.add_argument("--workloads", default="plain,elf",
+                    help="comma list of plain, elf, elf_epoch (plain always runs: it holds "
+                         "the numerics check)")
+    ap.add_argument("--budget-s", type=float, default=40.0,
+                    help="at most this many seconds of timed steps per (net, workload): slow "
+                         "nets get fewer (>= 3) steps; 0 = always --steps")
     ap.add_argument("--json", default="", help="append the JSON lines to this file")
     args = ap.parse_args(argv)
+    args.workloads = [w for w in args.workloads.split(",") if w]
+    if set(args.workloads) - {"plain", "elf", "elf_epoch"}:
+        ap.error(f"--workloads: unknown {sorted(set(args.workloads) - {'plain', 'elf', 'elf_epoch'})}")
 
     try:
         import torch
