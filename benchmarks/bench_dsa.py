@@ -70,13 +70,12 @@ def main() -> None:
         _bench_torch(np.asarray(x), args)
 
 
-def _bench_torch(x_nhwc: np.ndarray, args) -> None:
-    """The reference DiffAugment formulas (ParamDiffAug defaults), NCHW, unseeded."""
+def torch_dsa_groups(n: int, h: int, w: int) -> dict:
+    """The reference DiffAugment formulas (ParamDiffAug defaults) in PyTorch, NCHW, unseeded:
+    ``{group: fn(x [n, C, h, w]) -> same shape}`` for the six groups. Also used by
+    ``bench_vs_torch.py`` as the torch side of the ELF step."""
     import torch
     import torch.nn.functional as F
-
-    x = torch.tensor(x_nhwc).permute(0, 3, 1, 2).contiguous()
-    n, _, h, w = x.shape
 
     def color(x):
         x = x + (torch.rand(n, 1, 1, 1) - 0.5)
@@ -128,7 +127,26 @@ def _bench_torch(x_nhwc: np.ndarray, args) -> None:
         th = torch.stack([row0, torch.stack([a.sin(), a.cos(), z], -1)], 1)
         return affine(x, th)
 
-    fns = dict(color=color, crop=crop, cutout=cutout, flip=flip, scale=scale, rotate=rotate)
+    return dict(color=color, crop=crop, cutout=cutout, flip=flip, scale=scale, rotate=rotate)
+
+
+def torch_dsa(x, strategy: str, groups: dict):
+    """The reference ``DiffAugment`` in mode "S": ONE group of ``strategy`` drawn uniformly
+    per call (torch's generator), applied with per-sample parameters. ``groups`` from
+    :func:`torch_dsa_groups`."""
+    import torch
+
+    names = [g for g in strategy.split("_") if g]
+    return groups[names[int(torch.randint(0, len(names), size=(1,)).item())]](x)
+
+
+def _bench_torch(x_nhwc: np.ndarray, args) -> None:
+    """The reference DiffAugment formulas (ParamDiffAug defaults), NCHW, unseeded."""
+    import torch
+
+    x = torch.tensor(x_nhwc).permute(0, 3, 1, 2).contiguous()
+    n, _, h, w = x.shape
+    fns = torch_dsa_groups(n, h, w)
     print(f"\ntorch {torch.__version__} re-implementation (threads {torch.get_num_threads()})")
 
     def grad_step(f):
