@@ -3,6 +3,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+BASE := $(VENV)/.installed-base
 STAMP := $(VENV)/.installed
 WORKDIR ?= runs/demo
 PYTEST_ARGS ?=
@@ -11,15 +12,20 @@ PYTEST_ARGS ?=
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+# What the demo needs: the package alone (no torch: it is for tests, interop and benchmarks).
+$(BASE): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# The CPU build of torch (optional interop dependency) comes from this exact pin.
+	$(PY) -m pip install -q -e .
+	touch $(BASE)
+
+# What the tests need on top: the CPU build of torch from this exact pin, and pytest.
+$(STAMP): $(BASE)
 	$(PY) -m pip install -q "torch==2.13.0" || echo "torch not installed: interop tests will skip"
 	$(PY) -m pip install -q -e ".[test]"
 	touch $(STAMP)
 
-demo: $(STAMP)
+demo: $(BASE)
 	$(VENV)/bin/elf-jax demo --workdir $(WORKDIR)
 
 test: $(STAMP)
