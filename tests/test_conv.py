@@ -64,7 +64,10 @@ def test_impl_choice(monkeypatch):
     assert resolve_impl("lax") == "lax"
     cpu = jax.default_backend() == "cpu"
     assert resolve_impl(out_positions=4) == ("im2col" if cpu else "lax")
-    assert resolve_impl(out_positions=64) == "lax"
+    assert resolve_impl(out_positions=1024, in_channels=1, out_channels=32) == (
+        "im2col" if cpu else "lax")
+    assert resolve_impl(out_positions=1024, in_channels=3, out_channels=128) == "lax"
+    assert resolve_impl(out_positions=64, in_channels=256, out_channels=256) == "lax"
     monkeypatch.setenv("ELF_JAX_CONV", "lax")
     assert resolve_impl() == "lax"
     monkeypatch.setenv("ELF_JAX_CONV", "fast")

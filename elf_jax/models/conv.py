@@ -11,10 +11,12 @@ the same function (equal to float reassociation: tests/test_conv.py); only its c
 
 ``conv2d(..., impl="auto")`` takes ``im2col`` on the CPU for outputs of at most 2x2
 positions (VGG11's last layers: 13 vs 950 ms for the gradient of one; the whole VGG11
-gradient 0.6 instead of 4.5 s) and XLA's ``lax`` convolution elsewhere: on larger maps
-im2col's patch matrices cost more memory traffic than they save, and a filter gradient
-written as k*k shifted matrix products, faster for one layer alone, was slower inside whole
-networks (BENCHMARKS.md, "Convolutions on the CPU"). GPU/TPU always use ``lax``.
+gradient 0.6 instead of 4.5 s) and for narrow first layers (at most 4 input and 64 output
+channels: the demo's width-32 ConvNet gradient 56 instead of 92 ms; with 128 outputs lax is
+6% faster), and XLA's ``lax`` convolution elsewhere: on larger maps im2col's patch
+matrices cost more memory traffic than they save, and a filter gradient written as k*k
+shifted matrix products, faster for one layer alone, was slower inside whole networks
+(BENCHMARKS.md, "Convolutions on the CPU"). GPU/TPU always use ``lax``.
 ``ELF_JAX_CONV=lax|im2col`` forces one everywhere.
 """
 
@@ -30,10 +32,11 @@ from jax import lax
 IMPLS = ("auto", "lax", "im2col")
 
 
-def resolve_impl(impl: str = "auto", out_positions: int = 0) -> str:
+def resolve_impl(impl: str = "auto", out_positions: int = 0, in_channels: int = 0,
+                 out_channels: int = 0) -> str:
     """``lax`` or ``im2col`` for a convolution with ``out_positions`` = H' * W' output
-    positions: ``auto`` reads ``ELF_JAX_CONV``, else the measured CPU rule of the module
-    docstring (``lax`` off the CPU)."""
+    positions and these channels: ``auto`` reads ``ELF_JAX_CONV``, else the measured CPU
+    rule of the module docstring (``lax`` off the CPU)."""
     if impl not in IMPLS:
         raise ValueError(f"conv impl {impl!r}: choose one of {IMPLS}")
     if impl == "auto":
@@ -41,8 +44,10 @@ def resolve_impl(impl: str = "auto", out_positions: int = 0) -> str:
         if impl not in IMPLS:
             raise ValueError(f"ELF_JAX_CONV={impl!r}: choose one of {IMPLS}")
     if impl == "auto":
+        tiny_maps = 0 < out_positions <= 4
+        narrow_first = 0 < in_channels <= 4 and 0 < out_channels <= 64
         cpu = jax.default_backend() == "cpu"
-        impl = "im2col" if cpu and 0 < out_positions <= 4 else "lax"
+        impl = "im2col" if cpu and (tiny_maps or narrow_first) else "lax"
     return impl
 
 
@@ -50,7 +55,7 @@ def conv2d(x, kernel, stride: int = 1, pad: int = 0, impl: str = "auto"):
     """``y[n, i, j, o] = sum_{a, b, c} xpad[n, s*i + a, s*j + b, c] * kernel[a, b, c, o]``."""
     k = kernel.shape[0]
     positions = _out_size(x.shape[1], k, stride, pad) * _out_size(x.shape[2], k, stride, pad)
-    if resolve_impl(impl, positions) == "lax":
+    if resolve_impl(impl, positions, x.shape[-1], kernel.shape[-1]) == "lax":
         return _lax_conv(x, kernel, stride, pad)
     return _im2col_conv(x, kernel, int(stride), int(pad))
 
