@@ -8,7 +8,9 @@ Ctrl-C stops cleanly (exit 130): what was checkpointed stays, and the same comma
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import sys
 import time
 import zipfile
@@ -209,6 +211,19 @@ def _user_errors() -> tuple:
     return (ValueError, OSError, zipfile.BadZipFile, TrainingDiverged)
 
 
+def _on_interrupt(signum, frame) -> None:
+    """Ctrl-C: say what is kept and leave at once. Not a KeyboardInterrupt: one raised inside
+    a garbage-collection callback (JAX has one) is printed and ignored, and checkpoint
+    threads can hang the interpreter's exit; checkpoints are written atomically, so stopping
+    anywhere is safe (the SIGKILL tests), and the kernel drops the workdir lock."""
+    workdir = _WORKDIR.value if flags.FLAGS.is_parsed() else None
+    print(f"\nelf-jax: interrupted. Finished stages and the last checkpoint of the running "
+          f"one are kept{f' in {workdir}' if workdir else ''}: run the same command again "
+          "to resume.", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(130)
+
+
 def run(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
     argv = list(sys.argv if argv is None else argv)
@@ -217,14 +232,10 @@ def run(argv: list[str] | None = None) -> None:
         print(usage(command), end="")
         sys.exit(0)
     debug = "--debug" in argv or "--debug=true" in argv
+    if not debug:
+        signal.signal(signal.SIGINT, _on_interrupt)
     try:
         app.run(_main, argv=_with_default_config(argv, command), flags_parser=_parse_flags)
-    except KeyboardInterrupt:
-        workdir = _WORKDIR.value if flags.FLAGS.is_parsed() else None
-        print(f"\nelf-jax: interrupted. Finished stages and the last checkpoint of the running "
-              f"one are kept{f' in {workdir}' if workdir else ''}: run the same command again "
-              "to resume.", file=sys.stderr)
-        sys.exit(130)
     except _user_errors() as err:
         if debug:
             raise
