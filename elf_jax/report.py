@@ -121,6 +121,16 @@ def _cell(entry: dict | None, missing: bool, n_col: int | None) -> str:
     return format_accuracy(entry["mean"], entry["std"], entry.get("n"), n_col)
 
 
+def _gain_cell(row: Mapping[str, Any]) -> str:
+    """`+1.23 [-0.40, +2.86]` in points: the gain and its paired 95% CI, `*` when the
+    interval excludes zero (no interval for one repeat)."""
+    cell = f"{100 * row['gain']:+.2f}"
+    ci = row.get("gain_ci95")
+    if ci:
+        cell += f" [{100 * ci[0]:+.2f}, {100 * ci[1]:+.2f}]" + ("*" if row.get("gain_significant") else "")
+    return cell
+
+
 def _cells(summary: Mapping[str, dict], gain_title: str, missing: Sequence = (),
            repeats: int | None = None) -> tuple[list, list[list]]:
     """Header and body cells: architecture, one column per mode (n in its header), the gain
@@ -138,8 +148,7 @@ def _cells(summary: Mapping[str, dict], gain_title: str, missing: Sequence = (),
         cells = [arch] + [_cell(row.get(m), (arch, m) in gone, ns[m]) for m in modes]
         if has_gain:
             lost = (arch, BASELINE_MODE) in gone or (arch, ELF_MODE) in gone
-            cells.append(f"{100 * row['gain']:+.2f}" if "gain" in row else
-                         "missing" if lost else "-")
+            cells.append(_gain_cell(row) if "gain" in row else "missing" if lost else "-")
         body.append(cells)
     return header, body
 
@@ -147,7 +156,7 @@ def _cells(summary: Mapping[str, dict], gain_title: str, missing: Sequence = (),
 def markdown_table(summary: Mapping[str, dict], missing: Sequence = (),
                    repeats: int | None = None) -> str:
     """Accuracy in percent (mean ± std over n repeats) per architecture and mode, plus gain."""
-    header, body = _cells(summary, "ELF gain (points)", missing, repeats)
+    header, body = _cells(summary, "ELF gain (points) [95% CI, * excludes 0]", missing, repeats)
     lines = [header, ["---"] * len(header)] + body
     return "\n".join("| " + " | ".join(cells) + " |" for cells in lines)
 
@@ -155,7 +164,7 @@ def markdown_table(summary: Mapping[str, dict], missing: Sequence = (),
 def text_table(summary: Mapping[str, dict], missing: Sequence = (),
                repeats: int | None = None) -> str:
     """The same table aligned for a terminal."""
-    header, body = _cells(summary, "ELF gain", missing, repeats)
+    header, body = _cells(summary, "ELF gain [95% CI]", missing, repeats)
     widths = [max(len(str(c)) for c in col) for col in zip(header, *body)]
     fmt = "  ".join("{:<%d}" % w for w in widths)
     out = [fmt.format(*header), fmt.format(*["-" * w for w in widths])]
@@ -324,18 +333,22 @@ def _accuracy_panel(ax, summary, modes, missing, repeats) -> None:
 
 
 def _gain_panel(ax, gains: Mapping[str, dict]) -> None:
-    """ELF - baseline per architecture (points) with the spread of the paired differences."""
+    """ELF - baseline per architecture (points) with the paired 95% confidence interval
+    (Student's t; `*` above a bar whose interval excludes zero); one repeat: no interval."""
     archs = list(gains)
     means = [100 * gains[a]["mean"] for a in archs]
-    stds = [100 * gains[a]["std"] for a in archs]
+    ci = [gains[a].get("ci95") or [gains[a]["mean"]] * 2 for a in archs]
+    below = [m - 100 * c[0] for m, c in zip(means, ci)]
+    above = [100 * c[1] - m for m, c in zip(means, ci)]
     colors = ["tab:green" if m >= 0 else "tab:red" for m in means]
-    ax.bar(range(len(archs)), means, 0.5, yerr=stds, capsize=3, color=colors)
+    ax.bar(range(len(archs)), means, 0.5, yerr=[below, above], capsize=3, color=colors)
     ax.axhline(0.0, color="black", linewidth=0.8)
     for j, a in enumerate(archs):
-        ax.annotate(f"n={gains[a]['n']}", (j, 1.0), xycoords=("data", "axes fraction"),
+        mark = "*" if gains[a].get("significant") else ""
+        ax.annotate(f"n={gains[a]['n']}{mark}", (j, 1.0), xycoords=("data", "axes fraction"),
                     ha="center", va="bottom", fontsize="x-small")
     _arch_axis(ax, archs)
-    ax.set_ylabel("ELF gain (points, ± std of paired differences)")
+    ax.set_ylabel("ELF gain (points, paired 95% CI)")
     ax.grid(axis="y", alpha=0.3)
 
 

@@ -99,7 +99,7 @@ def test_cross_evaluate_tiny(data, tmp_path):
                     ("ConvNetBN", "task"), ("ConvNetBN", "front_rear_task")]
     for arch in ("ConvNet", "ConvNetBN"):
         s = out["summary"][arch]
-        assert set(s) == {"task", "front_rear_task", "gain"}
+        assert set(s) == {"task", "front_rear_task", "gain", "gain_ci95", "gain_significant"}
         r = out["results"][arch]["front_rear_task"]
         assert len(r["accs"]) == 2 and r["mean"] == pytest.approx(np.mean(r["accs"]))
         assert s["gain"] == pytest.approx(r["mean"] - out["results"][arch]["task"]["mean"])

@@ -25,7 +25,8 @@ def test_summary_means_stds_and_gain():
 def test_tables_show_percent_and_signed_gain():
     rows = report.summarize(RESULTS)
     md = report.markdown_table(rows)
-    assert "| ConvNet | 81.00 ± 1.00 | 86.00 ± 1.00 | +5.00 |" in md
+    # both repeats gained exactly 5 points: a zero-width interval, significant
+    assert "| ConvNet | 81.00 ± 1.00 | 86.00 ± 1.00 | +5.00 [+5.00, +5.00]* |" in md
     assert "-5.00" in report.text_table(rows)
 
 
@@ -94,6 +95,25 @@ def test_gain_spread_is_over_paired_repeats():
     g = report.paired_gains(accs)["A"]
     # the modes' own spreads are 5 points each; the paired differences do not spread at all
     assert g["mean"] == pytest.approx(0.01) and g["std"] == pytest.approx(0.0) and g["n"] == 2
+
+
+def test_gain_has_a_paired_t_interval_and_says_when_it_excludes_zero():
+    # differences 1, 2, 3 points: mean 2, sample sd 1, t(0.975, 2) = 4.303 -> 2 +- 2.484
+    noisy = {"A": {"task": {"accs": [0.80, 0.70, 0.90]},
+                   "front_rear_task": {"accs": [0.81, 0.72, 0.93]}}}
+    row = report.summarize(noisy)["A"]
+    lo, hi = row["gain_ci95"]
+    assert lo == pytest.approx(0.02 - 0.024841, abs=1e-6) and hi == pytest.approx(0.02 + 0.024841, abs=1e-6)
+    assert row["gain_significant"] is False
+    assert "+2.00 [-0.48, +4.48] |" in report.markdown_table(report.summarize(noisy))
+    steady = {"A": {"task": {"accs": [0.80, 0.70, 0.90]},
+                    "front_rear_task": {"accs": [0.82, 0.721, 0.919]}}}
+    row = report.summarize(steady)["A"]
+    assert row["gain_significant"] is True and row["gain_ci95"][0] > 0
+    assert "]*" in report.text_table(report.summarize(steady))
+    one = report.summarize({"A": {"task": {"accs": [0.8]}, "front_rear_task": {"accs": [0.9]}}})
+    assert one["A"]["gain_ci95"] is None and one["A"]["gain_significant"] is None
+    assert "+10.00 |" in report.markdown_table(one)  # one repeat: no interval
 
 
 def test_differences_name_each_setting():

@@ -1,12 +1,15 @@
 """The summary of a cross-architecture evaluation: per architecture, mean/std/n of the test
-accuracy per loss mode and the ELF gain, made once by `cross_evaluate` and read by the report."""
+accuracy per loss mode and the ELF gain with its paired 95% confidence interval, made once
+by `cross_evaluate` and read by the report. Repeat r of the baseline and of ELF start from
+the same weights, so the gain is judged on the per-repeat differences (a paired t
+interval), not on two independent spreads."""
 
 from __future__ import annotations
 
 import math
 from typing import Any, Mapping, Sequence
 
-__all__ = ["BASELINE_MODE", "ELF_MODE", "paired_gains", "summarize"]
+__all__ = ["BASELINE_MODE", "ELF_MODE", "paired_gains", "summarize", "t_interval"]
 
 BASELINE_MODE = "task"
 ELF_MODE = "front_rear_task"
@@ -23,8 +26,11 @@ def _mean_std(accs: Sequence[float]) -> tuple[float, float]:
 
 
 def summarize(results: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> dict[str, dict]:
-    """Per architecture: mean/std/n per mode and the ELF gain (ELF mean - baseline mean)."""
+    """Per architecture: mean/std/n per mode and the ELF gain (ELF mean - baseline mean),
+    with the 95% confidence interval of the paired gain (`gain_ci95`, None for one repeat)
+    and whether it excludes zero (`gain_significant`)."""
     summary = {}
+    paired = paired_gains(results)
     for arch, by_mode in results.items():
         row: dict[str, Any] = {}
         for mode, entry in by_mode.items():
@@ -32,8 +38,24 @@ def summarize(results: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> dict[st
             row[mode] = {"mean": mean, "std": std, "n": len(entry["accs"])}
         if BASELINE_MODE in row and ELF_MODE in row:
             row["gain"] = row[ELF_MODE]["mean"] - row[BASELINE_MODE]["mean"]
+            row["gain_ci95"] = paired[arch]["ci95"]
+            row["gain_significant"] = paired[arch]["significant"]
         summary[arch] = row
     return summary
+
+
+def t_interval(values: Sequence[float], level: float = 0.95) -> list[float] | None:
+    """The ``level`` confidence interval of the mean of ``values`` (Student's t with n-1
+    degrees of freedom and the sample standard deviation); None for fewer than 2 values."""
+    n = len(values)
+    if n < 2:
+        return None
+    from scipy.stats import t
+
+    mean = sum(values) / n
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    half = float(t.ppf(0.5 + level / 2, n - 1)) * sd / math.sqrt(n)
+    return [mean - half, mean + half]
 
 
 def paired_gains(results: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> dict[str, dict]:
@@ -46,5 +68,7 @@ def paired_gains(results: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> dict
             diffs = [float(e) - float(b) for b, e in zip(by_mode[BASELINE_MODE]["accs"],
                                                           by_mode[ELF_MODE]["accs"])]
             mean, std = _mean_std(diffs)
-            gains[arch] = {"mean": mean, "std": std, "n": len(diffs)}
+            ci = t_interval(diffs)
+            gains[arch] = {"mean": mean, "std": std, "n": len(diffs), "ci95": ci,
+                           "significant": None if ci is None else bool(ci[0] > 0 or ci[1] < 0)}
     return gains
