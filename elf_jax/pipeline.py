@@ -449,7 +449,19 @@ def _provenance(run: Run, synset, banks) -> dict:
                    **{k: m.get(k) for k in ("method", "arch", "ipc", "iteration")}},
         "teachers": {t: _teacher_provenance(run, t, users, (banks or {}).get(users[0]))
                      for t, users in teachers.items()},
+        "cross_architecture": cross_architecture(run.config.eval.pool, m.get("arch")),
     }
+
+
+def cross_architecture(pool, distill_arch) -> Optional[dict]:
+    """``{arch: True}`` for the pool nets that are not the set's distillation network (the
+    rows where ELF's cross-architecture claim is tested; norm and pooling variants count as
+    other networks), False for the same one; None when the set does not say (an import)."""
+    from elf_jax.models.registry import canonical_name
+
+    if not distill_arch:
+        return None
+    return {a: canonical_name(a) != canonical_name(distill_arch) for a in pool}
 
 
 class _Eta:

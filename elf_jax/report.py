@@ -194,6 +194,13 @@ def markdown_report(report: Mapping[str, Any], title: str = "", notes: Sequence[
 
 
 # ------------------------------------------------------------------ settings
+def _cross_line(cross: Mapping[str, bool], distill_arch: Any) -> str:
+    other = [a for a, c in cross.items() if c]
+    same = [a for a, c in cross.items() if not c]
+    return (f"cross-architecture rows (not the distillation network {distill_arch}): "
+            f"{', '.join(other) or 'none'}; same network: {', '.join(same) or 'none'}")
+
+
 def _pct(x: Any) -> str:
     return "n/a" if x is None else f"{100 * float(x):.2f}%"
 
@@ -257,6 +264,8 @@ def settings_lines(report: Mapping[str, Any]) -> list[str]:
     if prov.get("synset"):
         lines.append(_synset_line(prov["synset"]))
     lines += [_teacher_line(n, t) for n, t in (prov.get("teachers") or {}).items()]
+    if prov.get("cross_architecture"):
+        lines.append(_cross_line(prov["cross_architecture"], (prov.get("synset") or {}).get("arch")))
     if report.get("results") and "seconds" in _first_entry(report["results"]):
         lines.append(_time_line(report["results"]))
     if prov:

@@ -143,6 +143,19 @@ def test_settings_lines_carry_the_provenance():
     assert report.settings_lines({"results": RESULTS}) == []  # older files: nothing invented
 
 
+def test_cross_architecture_rows_are_named():
+    from elf_jax.pipeline import cross_architecture
+
+    cross = cross_architecture(("ConvNet", "ConvNetBN", "VGG11", "VGG11_L5"), "ConvNet")
+    assert cross == {"ConvNet": False, "ConvNetBN": True, "VGG11": True, "VGG11_L5": True}
+    assert cross_architecture(("VGG11_L5",), "VGG11") == {"VGG11_L5": False}  # an alias
+    assert cross_architecture(("ConvNet",), None) is None  # an import that does not say
+    rep = {"results": RESULTS, "request": {"dataset": "d", "repeats": 2},
+           "provenance": {"synset": {"arch": "ConvNet"}, "cross_architecture": cross}}
+    line = next(x for x in report.settings_lines(rep) if x.startswith("cross-architecture"))
+    assert "ConvNetBN, VGG11, VGG11_L5; same network: ConvNet" in line
+
+
 def test_seconds_add_up_over_a_resume(tmp_path):
     """A run resumed from its checkpoints reports the seconds of every process it ran in."""
     import numpy as np
