@@ -8,6 +8,7 @@ Ctrl-C stops cleanly (exit 130): what was checkpointed stays, and the same comma
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -47,7 +48,6 @@ COMMANDS = {
     "config": ("print every config field with its value and a one-line description",
                "elf-jax config --config configs/cifar10_cross.py --config.eval.repeats=3"),
 }
-STAGE_COMMANDS = ("train-teacher", "distill", "features", "evaluate")
 
 FLAGS_HELP = """\
 flags:
@@ -96,8 +96,7 @@ def _command(argv) -> str | None:
 def _with_default_config(argv: list[str], command: str | None) -> list[str]:
     """`demo` and `config` without --config read the demo config, so that their
     `--config.x=y` overrides parse."""
-    has_config = any(a == "--config" or a.startswith("--config=") for a in argv)
-    if command in ("demo", "config") and not has_config:
+    if command in ("demo", "config") and _config_path(argv) is None:
         from elf_jax import config as config_module
 
         return [argv[0], f"--config={config_module.__file__}", *argv[1:]]
@@ -177,7 +176,7 @@ def _main(argv) -> None:
 
     pipeline.set_logger(_log)
     lock = (workdir_lib.locked(run.workdir, command) if jax.process_index() == 0
-            else _no_lock())
+            else contextlib.nullcontext())
     with lock:
         _run(pipeline, run, command)
 
@@ -194,14 +193,6 @@ def _run(pipeline, run, command: str) -> None:
              "report": pipeline.stage_report}.get(command, pipeline.run_all)
     stage(run)
     _log(f"elf-jax {command}: finished in {time.perf_counter() - start:.0f} s")
-
-
-class _no_lock:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _user_errors() -> tuple:

@@ -250,8 +250,9 @@ def _one_of(name: str, value, options) -> None:
 
 
 def _at_least(config, names, low) -> None:
+    values = fields(config)
     for name in names:
-        value = fields(config)[name]
+        value = values[name]
         if value is None or value < low:
             raise ValueError(f"config.{name}={value!r}: must be >= {low}")
 

@@ -406,8 +406,7 @@ def eval_request(config, synset_hash: Optional[str]) -> dict:
 def _teacher_provenance(run: Run, teacher: str, users: list, bank) -> dict:
     """A teacher's settings and test accuracy as its trajectory in the workdir records them
     (only the bank's record when the teacher is gone)."""
-    from elf_jax.checkpoint import StepCheckpoints
-    from elf_jax.teacher import read_manifest
+    from elf_jax.teacher import read_manifest, recorded_test_accuracy
 
     epoch = int(run.config.teacher.feature_epoch)
     out = {"for": users, "snapshot_epoch": epoch,
@@ -418,15 +417,11 @@ def _teacher_provenance(run: Run, teacher: str, users: list, bank) -> dict:
     m = read_manifest(tdir)
     out.update({k: m.get(k) for k in ("epochs", "lr", "momentum", "weight_decay", "batch_size",
                                        "seed")})
-    traj = StepCheckpoints(tdir / "expert_000" / "trajectory", max_to_keep=None)
     try:  # the accuracy is measured after the last epoch (and others when asked)
-        steps = traj.all_steps()
-        out["test_acc"] = traj.read_meta(steps[-1]).get("test_acc") if steps else None
-        out["snapshot_test_acc"] = traj.read_meta(epoch).get("test_acc") if epoch in steps else None
+        out["test_acc"] = recorded_test_accuracy(tdir)
+        out["snapshot_test_acc"] = recorded_test_accuracy(tdir, epoch)
     except (ValueError, FileNotFoundError):  # a damaged record: no accuracy, not no results
         out["test_acc"] = None
-    finally:
-        traj.close()
     return out
 
 

@@ -65,6 +65,7 @@ __all__ = [
     "load_teacher",
     "load_trajectory",
     "read_manifest",
+    "recorded_test_accuracy",
     "test_accuracy",
     "Trajectories",
     "MTT_EXPERT_DEFAULTS",
@@ -354,6 +355,18 @@ def load_teacher(workdir, epoch: Optional[int] = None, *, expert: int = 0, dtype
     state, _ = traj.restore(int(epoch), like=_variables_like(net, manifest))
     traj.close()
     return net, make_variables(state["params"], state["batch_stats"])
+
+
+def recorded_test_accuracy(workdir, epoch: Optional[int] = None, *, expert: int = 0):
+    """The test accuracy the trajectory recorded after ``epoch`` (default: its last saved
+    epoch), read from the snapshot's metadata (no weights loaded); None when not measured."""
+    _, traj = _open_traj(workdir, expert)
+    try:
+        steps = traj.all_steps()
+        step = steps[-1] if epoch is None and steps else epoch
+        return traj.read_meta(step).get("test_acc") if step in steps else None
+    finally:
+        traj.close()
 
 
 def load_trajectory(workdir, expert: int = 0, epochs: Optional[Sequence[int]] = None) -> list:

@@ -70,20 +70,14 @@ def _out_size(size: int, k: int, stride: int, pad: int) -> int:
     return (size + 2 * pad - k) // stride + 1
 
 
-def _views(x, k: int, stride: int, pad: int) -> list:
-    """The k*k ``[N, H', W', C]`` shifted (strided) views of the padded input that kernel
-    taps (a, b) multiply, row-major in (a, b)."""
+def _patches(x, k: int, stride: int, pad: int):
+    """``[N, H', W', k*k*C]``: the k*k shifted (strided) views of the padded input side by
+    side, ordered (a, b, c) like a HWIO kernel flattened to ``[k*k*C, O]``."""
     n, h, w, c = x.shape
     ho, wo = _out_size(h, k, stride, pad), _out_size(w, k, stride, pad)
     xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0))) if pad else x
-    return [xp[:, a: a + stride * (ho - 1) + 1: stride, b: b + stride * (wo - 1) + 1: stride, :]
-            for a in range(k) for b in range(k)]
-
-
-def _patches(x, k: int, stride: int, pad: int):
-    """``[N, H', W', k*k*C]``: the views side by side, ordered (a, b, c) like a HWIO kernel
-    flattened to ``[k*k*C, O]``."""
-    views = _views(x, k, stride, pad)
+    views = [xp[:, a: a + stride * (ho - 1) + 1: stride, b: b + stride * (wo - 1) + 1: stride, :]
+             for a in range(k) for b in range(k)]
     return jnp.concatenate(views, axis=-1) if len(views) > 1 else views[0]
 
 
