@@ -7,6 +7,11 @@ convolution emitters are slowest. Per shape: ms of the jitted forward+backward w
 and with ``torch.nn.functional.conv2d`` when torch is installed, all in one run.
 
     python benchmarks/bench_conv.py [--batch 100] [--steps 5] [--json out.jsonl]
+
+``--nets ConvNet,VGG11,...`` instead times the whole network's plain CE gradient (random
+32x32x3 images, 10 classes; ``ConvNet:w32`` is the demo's width-32 ConvNet on 28x28x1) with
+each implementation forced (``lax``, ``im2col``) and with the default (``auto``), compiled
+in one process and timed alternately, so the choice is judged inside whole networks.
 """
 
 from __future__ import annotations
@@ -69,13 +74,55 @@ def time_torch(x, w, r, stride: int):
     return step
 
 
+def time_nets(names, batch: int, steps: int) -> None:
+    """The whole-network A/B of the module docstring, one JSON line per network."""
+    import optax
+
+    from elf_jax.models import get_model
+
+    rng = np.random.default_rng(0)
+    for spec in names:
+        name, _, width = spec.partition(":w")
+        shape = (28, 28, 1) if width == "32" else (32, 32, 3)
+        net = get_model(name, 10, **({"width": int(width)} if width else {}))
+        x = jnp.asarray(rng.standard_normal((batch, *shape)), jnp.float32)
+        y = jnp.asarray(np.arange(batch) % 10)
+        v = net.init(jax.random.key(0), x)
+
+        def loss(p):
+            out = net.apply({**v, "params": p}, x, True, mutable=["batch_stats"])[0] \
+                if "batch_stats" in v else net.apply({**v, "params": p}, x, True)
+            return optax.softmax_cross_entropy_with_integer_labels(out, y).mean()
+
+        fns = {}
+        for impl in ("lax", "im2col", "auto"):  # the choice is made while tracing
+            os.environ["ELF_JAX_CONV"] = impl
+            fns[impl] = jax.jit(jax.grad(loss)).lower(v["params"]).compile()
+        os.environ.pop("ELF_JAX_CONV")
+        times = {impl: [] for impl in fns}
+        for impl, f in fns.items():
+            jax.block_until_ready(f(v["params"]))
+        for _ in range(steps):
+            for impl, f in fns.items():
+                t = time.perf_counter()
+                jax.block_until_ready(f(v["params"]))
+                times[impl].append(time.perf_counter() - t)
+        print(json.dumps({"net": spec, **{f"ms_{k}": round(1e3 * float(np.median(t)), 1)
+                                         for k, t in times.items()}}), flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch", type=int, default=100)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--json", default="")
     p.add_argument("--only", default="", help="comma-separated shape prefixes, e.g. '32x32 64'")
+    p.add_argument("--nets", default="", help="whole networks instead, e.g. 'ConvNet:w32,VGG11'")
     args = p.parse_args()
+    if args.nets:
+        print(json.dumps({"cpu": cpu_model(), "jax": jax.__version__,
+                          "date": time.strftime("%Y-%m-%d %H:%M")}))
+        return time_nets(args.nets.split(","), args.batch, args.steps)
     try:
         import torch
 

@@ -1,7 +1,7 @@
 """2-D convolution (NHWC x HWIO, symmetric zero padding) with a choice of implementation.
 
 XLA:CPU's convolution emitters are slow for the backward pass of small feature maps: a
-3x3 512->512 convolution on 2x2 maps (VGG11's last layers) takes 28x PyTorch's time for
+3x3 512->512 convolution on 2x2 maps (VGG11's last layers) takes 30x PyTorch's time for
 its input+filter gradient (BENCHMARKS.md, "Convolutions on the CPU"). The ``im2col``
 implementation writes the convolution and both of its gradients as one matrix product
 each, around shifted slices of the (padded) input: patches ``[N*H'*W', k*k*Cin]`` times the
@@ -10,10 +10,10 @@ folded back onto the input (the sum of the shifted slices' transposes) for the i
 the same function (equal to float reassociation: tests/test_conv.py); only its cost differs.
 
 ``conv2d(..., impl="auto")`` takes ``im2col`` on the CPU for outputs of at most 2x2
-positions (VGG11's last layers: 13 vs 950 ms for the gradient of one; the whole VGG11
-gradient 0.6 instead of 4.5 s) and for narrow first layers (at most 4 input and 64 output
-channels: the demo's width-32 ConvNet gradient 56 instead of 92 ms; with 128 outputs lax is
-6% faster), and XLA's ``lax`` convolution elsewhere: on larger maps im2col's patch
+positions (VGG11's last layers: 15 vs 970 ms for the gradient of one; the whole VGG11
+gradient 0.58 instead of 4.2 s) and for narrow first layers (at most 4 input and 64 output
+channels: the demo's width-32 ConvNet gradient 55 instead of 92 ms; with 128 outputs lax was
+~6% faster), and XLA's ``lax`` convolution elsewhere: on larger maps im2col's patch
 matrices cost more memory traffic than they save, and a filter gradient written as k*k
 shifted matrix products, faster for one layer alone, was slower inside whole networks
 (BENCHMARKS.md, "Convolutions on the CPU"). GPU/TPU always use ``lax``.
