@@ -82,6 +82,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.lambda_front = 1.0
     c.eval.lambda_rear = 1.0
     c.eval.repeat_strategy = "auto"  # auto | sequential | vmap | devices
+    # A learned adapter where a pool net's front and its teacher feature differ in shape
+    # (beyond the reference, which needs them equal); "off" refuses such pool nets.
+    c.eval.adapter = "auto"
     c.eval.checkpoint_every = 100  # epochs between evaluation checkpoints
     c.eval.width = 0  # >0 overrides the ConvNet-family width of pool nets (demo only)
     return c
@@ -204,6 +207,7 @@ FIELD_DOCS = {
     "eval.lambda_front": "weight of ELF's front (feature) loss",
     "eval.lambda_rear": "weight of ELF's rear (teacher feature -> rear) loss",
     "eval.repeat_strategy": "how repeats run: auto | sequential | vmap | devices",
+    "eval.adapter": "auto: a learned adapter where front and teacher feature shapes differ | off",
     "eval.checkpoint_every": "epochs between evaluation checkpoints",
     "eval.width": "> 0: width of ConvNet-family pool nets and their teacher (demo only)",
     "parallel.parallel": "none (one device) | shard_map (data parallel on a runs x data mesh)",
@@ -262,6 +266,7 @@ def check_config(config) -> None:
     (the nearest valid name where one is close); nothing when the config is usable."""
     from elf_jax.augment import parse_strategy
     from elf_jax.data import resolve_info
+    from elf_jax.elf.evaluate import ADAPTER_CHOICES
     from elf_jax.elf.losses import FEATURE_KINDS, LOSS_MODES
     from elf_jax.models.registry import canonical_name
     from elf_jax.parallel.mesh import ParallelConfig
@@ -297,6 +302,7 @@ def check_config(config) -> None:
         _one_of("eval.modes", mode, LOSS_MODES)
     _one_of("eval.kind", e.kind, FEATURE_KINDS)
     _one_of("eval.repeat_strategy", e.repeat_strategy, REPEAT_STRATEGIES)
+    _one_of("eval.adapter", e.adapter, ADAPTER_CHOICES)
     for name in ("teacher.dsa_strategy", "synset.dsa_strategy", "eval.dsa_strategy"):
         try:
             parse_strategy(fields(config)[name])

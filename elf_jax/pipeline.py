@@ -44,7 +44,7 @@ import numpy as np
 from elf_jax import report as report_lib
 from elf_jax.checkpoint import write_json_atomic
 from elf_jax.data import load, resolve_info
-from elf_jax.models import front_shape, get_model
+from elf_jax.models import front_shape, get_model, list_models
 from elf_jax.parallel.mesh import ParallelConfig
 
 _log: Callable[[str], None] = print
@@ -71,17 +71,40 @@ def _with_width(base: str, channels: int) -> str:
     return family if channels == 128 else f"{family}W{channels}"
 
 
-def teacher_for(config, arch: str, image_shape, num_classes: int) -> str:
-    """The teacher architecture whose feature fits `arch`'s front output."""
-    if config.teacher.get("override_arch", ""):
-        return config.teacher.override_arch
+def _exact_teacher(config, arch: str, image_shape, num_classes: int) -> Optional[str]:
+    """The teacher of `config.teacher.arch`'s family at the width of `arch`'s front output,
+    if one is registered and its feature has exactly the front's shape; else None."""
     net = get_model(arch, num_classes, **_model_overrides(config, arch))
     if not getattr(net, "has_split", False):
         raise ValueError(
-            f"{arch} declares no ELF front/rear split (AlexNet, MLP and LeNet have none in "
-            "the reference); remove it from config.eval.pool or evaluate it in mode 'task'.")
-    channels = int(front_shape(net, tuple(image_shape))[-1])
-    return _with_width(config.teacher.arch, channels)
+            f"{arch} declares no ELF front/rear split; remove it from config.eval.pool or "
+            "evaluate it in mode 'task'.")
+    front = front_shape(net, tuple(image_shape))[1:]
+    teacher = _with_width(config.teacher.arch, int(front[-1]))
+    if teacher not in list_models():
+        return None
+    kwargs = dict(config.teacher.get("model_kwargs", {}) or {})
+    fits = front_shape(get_model(teacher, num_classes, **kwargs), tuple(image_shape))[1:] == front
+    return teacher if fits else None
+
+
+def teacher_for(config, arch: str, image_shape, num_classes: int) -> str:
+    """The teacher whose features `arch` learns from: `teacher.override_arch` if set; else
+    the teacher whose feature has exactly `arch`'s front shape (the width rule); else, with
+    `eval.adapter = "auto"`, the distillation network's teacher, reached through a learned
+    adapter (`elf_jax.models.adapter`)."""
+    if config.teacher.get("override_arch", ""):
+        return config.teacher.override_arch
+    exact = _exact_teacher(config, arch, image_shape, num_classes)
+    if exact is not None:
+        return exact
+    if config.eval.adapter == "off":
+        raise ValueError(
+            f"no registered {config.teacher.arch}-family teacher has the feature shape of "
+            f"{arch}'s front; set eval.adapter=auto (a learned adapter), set "
+            "teacher.override_arch, or evaluate it in mode 'task'")
+    shared = _exact_teacher(config, config.synset.arch, image_shape, num_classes)
+    return shared or config.teacher.arch
 
 
 class Run:
@@ -392,6 +415,7 @@ def eval_request(config, synset_hash: Optional[str]) -> dict:
         "modes": list(config.eval.modes), "repeats": int(config.eval.repeats),
         "seed": int(config.seed), "dtype": config.dtype,
         "width_override": int(config.eval.get("width", 0) or 0),
+        "adapter": config.eval.adapter,
         "widths": {a: getattr(get_model(a, info.num_classes, **_model_overrides(config, a)),
                               "width", None) for a in config.eval.pool},
         "protocol": _protocol(config).to_dict(), "synset": synset,
@@ -516,7 +540,7 @@ def stage_evaluate(run: Run, synset=None, banks=None) -> dict:
         workdir=run.workdir / "eval", num_classes=synset.num_classes,
         learned_lr=synset.lr, model_overrides=lambda a: _model_overrides(config, a),
         strategy=config.eval.repeat_strategy, checkpoint_every=int(config.eval.checkpoint_every),
-        parallel=pc, on_result=on_result, log=_log)
+        parallel=pc, on_result=on_result, log=_log, adapter=config.eval.adapter)
     if pc.parallel != "none":
         from elf_jax.parallel import Placement
 

@@ -3,6 +3,7 @@
 import jax
 import numpy as np
 import pytest
+from flax import linen as nn
 
 from elf_jax.elf import cross_evaluate, evaluate_synset
 from elf_jax.train import TrainProtocol
@@ -28,14 +29,25 @@ W8 = {"width": 8}
 def test_bank_shape_mismatch_names_both_shapes_and_split(data):
     x, y, tx, ty, f8 = data
     bad = np.zeros((9, 4, 4, 512), np.float32)
-    with pytest.raises(ValueError) as e:
-        evaluate_synset("ConvNet", x, y, tx, ty, bad, TINY, 1, model_overrides=W8)
+    with pytest.raises(ValueError) as e:  # with adapters switched off
+        evaluate_synset("ConvNet", x, y, tx, ty, bad, TINY, 1, model_overrides=W8, adapter="off")
     msg = str(e.value)
     assert "(9, 4, 4, 512)" in msg and "(2, 2, 8)" in msg and "front = all conv blocks" in msg
+    assert "adapter='auto'" in msg
     with pytest.raises(ValueError, match="needs the teacher feature bank"):
         evaluate_synset("ConvNet", x, y, tx, ty, None, TINY, 1, model_overrides=W8)
+    with pytest.raises(ValueError, match="one feature per image"):
+        evaluate_synset("ConvNet", x, y, tx, ty, bad[:5], TINY, 1, model_overrides=W8)
+    with pytest.raises(ValueError, match="adapter maps NHWC grids"):
+        evaluate_synset("ConvNet", x, y, tx, ty, bad.reshape(9, -1), TINY, 1, model_overrides=W8)
+
+    class NoSplit(nn.Module):  # a user's module without front/rear
+        @nn.compact
+        def __call__(self, x, train=False):
+            return nn.Dense(K)(x.reshape(x.shape[0], -1))
+
     with pytest.raises(ValueError, match="no declared ELF front/rear split"):
-        evaluate_synset("LeNet", x, y, tx, ty, f8, TINY, 1)
+        evaluate_synset(NoSplit(), x, y, tx, ty, f8, TINY, 1)
 
 
 def test_bad_labels_and_nans(data):

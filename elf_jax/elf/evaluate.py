@@ -32,7 +32,10 @@ from elf_jax.parallel.placement import Placement
 from elf_jax.train.protocol import TrainProtocol
 from elf_jax.train.runner import run_evaluation
 
-__all__ = ["evaluate_synset", "cross_evaluate", "validate_inputs", "describe_split"]
+__all__ = ["evaluate_synset", "cross_evaluate", "validate_inputs", "describe_split",
+           "net_for_mode", "ADAPTER_CHOICES"]
+
+ADAPTER_CHOICES = ("auto", "off")  # auto: an adapter where the bank and front shapes differ
 
 
 _SPLITS = (
@@ -132,8 +135,13 @@ def validate_inputs(
     features: Optional[np.ndarray],
     num_classes: int,
     mode: str,
+    adapter: str = "auto",
 ) -> None:
-    """``ValueError`` for anything that would make the evaluation meaningless."""
+    """``ValueError`` for anything that would make the evaluation meaningless. With
+    ``adapter="off"`` a bank whose per-image shape differs from the front output is refused;
+    with ``"auto"`` (default) an adapter will map the two (:func:`net_for_mode`)."""
+    if adapter not in ADAPTER_CHOICES:
+        raise ValueError(f"adapter must be one of {ADAPTER_CHOICES}, got {adapter!r}")
     if images.ndim != 4:
         raise ValueError(f"synthetic images must be NHWC [N, H, W, C], got shape {images.shape}")
     n = images.shape[0]
@@ -163,14 +171,39 @@ def validate_inputs(
             f"loss mode {mode!r} needs the teacher feature bank for {arch} (features=None); "
             "build one with elf_jax.elf.build_bank")
     front = _front_shape(net, images.shape[1:])
-    if features.ndim < 2 or features.shape[0] != n or tuple(features.shape[1:]) != front:
+    if features.ndim < 2 or features.shape[0] != n:
         raise ValueError(
-            f"feature bank shape {tuple(features.shape)} does not fit {arch}: its split "
-            f"({describe_split(arch)}) gives a front output of {front} per image for "
-            f"{tuple(images.shape[1:])} inputs, so the bank must be {(n,) + front}; build the "
-            f"bank with a teacher whose front outputs {front} (e.g. a width-{front[-1]} ConvNet)")
+            f"feature bank shape {tuple(features.shape)} does not fit the synthetic set: it "
+            f"must hold one feature per image ({n}); rebuild the bank for this set")
+    if tuple(features.shape[1:]) != front:
+        if adapter == "off":
+            raise ValueError(
+                f"feature bank shape {tuple(features.shape)} does not fit {arch}: its split "
+                f"({describe_split(arch)}) gives a front output of {front} per image for "
+                f"{tuple(images.shape[1:])} inputs, so the bank must be {(n,) + front}; build "
+                f"the bank with a teacher whose front outputs {front} (e.g. a width-{front[-1]} "
+                "ConvNet), or let an adapter map the shapes (adapter='auto')")
+        if features.ndim != 4:
+            raise ValueError(
+                f"the adapter maps NHWC grids, but the feature bank is {tuple(features.shape)}: "
+                "build the bank from a convolutional (or token-grid) teacher layer")
     if _num_bad(features):
         raise ValueError(f"the feature bank holds {_num_bad(features)} NaN/Inf value(s)")
+
+
+def net_for_mode(net, mode: str, features, image_shape):
+    """The network that trains in ``mode``: ``net`` itself, or ``net`` with a feature adapter
+    (``elf_jax.models.adapter``) when the mode uses the teacher feature and the feature's
+    per-image shape differs from the front output (inputs already checked by
+    :func:`validate_inputs`)."""
+    if features is None or not mode_needs_features(mode):
+        return net
+    front = _front_shape(net, image_shape)
+    if tuple(features.shape[1:]) == front:
+        return net
+    from elf_jax.models.adapter import adapt
+
+    return adapt(net, front, tuple(features.shape[1:]))
 
 
 def _features_for(features, arch: str, net, image_shape):
@@ -213,7 +246,8 @@ def training_lr(protocol: TrainProtocol, learned_lr) -> float:
 
 
 def resolve_pool(pool, modes, images, labels, test_images, test_labels, features, k: int,
-                 protocol: TrainProtocol, overrides: Callable[[str], Mapping[str, Any]]) -> list:
+                 protocol: TrainProtocol, overrides: Callable[[str], Mapping[str, Any]],
+                 adapter: str = "auto") -> list:
     """Builds every pool network and checks every (arch, mode) input BEFORE any training.
 
     Returns ``[(arch, name, net, features or None)]`` in pool order (host arrays in)."""
@@ -225,7 +259,8 @@ def resolve_pool(pool, modes, images, labels, test_images, test_labels, features
             feats = _features_for(features, name, net, images.shape[1:])
             feats = None if feats is None else _host(feats, "feature bank")
         for mode in modes:
-            validate_inputs(name, net, images, labels, test_images, test_labels, feats, k, mode)
+            validate_inputs(name, net, images, labels, test_images, test_labels, feats, k, mode,
+                            adapter)
         out.append((arch, name, net, feats))
     return out
 
@@ -252,6 +287,7 @@ def evaluate_synset(
     parallel: Any = None,
     progress: bool = True,
     return_states: bool = False,
+    adapter: str = "auto",
 ) -> dict:
     """Trains ``repeats`` fresh ``arch`` networks on the synthetic set and tests them.
 
@@ -271,8 +307,10 @@ def evaluate_synset(
       hparams: per-repeat ``lr``/``lambda_front``/``lambda_rear`` (e.g. a lambda sweep).
       parallel: placement (None: one device; a ``ParallelConfig``/``Placement``: every step
         data parallel on a ``("runs", "data")`` mesh, repeats over ``runs``).
+      adapter: ``"auto"`` (a learned feature adapter where the bank's per-image shape differs
+        from the front output; ``elf_jax.models.adapter``) or ``"off"`` (refuse).
     Returns: ``{"arch", "mode", "accs" (list), "mean", "std", "seconds", "strategy",
-      "train_loss" [R, E+1], "train_acc", "resumed_from", "lr"}``.
+      "train_loss" [R, E+1], "train_acc", "resumed_from", "lr", "adapter_params"}``.
     """
     if hasattr(images, "images") and hasattr(images, "labels") and labels is None:
         syn = images
@@ -289,7 +327,8 @@ def evaluate_synset(
     features = _features_for(features, name, net, images.shape[1:])
     if features is not None:
         features = _host(features, "feature bank")
-    validate_inputs(name, net, images, labels, test_images, test_labels, features, k, protocol.mode)
+    validate_inputs(name, net, images, labels, test_images, test_labels, features, k, protocol.mode,
+                        adapter)
     return _train_and_test(name, net, protocol, images, labels, test_images, test_labels,
                            features, k, learned_lr, repeats=repeats, key=key, workdir=workdir,
                            strategy=strategy, chunk_epochs=chunk_epochs,
@@ -300,6 +339,9 @@ def evaluate_synset(
 def _train_and_test(name, net, protocol, images, labels, test_images, test_labels, features, k,
                     learned_lr, *, hparams=None, **kw) -> dict:
     """``run_evaluation`` of inputs already validated (:func:`validate_inputs`)."""
+    from elf_jax.models.adapter import adapter_params
+
+    net = net_for_mode(net, protocol.mode, features, images.shape[1:])
     labels = labels.astype(np.int32 if labels.ndim == 1 else np.float32)
     lr = training_lr(protocol, learned_lr)
     out = run_evaluation(net, protocol, images, labels, test_images, test_labels,
@@ -307,7 +349,7 @@ def _train_and_test(name, net, protocol, images, labels, test_images, test_label
                          hparams={"lr": lr, **dict(hparams or {})},
                          desc=f"{name} {protocol.mode}", run_info={"arch": name}, **kw)
     out.update(arch=name, mode=protocol.mode, accs=[float(a) for a in out["accs"]], lr=lr,
-               num_classes=k)
+               num_classes=k, adapter_params=adapter_params(net))
     return out
 
 
@@ -334,12 +376,14 @@ def cross_evaluate(
     progress: bool = True,
     on_result: Optional[Callable[[str, str, dict], None]] = None,
     log: Callable[[str], None] = print,
+    adapter: str = "auto",
 ) -> dict:
     """Every architecture of ``pool`` x every loss mode of ``modes``.
 
     ``features``: one array/``FeatureBank`` for all, a mapping ``arch -> features``, or a
     callable ``(arch, front_shape) -> features`` (e.g. choosing the teacher by the front's
     channel count). ``model_overrides``: a dict for all or a callable ``arch -> dict``.
+    ``adapter``: as in :func:`evaluate_synset`.
     Inputs are validated for every (arch, mode) BEFORE any training starts; on a mesh
     (``parallel``) the memory estimate of each is printed with ``log`` and checked too.
     ``on_result(arch, mode, result)`` is called after each run (for incremental reports).
@@ -362,7 +406,7 @@ def cross_evaluate(
     placement = Placement.of(parallel)
     test_images_h = _host(test_images, "test images")
     resolved = resolve_pool(pool, modes, images_h, labels_h, test_images_h, test_labels_h,
-                            features, k, protocol, overrides)
+                            features, k, protocol, overrides, adapter)
     for arch, name, net, feats in resolved:
         if placement.mesh is not None:
             _check_memory(name, net, feats, modes, protocol, placement, images_h, labels_h, k,
@@ -379,7 +423,7 @@ def cross_evaluate(
                 strategy=strategy, chunk_epochs=chunk_epochs, checkpoint_every=checkpoint_every,
                 placement=placement, progress=progress)
             entry = {kk: r[kk] for kk in ("accs", "mean", "std", "seconds", "total_seconds",
-                                          "strategy", "lr", "resumed_from")}
+                                          "strategy", "lr", "resumed_from", "adapter_params")}
             entry["final_train_loss"] = np.asarray(r["train_loss"])[:, -1].tolist()
             results[arch][mode] = entry
             if on_result is not None:
@@ -403,7 +447,7 @@ def _check_memory(name, net, feats, modes, protocol, placement, images, labels, 
     for mode in modes:
         f = feats if mode_needs_features(mode) else None
         est = memory.estimate_for(
-            net, dataclasses.replace(protocol, mode=mode), n_images=len(images),
+            net_for_mode(net, mode, f, images.shape[1:]), dataclasses.replace(protocol, mode=mode), n_images=len(images),
             image_shape=images.shape[1:], num_classes=k,
             feature_shape=None if f is None else f.shape[1:], config=placement.config,
             repeats=repeats, n_data=placement.n_data, n_runs=placement.n_runs,

@@ -3,9 +3,11 @@
 ``get_model(name, num_classes, **overrides)`` builds a network; ``list_models()`` lists the
 names. Every network applies as ``net.apply(v, x, train=False)``; splittable ones also as
 ``method=net.front`` / ``method=net.rear`` with ``__call__ == rear(front(x))`` exactly.
-See ``registry.py`` for overrides and each family's module for its parameter-tree names.
+See ``registry.py`` for overrides and each family's module for its parameter-tree names;
+``adapter.py`` for ELF on a front whose shape differs from the teacher feature.
 """
 
+from elf_jax.models.adapter import Adapted, FeatureAdapter, adapt
 from elf_jax.models.alexnet import AlexNet
 from elf_jax.models.convnet import ConvNet
 from elf_jax.models.lenet import LeNet
@@ -19,5 +21,5 @@ from elf_jax.models.vit import ViT
 
 __all__ = [
     "get_model", "list_models", "model_info", "canonical_name", "count_params", "init_shapes",
-    "front_shape", "AlexNet", "ConvNet", "LeNet", "MLP", "ResNet", "VGG", "ViT",
+    "front_shape", "adapt", "Adapted", "FeatureAdapter", "AlexNet", "ConvNet", "LeNet", "MLP", "ResNet", "VGG", "ViT",
 ]

@@ -4,7 +4,9 @@ conv5x5 128 p2 -> [BN] -> relu -> maxpool; conv5x5 192 p2 -> [BN] -> relu -> max
 conv3x3 256 p1; conv3x3 192 p1; conv3x3 192 p1 -> maxpool; dense. For 28x28 1-channel input
 the first conv uses padding 4 (reference rule), so every input size ends at 4x4x192.
 
-No ELF split in the reference: ``has_split`` is False and ``front`` raises.
+ELF split (beyond the reference, which has none): the front is the five conv blocks, the
+rear the classifier -- the ConvNet's cut. The front output is 4x4x192, on the ConvNet
+teacher's 4x4 grid, so the adapter (``elf_jax.models.adapter``) only maps channels.
 
 Parameter tree (torch names in brackets; plain AlexNet has no norms)::
 
@@ -37,7 +39,7 @@ class AlexNet(nn.Module):
     init_mode: str = "torch"
     bn_axis_name: Any = None
 
-    has_split = False
+    has_split = True
 
     def setup(self):
         L.check_init(self.init_mode)
@@ -53,14 +55,15 @@ class AlexNet(nn.Module):
         self.classifier = L.Dense(self.num_classes, dtype=self.dtype, init_mode=self.init_mode)
 
     def front(self, x, train: bool = False):
-        raise L.no_split_error("AlexNet")
-
-    def rear(self, f, train: bool = False):
-        raise L.no_split_error("AlexNet")
-
-    def __call__(self, x, train: bool = False):
         L.check_images(x, "AlexNet")
         first_pad = 4 if L.mnist_padding(x) else 2
         for i, blk in enumerate(self.blocks):
             x = blk(x, train, padding=first_pad if i == 0 else None)
-        return self.classifier(self.pre_logits(L.flatten(x)))
+        return x
+
+    def rear(self, f, train: bool = False):
+        L.check_images(f, "AlexNet.rear", what="feature")
+        return self.classifier(self.pre_logits(L.flatten(f)))
+
+    def __call__(self, x, train: bool = False):
+        return self.rear(self.front(x, train), train)

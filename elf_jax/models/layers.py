@@ -423,15 +423,9 @@ def mnist_padding(x) -> bool:
     return x.shape[-1] == 1 and x.shape[1] == 28
 
 
-def no_split_error(model: str):
-    return ValueError(
-        f"{model} has no declared ELF front/rear split (has_split is False); use an "
-        "architecture with a split (ConvNet*, VGG11*, ResNet18*, ViT) or an adapter")
-
-
 __all__ = [
     "Conv", "Dense", "Tap", "GroupNorm", "LayerNormCHW", "LayerNorm", "BatchNorm", "make_norm",
     "avg_pool2", "max_pool2", "pool2", "flatten", "activation", "canonical_norm",
-    "canonical_pool", "check_init", "check_images", "mnist_padding", "no_split_error",
+    "canonical_pool", "check_init", "check_images", "mnist_padding",
     "kernel_init", "bias_init",
 ]

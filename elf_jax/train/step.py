@@ -8,6 +8,9 @@ Per minibatch ``(x, f, y)`` and one DSA draw ``A`` (key ``key``):
   statistics are updated by this image path first),
 * for every mode but ``task``: ``logits_feat = rear(f)`` on the CLEAN teacher feature, also
   in training mode,
+* for a network wrapped with a feature adapter (``elf_jax.models.adapter``; its front
+  output differs from the teacher feature): the front loss compares ``to_teacher(z)`` with
+  ``f`` and the rear loss uses ``rear(from_teacher(f))``; the adapter trains with the net,
 * ``loss = elf_objective(logits_img, logits_feat, z, f, y, mode, kind, lambda_front,
   lambda_rear)``; SGD (torch-coupled weight decay, momentum) with the lr of this epoch.
 
@@ -37,6 +40,7 @@ import jax.numpy as jnp
 
 from elf_jax.elf.losses import elf_objective, mode_needs_features
 from elf_jax.keys import typed_key
+from elf_jax.models.adapter import Adapted, init_variables
 from elf_jax.train.protocol import TrainProtocol
 
 __all__ = ["TrainState", "init_state", "train_step", "jit_train_step", "make_variables", "augment"]
@@ -76,8 +80,9 @@ def init_state(
     sample_images: jax.Array,
     hparams: Optional[Mapping[str, Any]] = None,
 ) -> TrainState:
-    """Initialises the network (``net.init(init_key, x, train=False)``) and the optimizer."""
-    variables = net.init(init_key, sample_images, train=False)
+    """Initialises the network (``net.init(init_key, x, train=False)``; an adapted network's
+    own weights equal the bare network's) and the optimizer."""
+    variables = init_variables(net, init_key, sample_images)
     params = variables["params"]
     batch_stats = variables.get("batch_stats", {})
     hp = default_hparams(protocol)
@@ -164,17 +169,22 @@ def train_step(
     key = typed_key(key)
     k_aug, k_drop_img, k_drop_feat = jax.random.split(key, 3)
     x = augment(k_aug, images, protocol).astype(cdt)
+    adapted = isinstance(net, Adapted)
 
     def loss_fn(params):
         z, bs = _apply(net, params, state.batch_stats, x, "front", k_drop_img)
         logits_img, bs = _apply(net, params, bs, z, "rear", k_drop_img)
-        logits_feat = None
+        logits_feat, z_vs_f = None, z
         if need_f:
-            logits_feat, bs = _apply(net, params, bs, feats.astype(cdt), "rear", k_drop_feat)
+            f = feats.astype(cdt)
+            if adapted:
+                z_vs_f, _ = _apply(net, params, bs, z, "to_teacher", k_drop_img)
+            logits_feat, bs = _apply(net, params, bs, f,
+                                     "rear_from_teacher" if adapted else "rear", k_drop_feat)
         loss, aux = elf_objective(
             logits_img,
             logits_feat,
-            z,
+            z_vs_f,
             feats,
             labels,
             mode,
