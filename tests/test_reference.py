@@ -170,3 +170,20 @@ def test_config_options_checked_and_reach_the_models():
     c.parallel = {"parallel": "shard_map", "sync_bn": True}
     with pytest.raises(ValueError, match="set parallel.sync_bn=False"):
         check_config(c)
+
+
+def test_reference_preset_turns_on_the_reference_behaviours():
+    from elf_jax.config import reference_preset
+
+    base = base_config()
+    c = reference_preset(base)
+    check_config(c)
+    assert (c.eval.bn_chunks, c.teacher.bn_chunks, c.stats) == (4, 4, "mtt")
+    assert (base.eval.bn_chunks, base.stats) == (1, "dc")  # the input is left alone
+    assert pipeline._model_overrides(c, "VGG11BN") == {"bn_chunks": 4}
+    c.dataset = "cifar100"
+    assert pipeline.run_normalization(c) == _record(C100_MTT)
+    base.parallel = {"parallel": "shard_map", "sync_bn": True}
+    p = reference_preset(base)
+    assert p.parallel.sync_bn is False
+    check_config(p)
