@@ -187,3 +187,19 @@ def test_reference_preset_turns_on_the_reference_behaviours():
     p = reference_preset(base)
     assert p.parallel.sync_bn is False
     check_config(p)
+
+
+def test_distilled_set_records_the_space_of_its_data(tmp_path):
+    from elf_jax.config import mnist5k_distill_config
+    from elf_jax.distill import distill_from_config
+
+    from elf_jax.data import load
+
+    c = mnist5k_distill_config("dm")
+    c.dataset = "digits"  # 8x8: the smallest embedded data
+    c.synset.iterations, c.synset.eval_every, c.synset.batch_real, c.synset.ipc = 1, 0, 8, 1
+    c.synset.model_kwargs = {"width": 8, "depth": 1}
+    s = distill_from_config(c, tmp_path)
+    digits = load("digits", "train")
+    assert s.metadata["normalization"] == normalization_record(digits.mean, digits.std)
+    assert load_synset(tmp_path / "synset_best").metadata["normalization"] == s.metadata["normalization"]
