@@ -61,7 +61,15 @@ def _model_overrides(config, arch: str) -> dict:
     width = int(config.eval.get("width", 0) or 0)
     if width and arch.startswith("ConvNet") and "W" not in arch[len("ConvNet"):]:
         ovr["width"] = width
+    ovr.update(_bn_chunks(config.eval))
     return ovr
+
+
+def _bn_chunks(section) -> dict:
+    """`{"bn_chunks": n}` when a config section asks for ghost BatchNorm, else `{}` (so that
+    whole-batch teachers and requests read as they did before the option existed)."""
+    n = int(section.get("bn_chunks", 1) or 1)
+    return {"bn_chunks": n} if n > 1 else {}
 
 
 def _with_width(base: str, channels: int) -> str:
@@ -121,7 +129,8 @@ class Run:
 
     def _load(self, split: str):
         c = self.config
-        return load(c.dataset, split, data_dir=c.data_dir or None, zca=bool(c.zca))
+        return load(c.dataset, split, data_dir=c.data_dir or None, zca=bool(c.zca),
+                    stats=_stats(c))
 
     train = functools.cached_property(lambda self: self._load("train"))
     test = functools.cached_property(lambda self: self._load("test"))
@@ -218,7 +227,8 @@ def stage_teachers(run: Run) -> dict[str, str]:
             lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay,
             batch_size=int(t.batch_size), dsa_strategy=t.dsa_strategy,
             lr_decay_at_half=bool(t.lr_decay), seed=int(config.seed), dtype=config.dtype,
-            model_kwargs=dict(t.get("model_kwargs", {}) or {}), test_dataset=run.test,
+            model_kwargs={**dict(t.get("model_kwargs", {}) or {}), **_bn_chunks(t)},
+            test_dataset=run.test,
             parallel=_teacher_placement(config),
         )
         _log(f"[teacher] {teacher}: test accuracy {100 * traj.test_acc[-1]:.2f}% "
@@ -237,6 +247,8 @@ def _request(config) -> dict:
     """What the config asks of the synthetic-set stage (stored with a made or imported set)."""
     s = config.synset
     want = {"source": s.source, "dataset": config.dataset, "zca": bool(config.zca)}
+    if _stats(config) != "dc":  # recorded only when set (requests made before read the same)
+        want["stats"] = _stats(config)
     if s.source == "real_random":
         want.update(ipc=int(s.ipc), seed=int(config.seed))
     elif s.source == "import":
@@ -273,8 +285,7 @@ def stage_synset(run: Run):
     if source == "real_random":
         s = random_real_subset(jax.random.PRNGKey(config.seed), run.train, int(config.synset.ipc))
     elif source == "import":
-        s = check_import(import_synset(config.synset.path), resolve_info(config.dataset),
-                         config.synset.path)
+        s = _import(config)
     else:
         raise ValueError(f"config.synset.source={source!r}: choose distill, import or real_random")
     s = s.replace(metadata={"request": want})
@@ -287,6 +298,46 @@ def stage_synset(run: Run):
     save_synset(saved, s)
     _log(f"[synset] {s.metadata.get('method')} set with {len(s.images)} images -> {saved}")
     return s
+
+
+def _stats(config) -> str:
+    return config.get("stats", "dc") or "dc"
+
+
+def run_normalization(config, stats: Optional[str] = None) -> dict:
+    """The space this config's data live in (`elf_jax.synset` normalization record), from
+    the dataset registry: mean/std of `stats` (default `config.stats`), or with `zca` the
+    whitened [0, 1] pixels (mean 0, std 1), as `elf_jax.data.load` makes them."""
+    from elf_jax.synset import normalization_record
+
+    info = resolve_info(config.dataset, stats=stats or _stats(config))
+    if config.zca:
+        return normalization_record([0.0] * len(info.mean), [1.0] * len(info.std), True)
+    return normalization_record(info.mean, info.std, False)
+
+
+def _import(config):
+    """The imported set, checked against the dataset and brought into the run's
+    normalization (`conform_normalization`: converted, or refused naming both spaces)."""
+    from elf_jax.synset import conform_normalization
+
+    path = config.synset.path
+    s = check_import(import_synset(path), resolve_info(config.dataset, stats=_stats(config)), path)
+    named = config.synset.get("import_stats", "") or ""
+    if named:
+        assumed, why = run_normalization(config, named), f"config.synset.import_stats={named!r}"
+    elif _is_reference_folder(Path(path)):
+        assumed = run_normalization(config, "mtt")
+        why = ("a reference .pt set: the reference's ELF evaluation reads every set in its "
+               "utils.py normalization (stats 'mtt'); set config.synset.import_stats if not")
+    else:
+        assumed, why = None, "this run's; set config.synset.import_stats to name another"
+    return conform_normalization(s, run_normalization(config), where=f"the imported set {path}",
+                                 assumed=assumed, assumed_why=why, log=_log)
+
+
+def _is_reference_folder(p: Path) -> bool:
+    return p.is_dir() and any(p.glob("images_*.pt"))
 
 
 def check_import(s, info, path):
@@ -326,7 +377,7 @@ def import_synset(path: str):
     p = Path(path)  # a missing path: FileNotFoundError from the loader
     if p.suffix == ".npz":
         return from_npz(p)
-    if p.is_dir() and any(p.glob("images_*.pt")):
+    if _is_reference_folder(p):
         from elf_jax.interop.torch import load_reference_synset
 
         return load_reference_synset(p)
@@ -418,12 +469,13 @@ def eval_request(config, synset_hash: Optional[str]) -> dict:
         "adapter": config.eval.adapter,
         "widths": {a: getattr(get_model(a, info.num_classes, **_model_overrides(config, a)),
                               "width", None) for a in config.eval.pool},
-        "protocol": _protocol(config).to_dict(), "synset": synset,
+        "protocol": _protocol(config).to_dict(), "synset": synset, **_bn_chunks(config.eval),
         "teacher": {"arch": t.arch, "override_arch": t.get("override_arch", ""),
                     "epochs": int(t.epochs), "lr": t.lr, "momentum": t.momentum,
                     "weight_decay": t.weight_decay, "batch_size": int(t.batch_size),
                     "dsa_strategy": t.dsa_strategy, "lr_decay": bool(t.lr_decay),
-                    "feature_epoch": int(t.feature_epoch), "bank_layer": config.bank.layer or "front"},
+                    "feature_epoch": int(t.feature_epoch), "bank_layer": config.bank.layer or "front",
+                    **_bn_chunks(t)},
     }
 
 

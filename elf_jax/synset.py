@@ -7,7 +7,19 @@ A ``SyntheticSet`` holds
 * ``labels``  int32 ``[N]`` (hard) or float32 ``[N, K]`` (soft),
 * ``lr``      optional learned learning rate (MTT/TESLA), a positive finite float,
 * ``metadata`` a JSON dict with at least ``method``, ``dataset``, ``ipc``, ``arch``, ``zca``,
-  ``iteration`` and ``num_classes`` (filled in with defaults when missing).
+  ``iteration`` and ``num_classes`` (filled in with defaults when missing), and, for sets
+  made or imported since the record exists, ``normalization``: the space the images live in.
+
+Normalization record
+--------------------
+``metadata["normalization"] = {"mean": [...], "std": [...], "zca": bool}``: the images are
+``(x01 - mean) / std`` of pixels ``x01`` in [0, 1], then ZCA-whitened when ``zca`` (data loaded
+with ZCA are not mean/std normalized: mean 0, std 1). :func:`conform_normalization` brings a
+set into a run's space: the same record passes, another mean/std is converted
+(``x01 = x * std_old + mean_old``, ``x_new = (x01 - mean_new) / std_new``) with a log line
+naming both, and a difference involving ZCA is refused (whitened pixels cannot be
+renormalized per channel). A set without the record (older files) is assumed to be in the
+space the caller names, and the log says so once.
 
 Storage formats
 ---------------
@@ -41,6 +53,10 @@ __all__ = [
     "from_npz",
     "random_real_subset",
     "SYNSET_KIND",
+    "normalization_record",
+    "dataset_normalization",
+    "describe_normalization",
+    "conform_normalization",
 ]
 
 SYNSET_KIND = "synthetic_set"
@@ -351,7 +367,8 @@ def random_real_subset(key, dataset, ipc: int) -> SyntheticSet:
         picks.append(idx[np.argsort(u[idx], kind="stable")[:ipc]])
     sel = np.concatenate(picks)
     images = _host(dataset.images)[sel]
-    meta = {
+    space = dataset_normalization(dataset)
+    meta = {**({"normalization": space} if space else {}),
         "method": "real_random",
         "dataset": getattr(dataset, "name", None),
         "ipc": ipc,
@@ -362,3 +379,75 @@ def random_real_subset(key, dataset, ipc: int) -> SyntheticSet:
         "indices_hash": checkpoint.fingerprint(sel.astype(np.int64))[:16],
     }
     return SyntheticSet(images, labels[sel].astype(np.int32), metadata=meta, num_classes=k)
+
+
+# ------------------------------------------------------------------ normalization record
+def normalization_record(mean, std, zca: bool = False) -> dict:
+    """``{"mean", "std", "zca"}`` of an image space (see the module docstring)."""
+    mean = [float(v) for v in np.atleast_1d(mean)]
+    std = [float(v) for v in np.atleast_1d(std)]
+    if len(mean) != len(std) or not all(v > 0 for v in std):
+        raise ValueError(f"normalization needs one mean and one positive std per channel, got "
+                         f"mean {mean}, std {std}")
+    return {"mean": mean, "std": std, "zca": bool(zca)}
+
+
+def dataset_normalization(dataset) -> Optional[dict]:
+    """The record of the space a loaded split (``ArrayDataset``) lives in; None for a
+    dataset-like object that does not say (no ``mean``/``std``)."""
+    mean, std = getattr(dataset, "mean", None), getattr(dataset, "std", None)
+    if mean is None or std is None:
+        return None
+    if not getattr(dataset, "normalized", True):  # [0, 1] pixels (the ZCA default)
+        mean, std = [0.0] * len(mean), [1.0] * len(std)
+    return normalization_record(mean, std, getattr(dataset, "zca", None) is not None)
+
+
+def describe_normalization(record: Mapping[str, Any]) -> str:
+    """``mean [..] std [..]`` (+ ``, ZCA``): one record in a log or error line."""
+    def fmt(v):
+        return "[" + ", ".join(f"{x:.4g}" for x in v) + "]"
+    return (f"mean {fmt(record['mean'])} std {fmt(record['std'])}"
+            + (", ZCA" if record.get("zca") else ""))
+
+
+def _same_space(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    return (bool(a.get("zca")) == bool(b.get("zca")) and len(a["mean"]) == len(b["mean"])
+            and np.allclose(a["mean"], b["mean"], rtol=0, atol=1e-6)
+            and np.allclose(a["std"], b["std"], rtol=0, atol=1e-6))
+
+
+def conform_normalization(s: SyntheticSet, target: Mapping[str, Any], *, where: str = "the set",
+                          assumed: Optional[Mapping[str, Any]] = None, assumed_why: str = "",
+                          log=print) -> SyntheticSet:
+    """``s`` in the image space ``target`` (a :func:`normalization_record`).
+
+    The set's own record is used; without one, ``assumed`` (default ``target``) is, and the
+    log says so (``assumed_why`` tells why that space). Another mean/std: the images are
+    converted and the log names both spaces; a difference involving ZCA or the channel count
+    raises a one-line ``ValueError`` naming both. The returned set records ``target`` (and
+    ``normalization_from`` when it was converted)."""
+    target = normalization_record(target["mean"], target["std"], target.get("zca", False))
+    have = s.metadata.get("normalization")
+    if have is None:
+        have = dict(target if assumed is None else assumed)
+        log(f"[synset] {where} records no normalization: taking it to be in "
+            f"{describe_normalization(have)}" + (f" ({assumed_why})" if assumed_why else ""))
+    have = normalization_record(have["mean"], have["std"], have.get("zca", False))
+    if _same_space(have, target):
+        return s.replace(metadata={"normalization": target})
+    both = f"{describe_normalization(have)} (the set) vs {describe_normalization(target)} (this run)"
+    if len(have["mean"]) != s.image_shape[-1] or len(have["mean"]) != len(target["mean"]):
+        raise ValueError(f"{where} has {s.image_shape[-1]}-channel images, normalization "
+                         f"{both}: the channel counts differ; import it into a matching dataset")
+    if have["zca"] or target["zca"]:
+        raise ValueError(f"{where} cannot be used: normalization {both}; ZCA-whitened images "
+                         "cannot be renormalized, so run with the set's zca and mean/std setting")
+    shape = (1, 1, 1, -1)
+    mean0, std0 = np.reshape(have["mean"], shape), np.reshape(have["std"], shape)
+    mean1, std1 = np.reshape(target["mean"], shape), np.reshape(target["std"], shape)
+    images = ((s.images * std0 + mean0) - mean1) / std1
+    log(f"[synset] {where}: renormalized from {describe_normalization(have)} to "
+        f"{describe_normalization(target)} (this run's)")
+    return s.replace(images=images.astype(np.float32),
+                     metadata={"normalization": target, "normalization_from": have})

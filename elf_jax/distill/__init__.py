@@ -62,7 +62,7 @@ def distill(method: str, dataset, settings=None, **kwargs):
 def distill_from_config(config, workdir, *, train=None, test=None):
     """Runs the distillation a config describes and returns the ``SyntheticSet``.
 
-    Reads ``config.dataset``, ``config.data_dir``, ``config.zca``, ``config.seed``,
+    Reads ``config.dataset``, ``config.data_dir``, ``config.zca``, ``config.stats``, ``config.seed``,
     ``config.synset.method`` and the method's settings from ``config.synset``
     (:func:`elf_jax.distill.settings.from_config`; unset fields keep the method's
     defaults). Checkpoints, ``synset_best`` and ``synset_final`` are written under
@@ -76,7 +76,7 @@ def distill_from_config(config, workdir, *, train=None, test=None):
 
     method = method_name(config.synset.method)
     settings = from_config(method, config.synset)
-    data_kw = {"zca": bool(config.get("zca", False))}
+    data_kw = {"zca": bool(config.get("zca", False)), "stats": config.get("stats", "dc") or "dc"}
     if config.get("data_dir"):
         data_kw["data_dir"] = config.data_dir
     if train is None:

@@ -33,7 +33,7 @@ from elf_jax.checkpoint import StepCheckpoints, check_expect, fingerprint
 from elf_jax.augment import DEFAULT_STRATEGY
 from elf_jax.distill.settings import METHOD_SETTINGS, Settings
 from elf_jax.keys import raw_key, stage_key, typed_key
-from elf_jax.synset import SyntheticSet, load_synset, save_synset
+from elf_jax.synset import SyntheticSet, dataset_normalization, load_synset, save_synset
 
 # v2: the run's key comes from the "distill" stage tag (elf_jax.keys)
 DISTILL_FORMAT = "elf_jax.distill/2"
@@ -478,6 +478,8 @@ def distill(method: str, dataset, settings: Optional[Settings] = None, *, workdi
                 "data_hash": fingerprint(np.asarray(train.images), np.asarray(train.labels))[:16]}
     set_meta = {"method": method, **base, "zca": getattr(train, "zca", None) is not None,
                 **plan.extra}
+    if dataset_normalization(train):  # the space the images live in (elf_jax.synset)
+        set_meta["normalization"] = dataset_normalization(train)
     labels = labels0 if plan.labels is None else plan.labels
 
     def to_synset(syn, meta):

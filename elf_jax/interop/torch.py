@@ -776,7 +776,8 @@ def _torch_load(torch, path, what: str):
 
 def load_reference_synset(source, *, zca: bool = False, num_classes: Optional[int] = None,
                           metadata: Optional[Mapping[str, Any]] = None,
-                          suffix: str = "best", as_dict: bool = False):
+                          suffix: str = "best", as_dict: bool = False,
+                          normalization: Optional[Mapping[str, Any]] = None):
     """Import a synthetic set saved by the reference repositories.
 
     ``source``: a directory with ``images_best.pt``, ``labels_best.pt`` and optionally
@@ -788,6 +789,12 @@ def load_reference_synset(source, *, zca: bool = False, num_classes: Optional[in
     ``zca``: the images are in ZCA-whitened space (the reference saves them so when run
     with ``--zca``); stored in ``metadata["zca"]`` so our pipeline applies the same
     whitening to real data. No transform is applied to the images.
+
+    ``normalization``: the space the images are in (``elf_jax.synset.normalization_record``:
+    per-channel mean/std, zca), recorded as ``metadata["normalization"]``; the ``.pt`` files do
+    not say it. The reference's MTT/ELF ``utils.py`` normalizes CIFAR-100 with CIFAR-10's
+    mean/std, its DC/DSA/DM ``utils.py`` with CIFAR-100's (``dataset_info(..., stats=...)``).
+    None: not recorded (the importing pipeline decides, ``config.synset.import_stats``).
 
     Returns an ``elf_jax.synset.SyntheticSet`` (validated: NaN/Inf, label range, lr > 0)
     or, with ``as_dict=True`` or when that module is unavailable, a dict with
@@ -835,6 +842,10 @@ def load_reference_synset(source, *, zca: bool = False, num_classes: Optional[in
             raise ValueError(f"{lr_p}: learned lr is {lr} (the distillation diverged)")
     meta = {"method": "reference_import", "zca": bool(zca),
             "source": str(imgs_p.parent), **dict(metadata or {})}
+    if normalization is not None:
+        meta["normalization"] = {"mean": [float(v) for v in normalization["mean"]],
+                                 "std": [float(v) for v in normalization["std"]],
+                                 "zca": bool(normalization.get("zca", zca))}
     if not np.isfinite(images).all():
         raise ValueError(f"{imgs_p}: images hold NaN/Inf values")
     if as_dict:

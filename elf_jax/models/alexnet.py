@@ -38,6 +38,7 @@ class AlexNet(nn.Module):
     dtype: Any = jnp.float32
     init_mode: str = "torch"
     bn_axis_name: Any = None
+    bn_chunks: int = 1  # ghost BatchNorm (layers.BatchNorm.chunks)
 
     has_split = True
 
@@ -47,7 +48,8 @@ class AlexNet(nn.Module):
         for i, (c, k, p, pool) in enumerate(_ALEX_CFG):
             blk = ConvBlock(c, norm=self.norm, pool="maxpooling" if pool else "none",
                             padding=p, kernel_size=k, dtype=self.dtype,
-                            init_mode=self.init_mode, bn_axis_name=self.bn_axis_name)
+                            init_mode=self.init_mode, bn_axis_name=self.bn_axis_name,
+                            bn_chunks=self.bn_chunks)
             setattr(self, f"block{i + 1}", blk)
             blocks.append(blk)
         self.blocks = blocks

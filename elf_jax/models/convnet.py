@@ -46,12 +46,13 @@ class ConvBlock(nn.Module):
     dtype: Any = jnp.float32
     init_mode: str = "torch"
     bn_axis_name: Any = None
+    bn_chunks: int = 1  # ghost BatchNorm (layers.BatchNorm.chunks)
 
     def setup(self):
         self.conv = L.Conv(self.features, self.kernel_size, padding=self.padding,
                            dtype=self.dtype, init_mode=self.init_mode)
         self.norm_layer = L.make_norm(self.norm, self.dtype, "norm",
-                                      axis_name=self.bn_axis_name)
+                                      axis_name=self.bn_axis_name, bn_chunks=self.bn_chunks)
 
     def __call__(self, x, train: bool = False, padding=None):
         x = self.conv(x, padding=padding)
@@ -71,6 +72,7 @@ class ConvNet(nn.Module):
     dtype: Any = jnp.float32
     init_mode: str = "torch"
     bn_axis_name: Any = None
+    bn_chunks: int = 1  # ghost BatchNorm (layers.BatchNorm.chunks)
 
     has_split = True
 
@@ -84,7 +86,8 @@ class ConvNet(nn.Module):
         blocks = []
         for d in range(self.depth):
             blk = ConvBlock(self.width, norm=norm, pool=pool, act=self.act, dtype=self.dtype,
-                            init_mode=self.init_mode, bn_axis_name=self.bn_axis_name)
+                            init_mode=self.init_mode, bn_axis_name=self.bn_axis_name,
+                            bn_chunks=self.bn_chunks)
             setattr(self, f"block{d + 1}", blk)
             blocks.append(blk)
         self.blocks = blocks

@@ -23,7 +23,11 @@ Norm layers (all take ``(x, train)``; the parameters are ``scale`` and ``bias``)
   ``var``. ``train=True`` normalises with the batch statistics (biased variance) and updates
   the running averages with PyTorch's momentum 0.1 (``new = 0.9 * old + 0.1 * batch``)
   using the *unbiased* batch variance, exactly as PyTorch does. ``train=False`` uses the
-  running averages. Under ``init`` the running averages are not updated.
+  running averages. Under ``init`` the running averages are not updated. ``chunks > 1``
+  ("ghost" BatchNorm, :func:`bn_chunk_sizes`) reproduces PyTorch ``nn.DataParallel`` on
+  ``chunks`` GPUs: every chunk of the batch is normalised with its own statistics and the
+  running averages are updated from the first chunk only (DataParallel's replica 0 updates
+  the module's own buffers in place; the other replicas update copies that are dropped).
 * ``LayerNorm``: last-axis layer norm (transformers), eps 1e-5 like PyTorch.
 
 Variances use the one-pass form ``E[x^2] - E[x]^2`` in float32 (clamped at 0), which lets
@@ -279,16 +283,49 @@ class LayerNorm(nn.Module):
         return ((xf - mean) * lax.rsqrt(var + self.epsilon) * scale + bias).astype(self.dtype)
 
 
+def bn_chunk_sizes(n: int, chunks: int) -> list[int]:
+    """Row counts of the ``chunks`` pieces ``nn.DataParallel`` scatters a batch of ``n`` into.
+
+    Its scatter is ``tensor.chunk(len(devices))``: pieces of ``ceil(n / chunks)`` rows, the
+    last smaller, and FEWER pieces than devices when that size covers the batch sooner
+    (``n=6, chunks=4 -> [2, 2, 2]``; DataParallel then uses 3 replicas)."""
+    if isinstance(chunks, bool) or not isinstance(chunks, (int, np.integer)) or chunks < 1:
+        raise ValueError(f"bn_chunks must be an int >= 1, got {chunks!r}")
+    if n < 1:
+        return [n]
+    size = -(-n // chunks)
+    return [size] * (n // size) + ([n % size] if n % size else [])
+
+
+def _chunk_moments(xf, sizes):
+    """Per-chunk ``(mean, E[x^2])`` over all but the last axis, as ``[len(sizes), C]``."""
+    full, size = sum(sizes) // sizes[0] * sizes[0], sizes[0]
+    axes = tuple(range(1, xf.ndim))
+    head = xf[:full].reshape((full // size, size) + xf.shape[1:])
+    means, sqs = [jnp.mean(head, axes)], [jnp.mean(jnp.square(head), axes)]
+    if full < xf.shape[0]:  # the short last chunk
+        tail = xf[full:]
+        tail_axes = tuple(range(xf.ndim - 1))
+        means.append(jnp.mean(tail, tail_axes)[None])
+        sqs.append(jnp.mean(jnp.square(tail), tail_axes)[None])
+    return jnp.concatenate(means), jnp.concatenate(sqs)
+
+
 class BatchNorm(nn.Module):
     """PyTorch ``nn.BatchNorm2d`` (see module docstring). ``momentum`` is PyTorch's (0.1).
 
     ``axis_name``: if set, batch statistics are averaged over that mapped axis (sync BN).
+    ``chunks``: ghost BatchNorm as ``nn.DataParallel`` on ``chunks`` devices (statistics per
+    chunk of the batch, running averages from the first chunk; :func:`bn_chunk_sizes`).
+    Under data parallelism the chunks are those of each device's local batch, which needs
+    per-device statistics: ``chunks > 1`` with ``axis_name`` (sync BN) is refused.
     """
 
     momentum: float = 0.1
     epsilon: float = 1e-5
     dtype: Dtype = jnp.float32
     axis_name: Optional[str] = None
+    chunks: int = 1
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -301,7 +338,22 @@ class BatchNorm(nn.Module):
         ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
         xf = x.astype(jnp.float32)
         axes = tuple(range(x.ndim - 1))
-        if train:
+        sizes = bn_chunk_sizes(x.shape[0], self.chunks)
+        if train and len(sizes) > 1:
+            if self.axis_name is not None:
+                raise ValueError(
+                    f"{_module_path(self)}: bn_chunks={self.chunks} (per-chunk statistics of "
+                    f"each device's batch) cannot be combined with sync BN over "
+                    f"{self.axis_name!r}; set parallel.sync_bn=False or bn_chunks=1")
+            means, sqs = _chunk_moments(xf, sizes)
+            variances = jnp.maximum(sqs - jnp.square(means), 0.0)
+            rows = np.repeat(np.arange(len(sizes)), sizes)  # chunk of every row (static)
+            bshape = (x.shape[0],) + (1,) * (x.ndim - 2) + (c,)
+            mean, var = means[rows].reshape(bshape), variances[rows].reshape(bshape)
+            # replica 0's update: the first chunk's mean and unbiased variance
+            n = sizes[0] * int(np.prod(x.shape[1:-1]))
+            self._update_running(ra_mean, ra_var, means[0], variances[0], n)
+        elif train:
             n = int(np.prod([x.shape[a] for a in axes]))
             mean = jnp.mean(xf, axes)
             sq = jnp.mean(jnp.square(xf), axes)
@@ -309,19 +361,26 @@ class BatchNorm(nn.Module):
                 mean, sq = lax.pmean((mean, sq), self.axis_name)
                 n = n * lax.psum(1, self.axis_name)
             var = jnp.maximum(sq - jnp.square(mean), 0.0)
-            if not self.is_initializing():
-                m = self.momentum
-                unbiased = var * (n / jnp.maximum(n - 1, 1))
-                ra_mean.value = (1 - m) * ra_mean.value + m * lax.stop_gradient(mean)
-                ra_var.value = (1 - m) * ra_var.value + m * lax.stop_gradient(unbiased)
+            self._update_running(ra_mean, ra_var, mean, var, n)
         else:
             mean, var = ra_mean.value, ra_var.value
         mul = lax.rsqrt(var + self.epsilon) * scale
         return ((xf - mean) * mul + bias).astype(self.dtype)
 
+    def _update_running(self, ra_mean, ra_var, mean, var, n):
+        """PyTorch's momentum update with the unbiased variance of ``n`` values."""
+        if self.is_initializing():
+            return
+        m = self.momentum
+        unbiased = var * (n / jnp.maximum(n - 1, 1))
+        ra_mean.value = (1 - m) * ra_mean.value + m * lax.stop_gradient(mean)
+        ra_var.value = (1 - m) * ra_var.value + m * lax.stop_gradient(unbiased)
 
-def make_norm(kind: str, dtype: Dtype, name: str, *, axis_name: Optional[str] = None):
-    """Norm module for a canonical norm name, or None for ``"none"``."""
+
+def make_norm(kind: str, dtype: Dtype, name: str, *, axis_name: Optional[str] = None,
+              bn_chunks: int = 1):
+    """Norm module for a canonical norm name, or None for ``"none"``; ``axis_name`` and
+    ``bn_chunks`` apply to BatchNorm only (the other norms are per sample)."""
     kind = canonical_norm(kind)
     if kind == "none":
         return None
@@ -331,7 +390,7 @@ def make_norm(kind: str, dtype: Dtype, name: str, *, axis_name: Optional[str] = 
         return GroupNorm(groups=4, dtype=dtype, name=name)
     if kind == "layernorm":
         return LayerNormCHW(dtype=dtype, name=name)
-    return BatchNorm(dtype=dtype, axis_name=axis_name, name=name)
+    return BatchNorm(dtype=dtype, axis_name=axis_name, chunks=bn_chunks, name=name)
 
 
 # ----------------------------------------------------------------------------- pooling
@@ -424,7 +483,8 @@ def mnist_padding(x) -> bool:
 
 
 __all__ = [
-    "Conv", "Dense", "Tap", "GroupNorm", "LayerNormCHW", "LayerNorm", "BatchNorm", "make_norm",
+    "Conv", "Dense", "Tap", "GroupNorm", "LayerNormCHW", "LayerNorm", "BatchNorm",
+    "bn_chunk_sizes", "make_norm",
     "avg_pool2", "max_pool2", "pool2", "flatten", "activation", "canonical_norm",
     "canonical_pool", "check_init", "check_images", "mnist_padding",
     "kernel_init", "bias_init",

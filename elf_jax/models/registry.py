@@ -7,7 +7,9 @@ VGG11(BN), ResNet18(BN)(_AP), the 64x64 ImageNet variants, and the reference's s
 here every splittable network declares its split itself (``front``/``rear``).
 
 Overrides every model accepts: ``dtype`` (compute dtype; parameters stay float32),
-``init`` (``"torch"`` default, or ``"flax"``) and ``bn_axis_name`` (sync-BN axis, BN models).
+``init`` (``"torch"`` default, or ``"flax"``), ``bn_axis_name`` (sync-BN axis, BN models) and
+``bn_chunks`` (ghost BatchNorm as ``nn.DataParallel`` on that many GPUs, ``layers.BatchNorm``;
+accepted by every model, a no-op without BatchNorm layers, as DataParallel is).
 ConvNet family: ``width``, ``depth``, ``norm``, ``pool``, ``act``. VGG ImageNet: ``dropout``.
 ViT: ``patch``, ``dim``, ``depth``, ``heads``, ``mlp_dim``, ``split_block``.
 """
@@ -24,6 +26,7 @@ import numpy as np
 
 from elf_jax.models.alexnet import AlexNet
 from elf_jax.models.convnet import ConvNet
+from elf_jax.models.layers import bn_chunk_sizes
 from elf_jax.models.lenet import LeNet
 from elf_jax.models.mlp import MLP
 from elf_jax.models.resnet import ResNet
@@ -41,7 +44,7 @@ class ModelSpec:
     alias_of: str | None = None
 
 
-_COMMON = ("dtype", "init", "bn_axis_name")
+_COMMON = ("dtype", "init", "bn_axis_name", "bn_chunks")
 _CONVNET_OVR = ("width", "depth", "norm", "pool", "act")
 _VIT_OVR = ("patch", "dim", "depth", "heads", "mlp_dim", "split_block")
 _REGISTRY: Dict[str, ModelSpec] = {}
@@ -188,6 +191,10 @@ def get_model(name: str, num_classes: int, **overrides):
                     raise ValueError(f"{name} has no BatchNorm; bn_axis_name must be None")
             else:
                 kwargs["bn_axis_name"] = val
+        elif key == "bn_chunks":
+            bn_chunk_sizes(1, val)  # validates: an int >= 1
+            if spec.cls not in (MLP, LeNet, ViT):  # no BatchNorm: nothing to chunk
+                kwargs["bn_chunks"] = int(val)
         else:
             kwargs[key] = val
     return spec.cls(num_classes=int(num_classes), **kwargs)

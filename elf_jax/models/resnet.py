@@ -52,10 +52,11 @@ class BasicBlock(nn.Module):
     dtype: Any = jnp.float32
     init_mode: str = "torch"
     bn_axis_name: Any = None
+    bn_chunks: int = 1  # ghost BatchNorm (layers.BatchNorm.chunks)
 
     def setup(self):
         kw = dict(dtype=self.dtype, init_mode=self.init_mode, use_bias=False)
-        nkw = dict(axis_name=self.bn_axis_name)
+        nkw = dict(axis_name=self.bn_axis_name, bn_chunks=self.bn_chunks)
         conv_stride = 1 if self.ap else self.stride
         self.conv1 = L.Conv(self.planes, 3, stride=conv_stride, padding=1, **kw)
         self.norm1 = L.make_norm(self.norm, self.dtype, "norm1", **nkw)
@@ -95,6 +96,7 @@ class Stage(nn.Module):
     dtype: Any = jnp.float32
     init_mode: str = "torch"
     bn_axis_name: Any = None
+    bn_chunks: int = 1  # ghost BatchNorm (layers.BatchNorm.chunks)
 
     def setup(self):
         blocks = []
@@ -102,7 +104,7 @@ class Stage(nn.Module):
         for b in range(self.num_blocks):
             blk = BasicBlock(inp, self.planes, self.stride if b == 0 else 1, norm=self.norm,
                              ap=self.ap, dtype=self.dtype, init_mode=self.init_mode,
-                             bn_axis_name=self.bn_axis_name)
+                             bn_axis_name=self.bn_axis_name, bn_chunks=self.bn_chunks)
             setattr(self, f"block{b + 1}", blk)
             blocks.append(blk)
             inp = self.planes
@@ -120,13 +122,14 @@ class Stem(nn.Module):
     dtype: Any = jnp.float32
     init_mode: str = "torch"
     bn_axis_name: Any = None
+    bn_chunks: int = 1  # ghost BatchNorm (layers.BatchNorm.chunks)
 
     def setup(self):
         k, s, p = (7, 2, 3) if self.imagenet else (3, 1, 1)
         self.conv = L.Conv(64, k, stride=s, padding=p, use_bias=False, dtype=self.dtype,
                            init_mode=self.init_mode)
         self.norm_layer = L.make_norm(self.norm, self.dtype, "norm",
-                                      axis_name=self.bn_axis_name)
+                                      axis_name=self.bn_axis_name, bn_chunks=self.bn_chunks)
 
     def __call__(self, x, train: bool = False):
         x = self.conv(x)
@@ -147,13 +150,14 @@ class ResNet(nn.Module):
     dtype: Any = jnp.float32
     init_mode: str = "torch"
     bn_axis_name: Any = None
+    bn_chunks: int = 1  # ghost BatchNorm (layers.BatchNorm.chunks)
 
     has_split = True
 
     def setup(self):
         L.check_init(self.init_mode)
         kw = dict(norm=self.norm, dtype=self.dtype, init_mode=self.init_mode,
-                  bn_axis_name=self.bn_axis_name)
+                  bn_axis_name=self.bn_axis_name, bn_chunks=self.bn_chunks)
         self.stem = Stem(imagenet=self.imagenet, **kw)
         stages = []
         inp = 64

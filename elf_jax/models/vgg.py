@@ -69,6 +69,7 @@ class VGG(nn.Module):
     dtype: Any = jnp.float32
     init_mode: str = "torch"
     bn_axis_name: Any = None
+    bn_chunks: int = 1  # ghost BatchNorm (layers.BatchNorm.chunks)
 
     has_split = True
 
@@ -81,7 +82,8 @@ class VGG(nn.Module):
                 continue
             pool = "maxpooling" if i + 1 < len(cfg) and cfg[i + 1] == "M" else "none"
             blk = ConvBlock(c, norm=self.norm, pool=pool, padding=1, dtype=self.dtype,
-                            init_mode=self.init_mode, bn_axis_name=self.bn_axis_name)
+                            init_mode=self.init_mode, bn_axis_name=self.bn_axis_name,
+                            bn_chunks=self.bn_chunks)
             setattr(self, f"block{len(blocks) + 1}", blk)
             blocks.append(blk)
         if not 1 <= self.split_block <= len(blocks):
