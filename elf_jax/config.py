@@ -87,6 +87,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.adapter = "auto"
     c.eval.checkpoint_every = 100  # epochs between evaluation checkpoints
     c.eval.width = 0  # >0 overrides the ConvNet-family width of pool nets (demo only)
+    c.eval.model_kwargs = {}  # {pool arch: get_model overrides}, e.g. {"ViT": {"dim": 64}}
 
     # Reference reproduction (issue 13; docs/REFERENCE.md). Ghost BatchNorm: the reference's
     # published runs use nn.DataParallel on 4 GPUs (bn_chunks=4); 1 = whole-batch BN.
@@ -102,9 +103,11 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
-# Norm and pooling variants of the distillation model: the architectures a 2-core CPU can
-# train in the demo's budget whose fronts all fit one width-32 ConvNet teacher.
-DEMO_POOL = ("ConvNet", "ConvNetBN", "ConvNetLN", "ConvNetMP")
+# The distillation model, its BatchNorm variant, and three architectures unlike it (an MLP,
+# LeNet and a small ViT) that a 2-core CPU trains in the demo's budget: the cross-architecture
+# rows ELF is about. Their fronts reach the width-32 ConvNet teacher through adapters.
+DEMO_POOL = ("ConvNet", "ConvNetBN", "MLP", "LeNet", "ViT")
+DEMO_VIT = {"dim": 64, "depth": 2, "heads": 4, "mlp_dim": 128, "split_block": 1}
 
 
 def demo_config() -> ml_collections.ConfigDict:
@@ -125,6 +128,7 @@ def demo_config() -> ml_collections.ConfigDict:
     c.synset.model_kwargs = {"width": 32}
     c.eval.pool = DEMO_POOL
     c.eval.width = 32  # pool nets and their teacher at width 32 instead of 128 / 512
+    c.eval.model_kwargs = {"ViT": DEMO_VIT}
     c.eval.epochs = 100
     c.eval.repeats = 2
     c.eval.checkpoint_every = 50
@@ -250,6 +254,7 @@ FIELD_DOCS = {
     "eval.adapter": "auto: a learned adapter where front and teacher feature shapes differ | off",
     "eval.checkpoint_every": "epochs between evaluation checkpoints",
     "eval.width": "> 0: width of ConvNet-family pool nets and their teacher (demo only)",
+    "eval.model_kwargs": "{pool arch: get_model overrides}, e.g. {'ViT': {'dim': 64}}",
     "stats": "data mean/std: dc (true stats) | mtt (MTT/ELF utils.py: CIFAR-10's for cifar100)",
     "synset.import_stats": "space of an imported set without a record: '' (.pt: mtt) | dc | mtt",
     "teacher.bn_chunks": "BatchNorm statistics per chunk of the batch, as DataParallel on N GPUs",
@@ -342,6 +347,7 @@ def check_config(config) -> None:
         raise ValueError("config.synset.source='import' needs config.synset.path")
     if not e.pool:
         raise ValueError("config.eval.pool is empty: name at least one architecture")
+    _check_pool_kwargs(e)
     for mode in e.modes:
         _one_of("eval.modes", mode, LOSS_MODES)
     _one_of("eval.kind", e.kind, FEATURE_KINDS)
@@ -356,6 +362,18 @@ def check_config(config) -> None:
     _check_bn_chunks(config, pc)
     _one_of("stats", config.get("stats", "dc"), ("dc", "mtt"))
     _one_of("synset.import_stats", s.get("import_stats", ""), ("", "dc", "mtt"))
+
+
+def _check_pool_kwargs(e) -> None:
+    """`eval.model_kwargs`: registry names (entries for nets not in the pool wait unused)
+    with overrides that `get_model` accepts."""
+    from elf_jax.models import get_model
+
+    for arch, kwargs in dict(e.get("model_kwargs", {}) or {}).items():
+        try:
+            get_model(arch, 10, **dict(kwargs))
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"config.eval.model_kwargs.{arch}: {err}") from None
 
 
 def _check_bn_chunks(config, pc) -> None:

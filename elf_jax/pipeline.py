@@ -56,12 +56,14 @@ def set_logger(fn: Callable[[str], None]) -> None:
 
 
 def _model_overrides(config, arch: str) -> dict:
-    """`config.eval.width` (demo only) sets the width of ConvNet-family pool nets."""
+    """A pool net's `get_model` overrides: `config.eval.width` (demo only) sets the width of
+    ConvNet-family nets, `config.eval.model_kwargs[arch]` anything else, and bn_chunks."""
     ovr: dict[str, Any] = {}
     width = int(config.eval.get("width", 0) or 0)
     if width and arch.startswith("ConvNet") and "W" not in arch[len("ConvNet"):]:
         ovr["width"] = width
     ovr.update(_bn_chunks(config.eval))
+    ovr.update(dict((config.eval.get("model_kwargs", {}) or {}).get(arch, {}) or {}))
     return ovr
 
 
@@ -467,6 +469,8 @@ def eval_request(config, synset_hash: Optional[str]) -> dict:
         "seed": int(config.seed), "dtype": config.dtype,
         "width_override": int(config.eval.get("width", 0) or 0),
         "adapter": config.eval.adapter,
+        **({"model_kwargs": {a: dict(k) for a, k in config.eval.model_kwargs.items()}}
+           if config.eval.get("model_kwargs") else {}),
         "widths": {a: getattr(get_model(a, info.num_classes, **_model_overrides(config, a)),
                               "width", None) for a in config.eval.pool},
         "protocol": _protocol(config).to_dict(), "synset": synset, **_bn_chunks(config.eval),

@@ -142,3 +142,25 @@ def test_new_splits_run_elf_end_to_end_on_a_teacher_bank(name):
 @pytest.mark.parametrize("name", sorted(set(list_models(include_aliases=False)) - set(NEW)))
 def test_every_registry_architecture_runs_elf_end_to_end(name):
     _run_elf_end_to_end(name)
+
+
+def test_pipeline_teachers_fall_back_to_the_distillation_nets_teacher(tmp_path):
+    """A pool net without a teacher of its feature shape learns from the distillation net's
+    teacher through an adapter; with eval.adapter=off the config is refused up front."""
+    from elf_jax.config import demo_config
+    from elf_jax.pipeline import Run
+
+    c = demo_config()
+    c.eval.pool = ("ConvNet", "MLP", "ViT", "ConvNetD1")
+    assert Run(c, tmp_path).teachers == {"ConvNet": "ConvNetW32", "MLP": "ConvNetW32",
+                                         "ViT": "ConvNetW32", "ConvNetD1": "ConvNetW32"}
+    c.eval.pool = ("ConvNet", "VGG11")
+    c.eval.width = 0
+    assert Run(c, tmp_path).teachers == {"ConvNet": "ConvNet", "VGG11": "ConvNetW512"}
+    c.eval.adapter = "off"
+    c.eval.pool = ("ConvNet", "MLP")
+    with pytest.raises(ValueError, match="no registered ConvNetW512-family teacher.*MLP"):
+        Run(c, tmp_path).teachers
+    c.eval.adapter = "sometimes"
+    with pytest.raises(ValueError, match="eval.adapter"):
+        Run(c, tmp_path)
