@@ -54,10 +54,8 @@ def test_kd_loss_is_hinton_kl_with_temperature(temp):
 @pytest.fixture(scope="module")
 def setup():
     rng = np.random.default_rng(0)
-    x = rng.normal(size=(9, 16, 16, 3)).astype(np.float32)
-    y = (np.arange(9) % K).astype(np.int32)
-    tx = rng.normal(size=(7, 16, 16, 3)).astype(np.float32)
-    ty = (np.arange(7) % K).astype(np.int32)
+    x, tx = (rng.normal(size=(n, 16, 16, 3)).astype(np.float32) for n in (9, 7))
+    y, ty = ((np.arange(n) % K).astype(np.int32) for n in (9, 7))
     net = get_model("ConvNet", K, **W8)
     variables = jax.jit(net.init)(jax.random.key(1), jnp.zeros((1, 16, 16, 3)))
     syn = SyntheticSet(x, y, num_classes=K, metadata={"method": "real_random", "dataset": "t"})

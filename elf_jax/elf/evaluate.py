@@ -6,7 +6,8 @@ dicts; ``cross_evaluate``'s result is the input of :mod:`elf_jax.report`::
 
     {"results": {arch: {mode: {"accs": [...], "mean", "std", "seconds", "total_seconds",
                                 "strategy", "lr", "resumed_from", "final_train_loss"}}},
-     "summary": {arch: {mode: {"mean", "std", "n"}, "gain": ELF mean - baseline mean}},
+     "summary": {arch: {mode: {"mean", "std", "n"}, "gain": ELF mean - baseline mean,
+                        "gain_vs_kd": ELF mean - KD mean (with mode kd), ...}},
      "pool", "modes", "repeats", "protocol", "num_classes", "placement"}
 
 Mode ``kd`` (a knowledge-distillation control, ``elf_jax.elf.losses.kd_loss``) trains on the
