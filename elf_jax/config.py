@@ -100,6 +100,10 @@ def base_config() -> ml_collections.ConfigDict:
     # .pt folder is in "mtt" (the space the reference's ELF evaluation reads every set in),
     # our .npz / synset dirs in the run's; "dc" | "mtt" name it.
     c.synset.import_stats = ""
+
+    # The knowledge-distillation control (issue 12): mode "kd" in eval.modes trains on the
+    # teacher's logits of the clean synthetic images (the bank's) at this temperature.
+    c.eval.kd_temperature = 4.0
     return c
 
 
@@ -238,7 +242,7 @@ FIELD_DOCS = {
     "bank.layer": "teacher layer of the features ('' = the front output)",
     "bank.batch_size": "batch size of the bank's forward passes",
     "eval.pool": "architectures to evaluate (models registry names)",
-    "eval.modes": "loss modes: task (baseline) and ELF modes such as front_rear_task",
+    "eval.modes": "loss modes: task (baseline), ELF modes such as front_rear_task, kd (KD control)",
     "eval.repeats": "trainings per (architecture, mode) from different initializations",
     "eval.epochs": "evaluation epochs (the loop runs epochs 0..epochs, as the reference)",
     "eval.lr": "evaluation SGD learning rate",
@@ -255,6 +259,7 @@ FIELD_DOCS = {
     "eval.checkpoint_every": "epochs between evaluation checkpoints",
     "eval.width": "> 0: width of ConvNet-family pool nets and their teacher (demo only)",
     "eval.model_kwargs": "{pool arch: get_model overrides}, e.g. {'ViT': {'dim': 64}}",
+    "eval.kd_temperature": "temperature T of mode kd: T^2 KL(softmax(teacher/T) || softmax(net/T))",
     "stats": "data mean/std: dc (true stats) | mtt (MTT/ELF utils.py: CIFAR-10's for cifar100)",
     "synset.import_stats": "space of an imported set without a record: '' (.pt: mtt) | dc | mtt",
     "teacher.bn_chunks": "BatchNorm statistics per chunk of the batch, as DataParallel on N GPUs",
@@ -362,6 +367,16 @@ def check_config(config) -> None:
     _check_bn_chunks(config, pc)
     _one_of("stats", config.get("stats", "dc"), ("dc", "mtt"))
     _one_of("synset.import_stats", s.get("import_stats", ""), ("", "dc", "mtt"))
+    _check_kd_temperature(e.get("kd_temperature", 4.0))
+
+
+def _check_kd_temperature(value) -> None:
+    import math
+
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+            math.isfinite(value) and value > 0):
+        raise ValueError(f"config.eval.kd_temperature={value!r}: must be a finite number > 0 "
+                         "(the KD control's softmax temperature; 4 is the usual choice)")
 
 
 def _check_pool_kwargs(e) -> None:

@@ -406,6 +406,7 @@ def stage_features(run: Run, synset=None) -> dict[str, Any]:
         tdir = run.workdir / "teachers" / teacher
         net, variables = load_teacher(tdir, epoch) if tdir.exists() else (None, None)
         bank = _saved_bank(path, synset, teacher, epoch, layer, variables)
+        bank = _with_logits(run, bank, path, net)
         if bank is not None:
             banks[teacher] = bank
             continue
@@ -439,6 +440,22 @@ def _saved_bank(path: Path, synset, teacher: str, epoch: int, layer, variables):
     return bank
 
 
+def _with_logits(run: Run, bank, path: Path, teacher_net):
+    """`bank`, or None (rebuild it, logged) when mode kd is asked for and the bank was saved
+    before banks stored the teacher's logits; without the teacher to rebuild it, a one-line
+    `ValueError` says what to run."""
+    if bank is None or bank.logits is not None or "kd" not in run.config.eval.modes:
+        return bank
+    if teacher_net is None:
+        raise ValueError(
+            f"the bank in {path} holds no teacher logits (saved before banks stored them), "
+            f"which loss mode 'kd' needs, and its teacher is not in {run.workdir / 'teachers'} "
+            "to rebuild it: run `elf-jax train-teacher` first, or remove 'kd' from eval.modes")
+    _log(f"[features] rebuilding the bank in {path}: it holds no teacher logits (saved before "
+         "banks stored them), which loss mode 'kd' needs")
+    return None
+
+
 # ------------------------------------------------------------------ stage 4: evaluation
 def _protocol(config):
     from elf_jax.train.protocol import TrainProtocol
@@ -449,6 +466,7 @@ def _protocol(config):
         epochs=int(e.epochs), dsa_strategy=e.dsa_strategy, kind=e.kind,
         lambda_front=e.lambda_front, lambda_rear=e.lambda_rear,
         use_learned_lr=bool(e.use_learned_lr), dtype=config.dtype,
+        kd_temperature=float(e.kd_temperature),
     )
 
 
@@ -473,7 +491,7 @@ def eval_request(config, synset_hash: Optional[str]) -> dict:
            if config.eval.get("model_kwargs") else {}),
         "widths": {a: getattr(get_model(a, info.num_classes, **_model_overrides(config, a)),
                               "width", None) for a in config.eval.pool},
-        "protocol": _protocol(config).to_dict(), "synset": synset, **_bn_chunks(config.eval),
+        "protocol": _request_protocol(config), "synset": synset, **_bn_chunks(config.eval),
         "teacher": {"arch": t.arch, "override_arch": t.get("override_arch", ""),
                     "epochs": int(t.epochs), "lr": t.lr, "momentum": t.momentum,
                     "weight_decay": t.weight_decay, "batch_size": int(t.batch_size),
@@ -481,6 +499,15 @@ def eval_request(config, synset_hash: Optional[str]) -> dict:
                     "feature_epoch": int(t.feature_epoch), "bank_layer": config.bank.layer or "front",
                     **_bn_chunks(t)},
     }
+
+
+def _request_protocol(config) -> dict:
+    """The protocol as the request records it; the KD temperature only when mode kd is asked
+    for (requests without it read as before the option existed)."""
+    p = _protocol(config).to_dict()
+    if "kd" in config.eval.modes:
+        p["kd_temperature"] = float(config.eval.kd_temperature)
+    return p
 
 
 def _teacher_provenance(run: Run, teacher: str, users: list, bank) -> dict:

@@ -18,9 +18,9 @@ import json
 import os
 from typing import Any, Mapping, Sequence
 
-from elf_jax.elf.summary import BASELINE_MODE, ELF_MODE, paired_gains, summarize  # noqa: F401
+from elf_jax.elf.summary import BASELINE_MODE, ELF_MODE, KD_MODE, paired_gains, summarize  # noqa: F401
 
-_LABELS = {BASELINE_MODE: "baseline (task)", ELF_MODE: "ELF"}
+_LABELS = {BASELINE_MODE: "baseline (task)", ELF_MODE: "ELF", KD_MODE: "KD (teacher logits)"}
 
 
 def summary_of(report: Mapping[str, Any]) -> dict[str, dict]:
@@ -121,20 +121,35 @@ def _cell(entry: dict | None, missing: bool, n_col: int | None) -> str:
     return format_accuracy(entry["mean"], entry["std"], entry.get("n"), n_col)
 
 
-def _gain_cell(row: Mapping[str, Any]) -> str:
-    """`+1.23 [-0.40, +2.86]` in points: the gain and its paired 95% CI, `*` when the
-    interval excludes zero (no interval for one repeat)."""
-    cell = f"{100 * row['gain']:+.2f}"
-    ci = row.get("gain_ci95")
+def _gain_cell(row: Mapping[str, Any], key: str = "gain") -> str:
+    """`+1.23 [-0.40, +2.86]` in points: the gain (`key`: `gain`, or `gain_vs_kd`) and its
+    paired 95% CI, `*` when the interval excludes zero (no interval for one repeat)."""
+    cell = f"{100 * row[key]:+.2f}"
+    ci = row.get(f"{key}_ci95")
     if ci:
-        cell += f" [{100 * ci[0]:+.2f}, {100 * ci[1]:+.2f}]" + ("*" if row.get("gain_significant") else "")
+        cell += f" [{100 * ci[0]:+.2f}, {100 * ci[1]:+.2f}]" + ("*" if row.get(f"{key}_significant") else "")
     return cell
 
 
+def _kd_cells(summary, modes, gone, archs, title: str) -> tuple[list, list[list]]:
+    """The ELF-vs-KD column (title, one cell per architecture) when the KD control was
+    asked for; none otherwise, so two-mode tables read as before it existed."""
+    if not ({ELF_MODE, KD_MODE} <= set(modes) or any("gain_vs_kd" in r for r in summary.values())):
+        return [], [[] for _ in archs]
+    cells = []
+    for arch in archs:
+        row = summary.get(arch, {})
+        lost = (arch, KD_MODE) in gone or (arch, ELF_MODE) in gone
+        cells.append([_gain_cell(row, "gain_vs_kd") if "gain_vs_kd" in row
+                      else "missing" if lost else "-"])
+    return [title], cells
+
+
 def _cells(summary: Mapping[str, dict], gain_title: str, missing: Sequence = (),
-           repeats: int | None = None) -> tuple[list, list[list]]:
+           repeats: int | None = None, kd_title: str = "ELF - KD") -> tuple[list, list[list]]:
     """Header and body cells: architecture, one column per mode (n in its header), the gain
-    if any has one; requested results that are not there read "missing"."""
+    if any has one, ELF's gain over the KD control when it was run; requested results that
+    are not there read "missing"."""
     gone = {tuple(c) for c in missing}
     modes = _dedupe(_modes(summary) + [m for _, m in missing])
     archs = _dedupe(list(summary) + [a for a, _ in missing])
@@ -150,13 +165,15 @@ def _cells(summary: Mapping[str, dict], gain_title: str, missing: Sequence = (),
             lost = (arch, BASELINE_MODE) in gone or (arch, ELF_MODE) in gone
             cells.append(_gain_cell(row) if "gain" in row else "missing" if lost else "-")
         body.append(cells)
-    return header, body
+    kd_head, kd_body = _kd_cells(summary, modes, gone, archs, kd_title)
+    return header + kd_head, [cells + extra for cells, extra in zip(body, kd_body)]
 
 
 def markdown_table(summary: Mapping[str, dict], missing: Sequence = (),
                    repeats: int | None = None) -> str:
     """Accuracy in percent (mean ± std over n repeats) per architecture and mode, plus gain."""
-    header, body = _cells(summary, "ELF gain (points) [95% CI, * excludes 0]", missing, repeats)
+    header, body = _cells(summary, "ELF gain (points) [95% CI, * excludes 0]", missing, repeats,
+                          "ELF - KD (points) [95% CI, * excludes 0]")
     lines = [header, ["---"] * len(header)] + body
     return "\n".join("| " + " | ".join(cells) + " |" for cells in lines)
 
@@ -164,7 +181,7 @@ def markdown_table(summary: Mapping[str, dict], missing: Sequence = (),
 def text_table(summary: Mapping[str, dict], missing: Sequence = (),
                repeats: int | None = None) -> str:
     """The same table aligned for a terminal."""
-    header, body = _cells(summary, "ELF gain [95% CI]", missing, repeats)
+    header, body = _cells(summary, "ELF gain [95% CI]", missing, repeats, "ELF - KD [95% CI]")
     widths = [max(len(str(c)) for c in col) for col in zip(header, *body)]
     fmt = "  ".join("{:<%d}" % w for w in widths)
     out = [fmt.format(*header), fmt.format(*["-" * w for w in widths])]
@@ -210,7 +227,8 @@ def _protocol_line(p: Mapping[str, Any]) -> str:
             f"{p.get('batch_size')}, momentum {p.get('momentum')}, weight decay "
             f"{p.get('weight_decay')}, DSA {p.get('dsa_strategy')}, feature loss "
             f"{p.get('kind')}, lambda_front {p.get('lambda_front')}, lambda_rear "
-            f"{p.get('lambda_rear')}")
+            f"{p.get('lambda_rear')}"
+            + (f", KD temperature {p['kd_temperature']}" if "kd_temperature" in p else ""))
 
 
 def _widths_line(req: Mapping[str, Any]) -> str:

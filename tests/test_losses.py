@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from elf_jax.elf import elf_objective, feature_loss, task_loss
-from elf_jax.elf.losses import LOSS_MODES
+from elf_jax.elf.losses import ELF_MODES
 
 
 def _np_log_softmax(x, axis=-1):
@@ -65,7 +65,7 @@ def test_task_loss_hard_and_soft():
     np.testing.assert_allclose(task_loss(logits, soft), -(soft * lp).sum(-1).mean(), rtol=1e-6)
 
 
-@pytest.mark.parametrize("mode", LOSS_MODES)
+@pytest.mark.parametrize("mode", ELF_MODES)
 @pytest.mark.parametrize("soft", [False, True])
 def test_elf_objective_modes(mode, soft, feats):
     s, t = feats

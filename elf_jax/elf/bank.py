@@ -10,8 +10,14 @@ fixed-size jitted batches and records, through flax's ``capture_intermediates``,
 * ``layer="block2"`` / ``"stage3"`` / ``"pre_logits"`` / ``"stage4/block0"``: the output of
   that named submodule (a ``/``-separated module path) in the full forward pass.
 
+The bank also holds the teacher's logits of the same clean images (a full forward pass in
+inference mode, float32 ``[N, K]``): the targets of the ``kd`` loss mode, a
+knowledge-distillation control for ELF (``elf_jax.elf.losses.kd_loss``). Banks saved before
+they were stored load with ``logits=None``.
+
 Storage (``save_bank``/``load_bank``): a ``checkpoint.save_tree`` directory with tree
-``{"features": float32 [N, ...]}`` and metadata ``kind="feature_bank"``, ``teacher``,
+``{"features": float32 [N, ...], "logits": float32 [N, K]}`` (``logits`` when held; its
+``logits_hash`` next to ``features_hash``) and metadata ``kind="feature_bank"``, ``teacher``,
 ``snapshot_epoch``, ``layer``, ``dataset``, ``feature_shape`` (per image), ``num_images``,
 ``synset_hash`` (``SyntheticSet.content_hash()``), ``synset_method``, ``synset_ipc``.
 Loading with ``expect_synset`` / ``expect_teacher`` refuses a bank made for another set or
@@ -31,7 +37,7 @@ from elf_jax import checkpoint
 from elf_jax.synset import SyntheticSet
 
 __all__ = ["FeatureBank", "build_bank", "save_bank", "load_bank", "teacher_features",
-           "BANK_KIND", "FRONT_LAYER"]
+           "teacher_logits", "BANK_KIND", "FRONT_LAYER"]
 
 BANK_KIND = "feature_bank"
 FRONT_LAYER = "front"
@@ -39,10 +45,12 @@ FRONT_LAYER = "front"
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class FeatureBank:
-    """Teacher features ``[N, ...]`` (float32, host) of a synthetic set plus metadata."""
+    """Teacher features ``[N, ...]`` (float32, host) of a synthetic set plus metadata, and
+    the teacher's logits ``[N, K]`` of the same images (None in banks saved before)."""
 
     features: np.ndarray
     metadata: Mapping[str, Any]
+    logits: Optional[np.ndarray] = None
 
     def __post_init__(self):
         f = np.asarray(jax.device_get(self.features))
@@ -57,8 +65,18 @@ class FeatureBank:
         meta.setdefault("kind", BANK_KIND)
         meta["feature_shape"] = list(f.shape[1:])
         meta["num_images"] = int(f.shape[0])
+        meta.pop("logits_shape", None)
+        if self.logits is not None:
+            logits = _checked_logits(self.logits, f.shape[0])
+            meta["logits_shape"] = list(logits.shape[1:])
+            object.__setattr__(self, "logits", logits)
         object.__setattr__(self, "features", f)
         object.__setattr__(self, "metadata", checkpoint._normalize_meta(meta))
+
+    @property
+    def num_classes(self) -> Optional[int]:
+        """The width ``K`` of the stored teacher logits (None without logits)."""
+        return None if self.logits is None else int(self.logits.shape[1])
 
     @property
     def feature_shape(self) -> tuple:
@@ -121,6 +139,17 @@ class FeatureBank:
         return (f"FeatureBank(n={len(self)}, feature_shape={self.feature_shape}, "
                 f"teacher={m.get('teacher')!r}, snapshot_epoch={m.get('snapshot_epoch')}, "
                 f"layer={m.get('layer')!r}, dataset={m.get('dataset')!r})")
+
+
+def _checked_logits(logits, n: int) -> np.ndarray:
+    t = np.asarray(jax.device_get(logits)).astype(np.float32)
+    if t.ndim != 2 or t.shape[0] != n:
+        raise ValueError(f"teacher logits must be [N, K] with N = {n} (one row per feature), "
+                         f"got {t.shape}; rebuild the bank with build_bank")
+    if not np.isfinite(t).all():
+        raise ValueError(f"teacher logits hold {int(t.size - np.isfinite(t).sum())} NaN/Inf "
+                         "values: the teacher snapshot is broken; use another snapshot epoch")
+    return t
 
 
 # ------------------------------------------------------------------------------ building
@@ -199,32 +228,55 @@ def _available_layers(net, variables, x, train) -> list:
     return sorted(n for n in _intermediate_names(state.get("intermediates", {})) if n)
 
 
+def _batched(run, variables, images, batch_size: int) -> np.ndarray:
+    """``run(variables, batch)`` over ``images`` in fixed-size batches (the last one
+    zero-padded, so one compilation), float32 on the host."""
+    n = images.shape[0]
+    bs = int(min(batch_size, n))
+    out = []
+    for start in range(0, n, bs):
+        chunk = images[start:start + bs]
+        real = chunk.shape[0]
+        if real < bs:
+            chunk = np.concatenate(
+                [chunk, np.zeros((bs - real,) + chunk.shape[1:], chunk.dtype)])
+        out.append(np.asarray(run(variables, jnp.asarray(chunk)))[:real])
+    return np.concatenate(out, axis=0)
+
+
+def _host_inputs(variables, images):
+    images = np.asarray(jax.device_get(images), np.float32)
+    if images.shape[0] == 0:
+        raise ValueError("no images to compute features for")
+    return {k: v for k, v in dict(variables).items() if k != "intermediates"}, images
+
+
 def teacher_features(net, variables, images, *, layer: Optional[str] = None,
                      batch_size: int = 256, train: bool = False) -> np.ndarray:
     """Features of ``images`` (NHWC) under the teacher, in fixed-size jitted batches (the
     last batch is zero-padded, so one compilation), float32 on the host."""
-    images = np.asarray(jax.device_get(images), np.float32)
-    n = images.shape[0]
-    if n == 0:
-        raise ValueError("no images to compute features for")
-    bs = int(min(batch_size, n))
-    variables = {k: v for k, v in dict(variables).items() if k != "intermediates"}
+    variables, images = _host_inputs(variables, images)
     run = _make_forward(net, layer, train)
-    out = []
     try:
-        for start in range(0, n, bs):
-            chunk = images[start:start + bs]
-            real = chunk.shape[0]
-            if real < bs:
-                chunk = np.concatenate(
-                    [chunk, np.zeros((bs - real,) + chunk.shape[1:], chunk.dtype)])
-            out.append(np.asarray(run(variables, jnp.asarray(chunk)))[:real])
+        return _batched(run, variables, images, batch_size)
     except _LayerNotFound:
         names = _available_layers(net, variables, jnp.asarray(images[:1]), train)
         raise ValueError(
             f"teacher {type(net).__name__} has no intermediate {layer!r}; available: "
             f"{names} (or layer=None for its front output)") from None
-    return np.concatenate(out, axis=0)
+
+
+def teacher_logits(net, variables, images, *, batch_size: int = 256,
+                   train: bool = False) -> np.ndarray:
+    """The teacher's logits ``[N, K]`` of ``images`` (its full forward pass, inference mode
+    unless ``train``), float32 on the host: the ``kd`` mode's targets."""
+    variables, images = _host_inputs(variables, images)
+
+    @jax.jit
+    def run(v, x):
+        return jax.lax.stop_gradient(net.apply(v, x, train)).astype(jnp.float32)
+
+    return _batched(run, variables, images, batch_size)
 
 
 def teacher_hash(variables) -> str:
@@ -237,7 +289,8 @@ def teacher_hash(variables) -> str:
 def build_bank(teacher_net, teacher_variables, synset: SyntheticSet, *, teacher_name: str,
                snapshot_epoch: Optional[int], layer: Optional[str] = None,
                batch_size: int = 256, train: bool = False) -> FeatureBank:
-    """Teacher features of the clean images of ``synset`` (see the module docstring).
+    """Teacher features and logits of the clean images of ``synset`` (see the module
+    docstring).
 
     ``train=False`` runs normalization layers in inference mode (BatchNorm running stats).
     """
@@ -257,7 +310,9 @@ def build_bank(teacher_net, teacher_variables, synset: SyntheticSet, *, teacher_
         "synset_ipc": synset.ipc,
         "image_shape": list(synset.image_shape),
     }
-    return FeatureBank(feats, meta)
+    logits = teacher_logits(teacher_net, teacher_variables, synset.images,
+                            batch_size=batch_size, train=train)
+    return FeatureBank(feats, meta, logits)
 
 
 # ------------------------------------------------------------------------------ storage
@@ -266,10 +321,14 @@ def save_bank(path, bank: FeatureBank) -> Path:
     if not isinstance(bank, FeatureBank):
         raise ValueError(f"save_bank expects a FeatureBank, got {type(bank).__name__}")
     meta = {**dict(bank.metadata), "features_hash": checkpoint.fingerprint(bank.features)}
-    return checkpoint.save_tree(path, {"features": bank.features}, meta)
+    tree = {"features": bank.features}
+    if bank.logits is not None:  # the logits are part of the bank's content hash
+        meta["logits_hash"] = checkpoint.fingerprint(bank.logits)
+        tree["logits"] = bank.logits
+    return checkpoint.save_tree(path, tree, meta)
 
 
-_STORAGE_KEYS = ("format", "elf_jax_version", "features_hash")
+_STORAGE_KEYS = ("format", "elf_jax_version", "features_hash", "logits_hash")
 
 
 def load_bank(path, expect_synset: Union[SyntheticSet, str, None] = None,
@@ -289,6 +348,7 @@ def load_bank(path, expect_synset: Union[SyntheticSet, str, None] = None,
     header = FeatureBank.__new__(FeatureBank)  # metadata-only view for the checks
     object.__setattr__(header, "metadata", meta)
     object.__setattr__(header, "features", np.zeros((meta.get("num_images", 0), 1)))
+    object.__setattr__(header, "logits", None)
     if expect_teacher is not None:
         header.check_teacher(expect_teacher, where)
     if expect_synset is not None:
@@ -301,4 +361,10 @@ def load_bank(path, expect_synset: Union[SyntheticSet, str, None] = None,
     if list(feats.shape[1:]) != list(meta.get("feature_shape", feats.shape[1:])):
         raise ValueError(f"{where} is corrupt: features {feats.shape} but metadata says "
                          f"{meta['feature_shape']}; rebuild it")
-    return FeatureBank(feats, {k: v for k, v in meta.items() if k not in _STORAGE_KEYS})
+    logits = tree.get("logits")  # absent in banks saved before banks stored logits
+    if logits is not None:
+        logits = np.asarray(logits)
+        if checkpoint.fingerprint(logits) != meta.get("logits_hash"):
+            raise ValueError(f"{where} is corrupt: its teacher logits do not match the content "
+                             "hash saved with them; delete it and rebuild it (elf-jax features)")
+    return FeatureBank(feats, {k: v for k, v in meta.items() if k not in _STORAGE_KEYS}, logits)

@@ -6,8 +6,13 @@ dicts; ``cross_evaluate``'s result is the input of :mod:`elf_jax.report`::
 
     {"results": {arch: {mode: {"accs": [...], "mean", "std", "seconds", "total_seconds",
                                 "strategy", "lr", "resumed_from", "final_train_loss"}}},
-     "summary": {arch: {mode: {"mean", "std", "n"}, "gain": ELF mean - baseline mean}},
+     "summary": {arch: {mode: {"mean", "std", "n"}, "gain": ELF mean - baseline mean,
+                        "gain_vs_kd": ELF mean - KD mean (with mode kd), ...}},
      "pool", "modes", "repeats", "protocol", "num_classes", "placement"}
+
+Mode ``kd`` (a knowledge-distillation control, ``elf_jax.elf.losses.kd_loss``) trains on the
+teacher's logits that a ``FeatureBank`` holds next to its features: pass banks, not bare
+feature arrays, to evaluate it; the summary then also gives ELF's gain over it.
 
 Within ``cross_evaluate`` every (architecture, mode) uses the same base key, so repeat ``r``
 of the baseline and of ELF start from the same initial weights (a paired comparison), and
@@ -26,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from elf_jax.elf.losses import mode_needs_features
+from elf_jax.elf.losses import KD_MODE, mode_needs_features, mode_needs_logits
 from elf_jax.elf.summary import BASELINE_MODE, ELF_MODE, summarize
 from elf_jax.parallel.placement import Placement
 from elf_jax.train.protocol import TrainProtocol
@@ -136,10 +141,12 @@ def validate_inputs(
     num_classes: int,
     mode: str,
     adapter: str = "auto",
+    teacher_logits: Optional[np.ndarray] = None,
 ) -> None:
     """``ValueError`` for anything that would make the evaluation meaningless. With
     ``adapter="off"`` a bank whose per-image shape differs from the front output is refused;
-    with ``"auto"`` (default) an adapter will map the two (:func:`net_for_mode`)."""
+    with ``"auto"`` (default) an adapter will map the two (:func:`net_for_mode`). Mode
+    ``kd`` needs ``teacher_logits`` ``[N, num_classes]`` (a bank's logits)."""
     if adapter not in ADAPTER_CHOICES:
         raise ValueError(f"adapter must be one of {ADAPTER_CHOICES}, got {adapter!r}")
     if images.ndim != 4:
@@ -160,6 +167,8 @@ def validate_inputs(
         raise ValueError(f"the test images hold {_num_bad(test_images)} NaN/Inf value(s)")
     tl = test_labels if test_labels.ndim == 1 else test_labels.argmax(-1)
     _check_labels(tl.astype(np.int64), test_images.shape[0], num_classes, "test set")
+    if mode_needs_logits(mode):
+        _check_teacher_logits(arch, teacher_logits, n, num_classes)
     if not mode_needs_features(mode):
         return
     if not getattr(net, "has_split", False):
@@ -191,6 +200,21 @@ def validate_inputs(
         raise ValueError(f"the feature bank holds {_num_bad(features)} NaN/Inf value(s)")
 
 
+def _check_teacher_logits(arch: str, logits: Optional[np.ndarray], n: int, k: int) -> None:
+    if logits is None:
+        raise ValueError(
+            f"loss mode {KD_MODE!r} needs the teacher's logits for {arch}, which only a "
+            "FeatureBank holds: pass the bank from elf_jax.elf.build_bank (not its feature "
+            "array); a bank saved before banks stored logits must be rebuilt")
+    if logits.ndim != 2 or logits.shape != (n, k):
+        raise ValueError(
+            f"the bank's teacher logits for {arch} have shape {tuple(logits.shape)}, but loss "
+            f"mode {KD_MODE!r} needs ({n}, {k}): one row per synthetic image over the "
+            f"{k} evaluated classes; rebuild the bank with a teacher trained on this dataset")
+    if _num_bad(logits):
+        raise ValueError(f"the bank's teacher logits hold {_num_bad(logits)} NaN/Inf value(s)")
+
+
 def net_for_mode(net, mode: str, features, image_shape):
     """The network that trains in ``mode``: ``net`` itself, or ``net`` with a feature adapter
     (``elf_jax.models.adapter``) when the mode uses the teacher feature and the feature's
@@ -206,11 +230,12 @@ def net_for_mode(net, mode: str, features, image_shape):
     return adapt(net, front, tuple(features.shape[1:]))
 
 
-def _features_for(features, arch: str, net, image_shape):
-    """Resolves ``features`` (array, FeatureBank, mapping arch -> either, or callable
-    ``(arch, front_shape) -> either``) for ``arch``."""
+def _bank_parts(features, arch: str, net, image_shape) -> tuple:
+    """``(features, teacher logits)`` for ``arch`` as host arrays (either None): resolves
+    ``features`` (array, FeatureBank, mapping arch -> either, or callable ``(arch,
+    front_shape) -> either``); only a FeatureBank carries logits."""
     if features is None:
-        return None
+        return None, None
     if callable(features) and not hasattr(features, "shape") and not isinstance(features, Mapping):
         features = features(arch, _front_shape(net, image_shape))
     elif isinstance(features, Mapping):
@@ -218,9 +243,11 @@ def _features_for(features, arch: str, net, image_shape):
             raise ValueError(
                 f"no feature bank for {arch}: the features mapping has {sorted(features)}")
         features = features[arch]
+    logits = None
     if hasattr(features, "features") and not hasattr(features, "shape"):  # FeatureBank
-        features = features.features
-    return features
+        features, logits = features.features, getattr(features, "logits", None)
+    return (None if features is None else _host(features, "feature bank"),
+            None if logits is None else _host(logits, "teacher logits"))
 
 
 def _resolve_net(arch, num_classes: int, protocol: TrainProtocol, model_overrides):
@@ -250,18 +277,18 @@ def resolve_pool(pool, modes, images, labels, test_images, test_labels, features
                  adapter: str = "auto") -> list:
     """Builds every pool network and checks every (arch, mode) input BEFORE any training.
 
-    Returns ``[(arch, name, net, features or None)]`` in pool order (host arrays in)."""
+    Returns ``[(arch, name, net, features or None, teacher logits or None)]`` in pool order
+    (host arrays in)."""
     out = []
     for arch in pool:
         name, net = _resolve_net(arch, k, protocol, overrides(arch))
-        feats = None
-        if any(mode_needs_features(m) for m in modes):
-            feats = _features_for(features, name, net, images.shape[1:])
-            feats = None if feats is None else _host(feats, "feature bank")
+        feats = logits = None
+        if any(mode_needs_features(m) or mode_needs_logits(m) for m in modes):
+            feats, logits = _bank_parts(features, name, net, images.shape[1:])
         for mode in modes:
             validate_inputs(name, net, images, labels, test_images, test_labels, feats, k, mode,
-                            adapter)
-        out.append((arch, name, net, feats))
+                            adapter, logits)
+        out.append((arch, name, net, feats, logits))
     return out
 
 
@@ -296,7 +323,7 @@ def evaluate_synset(
       images, labels: the synthetic set (NHWC float; int ``[N]`` or soft ``[N, K]``).
       test_images, test_labels: the real test set.
       features: teacher features ``[N, ...front]`` (array or ``FeatureBank``); required for
-        every mode but ``task``.
+        the ELF modes; mode ``kd`` needs a ``FeatureBank`` with logits (its teacher logits).
       protocol: :class:`TrainProtocol` (mode, kind, lambdas, epochs, dtype, ...).
       repeats, key: repeats and base key (default ``PRNGKey(0)``).
       workdir: checkpoint/resume directory (None: no checkpoints).
@@ -324,20 +351,19 @@ def evaluate_synset(
     test_labels = _host(test_labels, "test labels")
     k = int(num_classes) if num_classes else _infer_num_classes(labels, test_labels)
     name, net = _resolve_net(arch, k, protocol, model_overrides)
-    features = _features_for(features, name, net, images.shape[1:])
-    if features is not None:
-        features = _host(features, "feature bank")
+    features, logits = _bank_parts(features, name, net, images.shape[1:])
     validate_inputs(name, net, images, labels, test_images, test_labels, features, k, protocol.mode,
-                        adapter)
+                        adapter, logits)
     return _train_and_test(name, net, protocol, images, labels, test_images, test_labels,
-                           features, k, learned_lr, repeats=repeats, key=key, workdir=workdir,
+                           features, k, learned_lr, teacher_logits=logits, repeats=repeats,
+                           key=key, workdir=workdir,
                            strategy=strategy, chunk_epochs=chunk_epochs,
                            checkpoint_every=checkpoint_every, hparams=hparams,
                            placement=parallel, progress=progress, return_states=return_states)
 
 
 def _train_and_test(name, net, protocol, images, labels, test_images, test_labels, features, k,
-                    learned_lr, *, hparams=None, **kw) -> dict:
+                    learned_lr, *, hparams=None, teacher_logits=None, **kw) -> dict:
     """``run_evaluation`` of inputs already validated (:func:`validate_inputs`)."""
     from elf_jax.models.adapter import adapter_params
 
@@ -346,6 +372,7 @@ def _train_and_test(name, net, protocol, images, labels, test_images, test_label
     lr = training_lr(protocol, learned_lr)
     out = run_evaluation(net, protocol, images, labels, test_images, test_labels,
                          features if mode_needs_features(protocol.mode) else None,
+                         teacher_logits=teacher_logits if mode_needs_logits(protocol.mode) else None,
                          hparams={"lr": lr, **dict(hparams or {})},
                          desc=f"{name} {protocol.mode}", run_info={"arch": name}, **kw)
     out.update(arch=name, mode=protocol.mode, accs=[float(a) for a in out["accs"]], lr=lr,
@@ -407,18 +434,19 @@ def cross_evaluate(
     test_images_h = _host(test_images, "test images")
     resolved = resolve_pool(pool, modes, images_h, labels_h, test_images_h, test_labels_h,
                             features, k, protocol, overrides, adapter)
-    for arch, name, net, feats in resolved:
+    for arch, name, net, feats, _ in resolved:
         if placement.mesh is not None:
             _check_memory(name, net, feats, modes, protocol, placement, images_h, labels_h, k,
                           repeats, log)
 
     results: dict = {}
-    for arch, name, net, feats in resolved:
+    for arch, name, net, feats, logits in resolved:
         results[arch] = {}
         for mode in modes:
             r = _train_and_test(
                 name, net, dataclasses.replace(protocol, mode=mode), images_h, labels_h,
-                test_images_h, test_labels_h, feats, k, learned_lr, repeats=repeats, key=key,
+                test_images_h, test_labels_h, feats, k, learned_lr, teacher_logits=logits,
+                repeats=repeats, key=key,
                 workdir=None if workdir is None else Path(workdir) / arch / mode,
                 strategy=strategy, chunk_epochs=chunk_epochs, checkpoint_every=checkpoint_every,
                 placement=placement, progress=progress)
@@ -435,7 +463,8 @@ def cross_evaluate(
         "modes": modes,
         "repeats": int(repeats),
         "num_classes": k,
-        "protocol": protocol.to_dict(),
+        "protocol": {**protocol.to_dict(), **({"kd_temperature": protocol.kd_temperature}
+                                               if KD_MODE in modes else {})},
         "placement": placement.describe(),
     }
 

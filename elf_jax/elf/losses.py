@@ -15,7 +15,9 @@ Reference semantics (``Lirui-Zhao/ELF``, ``utils.py``, ``evaluate_feature_synset
 
 Loss modes (``L = lambda_front * L_front + lambda_rear * L_rear + L_task``):
 ``task`` (baseline), ``front_task``, ``rear_task``, ``front_rear`` (no task term),
-``front_rear_task`` (full ELF).
+``front_rear_task`` (full ELF). Beyond the reference, ``kd`` is a knowledge-distillation
+control (:func:`kd_loss`, :func:`kd_objective`): the same teacher's logits instead of its
+features, so a report can tell ELF's gain from what plain teacher knowledge gives.
 
 Two quirks of the reference are *not* copied (they only matter away from the defaults, which
 the paper uses): its ``front_task`` mode always uses the channel CE whatever distance is
@@ -36,12 +38,17 @@ import jax
 import jax.numpy as jnp
 
 FEATURE_KINDS = ("ce", "l2", "l1", "cos")
-LOSS_MODES = ("task", "front_task", "rear_task", "front_rear", "front_rear_task")
+KD_MODE = "kd"
+# the modes of elf_objective; LOSS_MODES adds the KD control (kd_objective)
+ELF_MODES = ("task", "front_task", "rear_task", "front_rear", "front_rear_task")
+LOSS_MODES = ELF_MODES + (KD_MODE,)
+DEFAULT_KD_TEMPERATURE = 4.0
 COS_EPS = 1e-6  # as in the reference's cos_dis
 
 __all__ = [
     "FEATURE_KINDS",
     "LOSS_MODES",
+    "ELF_MODES",
     "feature_loss",
     "task_loss",
     "elf_objective",
@@ -49,6 +56,11 @@ __all__ = [
     "mode_uses_rear",
     "mode_uses_task",
     "mode_needs_features",
+    "mode_needs_logits",
+    "KD_MODE",
+    "DEFAULT_KD_TEMPERATURE",
+    "kd_loss",
+    "kd_objective",
 ]
 
 
@@ -78,10 +90,16 @@ def mode_uses_task(mode: str) -> bool:
 
 
 def mode_needs_features(mode: str) -> bool:
-    """True for every mode but ``task``: the teacher feature is needed (and, as in the
-    reference, the rear is run on it, which updates BatchNorm statistics)."""
+    """True for every ELF mode (all but ``task`` and ``kd``): the teacher feature is needed
+    (and, as in the reference, the rear is run on it, which updates BatchNorm statistics)."""
     _check_mode(mode)
-    return mode != "task"
+    return mode not in ("task", KD_MODE)
+
+
+def mode_needs_logits(mode: str) -> bool:
+    """True for ``kd``: the teacher's logits of the clean images are needed."""
+    _check_mode(mode)
+    return mode == KD_MODE
 
 
 def _row_weights(n: int, mask: Optional[jax.Array]) -> tuple[jax.Array, jax.Array]:
@@ -196,6 +214,9 @@ def elf_objective(
       terms) and ``acc`` (training accuracy of ``logits_img``).
     """
     _check_mode(mode)
+    if mode not in ELF_MODES:
+        raise ValueError(f"elf_objective has no mode {mode!r} (one of {ELF_MODES}); the "
+                         "'kd' mode's objective is kd_objective")
     _check_kind(kind)
     zero = jnp.zeros((), jnp.float32)
     l_task = task_loss(logits_img, labels, mask=mask)
@@ -225,3 +246,48 @@ def elf_objective(
         "acc": _accuracy(logits_img, labels, mask),
     }
     return loss, aux
+
+
+# ------------------------------------------------------------------ the KD control
+# Hinton et al. (2015) distillation on the teacher's logits of the CLEAN synthetic images (the
+# bank's). DSA still draws an augmentation of each image, as in every mode, and the target
+# stays the clean image's logits -- the same choice as ELF's clean feature targets, so the two
+# differ only in what of the teacher they use. No hard-label term: the control measures pure
+# teacher knowledge. T = 4 (DEFAULT_KD_TEMPERATURE) is the usual CIFAR choice of the KD
+# literature (e.g. the KD baseline of CRD, Tian et al. 2020); it is an option.
+def kd_loss(
+    student_logits: jax.Array,
+    teacher_logits: jax.Array,
+    temperature: Any = DEFAULT_KD_TEMPERATURE,
+    *,
+    mask: Optional[jax.Array] = None,
+) -> jax.Array:
+    """``T^2 * KL(softmax(t / T) || softmax(s / T))``, summed over classes, mean over rows
+    (torch's ``kl_div(..., reduction="batchmean") * T**2``); no gradient into the teacher."""
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"kd_loss: student logits {tuple(student_logits.shape)} and teacher logits "
+            f"{tuple(teacher_logits.shape)} differ; build the bank with a teacher over the "
+            "same classes")
+    t_inv = 1.0 / jnp.asarray(temperature, jnp.float32)
+    log_p = jax.nn.log_softmax(jax.lax.stop_gradient(teacher_logits.astype(jnp.float32)) * t_inv, -1)
+    log_q = jax.nn.log_softmax(student_logits.astype(jnp.float32) * t_inv, -1)
+    per_row = jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
+    w, wsum = _row_weights(per_row.shape[0], mask)
+    return jnp.sum(per_row * w) / (wsum * t_inv * t_inv)
+
+
+def kd_objective(
+    logits_img: jax.Array,
+    teacher_logits: jax.Array,
+    labels: jax.Array,
+    temperature: Any = DEFAULT_KD_TEMPERATURE,
+    *,
+    mask: Optional[jax.Array] = None,
+) -> tuple[jax.Array, Mapping[str, jax.Array]]:
+    """The ``kd`` mode's ``(loss, aux)`` with :func:`elf_objective`'s aux keys: ``loss`` is
+    :func:`kd_loss`; ``task`` (the hard-label CE) and ``acc`` are only reported."""
+    zero = jnp.zeros((), jnp.float32)
+    loss = kd_loss(logits_img, teacher_logits, temperature, mask=mask)
+    return loss, {"loss": loss, "task": task_loss(logits_img, labels, mask=mask), "front": zero,
+                  "rear": zero, "acc": _accuracy(logits_img, labels, mask)}

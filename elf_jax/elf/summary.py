@@ -2,17 +2,20 @@
 accuracy per loss mode and the ELF gain with its paired 95% confidence interval, made once
 by `cross_evaluate` and read by the report. Repeat r of the baseline and of ELF start from
 the same weights, so the gain is judged on the per-repeat differences (a paired t
-interval), not on two independent spreads."""
+interval), not on two independent spreads. When the knowledge-distillation control ``kd`` was
+run too, ELF's gain over it is given the same way (``gain_vs_kd``): does ELF give more than
+the teacher's logits alone?"""
 
 from __future__ import annotations
 
 import math
 from typing import Any, Mapping, Sequence
 
-__all__ = ["BASELINE_MODE", "ELF_MODE", "paired_gains", "summarize", "t_interval"]
+__all__ = ["BASELINE_MODE", "ELF_MODE", "KD_MODE", "paired_gains", "summarize", "t_interval"]
 
 BASELINE_MODE = "task"
 ELF_MODE = "front_rear_task"
+KD_MODE = "kd"  # elf_jax.elf.losses.KD_MODE (not imported: the report needs no jax)
 
 
 def _mean_std(accs: Sequence[float]) -> tuple[float, float]:
@@ -40,8 +43,17 @@ def summarize(results: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> dict[st
             row["gain"] = row[ELF_MODE]["mean"] - row[BASELINE_MODE]["mean"]
             row["gain_ci95"] = paired[arch]["ci95"]
             row["gain_significant"] = paired[arch]["significant"]
+        if KD_MODE in row and ELF_MODE in row:  # only when the KD control was run
+            row.update(_vs_kd(row, by_mode))
         summary[arch] = row
     return summary
+
+
+def _vs_kd(row: Mapping[str, Any], by_mode: Mapping[str, Any]) -> dict:
+    """ELF mean - KD mean and the paired interval of the per-repeat differences."""
+    g = paired_gains({"_": by_mode}, baseline=KD_MODE)["_"]
+    return {"gain_vs_kd": row[ELF_MODE]["mean"] - row[KD_MODE]["mean"],
+            "gain_vs_kd_ci95": g["ci95"], "gain_vs_kd_significant": g["significant"]}
 
 
 def t_interval(values: Sequence[float], level: float = 0.95) -> list[float] | None:
@@ -58,15 +70,16 @@ def t_interval(values: Sequence[float], level: float = 0.95) -> list[float] | No
     return [mean - half, mean + half]
 
 
-def paired_gains(results: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> dict[str, dict]:
-    """Per architecture with both modes: mean/std/n of the per-repeat ELF - baseline
-    differences (repeat r of both modes starts from the same weights, so the pairs share
-    the initialization and their spread is the gain's own)."""
+def paired_gains(results: Mapping[str, Mapping[str, Mapping[str, Any]]],
+                 baseline: str = BASELINE_MODE, treatment: str = ELF_MODE) -> dict[str, dict]:
+    """Per architecture with both modes: mean/std/n of the per-repeat ``treatment`` -
+    ``baseline`` differences (ELF - task by default; repeat r of both modes starts from the
+    same weights, so the pairs share the initialization and their spread is the gain's own)."""
     gains = {}
     for arch, by_mode in results.items():
-        if BASELINE_MODE in by_mode and ELF_MODE in by_mode:
-            diffs = [float(e) - float(b) for b, e in zip(by_mode[BASELINE_MODE]["accs"],
-                                                          by_mode[ELF_MODE]["accs"])]
+        if baseline in by_mode and treatment in by_mode:
+            diffs = [float(e) - float(b) for b, e in zip(by_mode[baseline]["accs"],
+                                                          by_mode[treatment]["accs"])]
             mean, std = _mean_std(diffs)
             ci = t_interval(diffs)
             gains[arch] = {"mean": mean, "std": std, "n": len(diffs), "ci95": ci,

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import optax
 
 from elf_jax.augment import DEFAULT_STRATEGY
-from elf_jax.elf.losses import FEATURE_KINDS, LOSS_MODES
+from elf_jax.elf.losses import DEFAULT_KD_TEMPERATURE, FEATURE_KINDS, KD_MODE, LOSS_MODES
 
 
 __all__ = ["TrainProtocol", "torch_sgd"]
@@ -77,6 +77,9 @@ class TrainProtocol:
       dtype: compute dtype of the evaluation network, ``"float32"`` or ``"bfloat16"``
         (parameters and optimizer state stay float32; losses are computed in float32).
       test_batch_size: batch for the final test pass (does not change results).
+      kd_temperature: the temperature ``T`` of the ``kd`` mode (``elf_jax.elf.losses.kd_loss``);
+        recorded by :meth:`to_dict` only in that mode, so the other modes' records (and
+        their checkpoints) read as before the option existed.
     """
 
     lr: float = 0.01
@@ -95,6 +98,7 @@ class TrainProtocol:
     use_learned_lr: bool = False
     dtype: str = "float32"
     test_batch_size: int = 500
+    kd_temperature: float = DEFAULT_KD_TEMPERATURE
 
     def __post_init__(self):
         if self.mode not in LOSS_MODES:
@@ -105,11 +109,12 @@ class TrainProtocol:
             raise ValueError(f"TrainProtocol.epochs must be >= 0, got {self.epochs}")
         if self.batch_size < 1:
             raise ValueError(f"TrainProtocol.batch_size must be >= 1, got {self.batch_size}")
-        for name in ("lr", "weight_decay", "lambda_front", "lambda_rear"):
+        for name in ("lr", "weight_decay", "lambda_front", "lambda_rear", "kd_temperature"):
             v = float(getattr(self, name))
-            if not math.isfinite(v) or v < 0 or (name == "lr" and v == 0):
+            positive = name in ("lr", "kd_temperature")
+            if not math.isfinite(v) or v < 0 or (positive and v == 0):
                 raise ValueError(f"TrainProtocol.{name}={v}: it must be a finite number "
-                                 f"{'> 0' if name == 'lr' else '>= 0'}")
+                                 f"{'> 0' if positive else '>= 0'}")
         if not 0 <= float(self.momentum) < 1:
             raise ValueError(f"TrainProtocol.momentum={self.momentum}: it must lie in [0, 1)")
         if self.dtype not in ("float32", "bfloat16", "float16"):
@@ -158,4 +163,7 @@ class TrainProtocol:
         return dataclasses.replace(self, **kw)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if self.mode != KD_MODE:  # meaningless elsewhere; keeps older records comparable
+            d.pop("kd_temperature")
+        return d

@@ -47,7 +47,7 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from elf_jax.checkpoint import StepCheckpoints, check_expect, fingerprint
-from elf_jax.elf.losses import mode_needs_features
+from elf_jax.elf.losses import mode_needs_features, mode_needs_logits
 from elf_jax.keys import raw_key, stage_key, typed_key
 from elf_jax.loops import default_engine
 from elf_jax.parallel.mesh import DATA, RUNS
@@ -603,8 +603,23 @@ def _check_soft_width(labels: np.ndarray, net) -> None:
             f"{labels.shape[1]} classes")
 
 
+def _teacher_logit_rows(teacher_logits, n: int, net) -> np.ndarray:
+    """The ``kd`` mode's per-image teacher logits as float32 ``[n, K]``, ``K`` the network's
+    outputs; a one-line ``ValueError`` otherwise."""
+    if teacher_logits is None:
+        raise ValueError("loss mode 'kd' needs the teacher's logits (teacher_logits=None); pass "
+                         "a feature bank built by elf_jax.elf.build_bank, which stores them")
+    t = np.asarray(jax.device_get(teacher_logits), np.float32)
+    k = getattr(net, "num_classes", None)
+    if t.ndim != 2 or t.shape[0] != n or (k is not None and t.shape[1] != int(k)):
+        raise ValueError(f"the teacher logits have shape {t.shape} but loss mode 'kd' needs "
+                         f"[{n}, {k}] (one row per image over the network's classes); rebuild "
+                         "the bank with a teacher over this set's classes")
+    return t
+
+
 def run_evaluation(net, protocol: TrainProtocol, images, labels, test_images, test_labels,
-                   features=None, *, repeats: int = 5, key=None, strategy: str = "auto",
+                   features=None, *, teacher_logits=None, repeats: int = 5, key=None, strategy: str = "auto",
                    engine: str = "auto", chunk_epochs: Optional[int] = None, workdir=None,
                    checkpoint_every: int = 100, max_to_keep: int = 2,
                    hparams: Optional[Mapping[str, Any]] = None, placement: Any = None, mesh=None,
@@ -617,7 +632,8 @@ def run_evaluation(net, protocol: TrainProtocol, images, labels, test_images, te
     Args:
       net: Flax module (``elf_jax.models.get_model``).
       images: ``[N,H,W,C]``; labels: int ``[N]`` or float ``[N,K]``; features: the teacher
-        feature bank ``[N, ...front shape]`` (needed unless ``protocol.mode == "task"``).
+        feature bank ``[N, ...front shape]`` (needed by the ELF modes); teacher_logits: the
+        bank's ``[N, K]`` teacher logits (needed by mode ``kd`` only).
       test_images, test_labels: the real test set.
       repeats, key: number of repeats and the base key (default ``PRNGKey(0)``); repeat ``r``
         starts from ``fold_in(stage_key(key, "evaluate"), r)``: never a teacher's or an
@@ -650,6 +666,8 @@ def run_evaluation(net, protocol: TrainProtocol, images, labels, test_images, te
         if features is None:
             raise ValueError(f"loss mode {protocol.mode!r} needs the teacher feature bank (features=None)")
         data["features"] = np.asarray(jax.device_get(features), np.float32)
+    if mode_needs_logits(protocol.mode):
+        data["teacher_logits"] = _teacher_logit_rows(teacher_logits, len(data["images"]), net)
     base = stage_key(key, "evaluate")
     states = init_states(net, protocol, base, repeats, jnp.asarray(data["images"][:1]), hparams)
     meta = {"net": type(net).__name__, "net_config": repr(net), "protocol": protocol.to_dict(),

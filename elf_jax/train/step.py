@@ -13,6 +13,9 @@ Per minibatch ``(x, f, y)`` and one DSA draw ``A`` (key ``key``):
   ``f`` and the rear loss uses ``rear(from_teacher(f))``; the adapter trains with the net,
 * ``loss = elf_objective(logits_img, logits_feat, z, f, y, mode, kind, lambda_front,
   lambda_rear)``; SGD (torch-coupled weight decay, momentum) with the lr of this epoch.
+* mode ``kd`` (the knowledge-distillation control): ``loss = kd_objective(logits_img, t, y,
+  protocol.kd_temperature)`` with ``t = batch["teacher_logits"]``, the teacher's logits of
+  the CLEAN images (the image is augmented as in every mode); no rear pass on features.
 
 BatchNorm in ``rear(f)`` -- what the reference does and what we do. The reference calls
 ``img_ftr, img_output = net(img)`` and then ``_, ftr_output = net(feature=ftr)`` with the
@@ -38,7 +41,7 @@ from typing import Any, Mapping, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from elf_jax.elf.losses import elf_objective, mode_needs_features
+from elf_jax.elf.losses import elf_objective, kd_objective, mode_needs_features, mode_needs_logits
 from elf_jax.keys import typed_key
 from elf_jax.models.adapter import Adapted, init_variables
 from elf_jax.train.protocol import TrainProtocol
@@ -150,7 +153,8 @@ def train_step(
     Args:
       state: :class:`TrainState`.
       batch: ``{"images": [b,H,W,C], "labels": [b] int or [b,K] float, "features":
-        [b,h,w,c]}`` (``features`` only for modes other than ``task``).
+        [b,h,w,c], "teacher_logits": [b,K]}`` (``features`` only for the ELF modes,
+        ``teacher_logits`` only for ``kd``).
       key: PRNG key (raw or typed) for this step's DSA draw.
       net: a Flax module from ``elf_jax.models.get_model`` (with ``front``/``rear``).
       protocol: static :class:`TrainProtocol`.
@@ -165,6 +169,9 @@ def train_step(
     feats = batch.get("features") if need_f else None
     if need_f and feats is None:
         raise ValueError(f"loss mode {mode!r} needs batch['features'] (the teacher feature bank)")
+    t_logits = batch.get("teacher_logits") if mode_needs_logits(mode) else None
+    if mode_needs_logits(mode) and t_logits is None:
+        raise ValueError(f"loss mode {mode!r} needs batch['teacher_logits'] (the bank's logits)")
     cdt = protocol.compute_dtype
     key = typed_key(key)
     k_aug, k_drop_img, k_drop_feat = jax.random.split(key, 3)
@@ -181,6 +188,9 @@ def train_step(
                 z_vs_f, _ = _apply(net, params, bs, z, "to_teacher", k_drop_img)
             logits_feat, bs = _apply(net, params, bs, f,
                                      "rear_from_teacher" if adapted else "rear", k_drop_feat)
+        if t_logits is not None:  # the KD control: the teacher's logits, no features
+            loss, aux = kd_objective(logits_img, t_logits, labels, protocol.kd_temperature)
+            return loss, (aux, bs)
         loss, aux = elf_objective(
             logits_img,
             logits_feat,
