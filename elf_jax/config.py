@@ -84,6 +84,15 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.repeat_strategy = "auto"  # auto | sequential | vmap | devices
     c.eval.checkpoint_every = 100  # epochs between evaluation checkpoints
     c.eval.width = 0  # >0 overrides the ConvNet-family width of pool nets (demo only)
+
+    # `elf-jax sweep`: a lambda_front x lambda_rear grid, every point trained with the
+    # evaluation protocol and repeats in the ELF mode of eval.modes (all points as the runs
+    # of one compiled program; elf_jax.elf.sweep).
+    c.sweep = ml_collections.ConfigDict()
+    c.sweep.lambda_front = (0.0, 0.5, 1.0, 2.0)
+    c.sweep.lambda_rear = (0.0, 0.5, 1.0, 2.0)
+    c.sweep.pool = ()  # () = eval.pool; otherwise some of its architectures
+    c.sweep.baseline = True  # also the task-mode repeats, for each point's paired gain
     return c
 
 
@@ -206,6 +215,10 @@ FIELD_DOCS = {
     "eval.repeat_strategy": "how repeats run: auto | sequential | vmap | devices",
     "eval.checkpoint_every": "epochs between evaluation checkpoints",
     "eval.width": "> 0: width of ConvNet-family pool nets and their teacher (demo only)",
+    "sweep.lambda_front": "elf-jax sweep: the lambda_front values (distinct numbers >= 0)",
+    "sweep.lambda_rear": "elf-jax sweep: the lambda_rear values (distinct numbers >= 0)",
+    "sweep.pool": "elf-jax sweep: architectures to sweep, some of eval.pool (() = all of it)",
+    "sweep.baseline": "elf-jax sweep: also train the task-mode baseline (paired gain per point)",
     "parallel.parallel": "none (one device) | shard_map (data parallel on a runs x data mesh)",
     "parallel.runs": "repeats side by side on the 'runs' mesh axis",
     "parallel.data": "devices per run on the 'data' axis (0 = all the rest)",
@@ -303,3 +316,21 @@ def check_config(config) -> None:
         except ValueError as err:
             raise ValueError(f"config.{name}: {err}") from None
     ParallelConfig.from_config(config.get("parallel", None))
+    _check_sweep(config)
+
+
+# ------------------------------------------------------------------ the sweep section
+def _check_sweep(config) -> None:
+    """`sweep.lambda_*`: distinct numbers >= 0; `sweep.pool`: architectures of eval.pool."""
+    from elf_jax.elf.sweep import check_axis
+
+    sweep = config.get("sweep", None)
+    if sweep is None:  # a config made without base_config(): `elf-jax sweep` says so
+        return
+    for name in ("lambda_front", "lambda_rear"):
+        check_axis(f"config.sweep.{name}", sweep[name])
+    others = [a for a in sweep.pool if a not in config.eval.pool]
+    if others:
+        raise ValueError(f"config.sweep.pool={tuple(sweep.pool)!r}: {', '.join(others)} not in "
+                         f"config.eval.pool {tuple(config.eval.pool)!r} (a sweep uses the "
+                         "evaluation's teachers and banks); add them there, or () for all of it")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping, Sequence
 
-__all__ = ["BASELINE_MODE", "ELF_MODE", "paired_gains", "summarize", "t_interval"]
+__all__ = ["BASELINE_MODE", "ELF_MODE", "paired_gain", "paired_gains", "summarize", "t_interval"]
 
 BASELINE_MODE = "task"
 ELF_MODE = "front_rear_task"
@@ -62,13 +62,16 @@ def paired_gains(results: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> dict
     """Per architecture with both modes: mean/std/n of the per-repeat ELF - baseline
     differences (repeat r of both modes starts from the same weights, so the pairs share
     the initialization and their spread is the gain's own)."""
-    gains = {}
-    for arch, by_mode in results.items():
-        if BASELINE_MODE in by_mode and ELF_MODE in by_mode:
-            diffs = [float(e) - float(b) for b, e in zip(by_mode[BASELINE_MODE]["accs"],
-                                                          by_mode[ELF_MODE]["accs"])]
-            mean, std = _mean_std(diffs)
-            ci = t_interval(diffs)
-            gains[arch] = {"mean": mean, "std": std, "n": len(diffs), "ci95": ci,
-                           "significant": None if ci is None else bool(ci[0] > 0 or ci[1] < 0)}
-    return gains
+    return {arch: paired_gain(by_mode[BASELINE_MODE]["accs"], by_mode[ELF_MODE]["accs"])
+            for arch, by_mode in results.items()
+            if BASELINE_MODE in by_mode and ELF_MODE in by_mode}
+
+
+def paired_gain(baseline: Sequence[float], elf: Sequence[float]) -> dict:
+    """Mean/std/n of the per-repeat differences ``elf[r] - baseline[r]`` with their 95% t
+    interval (``ci95``, None for one pair) and whether it excludes zero (``significant``)."""
+    diffs = [float(e) - float(b) for b, e in zip(baseline, elf)]
+    mean, std = _mean_std(diffs)
+    ci = t_interval(diffs)
+    return {"mean": mean, "std": std, "n": len(diffs), "ci95": ci,
+            "significant": None if ci is None else bool(ci[0] > 0 or ci[1] < 0)}
