@@ -164,11 +164,15 @@ def markdown_table(summary: Mapping[str, dict], missing: Sequence = (),
 def text_table(summary: Mapping[str, dict], missing: Sequence = (),
                repeats: int | None = None) -> str:
     """The same table aligned for a terminal."""
-    header, body = _cells(summary, "ELF gain [95% CI]", missing, repeats)
+    return _aligned(*_cells(summary, "ELF gain [95% CI]", missing, repeats))
+
+
+def _aligned(header: list, body: list[list]) -> str:
+    """Columns padded to their widest cell, a dashed line under the header."""
     widths = [max(len(str(c)) for c in col) for col in zip(header, *body)]
     fmt = "  ".join("{:<%d}" % w for w in widths)
-    out = [fmt.format(*header), fmt.format(*["-" * w for w in widths])]
-    return "\n".join(out + [fmt.format(*cells) for cells in body])
+    return "\n".join([fmt.format(*header), fmt.format(*["-" * w for w in widths])]
+                     + [fmt.format(*cells) for cells in body])
 
 
 def _table_args(report: Mapping[str, Any]) -> tuple:
@@ -482,13 +486,6 @@ def _sweep_settings(report: Mapping[str, Any]) -> list[str]:
             "" if any(t is None for t in totals) else
             f", {sum(totals):.0f} s over all processes"))
     return lines
-
-
-def _aligned(header: list, body: list[list]) -> str:
-    widths = [max(len(str(c)) for c in col) for col in zip(header, *body)]
-    fmt = "  ".join("{:<%d}" % w for w in widths)
-    return "\n".join([fmt.format(*header), fmt.format(*["-" * w for w in widths])]
-                     + [fmt.format(*cells) for cells in body])
 
 
 def sweep_text(report: Mapping[str, Any], title: str = "", notes: Sequence[str] = ()) -> str:
