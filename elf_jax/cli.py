@@ -45,6 +45,10 @@ COMMANDS = {
                  "--config.eval.repeats=3"),
     "report": ("print the results table and write results.{json,md,png}",
                "elf-jax report --config configs/cifar10_cross.py --workdir runs/c10"),
+    "sweep": ("train config.sweep's lambda_front x lambda_rear grid in the ELF mode (one "
+              "compiled program per architecture) and the task baseline; writes "
+              "sweep.{json,md,png} (tables, heatmap)",
+              "elf-jax sweep --config configs/sweep_mnist5k.py --workdir runs/demo"),
     "config": ("print every config field with its value and a one-line description",
                "elf-jax config --config configs/cifar10_cross.py --config.eval.repeats=3"),
 }
@@ -56,8 +60,8 @@ flags:
   --workdir DIR           where every stage writes; a rerun resumes from what it holds
   --config.FIELD=VALUE    override one field, e.g. --config.eval.repeats=3,
                           --config.eval.pool="('ConvNet','VGG11')"; `elf-jax config` lists them
-  --overwrite=STAGE,...   recompute teacher | synset | features | evaluate (removes that
-                          stage's outputs, and those computed from them, first)
+  --overwrite=STAGE,...   recompute teacher | synset | features | evaluate | sweep
+                          (removes that stage's outputs, and those computed from them, first)
   --debug                 show Python tracebacks instead of one-line errors
   --help                  this help"""
 
@@ -190,7 +194,8 @@ def _run(pipeline, run, command: str) -> None:
              f"workdir {run.workdir}")
     stage = {"train-teacher": pipeline.stage_teachers, "distill": pipeline.stage_synset,
              "features": pipeline.stage_features, "evaluate": pipeline.stage_evaluate,
-             "report": pipeline.stage_report}.get(command, pipeline.run_all)
+             "report": pipeline.stage_report,
+             "sweep": pipeline.stage_sweep}.get(command, pipeline.run_all)
     stage(run)
     _log(f"elf-jax {command}: finished in {time.perf_counter() - start:.0f} s")
 

@@ -104,6 +104,15 @@ def base_config() -> ml_collections.ConfigDict:
     # The knowledge-distillation control (issue 12): mode "kd" in eval.modes trains on the
     # teacher's logits of the clean synthetic images (the bank's) at this temperature.
     c.eval.kd_temperature = 4.0
+
+    # `elf-jax sweep`: a lambda_front x lambda_rear grid, every point trained with the
+    # evaluation protocol and repeats in the ELF mode of eval.modes (all points as the runs
+    # of one compiled program; elf_jax.elf.sweep).
+    c.sweep = ml_collections.ConfigDict()
+    c.sweep.lambda_front = (0.0, 0.5, 1.0, 2.0)
+    c.sweep.lambda_rear = (0.0, 0.5, 1.0, 2.0)
+    c.sweep.pool = ()  # () = eval.pool; otherwise some of its architectures
+    c.sweep.baseline = True  # also the task-mode repeats, for each point's paired gain
     return c
 
 
@@ -264,6 +273,10 @@ FIELD_DOCS = {
     "synset.import_stats": "space of an imported set without a record: '' (.pt: mtt) | dc | mtt",
     "teacher.bn_chunks": "BatchNorm statistics per chunk of the batch, as DataParallel on N GPUs",
     "eval.bn_chunks": "BatchNorm statistics per chunk of the batch, as DataParallel on N GPUs",
+    "sweep.lambda_front": "elf-jax sweep: the lambda_front values (distinct numbers >= 0)",
+    "sweep.lambda_rear": "elf-jax sweep: the lambda_rear values (distinct numbers >= 0)",
+    "sweep.pool": "elf-jax sweep: architectures to sweep, some of eval.pool (() = all of it)",
+    "sweep.baseline": "elf-jax sweep: also train the task-mode baseline (paired gain per point)",
     "parallel.parallel": "none (one device) | shard_map (data parallel on a runs x data mesh)",
     "parallel.runs": "repeats side by side on the 'runs' mesh axis",
     "parallel.data": "devices per run on the 'data' axis (0 = all the rest)",
@@ -368,6 +381,7 @@ def check_config(config) -> None:
     _one_of("stats", config.get("stats", "dc"), ("dc", "mtt"))
     _one_of("synset.import_stats", s.get("import_stats", ""), ("", "dc", "mtt"))
     _check_kd_temperature(e.get("kd_temperature", 4.0))
+    _check_sweep(config)
 
 
 def _check_kd_temperature(value) -> None:
@@ -401,3 +415,20 @@ def _check_bn_chunks(config, pc) -> None:
         if value > 1 and pc.parallel != "none" and pc.sync_bn:
             raise ValueError(f"config.{name}={value} chunks each device's batch, which needs "
                              "per-device BatchNorm statistics: set parallel.sync_bn=False")
+
+
+# ------------------------------------------------------------------ the sweep section
+def _check_sweep(config) -> None:
+    """`sweep.lambda_*`: distinct numbers >= 0; `sweep.pool`: architectures of eval.pool."""
+    from elf_jax.elf.sweep import check_axis
+
+    sweep = config.get("sweep", None)
+    if sweep is None:  # a config made without base_config(): `elf-jax sweep` says so
+        return
+    for name in ("lambda_front", "lambda_rear"):
+        check_axis(f"config.sweep.{name}", sweep[name])
+    others = [a for a in sweep.pool if a not in config.eval.pool]
+    if others:
+        raise ValueError(f"config.sweep.pool={tuple(sweep.pool)!r}: {', '.join(others)} not in "
+                         f"config.eval.pool {tuple(config.eval.pool)!r} (a sweep uses the "
+                         "evaluation's teachers and banks); add them there, or () for all of it")

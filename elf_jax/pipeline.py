@@ -15,6 +15,8 @@ teacher snapshot or a synthetic set they refuse, naming what to run first
     banks/<arch>/         feature bank of teacher <arch> on the synthetic set
     eval/<arch>/<mode>/   evaluation checkpoints (elf_jax.train.runner)
     results.json, results.md, results.png
+    sweep/<arch>/         `elf-jax sweep`: checkpoints of the lambda grid and its baseline
+    sweep.json, sweep.md, sweep.png
 
 Teachers: an evaluation network whose front outputs C channels gets the teacher
 `config.teacher.arch` with width C (SPEC: ConvNet fronts are 4x4x128 and take a width-128
@@ -176,13 +178,18 @@ def check_prerequisites(run: Run, command: str) -> None:
 # they would be stale).
 STAGE_PATHS = {"teacher": ("teachers",), "synset": ("distill", "synset"),
                "features": ("banks",),
-               "evaluate": ("eval", "results.json", "results.md", "results.png")}
-DOWNSTREAM = {"teacher": ("features", "evaluate"), "synset": ("features", "evaluate"),
-              "features": ("evaluate",), "evaluate": ()}
+               "evaluate": ("eval", "results.json", "results.md", "results.png"),
+               "sweep": ("sweep", "sweep.json", "sweep.md", "sweep.png")}
+DOWNSTREAM = {"teacher": ("features", "evaluate", "sweep"),
+              "synset": ("features", "evaluate", "sweep"),
+              "features": ("evaluate", "sweep"), "evaluate": (), "sweep": ()}
 # The stages each command computes (and so may be asked to recompute).
 COMMAND_STAGES = {"train-teacher": ("teacher",), "distill": ("synset",),
                   "features": ("synset", "features"),
-                  "evaluate": ("synset", "features", "evaluate"), "report": ()}
+                  "evaluate": ("synset", "features", "evaluate"), "report": (),
+                  "sweep": ("synset", "features", "sweep"),
+                  "all": ("teacher", "synset", "features", "evaluate"),
+                  "demo": ("teacher", "synset", "features", "evaluate")}
 
 
 def overwrite(run: Run, stages, command: str) -> list[Path]:
@@ -687,6 +694,119 @@ def stage_report(run: Run, results: Optional[dict] = None) -> dict[str, str]:
     _log("\n" + report_lib.text_report(results, title, notes))
     _log(f"\nwritten: {paths['json']}, {paths['markdown']}, {paths['plot']}")
     return paths
+
+
+# ------------------------------------------------------------------ lambda sweeps
+def sweep_mode(config) -> str:
+    """The ELF mode a sweep trains in: the first of `config.eval.modes` that is not the
+    baseline, else front_rear_task."""
+    return next((m for m in config.eval.modes if m != "task"), "front_rear_task")
+
+
+def sweep_pool(config) -> list[str]:
+    """`config.sweep.pool`, or all of `config.eval.pool` when it is empty."""
+    return list(config.sweep.pool) or list(config.eval.pool)
+
+
+def sweep_request(config, synset_hash: Optional[str]) -> dict:
+    """What the config asks of `elf-jax sweep`, as stored in sweep.json: the evaluation's
+    request (`eval_request`) for the swept pool and modes, its protocol with the grid's
+    lambdas in place of the two numbers, and the sweep section."""
+    from elf_jax.elf.sweep import check_axis
+
+    pool, mode, baseline = sweep_pool(config), sweep_mode(config), bool(config.sweep.baseline)
+    lf = list(check_axis("config.sweep.lambda_front", config.sweep.lambda_front))
+    lr = list(check_axis("config.sweep.lambda_rear", config.sweep.lambda_rear))
+    req = eval_request(config, synset_hash)
+    req.update(pool=pool, modes=(["task"] if baseline else []) + [mode],
+               widths={a: req["widths"][a] for a in pool},
+               protocol={**req["protocol"], "mode": mode, "lambda_front": lf, "lambda_rear": lr},
+               sweep={"lambda_front": lf, "lambda_rear": lr, "mode": mode, "baseline": baseline})
+    return req
+
+
+def _sweep_entry(out: dict) -> dict:
+    """What sweep.json keeps of a `lambda_sweep` result (JSON: no per-epoch losses)."""
+    return {k: v for k, v in out.items() if k != "train_loss"}
+
+
+def stage_sweep(run: Run, synset=None, banks=None) -> dict:
+    """`elf-jax sweep`: the lambda grid of `config.sweep` on every architecture of the swept
+    pool (`elf_jax.elf.sweep.lambda_sweep`, one compiled program per architecture), with
+    the evaluation's protocol, repeats and seed (repeat r of every point and of the
+    baseline from the same weights: `elf-jax evaluate`'s repeat r). Needs what `evaluate`
+    needs (its prerequisites are checked, the set and banks made or reused). sweep.json is
+    replaced at the start by one with this request and no results (a file made for other
+    settings is named in the log with each difference), then written after each
+    architecture; finished ones are read back from their checkpoints in `sweep/<arch>/`
+    in seconds, and an interrupted one resumes from them. Writes sweep.{json,md,png}."""
+    from elf_jax.elf.sweep import lambda_sweep
+
+    config, path = run.config, run.workdir / "sweep.json"
+    if config.get("sweep", None) is None:
+        raise ValueError("the config has no `sweep` section: start it from "
+                         "elf_jax.config.base_config() (configs/sweep_mnist5k.py is an example)")
+    if all(m == "task" for m in config.eval.modes):
+        raise ValueError(f"config.eval.modes={tuple(config.eval.modes)!r} has no ELF mode, so "
+                         "no teacher or bank is made for the sweep: add one, e.g. "
+                         "--config.eval.modes=\"('task','front_rear_task')\"")
+    if synset is None:
+        check_prerequisites(run, "sweep")
+        synset = stage_synset(run)
+    if banks is None:
+        banks = stage_features(run, synset)
+    pool, mode = sweep_pool(config), sweep_mode(config)
+    request = sweep_request(config, synset.content_hash())
+    if path.exists():
+        old = report_lib.load_report(str(path)).get("request") or {}
+        diffs = report_lib.differences(old, request)
+        if diffs:
+            _log(f"[sweep] replacing {path}, made for other settings ({len(diffs)} "
+                 f"difference(s)): " + "; ".join(diffs) + f". Checkpoints in "
+                 f"{run.workdir / 'sweep'} of other settings are refused: --overwrite=sweep "
+                 "starts over")
+    prov = _provenance(run, synset, banks)
+    used = {run.teachers[a] for a in pool}
+    prov["teachers"] = {t: {**p, "for": [a for a in p["for"] if a in pool]}
+                        for t, p in prov["teachers"].items() if t in used}
+    prov["cross_architecture"] = cross_architecture(pool, synset.metadata.get("arch"))
+    meta = {
+        "dataset": config.dataset,
+        "synset": {k: synset.metadata.get(k) for k in ("method", "ipc", "arch", "iteration")},
+        "teachers": {a: banks[a].metadata.get("teacher") for a in pool},
+        "feature_epoch": int(config.teacher.feature_epoch),
+        "request": request, "provenance": prov,
+    }
+    results: dict = {}
+    write_json_atomic(path, {**meta, "results": results, "partial": True})
+    pc = ParallelConfig.from_config(config.get("parallel", None))
+    eta = _Eta(len(pool))
+    for arch in pool:
+        out = lambda_sweep(
+            arch, synset.images, synset.labels, run.test.images, run.test.labels, banks[arch],
+            lambda_front=request["sweep"]["lambda_front"],
+            lambda_rear=request["sweep"]["lambda_rear"],
+            protocol=_protocol(config).replace(mode=mode), repeats=int(config.eval.repeats),
+            key=jax.random.PRNGKey(config.seed), workdir=run.workdir / "sweep" / arch,
+            baseline=bool(config.sweep.baseline), num_classes=synset.num_classes,
+            learned_lr=synset.lr, strategy=config.eval.repeat_strategy,
+            checkpoint_every=int(config.eval.checkpoint_every),
+            model_overrides=_model_overrides(config, arch), parallel=pc, log=_log,
+            adapter=config.eval.adapter)
+        results[arch] = _sweep_entry(out)
+        write_json_atomic(path, {**meta, "results": results, "partial": True})
+        points = len(out["lambda_front"]) * len(out["lambda_rear"])
+        start, epochs = out["resumed_from"], int(config.eval.epochs) + 1
+        how = ("finished earlier: read back from its checkpoints" if start == epochs else
+               f"{out['seconds']:.0f} s" + (f", resumed at epoch {start}" if start else ""))
+        _log(f"[sweep] {arch:<12} {mode}: {points} points x {out['repeats']} repeats in one "
+             f"program, {how} {eta.tick()}")
+    full = {**meta, "results": results, "partial": False}
+    title = f"Lambda sweep on {config.dataset} ({synset.metadata.get('method')}, IPC {synset.ipc})"
+    paths = report_lib.write_sweep_report(full, str(run.workdir), title)
+    _log("\n" + report_lib.sweep_text(full, title))
+    _log(f"\nwritten: {paths['json']}, {paths['markdown']}, {paths['plot']}")
+    return full
 
 
 def run_all(run: Run) -> dict[str, str]:

@@ -181,11 +181,15 @@ def markdown_table(summary: Mapping[str, dict], missing: Sequence = (),
 def text_table(summary: Mapping[str, dict], missing: Sequence = (),
                repeats: int | None = None) -> str:
     """The same table aligned for a terminal."""
-    header, body = _cells(summary, "ELF gain [95% CI]", missing, repeats, "ELF - KD [95% CI]")
+    return _aligned(*_cells(summary, "ELF gain [95% CI]", missing, repeats, "ELF - KD [95% CI]"))
+
+
+def _aligned(header: list, body: list[list]) -> str:
+    """Columns padded to their widest cell, a dashed line under the header."""
     widths = [max(len(str(c)) for c in col) for col in zip(header, *body)]
     fmt = "  ".join("{:<%d}" % w for w in widths)
-    out = [fmt.format(*header), fmt.format(*["-" * w for w in widths])]
-    return "\n".join(out + [fmt.format(*cells) for cells in body])
+    return "\n".join([fmt.format(*header), fmt.format(*["-" * w for w in widths])]
+                     + [fmt.format(*cells) for cells in body])
 
 
 def _table_args(report: Mapping[str, Any]) -> tuple:
@@ -438,3 +442,175 @@ def load_report(path: str) -> dict:
             return json.load(f)
         except json.JSONDecodeError as err:
             raise ValueError(f"{path} is not valid JSON ({err}); re-run `elf-jax evaluate`.")
+
+
+# ------------------------------------------------------------------ lambda sweeps
+# sweep.json (`elf-jax sweep`): {"results": {arch: elf_jax.elf.sweep.lambda_sweep's dict
+# without the per-epoch losses}, "request": {..., "sweep": {"lambda_front", "lambda_rear",
+# "mode", "baseline"}}, "provenance", "partial"}. Tables: rows lambda_front, columns
+# lambda_rear; cells mean ± std (n in the title), and the paired gain over the baseline.
+def _lam(v: float) -> str:
+    return f"{float(v):g}"
+
+
+def _sweep_grids(arch: str, e: Mapping[str, Any]) -> list[tuple[str, list, list[list]]]:
+    """``[(title, header, body)]``: the accuracy grid, then (with a baseline) the gains."""
+    corner = "lambda_front \\ lambda_rear"
+    header = [corner] + [_lam(v) for v in e["lambda_rear"]]
+    n = int(e.get("repeats") or len(e["accs"][0][0]))
+    acc = [[_lam(f)] + [format_accuracy(m, s, n, n) for m, s in zip(e["mean"][i], e["std"][i])]
+           for i, f in enumerate(e["lambda_front"])]
+    out = [(f"{arch}, mode {e['mode']}: test accuracy % (mean ± std, n={n})", header, acc)]
+    b = e.get("baseline")
+    if b:
+        gains = [[_lam(f)] + [_gain_cell({"gain": g["mean"], "gain_ci95": g.get("ci95"),
+                                          "gain_significant": g.get("significant")})
+                              for g in e["gain"][i]] for i, f in enumerate(e["lambda_front"])]
+        base = format_accuracy(b["mean"], b["std"], len(b["accs"]))
+        out.append((f"{arch}: gain over the baseline (task: {base}), points "
+                    "[paired 95% CI, * excludes 0]", header, gains))
+    return out
+
+
+def sweep_partial_line(report: Mapping[str, Any]) -> str:
+    """The loud line of a sweep.json that does not hold every requested architecture."""
+    pool = (report.get("request") or {}).get("pool") or list(report.get("results") or {})
+    done = [a for a in pool if a in (report.get("results") or {})]
+    if len(done) == len(pool) and not report.get("partial"):
+        return ""
+    missing = [a for a in pool if a not in done]
+    return (f"PARTIAL: {len(done)} of {len(pool)} architectures swept (missing: "
+            f"{', '.join(missing) or 'none'}); rerun `elf-jax sweep --config ... --workdir ...` "
+            "(it resumes) to complete")
+
+
+def _sweep_settings(report: Mapping[str, Any]) -> list[str]:
+    req = report.get("request") or {}
+    lines = settings_lines({"request": req, "provenance": report.get("provenance") or {}})
+    sw = req.get("sweep")
+    if sw:
+        points = len(sw["lambda_front"]) * len(sw["lambda_rear"])
+        lines.insert(1, f"sweep: mode {sw['mode']}, lambda_front {sw['lambda_front']} x "
+                        f"lambda_rear {sw['lambda_rear']} = {points} points x "
+                        f"{req.get('repeats')} repeats per architecture in one compiled program; "
+                        + ("baseline: mode task, repeat r from the same weights as repeat r of "
+                           "every point" if sw.get("baseline") else "no baseline"))
+    entries = list((report.get("results") or {}).values())
+    entries += [e["baseline"] for e in entries if e.get("baseline")]
+    if entries:
+        now = sum(float(e.get("seconds") or 0) for e in entries)
+        totals = [e.get("total_seconds") for e in entries]
+        lines.append(f"training time: {now:.0f} s in this process" + (
+            "" if any(t is None for t in totals) else
+            f", {sum(totals):.0f} s over all processes"))
+    return lines
+
+
+def sweep_text(report: Mapping[str, Any], title: str = "", notes: Sequence[str] = ()) -> str:
+    """What a terminal shows of a sweep: loud lines, title, the grids and the settings."""
+    parts = [line for line in (sweep_partial_line(report), *notes) if line]
+    parts += [title] if title else []
+    for arch, e in (report.get("results") or {}).items():
+        parts += [f"\n{t}\n{_aligned(h, b)}" for t, h, b in _sweep_grids(arch, e)]
+    settings = _sweep_settings(report)
+    return "\n".join(parts + (["\nsettings:"] + [f"  {s}" for s in settings] if settings else []))
+
+
+def sweep_markdown(report: Mapping[str, Any], title: str = "", notes: Sequence[str] = ()) -> str:
+    """sweep.md: loud lines, title, one table per grid, a Settings section."""
+    parts = [f"**{line}**\n" for line in (sweep_partial_line(report), *notes) if line]
+    parts += [f"# {title}\n"] if title else []
+    for arch, e in (report.get("results") or {}).items():
+        for t, header, body in _sweep_grids(arch, e):
+            rows = [header, ["---"] * len(header)] + body
+            table = "\n".join("| " + " | ".join(r) + " |" for r in rows)
+            parts.append(f"## {t}\n\n{table}\n")
+    settings = _sweep_settings(report)
+    if settings:
+        parts.append("## Settings\n\n" + "\n".join(f"- {s}" for s in settings))
+    return "\n".join(parts) + "\n"
+
+
+def _heat(ax, values, e, text, cmap, vmin, vmax, title, dark):
+    """A grid as an image, every cell labelled (white where `dark(normalized value)`)."""
+    im = ax.imshow(values, cmap=cmap, vmin=vmin, vmax=vmax, origin="lower", aspect="auto")
+    for i in range(len(e["lambda_front"])):
+        for j in range(len(e["lambda_rear"])):
+            ax.text(j, i, text(i, j), ha="center", va="center", fontsize="x-small",
+                    color="white" if dark(float(im.norm(values[i][j]))) else "black")
+    ax.set_xticks(range(len(e["lambda_rear"])), [_lam(v) for v in e["lambda_rear"]])
+    ax.set_yticks(range(len(e["lambda_front"])), [_lam(v) for v in e["lambda_front"]])
+    ax.set_xlabel("lambda_rear")
+    ax.set_ylabel("lambda_front")
+    ax.set_title(title, fontsize="small")
+    return im
+
+
+def sweep_heatmap(report: Mapping[str, Any], path: str, title: str = "") -> str:
+    """One column per architecture: the mean accuracy over the grid, and (with a baseline)
+    the paired gain over it on a scale centred at zero; every cell carries its numbers."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    results = report.get("results") or {}
+    archs = list(results)
+    rows = 2 if any(e.get("baseline") for e in results.values()) else 1
+    w = max([len(e["lambda_rear"]) for e in results.values()] + [2])
+    h = max([len(e["lambda_front"]) for e in results.values()] + [2])
+    cols = max(len(archs), 1)
+    fig, axes = plt.subplots(rows, cols, squeeze=False, layout="constrained",
+                             figsize=(cols * (1.2 * w + 2), rows * (0.6 * h + 2) + 0.8))
+    for c, arch in enumerate(archs):
+        e = results[arch]
+        mean, std = 100 * np.asarray(e["mean"]), 100 * np.asarray(e["std"])
+        im = _heat(axes[0][c], mean, e, lambda i, j: f"{mean[i, j]:.1f}\n±{std[i, j]:.1f}",
+                   "viridis", None, None, f"{arch} {e['mode']}: accuracy % (n={e['repeats']})",
+                   lambda v: v < 0.5)
+        fig.colorbar(im, ax=axes[0][c], shrink=0.8)
+        if rows == 2 and e.get("gain"):
+            g = [[100 * x["mean"] for x in row] for row in e["gain"]]
+            lim = max(0.5, float(np.max(np.abs(g))))
+
+            def cell(i, j, e=e, g=g):
+                ci = e["gain"][i][j].get("ci95")
+                star = "*" if e["gain"][i][j].get("significant") else ""
+                return f"{g[i][j]:+.1f}{star}" + (
+                    f"\n[{100 * ci[0]:+.1f},{100 * ci[1]:+.1f}]" if ci else "")
+
+            b = e["baseline"]
+            im = _heat(axes[1][c], np.asarray(g), e, cell, "RdBu", -lim, lim,
+                       f"gain over task ({100 * b['mean']:.1f}), points, paired 95% CI",
+                       lambda v: abs(v - 0.5) > 0.3)
+            fig.colorbar(im, ax=axes[1][c], shrink=0.8)
+        elif rows == 2:
+            axes[1][c].axis("off")
+    import textwrap
+
+    chars = int(fig.get_figwidth() * 11)  # about what fits at this font size
+    fig.suptitle("\n".join(textwrap.fill(line, chars) for line in title.splitlines()),
+                 fontsize="small")
+    fig.savefig(path, dpi=120, metadata={"Title": title})
+    plt.close(fig)
+    return path
+
+
+def write_sweep_report(report: Mapping[str, Any], outdir: str, title: str = "",
+                       notes: Sequence[str] = ()) -> dict[str, str]:
+    """sweep.json, sweep.md and sweep.png in `outdir`; returns their paths."""
+    if not report.get("results"):
+        raise ValueError("the sweep has no results yet: run `elf-jax sweep` first")
+    from elf_jax.checkpoint import write_json_atomic
+
+    os.makedirs(outdir, exist_ok=True)
+    paths = {key: os.path.join(outdir, f"sweep.{ext}")
+             for key, ext in (("json", "json"), ("markdown", "md"), ("plot", "png"))}
+    write_json_atomic(paths["json"], dict(report))
+    with open(paths["markdown"], "w") as f:
+        f.write(sweep_markdown(report, title, notes))
+    heading = [line for line in (sweep_partial_line(report), *notes) if line]
+    chart_title = "\n".join(heading + [title, plot_subtitle(report)]).strip()
+    sweep_heatmap(report, paths["plot"], chart_title)
+    return paths

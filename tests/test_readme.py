@@ -12,8 +12,8 @@ def _python_blocks():
     return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
 
 
-def test_readme_has_three_examples():
-    assert len(_python_blocks()) == 3
+def test_readme_has_four_examples():
+    assert len(_python_blocks()) == 4
 
 
 @pytest.mark.slow
@@ -21,10 +21,14 @@ def test_readme_examples_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
     for block in _python_blocks():
-        exec(compile(block.replace("/tmp/elf_teacher", str(tmp_path / "teacher")), "README", "exec"),
+        exec(compile(block.replace("/tmp/elf_", str(tmp_path / "elf_")), "README", "exec"),
              namespace)
     assert namespace["feat"].shape == (2, 4, 4, 512)
     assert namespace["logits"].shape == (2, 10)
     summary = namespace["out"]["summary"]
     assert set(summary) == {"ConvNet", "ConvNetBN"}
     assert all(0.0 <= summary[a]["task"]["mean"] <= 1.0 for a in summary)
+    sweep = namespace["sweep"]
+    assert len(sweep["mean"]) == 2 and len(sweep["mean"][0]) == 2
+    assert set(sweep["gain"][1][1]) >= {"mean", "ci95"}
+    assert (tmp_path / "elf_sweep" / "grid" / "checkpoints").is_dir()

@@ -16,6 +16,7 @@ _LAZY = {
     "evaluate_synset": "elf_jax.elf.evaluate",
     "cross_evaluate": "elf_jax.elf.evaluate",
     "validate_inputs": "elf_jax.elf.evaluate",
+    "lambda_sweep": "elf_jax.elf.sweep",
     "FeatureBank": "elf_jax.elf.bank",
     "build_bank": "elf_jax.elf.bank",
 }

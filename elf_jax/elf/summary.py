@@ -11,7 +11,8 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping, Sequence
 
-__all__ = ["BASELINE_MODE", "ELF_MODE", "KD_MODE", "paired_gains", "summarize", "t_interval"]
+__all__ = ["BASELINE_MODE", "ELF_MODE", "KD_MODE", "paired_gain", "paired_gains", "summarize",
+           "t_interval"]
 
 BASELINE_MODE = "task"
 ELF_MODE = "front_rear_task"
@@ -75,13 +76,15 @@ def paired_gains(results: Mapping[str, Mapping[str, Mapping[str, Any]]],
     """Per architecture with both modes: mean/std/n of the per-repeat ``treatment`` -
     ``baseline`` differences (ELF - task by default; repeat r of both modes starts from the
     same weights, so the pairs share the initialization and their spread is the gain's own)."""
-    gains = {}
-    for arch, by_mode in results.items():
-        if baseline in by_mode and treatment in by_mode:
-            diffs = [float(e) - float(b) for b, e in zip(by_mode[baseline]["accs"],
-                                                          by_mode[treatment]["accs"])]
-            mean, std = _mean_std(diffs)
-            ci = t_interval(diffs)
-            gains[arch] = {"mean": mean, "std": std, "n": len(diffs), "ci95": ci,
-                           "significant": None if ci is None else bool(ci[0] > 0 or ci[1] < 0)}
-    return gains
+    return {arch: paired_gain(by_mode[baseline]["accs"], by_mode[treatment]["accs"])
+            for arch, by_mode in results.items() if baseline in by_mode and treatment in by_mode}
+
+
+def paired_gain(baseline: Sequence[float], treated: Sequence[float]) -> dict:
+    """Mean/std/n of the per-repeat differences ``treated[r] - baseline[r]`` with their 95% t
+    interval (``ci95``, None for one pair) and whether it excludes zero (``significant``)."""
+    diffs = [float(e) - float(b) for b, e in zip(baseline, treated)]
+    mean, std = _mean_std(diffs)
+    ci = t_interval(diffs)
+    return {"mean": mean, "std": std, "n": len(diffs), "ci95": ci,
+            "significant": None if ci is None else bool(ci[0] > 0 or ci[1] < 0)}

@@ -344,23 +344,32 @@ def _mesh_host_chunk(placement, stepper, plans, close, *, plan, pad):
 
 # ------------------------------------------------------------------------------- init/test
 def init_states(net, protocol, key, repeats: int, sample_images, hparams=None, *,
-                first: int = 0) -> TrainState:
+                first: int = 0, indices=None) -> TrainState:
     """Stacked initial states of repeats ``first .. first + repeats - 1`` (leading axis).
 
     Repeat ``r`` uses ``fold_in(key, r)`` (split into an init key and a training key), so a
     repeat's result does not depend on how many repeats run, nor on the strategy or the
     placement. ``key`` is the caller's stage key (``elf_jax.keys.stage_key``).
     ``hparams``: optional dict of scalars or ``[repeats]`` arrays (lr, lambda_front,
-    lambda_rear), e.g. for a vectorised lambda sweep.
+    lambda_rear), e.g. for a vectorised lambda sweep. ``indices``: the repeat index of each
+    of the ``repeats`` runs instead of ``first ..`` (runs with one index start from the same
+    weights and data stream: a lambda sweep's grid points, paired).
     """
+    if indices is None:
+        indices = range(first, first + repeats)
+    elif first:
+        raise ValueError("init_states: give `first` or `indices`, not both")
+    indices = [int(i) for i in indices]
+    if len(indices) != repeats:
+        raise ValueError(f"init_states: {len(indices)} indices for {repeats} runs")
     hparams = {**default_hparams(protocol), **dict(hparams or {})}
     # the init depends on the protocol only through the optimizer's state: one executable
     # for every loss mode, lr and lambda
     sgd = TrainProtocol(momentum=protocol.momentum, weight_decay=protocol.weight_decay)
     key = typed_key(key)
     states = []
-    for i in range(repeats):
-        k_init, k_train = jax.random.split(jax.random.fold_in(key, first + i))
+    for i, index in enumerate(indices):
+        k_init, k_train = jax.random.split(jax.random.fold_in(key, index))
         hp = {k: jnp.asarray(v, jnp.float32).reshape(-1)[i] if jnp.ndim(v) else v for k, v in hparams.items()}
         # eager: each op compiles once and is reused by every later network, which beats one
         # jitted init per network when many networks are evaluated (measured on the CPU)
@@ -625,7 +634,7 @@ def run_evaluation(net, protocol: TrainProtocol, images, labels, test_images, te
                    hparams: Optional[Mapping[str, Any]] = None, placement: Any = None, mesh=None,
                    progress: bool = True, desc: str = "eval",
                    run_info: Optional[Mapping[str, Any]] = None,
-                   return_states: bool = False) -> dict:
+                   return_states: bool = False, repeat_index=None) -> dict:
     """Trains ``repeats`` fresh copies of ``net`` on ``(images, features, labels)`` with
     ``protocol`` and returns their test accuracies.
 
@@ -645,6 +654,8 @@ def run_evaluation(net, protocol: TrainProtocol, images, labels, test_images, te
         step data parallel.
       workdir: checkpoints go to ``workdir/checkpoints``; an existing run there is resumed.
       hparams: per-repeat ``lr``/``lambda_front``/``lambda_rear`` (scalars or ``[R]``).
+      repeat_index: ``[R]`` ints, the repeat (key) index of each run (default ``0..R-1``):
+        runs with one index start from the same weights and data stream (a lambda sweep).
       run_info: extra JSON metadata that must match on resume (e.g. the architecture name).
     Returns: dict with ``accs`` ``[R]``, ``mean``, ``std``, ``train_loss``/``train_acc``
       ``[R, E+1]``, ``history``, ``seconds`` (this process), ``total_seconds`` (with the
@@ -669,12 +680,15 @@ def run_evaluation(net, protocol: TrainProtocol, images, labels, test_images, te
     if mode_needs_logits(protocol.mode):
         data["teacher_logits"] = _teacher_logit_rows(teacher_logits, len(data["images"]), net)
     base = stage_key(key, "evaluate")
-    states = init_states(net, protocol, base, repeats, jnp.asarray(data["images"][:1]), hparams)
+    states = init_states(net, protocol, base, repeats, jnp.asarray(data["images"][:1]), hparams,
+                         indices=repeat_index)
     meta = {"net": type(net).__name__, "net_config": repr(net), "protocol": protocol.to_dict(),
             "repeats": int(repeats), "key": np.asarray(raw_key(key)).tolist(),
             "data": fingerprint(*data.values()),
             "hparams": {k: np.asarray(v).tolist() for k, v in (hparams or {}).items()},
             **dict(run_info or {})}
+    if repeat_index is not None:  # only then: the checkpoints of plain runs stay as they were
+        meta["repeat_index"] = [int(i) for i in repeat_index]
     states, history, info = fit(
         net, protocol, data, states, placement=placement, engine=engine, strategy=strategy,
         chunk_epochs=chunk_epochs, workdir=None if workdir is None else Path(workdir) / "checkpoints",
