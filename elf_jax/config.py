@@ -99,6 +99,11 @@ def base_config() -> ml_collections.ConfigDict:
     # .pt folder is in "mtt" (the space the reference's ELF evaluation reads every set in),
     # our .npz / synset dirs in the run's; "dc" | "mtt" name it.
     c.synset.import_stats = ""
+    # A reference teacher: the bank from snapshot feature_epoch of one trajectory of the
+    # reference's own buffer (`replay_buffer_<n>.pt` of ELF_buffer.sh) instead of a teacher
+    # trained here; one teacher (override_arch or arch) for the whole pool, as the reference.
+    c.teacher.reference_buffer = ""
+    c.teacher.reference_trajectory = -1  # -1: the last (ELF_eval.py reads buffer[-1])
     return c
 
 
@@ -252,6 +257,8 @@ FIELD_DOCS = {
     "eval.width": "> 0: width of ConvNet-family pool nets and their teacher (demo only)",
     "stats": "data mean/std: dc (true stats) | mtt (MTT/ELF utils.py: CIFAR-10's for cifar100)",
     "synset.import_stats": "space of an imported set without a record: '' (.pt: mtt) | dc | mtt",
+    "teacher.reference_buffer": "a reference replay_buffer_<n>.pt as the teacher ('' = train one)",
+    "teacher.reference_trajectory": "its trajectory whose feature_epoch snapshot is used (-1 = last)",
     "teacher.bn_chunks": "BatchNorm statistics per chunk of the batch, as DataParallel on N GPUs",
     "eval.bn_chunks": "BatchNorm statistics per chunk of the batch, as DataParallel on N GPUs",
     "parallel.parallel": "none (one device) | shard_map (data parallel on a runs x data mesh)",
@@ -331,7 +338,7 @@ def check_config(config) -> None:
                        "synset.ipc", "bank.batch_size", "eval.repeats", "eval.epochs",
                        "eval.batch_size", "eval.checkpoint_every"], 1)
     _at_least(config, ["synset.iterations", "eval.width"], 0)
-    if t.feature_epoch > t.epochs:
+    if t.feature_epoch > t.epochs and not t.get("reference_buffer", ""):
         raise ValueError(f"config.teacher.feature_epoch={t.feature_epoch} is after the last "
                          f"teacher epoch (teacher.epochs={t.epochs}): lower it or train longer")
     TrainProtocol(lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay,
@@ -356,6 +363,18 @@ def check_config(config) -> None:
     _check_bn_chunks(config, pc)
     _one_of("stats", config.get("stats", "dc"), ("dc", "mtt"))
     _one_of("synset.import_stats", s.get("import_stats", ""), ("", "dc", "mtt"))
+    _check_reference_teacher(t)
+
+
+def _check_reference_teacher(t) -> None:
+    """teacher.reference_buffer: a path string ('' = none); reference_trajectory: an int."""
+    path, traj = t.get("reference_buffer", ""), t.get("reference_trajectory", -1)
+    if not isinstance(path, str):
+        raise ValueError(f"config.teacher.reference_buffer={path!r}: give a replay_buffer_<n>.pt "
+                         "path as a string ('' = train the teacher here)")
+    if isinstance(traj, bool) or not isinstance(traj, int):
+        raise ValueError(f"config.teacher.reference_trajectory={traj!r}: must be an int "
+                         "(an index into the buffer's trajectories; -1 = the last)")
 
 
 def _check_bn_chunks(config, pc) -> None:

@@ -38,9 +38,10 @@ Soft labels (TESLA, ``soft_labels=True``): the label logits are the expert's log
 is the cross-entropy with ``softmax(logits)``; ``learn_labels=True`` also learns the logits
 (SGD ``lr_label``). The set stores ``softmax(logits)`` as its soft labels.
 
-Expert trajectories: a ``train_teacher``/``train_experts`` workdir, a reference
-``replay_buffer_<n>.pt`` (via :func:`elf_jax.interop.torch.load_replay_buffer`), or a list of
-trajectories (lists of per-epoch parameter trees). Without any, :func:`run_mtt` trains
+Expert trajectories: a ``train_teacher``/``train_experts`` workdir, reference buffers
+(``replay_buffer_<n>.pt``: one file, a directory of them read as the reference's
+``--load_all``, a glob or a comma list; :func:`elf_jax.interop.torch.replay_buffer_files`),
+or a list of trajectories (lists of per-epoch parameter trees). Without any, :func:`run_mtt` trains
 ``num_experts`` experts into ``<workdir>/experts`` (momentum 0, weight decay 0, as MTT's
 ``buffer.py``). BatchNorm networks run in training mode (batch statistics), as the
 reference's functional ``ReparamModule``; the default ConvNet uses instance norm.
@@ -78,11 +79,17 @@ def _params_of(tree):
 
 def load_expert_array(experts, *, arch: str, num_classes: int, image_shape: Sequence[int],
                       model_kwargs: Optional[Mapping[str, Any]] = None,
-                      epochs_needed: int, max_experts: Optional[int] = None):
+                      epochs_needed: int, max_experts: Optional[int] = None,
+                      max_files: Optional[int] = None):
     """Expert trajectories as a float32 array ``[E, T, P]`` (``T = epochs_needed + 1``
     snapshots 0..epochs_needed, flat in ``ravel_pytree`` order of our parameter tree) plus
-    the ``unravel`` function. ``ValueError`` naming both architectures when the experts were
-    trained for another network, or when the trajectories are too short."""
+    the ``unravel`` function. ``experts``: a teacher workdir, reference buffers
+    (:func:`elf_jax.interop.torch.replay_buffer_files`: a file, a directory, a glob or a
+    comma list; every trajectory of every file in that order, the reference's
+    ``--load_all``; ``max_files`` reads the first files only) or a list of trajectories;
+    ``max_experts`` keeps the first trajectories of all. ``ValueError`` naming both
+    architectures when the experts were trained for another network, or when the
+    trajectories are too short; ``FileNotFoundError`` for a path holding neither."""
     from elf_jax.models import canonical_name, get_model
 
     model_kwargs = dict(model_kwargs or {})
@@ -93,7 +100,7 @@ def load_expert_array(experts, *, arch: str, num_classes: int, image_shape: Sequ
     flat0, unravel = ravel_pytree(template)
     want = _describe(arch, model_kwargs, num_classes, image_shape)
     trajs = []
-    if isinstance(experts, (str, Path)) and Path(experts).is_dir():
+    if isinstance(experts, (str, Path)) and (Path(experts) / "trajectory.json").is_file():
         from elf_jax.teacher import load_trajectory, read_manifest
 
         m = read_manifest(experts)
@@ -115,14 +122,8 @@ def load_expert_array(experts, *, arch: str, num_classes: int, image_shape: Sequ
             trajs.append([_params_of(v) for v in load_trajectory(
                 experts, expert=e, epochs=range(epochs_needed + 1))])
     elif isinstance(experts, (str, Path)):
-        if not Path(experts).is_file():
-            raise FileNotFoundError(f"no expert trajectories at {experts}: pass a teacher "
-                                    "workdir, a replay_buffer_<n>.pt file or a list")
-        from elf_jax.interop.torch import load_replay_buffer
-
-        for t in load_replay_buffer(experts, arch, num_classes, tuple(image_shape),
-                                    max_trajectories=max_experts, **model_kwargs):
-            trajs.append([_params_of(v) for v in t])
+        trajs = _reference_trajectories(experts, arch, num_classes, image_shape, model_kwargs,
+                                        epochs_needed + 1, max_experts, max_files)
     else:
         trajs = [[_params_of(v) for v in t] for t in experts][:max_experts]
     if not trajs:
@@ -143,6 +144,27 @@ def load_expert_array(experts, *, arch: str, num_classes: int, image_shape: Sequ
                                  "trained for another architecture")
             out[i, j] = np.asarray(ravel_pytree(t[j])[0])
     return out, unravel
+
+
+def _reference_trajectories(source, arch, num_classes, image_shape, model_kwargs, snapshots,
+                            max_experts, max_files) -> list:
+    """Every trajectory of the reference buffers ``source`` names, concatenated in the
+    reference's order, each cut to its first ``snapshots`` snapshots."""
+    from elf_jax.interop.torch import load_replay_buffer, replay_buffer_files
+
+    if Path(source).is_dir() and not (Path(source) / "replay_buffer_0.pt").is_file():
+        raise FileNotFoundError(f"{source} holds neither expert trajectories of ours "
+                                "(trajectory.json: train_teacher / train_experts) nor reference "
+                                "buffers (replay_buffer_0.pt, ...)")
+    trajs = []
+    for path in replay_buffer_files(source)[:max_files]:
+        left = None if max_experts is None else int(max_experts) - len(trajs)
+        if left is not None and left <= 0:
+            break
+        trajs += [[_params_of(v) for v in t] for t in load_replay_buffer(
+            path, arch, num_classes, tuple(image_shape), max_trajectories=left,
+            max_epochs=snapshots, **model_kwargs)]
+    return trajs
 
 
 # ----------------------------------------------------------------------------- steps
@@ -317,7 +339,7 @@ def setup(method: str, s: TrajectorySettings, p: C.Prelude) -> C.Plan:
     traj, unravel = load_expert_array(experts, arch=s.arch, num_classes=p.num_classes,
                                       image_shape=p.images.shape[1:],
                                       model_kwargs=s.model_kwargs, epochs_needed=needed,
-                                      max_experts=s.max_experts)
+                                      max_experts=s.max_experts, max_files=s.max_files)
     variables = p.net.init(jax.random.key(0), jnp.asarray(p.images[:1]), train=False)
     bn_template = variables.get("batch_stats") or None
 

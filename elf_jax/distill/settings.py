@@ -73,10 +73,13 @@ class TrajectorySettings(Settings):
     syn_steps: student steps per iteration, from epoch ``start < max_start_epoch`` of an
     expert towards epoch ``start + expert_epochs``. lr_lr: SGD on the learned lr, which
     starts at lr_teacher. batch_syn: student minibatch (None: all images).
-    experts: a teacher workdir or ``replay_buffer_<n>.pt`` (or, from Python, a list of
-    trajectories); None or "": train ``num_experts`` experts for ``expert_train_epochs``
-    (None: ``max_start_epoch - 1 + expert_epochs``) into ``<workdir>/experts``.
-    max_experts: use at most this many (None: all).
+    experts: a teacher workdir, or reference buffers: a ``replay_buffer_<n>.pt``, a
+    directory of them (all files n = 0, 1, ... as the reference's ``--load_all``), a glob or
+    a comma list (or, from Python, a list of trajectories); None or "": train
+    ``num_experts`` experts for ``expert_train_epochs`` (None: ``max_start_epoch - 1 +
+    expert_epochs``) into ``<workdir>/experts``.
+    max_experts: use the first this many trajectories of all (None: all); max_files: read
+    the first this many buffer files (None: all).
     gradient: unrolled | remat | tesla ("": ``unrolled`` for MTT, ``remat`` instead with
     ``remat=True``; ``tesla`` for TESLA). soft_labels: labels from expert ``0``'s logits at
     epoch ``soft_label_epoch`` (None: its last); learn_labels: learn them (SGD lr_label).
@@ -94,6 +97,7 @@ class TrajectorySettings(Settings):
     num_experts: int = 5
     expert_train_epochs: Optional[int] = None
     max_experts: Optional[int] = None
+    max_files: Optional[int] = None
     gradient: str = ""
     remat: bool = False
     soft_labels: bool = False
@@ -129,10 +133,11 @@ FIELD_DOCS = {
     "lr_lr": "MTT/TESLA: SGD learning rate of the learned lr",
     "lr_teacher": "MTT/TESLA: initial learned lr (the experts' lr)",
     "batch_syn": "MTT/TESLA: student minibatch (None: all images)",
-    "experts": "MTT/TESLA: a teacher workdir or replay_buffer_<n>.pt ('': train experts)",
+    "experts": "MTT/TESLA: teacher workdir, or replay_buffer_<n>.pt / dir / glob / comma list",
     "num_experts": "MTT/TESLA: experts to train when none are given",
     "expert_train_epochs": "MTT/TESLA: epochs per trained expert (None: max_start_epoch-1+expert_epochs)",
-    "max_experts": "MTT/TESLA: use at most this many experts (None: all)",
+    "max_experts": "MTT/TESLA: use the first this many expert trajectories (None: all)",
+    "max_files": "MTT/TESLA: read the first this many reference buffer files (None: all)",
     "gradient": "MTT/TESLA: unrolled | remat | tesla ('': the method's)",
     "remat": "MTT: rematerialize the unrolled student steps (less memory)",
     "soft_labels": "TESLA: labels from expert 0's logits",
