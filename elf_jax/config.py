@@ -104,6 +104,9 @@ def base_config() -> ml_collections.ConfigDict:
     # trained here; one teacher (override_arch or arch) for the whole pool, as the reference.
     c.teacher.reference_buffer = ""
     c.teacher.reference_trajectory = -1  # -1: the last (ELF_eval.py reads buffer[-1])
+    # The reference's loss-mode quirks: front_task always uses the channel CE, front_rear
+    # ignores lambda_rear (False: eval.kind and both lambdas apply in every mode).
+    c.eval.reference_loss_quirks = False
     return c
 
 
@@ -259,6 +262,7 @@ FIELD_DOCS = {
     "synset.import_stats": "space of an imported set without a record: '' (.pt: mtt) | dc | mtt",
     "teacher.reference_buffer": "a reference replay_buffer_<n>.pt as the teacher ('' = train one)",
     "teacher.reference_trajectory": "its trajectory whose feature_epoch snapshot is used (-1 = last)",
+    "eval.reference_loss_quirks": "reference's quirks: front_task uses CE, front_rear ignores lambda_rear",
     "teacher.bn_chunks": "BatchNorm statistics per chunk of the batch, as DataParallel on N GPUs",
     "eval.bn_chunks": "BatchNorm statistics per chunk of the batch, as DataParallel on N GPUs",
     "parallel.parallel": "none (one device) | shard_map (data parallel on a runs x data mesh)",
@@ -364,6 +368,7 @@ def check_config(config) -> None:
     _one_of("stats", config.get("stats", "dc"), ("dc", "mtt"))
     _one_of("synset.import_stats", s.get("import_stats", ""), ("", "dc", "mtt"))
     _check_reference_teacher(t)
+    _one_of("eval.reference_loss_quirks", e.get("reference_loss_quirks", False), (False, True))
 
 
 def _check_reference_teacher(t) -> None:

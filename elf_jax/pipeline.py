@@ -506,6 +506,7 @@ def _protocol(config):
         epochs=int(e.epochs), dsa_strategy=e.dsa_strategy, kind=e.kind,
         lambda_front=e.lambda_front, lambda_rear=e.lambda_rear,
         use_learned_lr=bool(e.use_learned_lr), dtype=config.dtype,
+        reference_loss_quirks=bool(e.get("reference_loss_quirks", False)),
     )
 
 

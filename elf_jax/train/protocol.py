@@ -77,6 +77,9 @@ class TrainProtocol:
       dtype: compute dtype of the evaluation network, ``"float32"`` or ``"bfloat16"``
         (parameters and optimizer state stay float32; losses are computed in float32).
       test_batch_size: batch for the final test pass (does not change results).
+      reference_loss_quirks: the reference's loss-mode quirks (``front_task`` always uses the
+        channel CE; ``front_rear`` ignores ``lambda_rear``); False = ``kind`` and both
+        lambdas in every mode (:func:`elf_jax.elf.losses.reference_loss_quirks`).
     """
 
     lr: float = 0.01
@@ -95,6 +98,7 @@ class TrainProtocol:
     use_learned_lr: bool = False
     dtype: str = "float32"
     test_batch_size: int = 500
+    reference_loss_quirks: bool = False
 
     def __post_init__(self):
         if self.mode not in LOSS_MODES:
@@ -158,4 +162,7 @@ class TrainProtocol:
         return dataclasses.replace(self, **kw)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if not d["reference_loss_quirks"]:  # recorded when on: older records read the same
+            del d["reference_loss_quirks"]
+        return d

@@ -1,0 +1,92 @@
+"""Reference reproduction options (issue 13): the loss-mode quirks of the reference's
+``epoch()``, the MTT/DM distillation settings of its scripts, and the shipped configs of
+its published setups."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+from elf_jax import pipeline
+from elf_jax.config import base_config, check_config
+from elf_jax.elf.losses import elf_objective, feature_loss, task_loss
+from elf_jax.train.protocol import TrainProtocol
+
+
+def _loss_inputs(seed=0, n=4, k=5):
+    r = np.random.default_rng(seed)
+    f = lambda *s: jnp.asarray(r.standard_normal(s), jnp.float32)  # noqa: E731
+    return f(n, k), f(n, k), f(n, 2, 2, 3), jnp.abs(f(n, 2, 2, 3)), jnp.arange(n) % k
+
+
+def _reference_epoch_loss(mode, kind, lf, lr, img_out, ftr_out, img_ftr, ftr, lab):
+    """The loss lines of the reference's ``utils.epoch`` in torch (NCHW features)."""
+    torch = pytest.importorskip("torch")
+    t = lambda a, nchw=False: torch.tensor(  # noqa: E731
+        np.transpose(np.asarray(a), (0, 3, 1, 2)) if nchw else np.asarray(a))
+    img_out, ftr_out, lab = t(img_out), t(ftr_out), t(lab).long()
+    img_ftr, ftr = t(img_ftr, True), t(ftr, True)
+    criterion = torch.nn.CrossEntropyLoss()
+    feature_criterion = {"ce": torch.nn.CrossEntropyLoss(), "l2": torch.nn.MSELoss(),
+                         "l1": torch.nn.L1Loss()}[kind]
+    if mode == "front_rear_task":
+        loss = lf * feature_criterion(img_ftr, ftr) + lr * criterion(ftr_out, lab) + \
+            criterion(img_out, lab)
+    elif mode == "front_task":
+        loss = lf * criterion(img_ftr, ftr) + criterion(img_out, lab)
+    elif mode == "rear_task":
+        loss = lr * criterion(ftr_out, lab) + criterion(img_out, lab)
+    else:  # front_rear
+        loss = lf * feature_criterion(img_ftr, ftr) + criterion(ftr_out, lab)
+    return float(loss)
+
+
+@pytest.mark.parametrize("mode", ["front_rear_task", "front_task", "rear_task", "front_rear"])
+@pytest.mark.parametrize("kind", ["l2", "l1", "ce"])
+def test_loss_quirks_reproduce_the_reference_and_default_is_our_fix(mode, kind):
+    img_out, ftr_out, img_ftr, ftr, lab = _loss_inputs()
+    lf, lr = 0.7, 0.3
+    args = (img_out, ftr_out, img_ftr, ftr, lab, mode, kind, lf, lr)
+    quirky, _ = elf_objective(*args, reference_quirks=True)
+    want = _reference_epoch_loss(mode, kind, lf, lr, img_out, ftr_out, img_ftr, ftr, lab)
+    np.testing.assert_allclose(float(quirky), want, rtol=1e-5)
+    # the default: the chosen distance and both lambdas in every mode
+    ours, _ = elf_objective(*args)
+    terms = {"front": lf * feature_loss(img_ftr, ftr, kind), "rear": lr * task_loss(ftr_out, lab),
+             "task": task_loss(img_out, lab)}
+    np.testing.assert_allclose(float(ours), float(sum(v for k, v in terms.items() if k in mode)),
+                               rtol=1e-6)
+    differs = (mode == "front_task" and kind != "ce") or mode == "front_rear"
+    assert (abs(float(ours) - float(quirky)) > 1e-4) == differs
+
+
+def test_loss_quirks_reach_the_train_step_from_the_config():
+    from elf_jax.models import get_model
+    from elf_jax.train.step import init_state, train_step
+
+    c = base_config()
+    c.eval.lambda_rear = 0.0
+    assert "reference_loss_quirks" not in pipeline._protocol(c).to_dict()  # older records
+    c.eval.reference_loss_quirks = True
+    check_config(c)
+    p = pipeline._protocol(c)
+    assert p.reference_loss_quirks and p.to_dict()["reference_loss_quirks"] is True
+    net = get_model("ConvNet", 3, width=4, depth=1)
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((4, 8, 8, 1)), jnp.float32)
+    feats = jnp.abs(net.apply(net.init(jax.random.key(1), x), x, method=net.front))
+    batch = {"images": x, "labels": jnp.arange(4) % 3, "features": feats}
+    losses = {}
+    for quirks in (False, True):
+        proto = TrainProtocol(mode="front_rear", lambda_rear=0.0, dsa_strategy="none",
+                              reference_loss_quirks=quirks)
+        state = init_state(net, proto, jax.random.key(0), np.zeros(2, np.uint32), x[:1])
+        _, m = train_step(state, batch, jax.random.key(2), net=net, protocol=proto)
+        losses[quirks] = (float(m["loss"]), float(m["front"]), float(m["rear"]))
+    (l0, f0, r0), (l1, f1, r1) = losses[False], losses[True]
+    np.testing.assert_allclose(l0, f0, rtol=1e-6)  # lambda_rear 0: no rear term
+    np.testing.assert_allclose(l1, f1 + r1, rtol=1e-6)  # the reference: rear weighed 1
+    np.testing.assert_allclose((f0, r0), (f1, r1), rtol=1e-6)  # the same terms
+    assert r1 > 0.1
