@@ -369,6 +369,8 @@ def check_config(config) -> None:
     _one_of("synset.import_stats", s.get("import_stats", ""), ("", "dc", "mtt"))
     _check_reference_teacher(t)
     _one_of("eval.reference_loss_quirks", e.get("reference_loss_quirks", False), (False, True))
+    _one_of("synset.syn_batch_remainder", s.get("syn_batch_remainder", "drop"),
+            ("drop", "reference"))
 
 
 def _check_reference_teacher(t) -> None:

@@ -90,3 +90,58 @@ def test_loss_quirks_reach_the_train_step_from_the_config():
     np.testing.assert_allclose(l1, f1 + r1, rtol=1e-6)  # the reference: rear weighed 1
     np.testing.assert_allclose((f0, r0), (f1, r1), rtol=1e-6)  # the same terms
     assert r1 > 0.1
+
+
+# ------------------------------------------------------------------ MTT: the short batch
+def test_short_student_batch_used_first_as_the_reference():
+    from elf_jax.distill.mtt import _reference_chunks, _Student
+
+    torch = pytest.importorskip("torch")
+    n, b = 10, 4
+    perm = np.random.default_rng(0).permutation(n)
+    chunks = list(torch.split(torch.from_numpy(perm), b))  # the reference's indices_chunks
+    popped = [chunks.pop().numpy() for _ in range(3)]  # its order: the short chunk first
+    ours = np.asarray(_reference_chunks(jnp.asarray(perm), b))
+    assert [list(ours[0][:2])] + [list(r) for r in ours[1:]] == [list(p) for p in popped]
+
+    st = _Student(None, None, num_classes=3, batch_syn=b, syn_steps=7, dsa_strategy="none",
+                  remainder="reference")
+    idx, keys, w = st.schedule(jax.random.key(0), n)
+    assert idx.shape == (7, b) and keys.shape[0] == 7
+    np.testing.assert_array_equal(w[:, 2:].sum(1), [0, 2, 2, 0, 2, 2, 0])  # every 3rd short
+    for start in (0, 3):  # each permutation's rows of weight 1 cover the set once
+        used = np.asarray(idx[start:start + 3])[np.asarray(w[start:start + 3]) > 0]
+        assert sorted(used) == list(range(n))
+    drop = _Student(None, None, num_classes=3, batch_syn=b, syn_steps=7, dsa_strategy="none")
+    assert len(drop.schedule(jax.random.key(0), n)) == 2  # no weights: the old schedule
+
+
+def test_padded_short_batch_gives_the_short_batch_gradient():
+    from jax.flatten_util import ravel_pytree
+
+    from elf_jax.distill.mtt import _Student
+    from elf_jax.models import get_model
+
+    net = get_model("ConvNet", 3, width=4, depth=1)
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((6, 8, 8, 1)), jnp.float32)
+    flat, unravel = ravel_pytree(net.init(jax.random.key(0), x[:1])["params"])
+    targets = jax.nn.one_hot(jnp.arange(6) % 3, 3)
+    st = _Student(net, unravel, num_classes=3, batch_syn=4, syn_steps=1, dsa_strategy="none",
+                  remainder="reference")
+    key = jax.random.key(0)
+    padded = st.grad(flat, x, targets, (jnp.array([4, 5, 0, 1]), key, jnp.array([1., 1, 0, 0])))
+    short = st.grad(flat, x, targets, (jnp.array([4, 5]), key))
+    np.testing.assert_allclose(padded, short, rtol=1e-5, atol=1e-7)
+
+
+def test_reference_remainder_refused_for_batchnorm_and_unknown_names():
+    from elf_jax.distill.mtt import _remainder
+    from elf_jax.distill.settings import TrajectorySettings
+
+    s = TrajectorySettings(arch="ConvNetBN", batch_syn=4, syn_batch_remainder="reference")
+    with pytest.raises(ValueError, match="padding rows would enter ConvNetBN's BatchNorm"):
+        _remainder(s, {"norm": {}}, 10)
+    assert _remainder(s, {"norm": {}}, 8) == "reference"  # 4 divides 8: nothing padded
+    assert _remainder(s, None, 10) == "reference"
+    with pytest.raises(ValueError, match="choose one of drop, reference"):
+        _remainder(TrajectorySettings(syn_batch_remainder="pad"), None, 10)

@@ -83,6 +83,12 @@ class TrajectorySettings(Settings):
     gradient: unrolled | remat | tesla ("": ``unrolled`` for MTT, ``remat`` instead with
     ``remat=True``; ``tesla`` for TESLA). soft_labels: labels from expert ``0``'s logits at
     epoch ``soft_label_epoch`` (None: its last); learn_labels: learn them (SGD lr_label).
+    eval_learned_lr: the periodic evaluation that keeps the best set trains with the set's
+    learned lr (the reference's ``distill_MTT.py``: ``args.lr_net = syn_lr.item()``);
+    False: with 0.01. syn_batch_remainder: when ``batch_syn`` does not divide the set,
+    ``"drop"`` skips the short last chunk of each permutation (static shapes) and
+    ``"reference"`` uses it, and first (the reference's ``indices_chunks.pop()``), as a
+    masked full-size batch (refused for BatchNorm nets, whose statistics would see padding).
     """
 
     iterations: int = 5000
@@ -104,6 +110,8 @@ class TrajectorySettings(Settings):
     learn_labels: bool = False
     lr_label: float = 10.0
     soft_label_epoch: Optional[int] = None
+    eval_learned_lr: bool = True
+    syn_batch_remainder: str = "drop"
 
 
 # One line per ``config.synset`` field (``elf-jax config`` prints them; a test checks every
@@ -144,6 +152,8 @@ FIELD_DOCS = {
     "learn_labels": "TESLA: learn the soft labels too",
     "lr_label": "TESLA: SGD learning rate of the learned labels",
     "soft_label_epoch": "TESLA: the expert epoch of the soft labels (None: its last)",
+    "eval_learned_lr": "MTT/TESLA: best-set evaluations train with the learned lr (the reference)",
+    "syn_batch_remainder": "MTT/TESLA: short last student batch: drop | reference (used, first)",
 }
 
 
