@@ -205,14 +205,24 @@ def reference_preset(config) -> ml_collections.ConfigDict:
     * `stats = "mtt"`: the data normalized as the reference's ELF `utils.py` (teacher, test
       set, MTT sets) does: CIFAR-10's mean/std for cifar100, the same as "dc" elsewhere;
     * `parallel.sync_bn = False` when the config has a parallel section (chunks are per
-      device; with 4 data devices and bn_chunks 1 it is DataParallel's per-replica BN).
+      device; with 4 data devices and bn_chunks 1 it is DataParallel's per-replica BN);
+    * `eval.reference_loss_quirks = True`: `front_task` always uses the channel CE and
+      `front_rear` ignores `lambda_rear` (the reference's `epoch()`);
+    * `synset.syn_batch_remainder = "reference"`: an MTT/TESLA `batch_syn` that does not
+      divide the set uses the short chunk, and first;
+    * `synset.eval_learned_lr = True`: MTT/TESLA keep the best set by evaluations trained
+      with the learned lr (`distill_MTT.py`; also our default).
 
-    Not yet covered: the MTT/DM/DSA distillation schedules and the loss-mode quirks.
+    The hyperparameters of each script (iterations, evaluation schedules, expert counts,
+    `dis_metric`, ...) are in the `configs/reference_*.py` files, which apply this preset.
     """
     c = config.copy_and_resolve_references()
     c.eval.bn_chunks = REFERENCE_GPUS
     c.teacher.bn_chunks = REFERENCE_GPUS
     c.stats = "mtt"
+    c.eval.reference_loss_quirks = True
+    c.synset.syn_batch_remainder = "reference"
+    c.synset.eval_learned_lr = True
     if "parallel" in c:
         c.parallel.sync_bn = False
     return c

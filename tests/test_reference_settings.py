@@ -145,3 +145,48 @@ def test_reference_remainder_refused_for_batchnorm_and_unknown_names():
     assert _remainder(s, None, 10) == "reference"
     with pytest.raises(ValueError, match="choose one of drop, reference"):
         _remainder(TrajectorySettings(syn_batch_remainder="pad"), None, 10)
+
+
+# ------------------------------------------------------------------ configs
+def _load(name):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "configs" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def test_reference_configs_carry_the_scripts_settings():
+    mtt, dm, dsa = (_load(f"reference_distill_{m}") for m in ("mtt", "dm", "dsa"))
+    assert (mtt.synset.max_start_epoch, mtt.synset.num_experts, mtt.synset.eval_every,
+            mtt.synset.eval_learned_lr, mtt.stats) == (40, 100, 100, True, "mtt")
+    assert (dm.synset.iterations, dm.synset.eval_every, dm.stats) == (20000, 2000, "dc")
+    assert (dsa.synset.dis_metric, dsa.synset.init, dsa.stats) == ("mse", "real", "dc")
+    ev = _load("reference_elf_eval")
+    assert ev.teacher.reference_buffer.endswith("ConvNetW512/momentum/replay_buffer_0.pt")
+    assert (ev.eval.pool, ev.eval.bn_chunks, ev.eval.reference_loss_quirks) == (
+        ("ResNet18",), 4, True)
+    run = pipeline.Run(ev, "unused")
+    assert run.teachers == {"ResNet18": "ConvNetW512"}
+    buf = _load("reference_elf_buffer")
+    assert (buf.teacher.epochs, buf.teacher.feature_epoch, buf.teacher.momentum) == (200, 100, 0.9)
+
+
+def test_cpu_sized_reference_config_runs_end_to_end(tmp_path):
+    import json
+
+    c = _load("reference_mnist5k_tiny")
+    pipeline.set_logger(lambda line: None)
+    try:
+        pipeline.run_all(pipeline.Run(c, tmp_path))
+    finally:
+        pipeline.set_logger(print)
+    out = json.loads((tmp_path / "results.json").read_text())
+    assert set(out["results"]["ConvNetBN"]) == {"task", "front_rear_task"}
+    req = out["request"]
+    assert req["bn_chunks"] == 4 and req["teacher"]["bn_chunks"] == 4
+    assert req["protocol"]["reference_loss_quirks"] is True
+    assert all(np.isfinite(out["results"]["ConvNetBN"][m]["mean"]) for m in req["modes"])
