@@ -164,6 +164,7 @@ def test_reference_configs_carry_the_scripts_settings():
     assert (mtt.synset.max_start_epoch, mtt.synset.num_experts, mtt.synset.eval_every,
             mtt.synset.eval_learned_lr, mtt.stats) == (40, 100, 100, True, "mtt")
     assert (dm.synset.iterations, dm.synset.eval_every, dm.stats) == (20000, 2000, "dc")
+    assert mtt.synset.syn_batch_remainder == "reference"  # the preset
     assert (dsa.synset.dis_metric, dsa.synset.init, dsa.stats) == ("mse", "real", "dc")
     ev = _load("reference_elf_eval")
     assert ev.teacher.reference_buffer.endswith("ConvNetW512/momentum/replay_buffer_0.pt")
