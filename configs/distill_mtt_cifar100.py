@@ -41,7 +41,7 @@ def get_config():
     c.synset.experts = ""  # a teacher workdir or replay_buffer_<n>.pt; "" = train experts
     c.synset.num_experts = 10
     c.synset.expert_train_epochs = 50
-    c.synset.eval_every = 500  # reference eval_it
+    c.synset.eval_every = 500  # the reference's is 100: configs/reference_distill_mtt.py
     c.synset.eval_epochs = 1000
     c.synset.eval_repeats = 5
     c.synset.checkpoint_every = 100

@@ -114,6 +114,15 @@ def write_json_atomic(path, obj) -> Path:
     return path
 
 
+def file_hash(path, chunk: int = 1 << 24) -> str:
+    """sha256 hex digest of a file's bytes, read in chunks (a multi-GB expert buffer)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def fingerprint(*items) -> str:
     """sha256 hex digest of ``items`` in order: an array by its dtype, shape and bytes, any
     other value by its sorted-key JSON text. Stored hashes depend on this encoding (a

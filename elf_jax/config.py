@@ -113,6 +113,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.sweep.lambda_rear = (0.0, 0.5, 1.0, 2.0)
     c.sweep.pool = ()  # () = eval.pool; otherwise some of its architectures
     c.sweep.baseline = True  # also the task-mode repeats, for each point's paired gain
+    # A reference teacher: the bank from snapshot feature_epoch of one trajectory of the
+    # reference's own buffer (`replay_buffer_<n>.pt` of ELF_buffer.sh) instead of a teacher
+    # trained here; one teacher (override_arch or arch) for the whole pool, as the reference.
+    c.teacher.reference_buffer = ""
+    c.teacher.reference_trajectory = -1  # -1: the last (ELF_eval.py reads buffer[-1])
+    # The reference's loss-mode quirks: front_task always uses the channel CE, front_rear
+    # ignores lambda_rear (False: eval.kind and both lambdas apply in every mode).
+    c.eval.reference_loss_quirks = False
     return c
 
 
@@ -214,14 +222,24 @@ def reference_preset(config) -> ml_collections.ConfigDict:
     * `stats = "mtt"`: the data normalized as the reference's ELF `utils.py` (teacher, test
       set, MTT sets) does: CIFAR-10's mean/std for cifar100, the same as "dc" elsewhere;
     * `parallel.sync_bn = False` when the config has a parallel section (chunks are per
-      device; with 4 data devices and bn_chunks 1 it is DataParallel's per-replica BN).
+      device; with 4 data devices and bn_chunks 1 it is DataParallel's per-replica BN);
+    * `eval.reference_loss_quirks = True`: `front_task` always uses the channel CE and
+      `front_rear` ignores `lambda_rear` (the reference's `epoch()`);
+    * `synset.syn_batch_remainder = "reference"`: an MTT/TESLA `batch_syn` that does not
+      divide the set uses the short chunk, and first;
+    * `synset.eval_learned_lr = True`: MTT/TESLA keep the best set by evaluations trained
+      with the learned lr (`distill_MTT.py`; also our default).
 
-    Not yet covered: the MTT/DM/DSA distillation schedules and the loss-mode quirks.
+    The hyperparameters of each script (iterations, evaluation schedules, expert counts,
+    `dis_metric`, ...) are in the `configs/reference_*.py` files, which apply this preset.
     """
     c = config.copy_and_resolve_references()
     c.eval.bn_chunks = REFERENCE_GPUS
     c.teacher.bn_chunks = REFERENCE_GPUS
     c.stats = "mtt"
+    c.eval.reference_loss_quirks = True
+    c.synset.syn_batch_remainder = "reference"
+    c.synset.eval_learned_lr = True
     if "parallel" in c:
         c.parallel.sync_bn = False
     return c
@@ -271,6 +289,9 @@ FIELD_DOCS = {
     "eval.kd_temperature": "temperature T of mode kd: T^2 KL(softmax(teacher/T) || softmax(net/T))",
     "stats": "data mean/std: dc (true stats) | mtt (MTT/ELF utils.py: CIFAR-10's for cifar100)",
     "synset.import_stats": "space of an imported set without a record: '' (.pt: mtt) | dc | mtt",
+    "teacher.reference_buffer": "a reference replay_buffer_<n>.pt as the teacher ('' = train one)",
+    "teacher.reference_trajectory": "its trajectory whose feature_epoch snapshot is used (-1 = last)",
+    "eval.reference_loss_quirks": "reference's quirks: front_task uses CE, front_rear ignores lambda_rear",
     "teacher.bn_chunks": "BatchNorm statistics per chunk of the batch, as DataParallel on N GPUs",
     "eval.bn_chunks": "BatchNorm statistics per chunk of the batch, as DataParallel on N GPUs",
     "sweep.lambda_front": "elf-jax sweep: the lambda_front values (distinct numbers >= 0)",
@@ -354,7 +375,7 @@ def check_config(config) -> None:
                        "synset.ipc", "bank.batch_size", "eval.repeats", "eval.epochs",
                        "eval.batch_size", "eval.checkpoint_every"], 1)
     _at_least(config, ["synset.iterations", "eval.width"], 0)
-    if t.feature_epoch > t.epochs:
+    if t.feature_epoch > t.epochs and not t.get("reference_buffer", ""):
         raise ValueError(f"config.teacher.feature_epoch={t.feature_epoch} is after the last "
                          f"teacher epoch (teacher.epochs={t.epochs}): lower it or train longer")
     TrainProtocol(lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay,
@@ -382,6 +403,10 @@ def check_config(config) -> None:
     _one_of("synset.import_stats", s.get("import_stats", ""), ("", "dc", "mtt"))
     _check_kd_temperature(e.get("kd_temperature", 4.0))
     _check_sweep(config)
+    _check_reference_teacher(t)
+    _one_of("eval.reference_loss_quirks", e.get("reference_loss_quirks", False), (False, True))
+    _one_of("synset.syn_batch_remainder", s.get("syn_batch_remainder", "drop"),
+            ("drop", "reference"))
 
 
 def _check_kd_temperature(value) -> None:
@@ -403,6 +428,17 @@ def _check_pool_kwargs(e) -> None:
             get_model(arch, 10, **dict(kwargs))
         except (ValueError, TypeError) as err:
             raise ValueError(f"config.eval.model_kwargs.{arch}: {err}") from None
+
+
+def _check_reference_teacher(t) -> None:
+    """teacher.reference_buffer: a path string ('' = none); reference_trajectory: an int."""
+    path, traj = t.get("reference_buffer", ""), t.get("reference_trajectory", -1)
+    if not isinstance(path, str):
+        raise ValueError(f"config.teacher.reference_buffer={path!r}: give a replay_buffer_<n>.pt "
+                         "path as a string ('' = train the teacher here)")
+    if isinstance(traj, bool) or not isinstance(traj, int):
+        raise ValueError(f"config.teacher.reference_trajectory={traj!r}: must be an int "
+                         "(an index into the buffer's trajectories; -1 = the last)")
 
 
 def _check_bn_chunks(config, pc) -> None:

@@ -21,7 +21,9 @@ teacher snapshot or a synthetic set they refuse, naming what to run first
 Teachers: an evaluation network whose front outputs C channels gets the teacher
 `config.teacher.arch` with width C (SPEC: ConvNet fronts are 4x4x128 and take a width-128
 ConvNet teacher; ResNet18/VGG11 fronts are 4x4x512 and take ConvNetW512), unless
-`config.teacher.override_arch` names one teacher for all.
+`config.teacher.override_arch` names one teacher for all. `config.teacher.reference_buffer`
+(a reference `replay_buffer_<n>.pt`) replaces the trained teachers by one reference teacher
+for the whole pool: nothing is trained and `banks/<arch>` is built from its snapshot.
 
 Parallelism: an optional `config.parallel` section (`elf_jax.parallel.ParallelConfig`:
 `parallel = "none" | "shard_map"`, mesh `runs` x `data`, ...) places the one training engine:
@@ -83,6 +85,13 @@ def _with_width(base: str, channels: int) -> str:
     return family if channels == 128 else f"{family}W{channels}"
 
 
+def _reference_buffer(config) -> Optional[Path]:
+    """`teacher.reference_buffer` as an absolute path, or None when the teacher is trained
+    here."""
+    path = config.teacher.get("reference_buffer", "") or ""
+    return Path(path).absolute() if path else None
+
+
 def _exact_teacher(config, arch: str, image_shape, num_classes: int) -> Optional[str]:
     """The teacher of `config.teacher.arch`'s family at the width of `arch`'s front output,
     if one is registered and its feature has exactly the front's shape; else None."""
@@ -104,9 +113,12 @@ def teacher_for(config, arch: str, image_shape, num_classes: int) -> str:
     """The teacher whose features `arch` learns from: `teacher.override_arch` if set; else
     the teacher whose feature has exactly `arch`'s front shape (the width rule); else, with
     `eval.adapter = "auto"`, the distillation network's teacher, reached through a learned
-    adapter (`elf_jax.models.adapter`)."""
+    adapter (`elf_jax.models.adapter`). A reference teacher buffer
+    (`teacher.reference_buffer`) is one teacher for the whole pool, as the reference."""
     if config.teacher.get("override_arch", ""):
         return config.teacher.override_arch
+    if _reference_buffer(config):
+        return config.teacher.arch
     exact = _exact_teacher(config, arch, image_shape, num_classes)
     if exact is not None:
         return exact
@@ -162,6 +174,13 @@ def check_prerequisites(run: Run, command: str) -> None:
     snapshot = f"expert_000/trajectory/{epoch}"
     untrained = sorted(t for t in set(run.teachers.values()) if not (wd / "banks" / t).exists()
                        and not (wd / "teachers" / t / snapshot).is_dir())
+    ref = _reference_buffer(run.config)
+    if ref is not None:  # the teacher is the reference's buffer, not one trained here
+        untrained = []
+        if run.teachers and not ref.is_file():
+            raise FileNotFoundError(f"config.teacher.reference_buffer: {ref} does not exist; "
+                                    "give the reference's replay_buffer_<n>.pt of the feature "
+                                    "model (ELF_buffer.sh), or '' to train the teacher here")
     if untrained:
         todo.append(f"no teacher {', '.join(untrained)} with the epoch-{epoch} snapshot in "
                     f"{wd / 'teachers'}: run `elf-jax train-teacher {args}` first")
@@ -227,6 +246,10 @@ def stage_teachers(run: Run) -> dict[str, str]:
     from elf_jax.teacher import train_teacher
 
     config, t = run.config, run.config.teacher
+    if _reference_buffer(config) is not None and run.teachers:
+        _log(f"[teacher] none to train: the bank comes from the reference buffer "
+             f"{_reference_buffer(config)} (teacher.reference_buffer)")
+        return run.teachers
     for teacher in sorted(set(run.teachers.values())):
         _log(f"[teacher] {teacher} on {config.dataset}: {t.epochs} epochs "
              f"(ELF uses the snapshot after epoch {t.feature_epoch})")
@@ -410,6 +433,9 @@ def stage_features(run: Run, synset=None) -> dict[str, Any]:
     banks = {}
     for teacher in sorted(set(run.teachers.values())):
         path = run.workdir / "banks" / teacher
+        if _reference_buffer(run.config) is not None:
+            banks[teacher] = _reference_bank(run, path, synset, teacher, epoch, layer)
+            continue
         tdir = run.workdir / "teachers" / teacher
         net, variables = load_teacher(tdir, epoch) if tdir.exists() else (None, None)
         bank = _saved_bank(path, synset, teacher, epoch, layer, variables)
@@ -425,15 +451,18 @@ def stage_features(run: Run, synset=None) -> dict[str, Any]:
     return {arch: banks[t] for arch, t in run.teachers.items()}
 
 
-def _saved_bank(path: Path, synset, teacher: str, epoch: int, layer, variables):
+def _saved_bank(path: Path, synset, teacher: str, epoch: int, layer, variables,
+                source: Optional[dict] = None):
     """The bank at `path` if it was built from `synset` and the teacher snapshot `variables`
-    (None: the teacher is not in the workdir, so only its name and epoch are checked);
-    None when there is none or it is stale (the log says which)."""
+    (None: the teacher is not in the workdir, so only its name and epoch are checked) or
+    the reference buffer `source` (its path, trajectory and file hash); None when there is
+    none or it is stale (the log says which)."""
     from elf_jax.elf.bank import load_bank, teacher_hash
 
     if not path.exists():
         return None
-    expect = {"teacher": teacher, "snapshot_epoch": epoch, "layer": layer or "front"}
+    expect = {"teacher": teacher, "snapshot_epoch": epoch, "layer": layer or "front",
+              **(source or {})}
     if variables is not None:
         expect["teacher_hash"] = teacher_hash(variables)
     try:
@@ -441,7 +470,7 @@ def _saved_bank(path: Path, synset, teacher: str, epoch: int, layer, variables):
     except ValueError as e:
         _log(f"[features] rebuilding the bank in {path}: {e}")
         return None
-    if variables is None:
+    if variables is None and source is None:
         _log(f"[features] reusing {path}: teacher {teacher} is not in this workdir, so the bank "
              "was checked by the teacher's name and epoch only, not its weights")
     return bank
@@ -463,6 +492,38 @@ def _with_logits(run: Run, bank, path: Path, teacher_net):
     return None
 
 
+def _reference_bank(run: Run, path: Path, synset, teacher: str, epoch: int, layer):
+    """The bank of snapshot `epoch` of trajectory `teacher.reference_trajectory` of the
+    reference buffer `teacher.reference_buffer` (the reference's `ELF_eval.py` feature
+    model), reused while the buffer file (content hash), trajectory, epoch, layer and set
+    are the same. Its metadata names the source: `reference_buffer` (absolute path),
+    `reference_trajectory`, `reference_buffer_hash` (sha256 of the file)."""
+    from elf_jax.checkpoint import file_hash
+    from elf_jax.elf.bank import FeatureBank, build_bank, save_bank
+    from elf_jax.interop.torch import load_reference_teacher
+
+    t, ref = run.config.teacher, _reference_buffer(run.config)
+    if not ref.is_file():
+        raise FileNotFoundError(f"config.teacher.reference_buffer: {ref} does not exist")
+    source = {"reference_buffer": str(ref), "reference_trajectory": int(t.reference_trajectory),
+              "reference_buffer_hash": file_hash(ref)}
+    bank = _saved_bank(path, synset, teacher, epoch, layer, None, source)
+    if bank is not None:
+        return bank
+    info, kwargs = resolve_info(run.config.dataset), dict(t.get("model_kwargs", {}) or {})
+    variables = load_reference_teacher(ref, teacher, info.num_classes, synset.image_shape,
+                                       epoch=epoch, trajectory=int(t.reference_trajectory),
+                                       **kwargs)
+    bank = build_bank(get_model(teacher, info.num_classes, **kwargs), variables, synset,
+                      teacher_name=teacher, snapshot_epoch=epoch, layer=layer,
+                      batch_size=int(run.config.bank.batch_size))
+    bank = FeatureBank(bank.features, {**bank.metadata, **source})
+    save_bank(path, bank)
+    _log(f"[features] {teacher} epoch {epoch} of {ref} (trajectory {t.reference_trajectory}): "
+         f"bank {bank.features.shape} -> {path}")
+    return bank
+
+
 # ------------------------------------------------------------------ stage 4: evaluation
 def _protocol(config):
     from elf_jax.train.protocol import TrainProtocol
@@ -474,6 +535,7 @@ def _protocol(config):
         lambda_front=e.lambda_front, lambda_rear=e.lambda_rear,
         use_learned_lr=bool(e.use_learned_lr), dtype=config.dtype,
         kd_temperature=float(e.kd_temperature),
+        reference_loss_quirks=bool(e.get("reference_loss_quirks", False)),
     )
 
 
@@ -504,7 +566,7 @@ def eval_request(config, synset_hash: Optional[str]) -> dict:
                     "weight_decay": t.weight_decay, "batch_size": int(t.batch_size),
                     "dsa_strategy": t.dsa_strategy, "lr_decay": bool(t.lr_decay),
                     "feature_epoch": int(t.feature_epoch), "bank_layer": config.bank.layer or "front",
-                    **_bn_chunks(t)},
+                    **_bn_chunks(t), **_reference_request(config)},
     }
 
 
@@ -517,6 +579,14 @@ def _request_protocol(config) -> dict:
     return p
 
 
+def _reference_request(config) -> dict:
+    """The reference teacher buffer and trajectory when the config names one, else `{}`
+    (requests made without one read as before the option existed)."""
+    ref = _reference_buffer(config)
+    return {} if ref is None else {"reference_buffer": str(ref), "reference_trajectory":
+                                   int(config.teacher.reference_trajectory)}
+
+
 def _teacher_provenance(run: Run, teacher: str, users: list, bank) -> dict:
     """A teacher's settings and test accuracy as its trajectory in the workdir records them
     (only the bank's record when the teacher is gone)."""
@@ -525,6 +595,9 @@ def _teacher_provenance(run: Run, teacher: str, users: list, bank) -> dict:
     epoch = int(run.config.teacher.feature_epoch)
     out = {"for": users, "snapshot_epoch": epoch,
            "teacher_hash": bank.metadata.get("teacher_hash") if bank is not None else None}
+    if bank is not None and bank.metadata.get("reference_buffer"):
+        out.update({k: bank.metadata.get(k) for k in ("reference_buffer", "reference_trajectory",
+                                                      "reference_buffer_hash")})
     tdir = run.workdir / "teachers" / teacher
     if not (tdir / "trajectory.json").exists():
         return out

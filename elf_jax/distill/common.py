@@ -218,6 +218,13 @@ class EvalSettings:
         return it % self.every == 0 or it == iterations
 
 
+def eval_lr(learned_lr, settings: EvalSettings) -> float:
+    """The lr an evaluation of a set trains with: its learned lr (MTT/TESLA) where
+    ``settings.use_learned_lr`` and the set has one, else ``settings.lr``."""
+    return float(learned_lr) if (settings.use_learned_lr and learned_lr is not None) else \
+        float(settings.lr)
+
+
 def evaluate_set(images, labels, lr, test, settings: EvalSettings, arch: str, model_kwargs,
                  key) -> tuple:
     """``(mean, std)`` test accuracy of ConvNet-style evaluation training on the set."""
@@ -228,9 +235,9 @@ def evaluate_set(images, labels, lr, test, settings: EvalSettings, arch: str, mo
     k = labels.shape[1] if labels.ndim == 2 else num_classes_of(test)
     kw = dict(settings.model_kwargs) if settings.model_kwargs is not None else dict(model_kwargs)
     net = get_model(settings.arch or arch, k, **kw)
-    base_lr = float(lr) if (settings.use_learned_lr and lr is not None) else settings.lr
-    protocol = TrainProtocol(lr=base_lr, epochs=settings.epochs, batch_size=settings.batch_size,
-                            dsa_strategy=settings.dsa_strategy or "none", mode="task")
+    protocol = TrainProtocol(lr=eval_lr(lr, settings), epochs=settings.epochs,
+                             batch_size=settings.batch_size,
+                             dsa_strategy=settings.dsa_strategy or "none", mode="task")
     out = run_evaluation(net, protocol, np.asarray(images), labels, np.asarray(test.images),
                          np.asarray(test.labels), repeats=settings.repeats, key=key,
                          strategy="sequential", progress=False, desc="distill-eval")
@@ -335,7 +342,8 @@ def run_loop(
                 ekey = jax.random.fold_in(typed_key(state.key), 1_000_003 + it)
                 mean, std = evaluate_set(s.images, s.labels, s.lr, test, eval_settings, arch,
                                          model_kwargs, ekey)
-                history.append({"iteration": it, "acc": mean, "std": std})
+                history.append({"iteration": it, "acc": mean, "std": std,
+                                "eval_lr": eval_lr(s.lr, eval_settings)})
                 if it > 0 and mean > float(best["acc"]):
                     best = {"syn": {k: jnp.asarray(v) for k, v in syn_host.items()},
                             "acc": jnp.asarray(mean, jnp.float32),
@@ -454,7 +462,8 @@ def distill(method: str, dataset, settings: Optional[Settings] = None, *, workdi
         raise TypeError(f"{method} takes {cls.__name__}, got {type(s).__name__}")
     # DC distils without augmentation and is evaluated without it too
     ev = evaluation or EvalSettings(epochs=int(s.eval_epochs), repeats=int(s.eval_repeats),
-                                    dsa_strategy="none" if method == "dc" else DEFAULT_STRATEGY)
+                                    dsa_strategy="none" if method == "dc" else DEFAULT_STRATEGY,
+                                    use_learned_lr=bool(getattr(s, "eval_learned_lr", False)))
     if s.eval_every:
         ev = dataclasses.replace(ev, every=int(s.eval_every))
     train = as_dataset(dataset, "train")

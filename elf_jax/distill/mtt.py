@@ -6,7 +6,8 @@ One iteration: a random expert trajectory and ``start ~ randint(0, max_start_epo
 vector, ``jax.flatten_util.ravel_pytree``; the network is applied with the unraveled
 parameters) and takes ``syn_steps`` SGD steps ``theta <- theta - syn_lr * grad CE`` on
 minibatches of ``batch_syn`` synthetic images (default all; a fresh permutation whenever one
-is used up), each augmented with its own DSA draw (not siamese). The loss is
+is used up; a short last chunk is dropped, or with ``syn_batch_remainder="reference"`` used
+first as the reference does), each augmented with its own DSA draw (not siamese). The loss is
 
     ||theta_N - expert[start + expert_epochs]||^2 / ||expert[start] - expert[start + expert_epochs]||^2
 
@@ -38,9 +39,10 @@ Soft labels (TESLA, ``soft_labels=True``): the label logits are the expert's log
 is the cross-entropy with ``softmax(logits)``; ``learn_labels=True`` also learns the logits
 (SGD ``lr_label``). The set stores ``softmax(logits)`` as its soft labels.
 
-Expert trajectories: a ``train_teacher``/``train_experts`` workdir, a reference
-``replay_buffer_<n>.pt`` (via :func:`elf_jax.interop.torch.load_replay_buffer`), or a list of
-trajectories (lists of per-epoch parameter trees). Without any, :func:`run_mtt` trains
+Expert trajectories: a ``train_teacher``/``train_experts`` workdir, reference buffers
+(``replay_buffer_<n>.pt``: one file, a directory of them read as the reference's
+``--load_all``, a glob or a comma list; :func:`elf_jax.interop.torch.replay_buffer_files`),
+or a list of trajectories (lists of per-epoch parameter trees). Without any, :func:`run_mtt` trains
 ``num_experts`` experts into ``<workdir>/experts`` (momentum 0, weight decay 0, as MTT's
 ``buffer.py``). BatchNorm networks run in training mode (batch statistics), as the
 reference's functional ``ReparamModule``; the default ConvNet uses instance norm.
@@ -64,6 +66,7 @@ from elf_jax.distill.settings import TrajectorySettings
 __all__ = ["GRADIENTS", "load_expert_array", "make_mtt_step", "run_mtt", "run_tesla"]
 
 GRADIENTS = ("unrolled", "remat", "tesla")
+REMAINDERS = ("drop", "reference")  # a student batch_syn that does not divide the set
 
 
 # ----------------------------------------------------------------------------- experts
@@ -78,11 +81,17 @@ def _params_of(tree):
 
 def load_expert_array(experts, *, arch: str, num_classes: int, image_shape: Sequence[int],
                       model_kwargs: Optional[Mapping[str, Any]] = None,
-                      epochs_needed: int, max_experts: Optional[int] = None):
+                      epochs_needed: int, max_experts: Optional[int] = None,
+                      max_files: Optional[int] = None):
     """Expert trajectories as a float32 array ``[E, T, P]`` (``T = epochs_needed + 1``
     snapshots 0..epochs_needed, flat in ``ravel_pytree`` order of our parameter tree) plus
-    the ``unravel`` function. ``ValueError`` naming both architectures when the experts were
-    trained for another network, or when the trajectories are too short."""
+    the ``unravel`` function. ``experts``: a teacher workdir, reference buffers
+    (:func:`elf_jax.interop.torch.replay_buffer_files`: a file, a directory, a glob or a
+    comma list; every trajectory of every file in that order, the reference's
+    ``--load_all``; ``max_files`` reads the first files only) or a list of trajectories;
+    ``max_experts`` keeps the first trajectories of all. ``ValueError`` naming both
+    architectures when the experts were trained for another network, or when the
+    trajectories are too short; ``FileNotFoundError`` for a path holding neither."""
     from elf_jax.models import canonical_name, get_model
 
     model_kwargs = dict(model_kwargs or {})
@@ -93,7 +102,7 @@ def load_expert_array(experts, *, arch: str, num_classes: int, image_shape: Sequ
     flat0, unravel = ravel_pytree(template)
     want = _describe(arch, model_kwargs, num_classes, image_shape)
     trajs = []
-    if isinstance(experts, (str, Path)) and Path(experts).is_dir():
+    if isinstance(experts, (str, Path)) and (Path(experts) / "trajectory.json").is_file():
         from elf_jax.teacher import load_trajectory, read_manifest
 
         m = read_manifest(experts)
@@ -115,14 +124,8 @@ def load_expert_array(experts, *, arch: str, num_classes: int, image_shape: Sequ
             trajs.append([_params_of(v) for v in load_trajectory(
                 experts, expert=e, epochs=range(epochs_needed + 1))])
     elif isinstance(experts, (str, Path)):
-        if not Path(experts).is_file():
-            raise FileNotFoundError(f"no expert trajectories at {experts}: pass a teacher "
-                                    "workdir, a replay_buffer_<n>.pt file or a list")
-        from elf_jax.interop.torch import load_replay_buffer
-
-        for t in load_replay_buffer(experts, arch, num_classes, tuple(image_shape),
-                                    max_trajectories=max_experts, **model_kwargs):
-            trajs.append([_params_of(v) for v in t])
+        trajs = _reference_trajectories(experts, arch, num_classes, image_shape, model_kwargs,
+                                        epochs_needed + 1, max_experts, max_files)
     else:
         trajs = [[_params_of(v) for v in t] for t in experts][:max_experts]
     if not trajs:
@@ -145,16 +148,44 @@ def load_expert_array(experts, *, arch: str, num_classes: int, image_shape: Sequ
     return out, unravel
 
 
+def _reference_trajectories(source, arch, num_classes, image_shape, model_kwargs, snapshots,
+                            max_experts, max_files) -> list:
+    """Every trajectory of the reference buffers ``source`` names, concatenated in the
+    reference's order, each cut to its first ``snapshots`` snapshots."""
+    from elf_jax.interop.torch import load_replay_buffer, replay_buffer_files
+
+    if Path(source).is_dir() and not (Path(source) / "replay_buffer_0.pt").is_file():
+        raise FileNotFoundError(f"{source} holds neither expert trajectories of ours "
+                                "(trajectory.json: train_teacher / train_experts) nor reference "
+                                "buffers (replay_buffer_0.pt, ...)")
+    trajs = []
+    for path in replay_buffer_files(source)[:max_files]:
+        left = None if max_experts is None else int(max_experts) - len(trajs)
+        if left is not None and left <= 0:
+            break
+        trajs += [[_params_of(v) for v in t] for t in load_replay_buffer(
+            path, arch, num_classes, tuple(image_shape), max_trajectories=left,
+            max_epochs=snapshots, **model_kwargs)]
+    return trajs
+
+
 # ----------------------------------------------------------------------------- steps
-def _soft_ce(logits, targets):
-    return -jnp.mean(jnp.sum(targets * jax.nn.log_softmax(logits), -1))
+def _soft_ce(logits, targets, weights=None):
+    per_row = -jnp.sum(targets * jax.nn.log_softmax(logits), -1)
+    if weights is None:
+        return jnp.mean(per_row)
+    return jnp.sum(per_row * weights) / jnp.sum(weights)  # the mean over the real rows
 
 
 class _Student:
     """The functional student: per-step gradient of CE w.r.t. the flat parameters."""
 
     def __init__(self, net, unravel, *, num_classes, batch_syn, syn_steps, dsa_strategy,
-                 bn_template=None):
+                 bn_template=None, remainder="drop"):
+        if remainder not in REMAINDERS:
+            raise ValueError(f"syn_batch_remainder={remainder!r}: choose one of "
+                             f"{', '.join(REMAINDERS)}")
+        self.remainder = remainder
         self.net, self.unravel = net, unravel
         self.k, self.b, self.steps = num_classes, batch_syn, syn_steps
         self.dsa = dsa_strategy if dsa_strategy not in (None, "", "none", "None") else None
@@ -176,24 +207,43 @@ class _Student:
         return jax.nn.one_hot(hard_labels, self.k)
 
     def schedule(self, key, n):
-        """Minibatch indices ``[syn_steps, b]`` (fresh permutation when one is used up; a
-        partial last chunk of a permutation is skipped to keep shapes static) and DSA keys."""
+        """Per student step ``(indices [b], DSA key[, row weights [b]])``, stacked over the
+        ``syn_steps``: a fresh permutation when one is used up. A partial last chunk of a
+        permutation is skipped (``remainder="drop"``: static shapes), or used first as a
+        full-size batch whose padding rows weigh 0 (``"reference"``)."""
         b = min(self.b or n, n)
-        per = n // b
+        short = n % b if self.remainder == "reference" else 0
+        per = n // b + (short > 0)
         nperm = -(-self.steps // per)
         k_perm, k_aug = jax.random.split(key)
         perms = jax.vmap(lambda kk: jax.random.permutation(kk, n))(
             jax.random.split(k_perm, nperm))
-        idx = perms[:, :per * b].reshape(nperm * per, b)[:self.steps]
-        return idx, jax.random.split(k_aug, self.steps)
+        keys = jax.random.split(k_aug, self.steps)
+        if not short:
+            idx = perms[:, :(n // b) * b].reshape(nperm * per, b)[:self.steps]
+            return idx, keys
+        idx = jax.vmap(lambda p: _reference_chunks(p, b))(perms).reshape(nperm * per, b)
+        w = jnp.tile(jnp.concatenate([(jnp.arange(b) < short)[None].astype(jnp.float32),
+                                      jnp.ones((per - 1, b), jnp.float32)]), (nperm, 1))
+        return idx[:self.steps], keys, w[:self.steps]
 
-    def grad(self, flat, images, targets, idx, key):
+    def grad(self, flat, images, targets, xs):
+        idx, key, w = xs if len(xs) == 3 else (*xs, None)
         x = images[idx]
         if self.dsa is not None:
             from elf_jax.augment import dsa
 
             x = dsa(key, x, self.dsa, "S")
-        return jax.grad(lambda p: _soft_ce(self.logits(p, x), targets[idx]))(flat)
+        return jax.grad(lambda p: _soft_ce(self.logits(p, x), targets[idx], w))(flat)
+
+
+def _reference_chunks(perm, b):
+    """The reference's order of ``torch.split(perm, b)`` under ``pop()``: the short last
+    chunk first (padded to ``b`` with rows of the permutation's start, weighed 0 by the
+    caller), then the full chunks, last first. ``[ceil(n / b), b]``."""
+    m = perm.shape[0] // b
+    short = jnp.concatenate([perm[m * b:], perm[:b - (perm.shape[0] - m * b)]])
+    return jnp.concatenate([short[None], perm[:m * b].reshape(m, b)[::-1]])
 
 
 def _param_loss(theta_n, start, target):
@@ -201,37 +251,38 @@ def _param_loss(theta_n, start, target):
 
 
 def _make_step(net, unravel, *, num_classes, syn_steps, lrs, momentum, batch_syn,
-               dsa_strategy, hard_labels, gradient, bn_template=None):
+               dsa_strategy, hard_labels, gradient, bn_template=None, remainder="drop"):
     if gradient not in GRADIENTS:
         raise ValueError(f"unknown gradient {gradient!r}; choose one of {GRADIENTS}")
     optimizer = C.make_optimizer(lrs, momentum)
     st = _Student(net, unravel, num_classes=num_classes, batch_syn=batch_syn,
-                  syn_steps=syn_steps, dsa_strategy=dsa_strategy, bn_template=bn_template)
+                  syn_steps=syn_steps, dsa_strategy=dsa_strategy, bn_template=bn_template,
+                  remainder=remainder)
     hard = jnp.asarray(hard_labels)
 
     def unrolled_loss(syn, start, target, key):
         images, lr = syn["images"], syn["lr"]
         targets = st.targets(syn, hard)
-        idx, keys = st.schedule(key, images.shape[0])
+        sched = st.schedule(key, images.shape[0])
 
         def body(theta, xs):
-            return theta - lr * st.grad(theta, images, targets, xs[0], xs[1]), None
+            return theta - lr * st.grad(theta, images, targets, xs), None
 
         if gradient == "remat":
             body = jax.checkpoint(body)
-        theta_n, _ = loops.scan(body, start, (idx, keys))
+        theta_n, _ = loops.scan(body, start, sched)
         return _param_loss(theta_n, start, target)
 
     def tesla_value_and_grad(syn, start, target, key):
         images, lr = syn["images"], syn["lr"]
         learn_labels = "labels" in syn
-        idx, keys = st.schedule(key, images.shape[0])
+        sched = st.schedule(key, images.shape[0])
         targets = st.targets(syn, hard)
 
         def fwd(theta, xs):
-            return theta - lr * st.grad(theta, images, targets, xs[0], xs[1]), None
+            return theta - lr * st.grad(theta, images, targets, xs), None
 
-        theta_n, _ = loops.scan(fwd, start, (idx, keys))
+        theta_n, _ = loops.scan(fwd, start, sched)
         den = jnp.sum((start - target) ** 2)
         loss = jnp.sum((theta_n - target) ** 2) / den
         a = 2.0 * (theta_n - target) / den  # dL/dtheta_N
@@ -239,19 +290,18 @@ def _make_step(net, unravel, *, num_classes, syn_steps, lrs, momentum, batch_syn
         def bwd(carry, xs):
             theta, g_sum, g_img, g_lab = carry
             if learn_labels:
-                g, vjp = jax.vjp(lambda im, lab: st.grad(theta, im, jax.nn.softmax(lab, -1),
-                                                         xs[0], xs[1]),
+                g, vjp = jax.vjp(lambda im, lab: st.grad(theta, im, jax.nn.softmax(lab, -1), xs),
                                  images, syn["labels"])
                 d_img, d_lab = vjp(-lr * a)
                 g_lab = g_lab + d_lab
             else:
-                g, vjp = jax.vjp(lambda im: st.grad(theta, im, targets, xs[0], xs[1]), images)
+                g, vjp = jax.vjp(lambda im: st.grad(theta, im, targets, xs), images)
                 (d_img,) = vjp(-lr * a)
             return (theta - lr * g, g_sum + g, g_img + d_img, g_lab), None
 
         g_lab0 = jnp.zeros_like(syn["labels"]) if learn_labels else jnp.zeros(())
         (_, g_sum, g_img, g_lab), _ = loops.scan(
-            bwd, (start, jnp.zeros_like(start), jnp.zeros_like(images), g_lab0), (idx, keys))
+            bwd, (start, jnp.zeros_like(start), jnp.zeros_like(images), g_lab0), sched)
         grads = {"images": g_img, "lr": -jnp.vdot(a, g_sum)}
         if learn_labels:
             grads["labels"] = g_lab
@@ -273,15 +323,18 @@ def _make_step(net, unravel, *, num_classes, syn_steps, lrs, momentum, batch_syn
 
 def make_mtt_step(net, unravel, *, num_classes, hard_labels, syn_steps=20, lr_img=1e3,
                   lr_lr=1e-5, momentum=0.5, batch_syn=None, dsa_strategy=C.DEFAULT_STRATEGY,
-                  gradient="unrolled", bn_template=None, lr_label=None):
+                  gradient="unrolled", bn_template=None, lr_label=None,
+                  syn_batch_remainder="drop"):
     """The jitted MTT step ``(state, key, start [P], target [P]) -> (state, metrics)``;
-    ``state.syn = {"images", "lr"[, "labels"]}``."""
+    ``state.syn = {"images", "lr"[, "labels"]}``. ``syn_batch_remainder``: see
+    :class:`elf_jax.distill.settings.TrajectorySettings`."""
     lrs = {"images": lr_img, "lr": lr_lr}
     if lr_label is not None:
         lrs["labels"] = lr_label
     return _make_step(net, unravel, num_classes=num_classes, syn_steps=syn_steps, lrs=lrs,
                       momentum=momentum, batch_syn=batch_syn, dsa_strategy=dsa_strategy,
-                      hard_labels=hard_labels, gradient=gradient, bn_template=bn_template)
+                      hard_labels=hard_labels, gradient=gradient, bn_template=bn_template,
+                      remainder=syn_batch_remainder)
 
 
 # ----------------------------------------------------------------------------- driver hook
@@ -297,6 +350,21 @@ def _train_experts(method, s: TrajectorySettings, p: C.Prelude, epochs: int) -> 
                   num_experts=int(s.num_experts), workdir=Path(p.workdir) / "experts",
                   model_kwargs=dict(s.model_kwargs), progress=p.progress)
     return Path(p.workdir) / "experts"
+
+
+def _remainder(s: TrajectorySettings, bn_template, n: int) -> str:
+    """``s.syn_batch_remainder``, refused where a padded short batch would not be exact: a
+    BatchNorm student (the padding rows would enter the batch statistics)."""
+    mode = s.syn_batch_remainder
+    if mode not in REMAINDERS:
+        raise ValueError(f"syn_batch_remainder={mode!r}: choose one of {', '.join(REMAINDERS)}")
+    b = min(int(s.batch_syn or n), n)
+    if mode == "reference" and n % b and bn_template:
+        raise ValueError(f"syn_batch_remainder='reference' with batch_syn={b} on {n} images "
+                         f"pads a short batch of {n % b}, whose padding rows would enter "
+                         f"{s.arch}'s BatchNorm statistics; use 'drop' or a batch_syn that "
+                         "divides the set")
+    return mode
 
 
 def setup(method: str, s: TrajectorySettings, p: C.Prelude) -> C.Plan:
@@ -317,7 +385,7 @@ def setup(method: str, s: TrajectorySettings, p: C.Prelude) -> C.Plan:
     traj, unravel = load_expert_array(experts, arch=s.arch, num_classes=p.num_classes,
                                       image_shape=p.images.shape[1:],
                                       model_kwargs=s.model_kwargs, epochs_needed=needed,
-                                      max_experts=s.max_experts)
+                                      max_experts=s.max_experts, max_files=s.max_files)
     variables = p.net.init(jax.random.key(0), jnp.asarray(p.images[:1]), train=False)
     bn_template = variables.get("batch_stats") or None
 
@@ -337,7 +405,8 @@ def setup(method: str, s: TrajectorySettings, p: C.Prelude) -> C.Plan:
                          momentum=s.momentum, batch_syn=s.batch_syn,
                          dsa_strategy=s.dsa_strategy, gradient=gradient,
                          bn_template=bn_template,
-                         lr_label=s.lr_label if (s.soft_labels and s.learn_labels) else None)
+                         lr_label=s.lr_label if (s.soft_labels and s.learn_labels) else None,
+                         syn_batch_remainder=_remainder(s, bn_template, len(p.images)))
     traj_dev = jnp.asarray(traj)
 
     def advance(state):
@@ -350,6 +419,9 @@ def setup(method: str, s: TrajectorySettings, p: C.Prelude) -> C.Plan:
             "max_start_epoch": int(s.max_start_epoch), "lr_lr": s.lr_lr,
             "lr_teacher": s.lr_teacher, "batch_syn": s.batch_syn, "gradient": gradient,
             "soft_labels": bool(s.soft_labels), "learn_labels": bool(s.learn_labels),
+            # recorded when not the default (older runs resume as before)
+            **({} if s.syn_batch_remainder == "drop" else
+               {"syn_batch_remainder": s.syn_batch_remainder}),
             "experts_hash": fingerprint(json.dumps([float(traj.sum()), list(traj.shape)]))}
     labels = None if np.ndim(hard) == 1 else np.asarray(jax.nn.softmax(jnp.asarray(hard), -1))
     return C.Plan(syn0, step.optimizer, advance, meta, labels, {"gradient": gradient})

@@ -73,13 +73,22 @@ class TrajectorySettings(Settings):
     syn_steps: student steps per iteration, from epoch ``start < max_start_epoch`` of an
     expert towards epoch ``start + expert_epochs``. lr_lr: SGD on the learned lr, which
     starts at lr_teacher. batch_syn: student minibatch (None: all images).
-    experts: a teacher workdir or ``replay_buffer_<n>.pt`` (or, from Python, a list of
-    trajectories); None or "": train ``num_experts`` experts for ``expert_train_epochs``
-    (None: ``max_start_epoch - 1 + expert_epochs``) into ``<workdir>/experts``.
-    max_experts: use at most this many (None: all).
+    experts: a teacher workdir, or reference buffers: a ``replay_buffer_<n>.pt``, a
+    directory of them (all files n = 0, 1, ... as the reference's ``--load_all``), a glob or
+    a comma list (or, from Python, a list of trajectories); None or "": train
+    ``num_experts`` experts for ``expert_train_epochs`` (None: ``max_start_epoch - 1 +
+    expert_epochs``) into ``<workdir>/experts``.
+    max_experts: use the first this many trajectories of all (None: all); max_files: read
+    the first this many buffer files (None: all).
     gradient: unrolled | remat | tesla ("": ``unrolled`` for MTT, ``remat`` instead with
     ``remat=True``; ``tesla`` for TESLA). soft_labels: labels from expert ``0``'s logits at
     epoch ``soft_label_epoch`` (None: its last); learn_labels: learn them (SGD lr_label).
+    eval_learned_lr: the periodic evaluation that keeps the best set trains with the set's
+    learned lr (the reference's ``distill_MTT.py``: ``args.lr_net = syn_lr.item()``);
+    False: with 0.01. syn_batch_remainder: when ``batch_syn`` does not divide the set,
+    ``"drop"`` skips the short last chunk of each permutation (static shapes) and
+    ``"reference"`` uses it, and first (the reference's ``indices_chunks.pop()``), as a
+    masked full-size batch (refused for BatchNorm nets, whose statistics would see padding).
     """
 
     iterations: int = 5000
@@ -94,12 +103,15 @@ class TrajectorySettings(Settings):
     num_experts: int = 5
     expert_train_epochs: Optional[int] = None
     max_experts: Optional[int] = None
+    max_files: Optional[int] = None
     gradient: str = ""
     remat: bool = False
     soft_labels: bool = False
     learn_labels: bool = False
     lr_label: float = 10.0
     soft_label_epoch: Optional[int] = None
+    eval_learned_lr: bool = True
+    syn_batch_remainder: str = "drop"
 
 
 # One line per ``config.synset`` field (``elf-jax config`` prints them; a test checks every
@@ -129,16 +141,19 @@ FIELD_DOCS = {
     "lr_lr": "MTT/TESLA: SGD learning rate of the learned lr",
     "lr_teacher": "MTT/TESLA: initial learned lr (the experts' lr)",
     "batch_syn": "MTT/TESLA: student minibatch (None: all images)",
-    "experts": "MTT/TESLA: a teacher workdir or replay_buffer_<n>.pt ('': train experts)",
+    "experts": "MTT/TESLA: teacher workdir, or replay_buffer_<n>.pt / dir / glob / comma list",
     "num_experts": "MTT/TESLA: experts to train when none are given",
     "expert_train_epochs": "MTT/TESLA: epochs per trained expert (None: max_start_epoch-1+expert_epochs)",
-    "max_experts": "MTT/TESLA: use at most this many experts (None: all)",
+    "max_experts": "MTT/TESLA: use the first this many expert trajectories (None: all)",
+    "max_files": "MTT/TESLA: read the first this many reference buffer files (None: all)",
     "gradient": "MTT/TESLA: unrolled | remat | tesla ('': the method's)",
     "remat": "MTT: rematerialize the unrolled student steps (less memory)",
     "soft_labels": "TESLA: labels from expert 0's logits",
     "learn_labels": "TESLA: learn the soft labels too",
     "lr_label": "TESLA: SGD learning rate of the learned labels",
     "soft_label_epoch": "TESLA: the expert epoch of the soft labels (None: its last)",
+    "eval_learned_lr": "MTT/TESLA: best-set evaluations train with the learned lr (the reference)",
+    "syn_batch_remainder": "MTT/TESLA: short last student batch: drop | reference (used, first)",
 }
 
 

@@ -19,10 +19,13 @@ Loss modes (``L = lambda_front * L_front + lambda_rear * L_rear + L_task``):
 control (:func:`kd_loss`, :func:`kd_objective`): the same teacher's logits instead of its
 features, so a report can tell ELF's gain from what plain teacher knowledge gives.
 
-Two quirks of the reference are *not* copied (they only matter away from the defaults, which
-the paper uses): its ``front_task`` mode always uses the channel CE whatever distance is
-selected, and its ``front_rear`` mode ignores ``lambda_rear``. Here the chosen ``kind`` and both
-lambdas apply in every mode. With the defaults (``kind="ce"``, lambdas 1) the two agree.
+Two quirks of the reference are *not* copied by default (they only matter away from the
+defaults, which the paper uses): its ``front_task`` mode always uses the channel CE whatever
+distance is selected, and its ``front_rear`` mode ignores ``lambda_rear``. Here the chosen
+``kind`` and both lambdas apply in every mode; ``reference_quirks=True``
+(``TrainProtocol.reference_loss_quirks``, ``config.eval.reference_loss_quirks``) reproduces
+the reference's (:func:`reference_loss_quirks`). With the defaults (``kind="ce"``, lambdas 1)
+the two agree.
 
 Padded batches: every function takes an optional ``mask`` (``[N]``, 1 for real rows); means
 are then taken over the real rows only, so a padded batch gives exactly the loss of the
@@ -61,6 +64,7 @@ __all__ = [
     "DEFAULT_KD_TEMPERATURE",
     "kd_loss",
     "kd_objective",
+    "reference_loss_quirks",
 ]
 
 
@@ -182,6 +186,17 @@ def _accuracy(logits: jax.Array, labels: jax.Array, mask: Optional[jax.Array]) -
     return jnp.sum(hit * w) / wsum
 
 
+def reference_loss_quirks(mode: str, kind: str, lambda_rear: Any) -> tuple[str, Any]:
+    """``(kind, lambda_rear)`` as the reference's ``epoch()`` applies them in ``mode``: its
+    ``front_task`` always uses the channel CE (``criterion``, not ``feature_criterion``) and
+    its ``front_rear`` weighs the rear term by 1 (no ``lamda_rear``)."""
+    if mode == "front_task":
+        kind = "ce"
+    if mode == "front_rear":
+        lambda_rear = 1.0
+    return kind, lambda_rear
+
+
 def elf_objective(
     logits_img: jax.Array,
     logits_feat: Optional[jax.Array],
@@ -194,6 +209,7 @@ def elf_objective(
     lambda_rear: Any = 1.0,
     *,
     mask: Optional[jax.Array] = None,
+    reference_quirks: bool = False,
 ) -> tuple[jax.Array, Mapping[str, jax.Array]]:
     """The ELF training objective.
 
@@ -209,6 +225,7 @@ def elf_objective(
       labels: int ``[N]`` or float ``[N, K]``.
       mode, kind: see module docstring. lambdas may be Python floats or traced scalars.
       mask: optional ``[N]`` row weights for padded batches.
+      reference_quirks: apply :func:`reference_loss_quirks` (the reference's ablations).
     Returns:
       ``(loss, aux)`` with aux keys ``loss``, ``task``, ``front``, ``rear`` (0 for unused
       terms) and ``acc`` (training accuracy of ``logits_img``).
@@ -218,6 +235,8 @@ def elf_objective(
         raise ValueError(f"elf_objective has no mode {mode!r} (one of {ELF_MODES}); the "
                          "'kd' mode's objective is kd_objective")
     _check_kind(kind)
+    if reference_quirks:
+        kind, lambda_rear = reference_loss_quirks(mode, kind, lambda_rear)
     zero = jnp.zeros((), jnp.float32)
     l_task = task_loss(logits_img, labels, mask=mask)
     l_front, l_rear = zero, zero

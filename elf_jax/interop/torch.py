@@ -23,7 +23,9 @@ Flat parameter vectors (MTT expert buffers, ``ReparamModule``)
     ``flat_param_shapes``, ``flat_params_to_variables``, ``variables_to_flat_params``: the
     order is the reference ``net.parameters()`` order (BatchNorm statistics are buffers,
     not parameters, so they are not in the vector). Pure ``jax.numpy``: jit/vmap-able.
-    ``load_replay_buffer(path, name, ...)`` reads ``replay_buffer_<n>.pt``.
+    ``load_replay_buffer(path, name, ...)`` reads ``replay_buffer_<n>.pt``;
+    ``replay_buffer_files`` lists several in the reference's order and
+    ``load_reference_teacher`` reads one snapshot (the reference's feature model).
 
 Synthetic sets
     ``load_reference_synset(dir_or_files, zca=...)`` reads ``images_best.pt`` (NCHW ->
@@ -38,6 +40,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
@@ -55,6 +58,8 @@ __all__ = [
     "flat_params_to_variables",
     "variables_to_flat_params",
     "load_replay_buffer",
+    "load_reference_teacher",
+    "replay_buffer_files",
     "export_replay_buffer",
     "load_reference_synset",
     "export_reference_synset",
@@ -618,10 +623,36 @@ def _guess_architecture(shapes, input_shape):
     return hits
 
 
+def _epoch_arrays(ep, spec, desc, input_shape, where: str) -> list:
+    """One epoch of a buffer (a list of tensors in ``net.parameters()`` order, or their
+    concatenation) as float32 numpy arrays; ``ValueError`` naming what the buffer fits."""
+    plist = spec.param_list()
+    if hasattr(ep, "detach"):  # already a flat vector
+        ep = [ep]
+        if ep[0].ndim == 1 and ep[0].numel() == spec.num_params():
+            off, parts = 0, []
+            for _, s in plist:
+                n = int(np.prod(s))
+                parts.append(ep[0][off:off + n].reshape(s))
+                off += n
+            ep = parts
+    if not isinstance(ep, (list, tuple)):
+        raise ValueError(f"{where} is {type(ep).__name__}, expected a list of tensors")
+    shapes = [tuple(t.shape) for t in ep]
+    try:
+        _check_param_list(shapes, plist, desc, where)
+    except ValueError as err:
+        guess = _guess_architecture(shapes, input_shape)
+        hint = f" The buffer's layout matches: {', '.join(guess)}." if guess else ""
+        raise ValueError(str(err) + hint) from None
+    return [_to_numpy(t).astype(np.float32) for t in ep]
+
+
 def load_replay_buffer(path, name: str, num_classes: int,
                        input_shape: Optional[Sequence[int]] = None, *,
                        stack: bool = False, max_trajectories: Optional[int] = None,
-                       params_only: bool = False, **overrides):
+                       params_only: bool = False, max_epochs: Optional[int] = None,
+                       **overrides):
     """Read an MTT/ELF expert buffer ``replay_buffer_<n>.pt`` into our trajectory format.
 
     The file is ``torch.save``-d ``list[trajectory]``, ``trajectory = list[epoch]``,
@@ -630,7 +661,8 @@ def load_replay_buffer(path, name: str, num_classes: int,
     ``elf_jax.teacher.load_trajectory`` gives (``stack=False``), or one variable dict whose
     leaves have a leading epoch axis (``stack=True``). The buffers hold no BatchNorm
     statistics: BN models get the initial ``batch_stats`` (mean 0, var 1).
-    ``params_only=True`` returns bare params trees instead of variable dicts.
+    ``params_only=True`` returns bare params trees instead of variable dicts;
+    ``max_epochs`` keeps each trajectory's first snapshots only (less memory).
     A buffer written for another architecture raises ``ValueError`` naming both (and
     what the buffer fits).
     """
@@ -656,30 +688,11 @@ def load_replay_buffer(path, name: str, num_classes: int,
         if not isinstance(traj, (list, tuple)) or not traj:
             raise ValueError(f"expert buffer {path}: trajectory {ti} is not a non-empty list "
                              "of epochs")
-        epochs = []
-        for ei, ep in enumerate(traj):
-            if hasattr(ep, "detach"):  # already a flat vector
-                ep = [ep]
-                if ep[0].ndim == 1 and ep[0].numel() == spec.num_params():
-                    off, parts = 0, []
-                    for _, s in plist:
-                        n = int(np.prod(s))
-                        parts.append(ep[0][off:off + n].reshape(s))
-                        off += n
-                    ep = parts
-            if not isinstance(ep, (list, tuple)):
-                raise ValueError(f"expert buffer {path}: trajectory {ti} epoch {ei} is "
-                                 f"{type(ep).__name__}, expected a list of tensors")
-            shapes = [tuple(t.shape) for t in ep]
-            try:
-                _check_param_list(shapes, plist, desc,
-                                  f"expert buffer {path} (trajectory {ti}, epoch {ei})")
-            except ValueError as err:
-                guess = _guess_architecture(shapes, input_shape)
-                hint = (f" The buffer's layout matches: {', '.join(guess)}."
-                        if guess else "")
-                raise ValueError(str(err) + hint) from None
-            epochs.append([_to_numpy(t).astype(np.float32) for t in ep])
+        if max_epochs is not None:
+            traj = traj[:max_epochs]
+        epochs = [_epoch_arrays(ep, spec, desc, input_shape,
+                                f"expert buffer {path} (trajectory {ti}, epoch {ei})")
+                  for ei, ep in enumerate(traj)]
         if stack:
             stacked = [jnp.asarray(np.stack([e[i] for e in epochs]))
                        for i in range(len(plist))]
@@ -693,6 +706,92 @@ def load_replay_buffer(path, name: str, num_classes: int,
                                                           **overrides)
                                  for e in epochs])
     return trajectories
+
+
+
+def load_reference_teacher(path, name: str, num_classes: int,
+                           input_shape: Optional[Sequence[int]] = None, *, epoch: int,
+                           trajectory: int = -1, **overrides) -> dict:
+    """The Flax variables of one snapshot of a reference teacher buffer: what the
+    reference's ``ELF_eval.py`` loads as its feature model,
+    ``torch.load(replay_buffer_0.pt)[-1][feature_epochs]`` (``trajectory=-1``: the last;
+    snapshot ``e`` is the net after epoch ``e``, 0 the initialization). No BatchNorm
+    statistics are stored: BN nets get the initial ones (mean 0, var 1), as the reference's
+    fresh ``ReparamModule``. ``ValueError`` naming the buffer's extent for a missing
+    trajectory or epoch, or what the buffer fits for another architecture."""
+    torch = require_torch()
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"reference teacher buffer {path} does not exist")
+    input_shape = _norm_input_shape(input_shape, name)
+    buf = _torch_load(torch, path, "reference teacher buffer", mmap=True)
+    if not isinstance(buf, (list, tuple)) or not buf:
+        raise ValueError(f"reference teacher buffer {path}: expected a non-empty list of "
+                         f"trajectories, got {type(buf).__name__}")
+    if not -len(buf) <= int(trajectory) < len(buf):
+        raise ValueError(f"reference teacher buffer {path} holds {len(buf)} trajectories, "
+                         f"so trajectory {trajectory} does not exist; choose one in "
+                         f"[{-len(buf)}, {len(buf) - 1}] (-1 = the last, the reference's)")
+    traj = buf[int(trajectory)]
+    if not isinstance(traj, (list, tuple)) or not 0 <= int(epoch) < len(traj):
+        n = len(traj) if isinstance(traj, (list, tuple)) else 0
+        raise ValueError(f"reference teacher buffer {path}: trajectory {trajectory} has "
+                         f"snapshots 0..{n - 1}, so epoch {epoch} does not exist; lower "
+                         "teacher.feature_epoch")
+    spec = _get_spec(name, num_classes, input_shape, None, overrides)
+    arrays = _epoch_arrays(traj[int(epoch)], spec, _describe(name, num_classes, input_shape),
+                           input_shape, f"reference teacher buffer {path} (trajectory "
+                                        f"{trajectory}, epoch {epoch})")
+    return flat_params_to_variables(name, arrays, num_classes, input_shape, **overrides)
+
+
+_BUFFER_RE = re.compile(r"replay_buffer_(\d+)\.pt$")
+
+
+def replay_buffer_files(source) -> list:
+    """The reference expert buffer files ``source`` names, in the reference's order.
+
+    ``source``: a directory (``replay_buffer_0.pt``, ``replay_buffer_1.pt``, ... until the
+    first missing one: the reference's ``--load_all`` loop), a glob pattern (matches ordered
+    by their buffer number ``n``, other names after them by name), one ``.pt`` file, or a
+    comma-separated list (or a Python list) of these, concatenated in the order given.
+    ``FileNotFoundError`` naming what was looked for when a part finds nothing."""
+    import glob
+
+    if isinstance(source, (list, tuple)):
+        parts = [str(p) for p in source]
+    else:
+        parts = [p.strip() for p in str(source).split(",") if p.strip()]
+    if not parts:
+        raise FileNotFoundError("no expert buffer files given")
+    out = []
+    for part in parts:
+        p = Path(part)
+        if p.is_dir():
+            n, found = 0, []
+            while (p / f"replay_buffer_{n}.pt").is_file():
+                found.append(p / f"replay_buffer_{n}.pt")
+                n += 1
+            if not found:
+                raise FileNotFoundError(f"no replay_buffer_0.pt in {p} (the reference reads "
+                                        "replay_buffer_<n>.pt for n = 0, 1, ... until one is "
+                                        "missing)")
+        elif any(ch in part for ch in "*?["):
+            def order(f):
+                m = _BUFFER_RE.search(f)
+                return (0, int(m.group(1)), f) if m else (1, 0, f)
+
+            found = [Path(f) for f in sorted(glob.glob(part), key=order) if Path(f).is_file()]
+            if not found:
+                raise FileNotFoundError(f"no expert buffer file matches {part!r}")
+        elif p.is_file():
+            found = [p]
+        else:
+            raise FileNotFoundError(f"expert buffer {p} does not exist (pass a "
+                                    "replay_buffer_<n>.pt, a directory of them, a glob or a "
+                                    "comma-separated list)")
+        out.extend(found)
+    return out
 
 
 def export_replay_buffer(path, name: str, trajectories, num_classes: int,
@@ -762,9 +861,16 @@ def _resolve_synset_files(source, suffix):
                      "mapping {'images':..., 'labels':..., 'lr':...}")
 
 
-def _torch_load(torch, path, what: str):
+def _torch_load(torch, path, what: str, mmap: bool = False):
     """``torch.load`` of tensors only; a damaged file is one ``ValueError`` line that never
-    repeats torch's advice to load with ``weights_only=False`` (unsafe: runs pickled code)."""
+    repeats torch's advice to load with ``weights_only=False`` (unsafe: runs pickled code).
+    ``mmap=True`` maps the file instead of reading it (one snapshot of a large buffer) where
+    the file's format allows; otherwise it is read as usual."""
+    if mmap:
+        try:
+            return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # noqa: BLE001 - an old-format file: read it (errors reported below)
+            pass
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - torch raises RuntimeError, UnpicklingError, ...

@@ -80,6 +80,9 @@ class TrainProtocol:
       kd_temperature: the temperature ``T`` of the ``kd`` mode (``elf_jax.elf.losses.kd_loss``);
         recorded by :meth:`to_dict` only in that mode, so the other modes' records (and
         their checkpoints) read as before the option existed.
+      reference_loss_quirks: the reference's loss-mode quirks (``front_task`` always uses the
+        channel CE; ``front_rear`` ignores ``lambda_rear``); False = ``kind`` and both
+        lambdas in every mode (:func:`elf_jax.elf.losses.reference_loss_quirks`).
     """
 
     lr: float = 0.01
@@ -99,6 +102,7 @@ class TrainProtocol:
     dtype: str = "float32"
     test_batch_size: int = 500
     kd_temperature: float = DEFAULT_KD_TEMPERATURE
+    reference_loss_quirks: bool = False
 
     def __post_init__(self):
         if self.mode not in LOSS_MODES:
@@ -166,4 +170,6 @@ class TrainProtocol:
         d = dataclasses.asdict(self)
         if self.mode != KD_MODE:  # meaningless elsewhere; keeps older records comparable
             d.pop("kd_temperature")
+        if not d["reference_loss_quirks"]:  # recorded when on: older records read the same
+            del d["reference_loss_quirks"]
         return d

@@ -201,6 +201,7 @@ def train_step(
             protocol.kind,
             state.hparams["lambda_front"],
             state.hparams["lambda_rear"],
+            reference_quirks=protocol.reference_loss_quirks,
         )
         return loss, (aux, bs)
 
