@@ -288,11 +288,24 @@ def settings_lines(report: Mapping[str, Any]) -> list[str]:
     lines += [_teacher_line(n, t) for n, t in (prov.get("teachers") or {}).items()]
     if prov.get("cross_architecture"):
         lines.append(_cross_line(prov["cross_architecture"], (prov.get("synset") or {}).get("arch")))
+    adapters = _adapters_line(report.get("results") or {})
+    if adapters:
+        lines.append(adapters)
     if report.get("results") and "seconds" in _first_entry(report["results"]):
         lines.append(_time_line(report["results"]))
     if prov:
         lines.append(f"produced by elf_jax {prov.get('elf_jax')} on {prov.get('date')}")
     return lines
+
+
+def _adapters_line(results: Mapping[str, Any]) -> str:
+    """The pool nets whose ELF runs learned through a feature adapter, with its size ("" for
+    none: every front had the teacher feature's shape)."""
+    sizes = {arch: max(int(e.get("adapter_params") or 0) for e in by_mode.values())
+             for arch, by_mode in results.items()}
+    used = [f"{arch} ({n:,} params)" for arch, n in sizes.items() if n]
+    return ("feature adapters (front <-> teacher feature shape, trained with the net; "
+            f"elf_jax.models.adapter): {', '.join(used)}") if used else ""
 
 
 def _first_entry(results: Mapping[str, Any]) -> Mapping[str, Any]:

@@ -119,9 +119,11 @@ def test_bad_invocations_say_what_to_do(tmp_path):
     (tmp_path / "empty").mkdir()
     proc = _cli("report", "--workdir", str(tmp_path / "empty"), *TINY, check=False)
     assert proc.returncode == 2 and "elf-jax evaluate" in proc.stderr
-    proc = _cli("all", "--workdir", str(tmp_path / "x"), *TINY,
-                "--config.eval.pool=('AlexNet',)", check=False)
-    assert proc.returncode == 2 and "no ELF front/rear split" in proc.stderr
+    proc = _cli("all", "--workdir", str(tmp_path / "x"), *TINY, "--config.eval.adapter=off",
+                "--config.eval.pool=('ConvNet','MLP')", check=False)
+    assert proc.returncode == 2 and "no registered ConvNetW512-family teacher" in proc.stderr
+    assert "eval.adapter=auto" in proc.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "x" / "teachers").exists()  # refused before any stage
 
 
 def test_stages_refuse_without_prerequisites(tmp_path):
@@ -162,7 +164,8 @@ def test_interrupted_evaluation_is_reported_as_partial_and_old_results_go(tmp_pa
     from elf_jax.elf import evaluate
     from elf_jax.synset import SyntheticSet
 
-    config = demo_config()  # pool of 4 x 2 modes, 2 repeats
+    config = demo_config()
+    config.eval.pool = ("ConvNet", "ConvNetBN", "MLP", "ViT")  # 4 x 2 modes, 2 repeats
     wd = tmp_path / "wd"
     wd.mkdir()
     (wd / "results.json").write_text(json.dumps(  # an earlier run's complete results

@@ -26,7 +26,11 @@ def test_readme_examples_run(tmp_path, monkeypatch):
     assert namespace["feat"].shape == (2, 4, 4, 512)
     assert namespace["logits"].shape == (2, 10)
     summary = namespace["out"]["summary"]
-    assert set(summary) == {"ConvNet", "ConvNetBN"}
+    assert set(summary) == {"ConvNet", "MLP"}
+    results = namespace["out"]["results"]  # the MLP learns through an adapter, ConvNet not
+    assert results["MLP"]["front_rear_task"]["adapter_params"] > 0
+    assert results["ConvNet"]["front_rear_task"]["adapter_params"] == 0
+    assert len(summary["MLP"]["gain_ci95"]) == 2
     assert all(0.0 <= summary[a]["task"]["mean"] <= 1.0 for a in summary)
     sweep = namespace["sweep"]
     assert len(sweep["mean"]) == 2 and len(sweep["mean"][0]) == 2
