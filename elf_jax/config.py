@@ -246,6 +246,10 @@ def reference_preset(config) -> ml_collections.ConfigDict:
 
     The hyperparameters of each script (iterations, evaluation schedules, expert counts,
     `dis_metric`, ...) are in the `configs/reference_*.py` files, which apply this preset.
+    docs/REFERENCE.md lists every known difference from the reference, with its option and
+    whether this preset turns it on (a test checks that list against this function).
+    With a `parallel` section, `bn_chunks` counts chunks of each device's batch: on 4 data
+    devices set `eval.bn_chunks=1` for DataParallel's 4 chunks.
     """
     c = config.copy_and_resolve_references()
     c.eval.bn_chunks = REFERENCE_GPUS
