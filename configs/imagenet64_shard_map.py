@@ -1,14 +1,14 @@
 """ELF evaluation on ImageNet-1k at 64x64, data parallel with jax.shard_map.
 
-The settings of configs/imagenet64.py (ConvNetD4W512 teacher, ConvNetD4 / ResNet18ImageNet /
-VGG11ImageNet pool, bfloat16) plus a `parallel` section, read by the evaluation stage of the
-one pipeline (elf_jax/pipeline.py): every evaluation train step runs data parallel over all
-devices (`shard_map` over a ("runs", "data") mesh, synchronized BatchNorm, the DSA draw made
-for the global minibatch as on one device), the synthetic set and the feature bank split by
-rows over the devices, the bank stored in bfloat16. IPC 10 = 10,000 images; the memory
-estimate is printed before the evaluation and the run stops with a clear error if it will not
-fit. The teachers train data parallel on all devices too; the synthetic set and the banks
-are made on one device.
+The settings of configs/imagenet64.py (ConvNetD4W512 teacher, the reference's six-net
+`cross_imagenet` pool, float32; `--config.dtype=bfloat16` for bf16) plus a `parallel`
+section, read by the evaluation stage of the one pipeline (elf_jax/pipeline.py): every
+evaluation train step runs data parallel over all devices (`shard_map` over a ("runs",
+"data") mesh, synchronized BatchNorm, the DSA draw made for the global minibatch as on one
+device), the synthetic set and the feature bank split by rows over the devices, the bank
+stored in bfloat16. IPC 10 = 10,000 images; the memory estimate is printed before the
+evaluation and the run stops with a clear error if it will not fit. The teachers train data
+parallel on all devices too; the synthetic set and the banks are made on one device.
 
 Run (one host, all devices):
     elf-jax all --config configs/imagenet64_shard_map.py --workdir runs/imagenet64_shard_map

@@ -191,3 +191,85 @@ def test_cpu_sized_reference_config_runs_end_to_end(tmp_path):
     assert req["bn_chunks"] == 4 and req["teacher"]["bn_chunks"] == 4
     assert req["protocol"]["reference_loss_quirks"] is True
     assert all(np.isfinite(out["results"]["ConvNetBN"][m]["mean"]) for m in req["modes"])
+
+
+# ------------------------------------------------------------------ the preset, audited
+# The reference's reason for each value reference_preset sets (docs/REFERENCE.md section 1).
+PRESET_REFERENCE = {
+    # its published runs: 4 GPUs, nn.DataParallel: BatchNorm per 64-row chunk of a 256
+    # batch, running statistics of replica 0 (the first chunk)
+    "eval.bn_chunks": 4,
+    "teacher.bn_chunks": 4,  # buffer.py's nets are DataParallel too (get_network(dist=True))
+    "stats": "mtt",  # utils.py (ELF teacher, test set, MTT) normalizes CIFAR-100 as CIFAR-10
+    "parallel.sync_bn": False,  # DataParallel replicas compute their own BN statistics
+    # utils.epoch_for_feature: front_task always uses CE, front_rear drops lamda_rear
+    "eval.reference_loss_quirks": True,
+    "synset.syn_batch_remainder": "reference",  # distill_MTT.py: short chunk used, first
+    "synset.eval_learned_lr": True,  # distill_MTT.py: args.lr_net = syn_lr.item() (our default)
+}
+
+
+def _documented_preset_options():
+    """``{field: value}`` from the option column of docs/REFERENCE.md's rows whose Preset
+    column says yes (`` `field = value` `` spans)."""
+    import ast
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "REFERENCE.md").read_text()
+    out = {}
+    for line in text.splitlines():
+        if not re.match(r"\| \d+\.\d+ \|", line):
+            continue
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        assert len(cells) == 7, f"docs/REFERENCE.md row with {len(cells)} cells: {line[:60]}"
+        if cells[5].startswith("yes"):
+            for name, value in re.findall(r"`([a-z_.]+) = ([^`]+)`", cells[4]):
+                out[name] = ast.literal_eval(value)
+    return out
+
+
+def test_preset_sets_every_documented_reference_option():
+    import ml_collections
+
+    from elf_jax.config import fields, reference_preset
+    from elf_jax.distill.settings import from_config
+
+    base = base_config()
+    base.parallel = ml_collections.ConfigDict({"parallel": "shard_map", "sync_bn": True})
+    preset = reference_preset(base)
+    check_config(preset)
+    got, default = fields(preset), fields(base)
+    assert {k: got[k] for k in PRESET_REFERENCE} == PRESET_REFERENCE
+    # the document's "preset: yes" rows name exactly these values ...
+    assert _documented_preset_options() == PRESET_REFERENCE
+    # ... and the preset changes nothing the document does not list
+    changed = {k for k in got if got[k] != default[k]}
+    assert changed == set(PRESET_REFERENCE) - {"synset.eval_learned_lr"}  # already ours
+    # the fields reach what the stages build (no training)
+    preset.dataset = "cifar100"
+    assert pipeline.run_normalization(preset)["mean"] == pytest.approx([0.4914, 0.4822, 0.4465])
+    assert pipeline._protocol(preset).reference_loss_quirks is True
+    assert pipeline._model_overrides(preset, "ResNet18BN") == {"bn_chunks": 4}
+    assert pipeline._bn_chunks(preset.teacher) == {"bn_chunks": 4}
+    mtt = from_config("mtt", preset.synset)
+    assert (mtt.syn_batch_remainder, mtt.eval_learned_lr) == ("reference", True)
+
+
+def test_imagenet64_config_is_the_references_imagenet_setting():
+    from elf_jax.config import imagenet64_config
+    from elf_jax.models.registry import canonical_name
+
+    c = imagenet64_config()
+    check_config(c)
+    assert c.dtype == "float32"  # the reference trains in float32 (bf16: --config.dtype)
+    # utils.get_eval_pool("cross_imagenet"): its split names are aliases of ours
+    cross_imagenet = ("ConvNetD4_L4", "ConvNetD4BN_L4", "ResNet18ImageNet_L4",
+                      "ResNet18BNImageNet_L4", "VGG11ImageNet_L6", "VGG11BNImageNet_L6")
+    assert tuple(c.eval.pool) == tuple(canonical_name(a) for a in cross_imagenet)
+    # ELF_eval.py reads ImageNet feature buffers from lr_0.01/epoch_200
+    assert (c.teacher.epochs, c.teacher.lr) == (200, 0.01)
+    assert pipeline.Run(c, "unused").teachers == {
+        "ConvNetD4": "ConvNetD4", "ConvNetD4BN": "ConvNetD4",
+        "ResNet18ImageNet": "ConvNetD4W256", "ResNet18BNImageNet": "ConvNetD4W256",
+        "VGG11ImageNet": "ConvNetD4W512", "VGG11BNImageNet": "ConvNetD4W512"}
