@@ -30,7 +30,11 @@ TINY = {
 TINY["tesla"] = TINY["mtt"]
 
 
-@pytest.mark.parametrize("method", ["dm", "dc", "dsa", "mtt", "tesla"])
+# dm and mtt in CI; dc, dsa and tesla (their drivers are in tests/test_distill.py, their
+# shipped configs checked in tests/test_cli.py) behind the slow marker to keep `make test` short
+@pytest.mark.parametrize("method", ["dm", pytest.param("dc", marks=pytest.mark.slow),
+                                    pytest.param("dsa", marks=pytest.mark.slow), "mtt",
+                                    pytest.param("tesla", marks=pytest.mark.slow)])
 def test_distill_cli(method, tmp_path):
     config = ROOT / "configs" / f"distill_mnist5k_{method}.py"
     cmd = [sys.executable, "-m", "elf_jax.cli", "distill", "--config", str(config),
