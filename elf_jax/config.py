@@ -248,8 +248,10 @@ def reference_preset(config) -> ml_collections.ConfigDict:
     `dis_metric`, ...) are in the `configs/reference_*.py` files, which apply this preset.
     docs/REFERENCE.md lists every known difference from the reference, with its option and
     whether this preset turns it on (a test checks that list against this function).
-    With a `parallel` section, `bn_chunks` counts chunks of each device's batch: on 4 data
-    devices set `eval.bn_chunks=1` for DataParallel's 4 chunks.
+    With data parallelism on (`parallel.parallel != "none"`) `bn_chunks` counts chunks of
+    each device's batch, so the preset sets `4 / parallel.data` of them per device (4 data
+    devices: per-device BatchNorm, which is DataParallel's) and refuses a data axis that
+    does not divide 4 or is left to the device count (`parallel.data = 0`).
     """
     c = config.copy_and_resolve_references()
     c.eval.bn_chunks = REFERENCE_GPUS
@@ -260,6 +262,14 @@ def reference_preset(config) -> ml_collections.ConfigDict:
     c.synset.eval_learned_lr = True
     if "parallel" in c:
         c.parallel.sync_bn = False
+        if c.parallel.get("parallel", "none") != "none":
+            n_data = int(c.parallel.get("data", 0) or 0)
+            if n_data < 1 or REFERENCE_GPUS % n_data:
+                raise ValueError(
+                    f"reference_preset emulates {REFERENCE_GPUS} DataParallel replicas, so the "
+                    f"data axis must divide {REFERENCE_GPUS}: set parallel.data to 1, 2 or 4 "
+                    f"(got {n_data}; 0 = all devices, unknown here)")
+            c.eval.bn_chunks = c.teacher.bn_chunks = REFERENCE_GPUS // n_data
     return c
 
 

@@ -183,10 +183,29 @@ def test_reference_preset_turns_on_the_reference_behaviours():
     assert pipeline._model_overrides(c, "VGG11BN") == {"bn_chunks": 4}
     c.dataset = "cifar100"
     assert pipeline.run_normalization(c) == _record(C100_MTT)
-    base.parallel = {"parallel": "shard_map", "sync_bn": True}
-    p = reference_preset(base)
-    assert p.parallel.sync_bn is False
-    check_config(p)
+
+
+def test_reference_preset_on_a_mesh_keeps_four_replicas():
+    """With data parallelism, chunks are per device: 4 / data of them, so that the whole
+    batch is still normalized in DataParallel's 4 pieces; a data axis not dividing 4 (or left
+    to the device count) is refused."""
+    from elf_jax.config import reference_preset
+
+    for n_data, chunks in ((4, 1), (2, 2), (1, 4)):
+        base = base_config()
+        base.parallel = {"parallel": "shard_map", "sync_bn": True, "data": n_data}
+        p = reference_preset(base)
+        assert p.parallel.sync_bn is False
+        assert (p.eval.bn_chunks, p.teacher.bn_chunks) == (chunks, chunks)
+        check_config(p)
+    for n_data in (0, 3, 8):
+        base = base_config()
+        base.parallel = {"parallel": "shard_map", "data": n_data}
+        with pytest.raises(ValueError, match="data axis must divide 4"):
+            reference_preset(base)
+    base = base_config()
+    base.parallel = {"parallel": "none", "sync_bn": True}  # a section, no data parallelism
+    assert reference_preset(base).eval.bn_chunks == 4
 
 
 def test_distilled_set_records_the_space_of_its_data(tmp_path):

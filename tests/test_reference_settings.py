@@ -236,7 +236,7 @@ def test_preset_sets_every_documented_reference_option():
     from elf_jax.distill.settings import from_config
 
     base = base_config()
-    base.parallel = ml_collections.ConfigDict({"parallel": "shard_map", "sync_bn": True})
+    base.parallel = ml_collections.ConfigDict({"parallel": "none", "sync_bn": True})
     preset = reference_preset(base)
     check_config(preset)
     got, default = fields(preset), fields(base)
