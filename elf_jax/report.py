@@ -376,21 +376,37 @@ def _accuracy_panel(ax, summary, modes, missing, repeats) -> None:
               frameon=False)
 
 
-def _gain_panel(ax, gains: Mapping[str, dict]) -> None:
-    """ELF - baseline per architecture (points) with the paired 95% confidence interval
-    (Student's t; `*` above a bar whose interval excludes zero); one repeat: no interval."""
-    archs = list(gains)
-    means = [100 * gains[a]["mean"] for a in archs]
-    ci = [gains[a].get("ci95") or [gains[a]["mean"]] * 2 for a in archs]
+def _gain_bars(ax, gains: Mapping[str, dict], archs: list, offset: float, width: float,
+               **style) -> None:
+    """One bar per architecture that has a paired gain, with its 95% interval and `n=`."""
+    xs = [j + offset for j, a in enumerate(archs) if a in gains]
+    have = [a for a in archs if a in gains]
+    means = [100 * gains[a]["mean"] for a in have]
+    ci = [gains[a].get("ci95") or [gains[a]["mean"]] * 2 for a in have]
     below = [m - 100 * c[0] for m, c in zip(means, ci)]
     above = [100 * c[1] - m for m, c in zip(means, ci)]
-    colors = ["tab:green" if m >= 0 else "tab:red" for m in means]
-    ax.bar(range(len(archs)), means, 0.5, yerr=[below, above], capsize=3, color=colors)
-    ax.axhline(0.0, color="black", linewidth=0.8)
-    for j, a in enumerate(archs):
+    if "color" not in style:
+        style["color"] = ["tab:green" if m >= 0 else "tab:red" for m in means]
+    ax.bar(xs, means, width, yerr=[below, above], capsize=3, **style)
+    for x, a in zip(xs, have):
         mark = "*" if gains[a].get("significant") else ""
-        ax.annotate(f"n={gains[a]['n']}{mark}", (j, 1.0), xycoords=("data", "axes fraction"),
+        ax.annotate(f"n={gains[a]['n']}{mark}", (x, 1.0), xycoords=("data", "axes fraction"),
                     ha="center", va="bottom", fontsize="x-small")
+
+
+def _gain_panel(ax, gains: Mapping[str, dict], vs_kd: Mapping[str, dict] | None = None) -> None:
+    """ELF - baseline per architecture (points) with the paired 95% confidence interval
+    (Student's t; `*` above a bar whose interval excludes zero); one repeat: no interval.
+    With the KD control (`vs_kd`), ELF - KD as a second, hatched bar beside it."""
+    archs = _dedupe(list(gains) + list(vs_kd or {}))
+    if vs_kd:
+        _gain_bars(ax, gains, archs, -0.2, 0.38, label="ELF - task")
+        _gain_bars(ax, vs_kd, archs, 0.2, 0.38, color="tab:gray", hatch="//",
+                   label="ELF - KD")
+        ax.legend(fontsize="x-small", frameon=False)
+    else:
+        _gain_bars(ax, gains, archs, 0.0, 0.5)
+    ax.axhline(0.0, color="black", linewidth=0.8)
     _arch_axis(ax, archs)
     ax.set_ylabel("ELF gain (points, paired 95% CI)")
     ax.grid(axis="y", alpha=0.3)
@@ -398,10 +414,10 @@ def _gain_panel(ax, gains: Mapping[str, dict]) -> None:
 
 def bar_chart(summary: Mapping[str, dict], path: str, title: str = "",
               gains: Mapping[str, dict] | None = None, missing: Sequence = (),
-              repeats: int | None = None) -> str:
+              repeats: int | None = None, vs_kd: Mapping[str, dict] | None = None) -> str:
     """Two panels: accuracy per architecture and mode on a zoomed axis, and the ELF gain
-    per architecture (`gains`, `paired_gains`) with its spread; the title also goes into the
-    PNG's metadata."""
+    per architecture (`gains`, `paired_gains`) with its spread, beside ELF's gain over the
+    KD control when it ran (`vs_kd`); the title also goes into the PNG's metadata."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on servers and CI
@@ -414,7 +430,7 @@ def bar_chart(summary: Mapping[str, dict], path: str, title: str = "",
                              layout="constrained", squeeze=False)
     _accuracy_panel(axes[0][0], summary, modes, missing, repeats)
     if gains:
-        _gain_panel(axes[0][1], gains)
+        _gain_panel(axes[0][1], gains, vs_kd)
     fig.suptitle(title, fontsize="small")
     fig.savefig(path, dpi=120, metadata={"Title": title})
     plt.close(fig)
@@ -442,7 +458,7 @@ def write_report(report: Mapping[str, Any], outdir: str, title: str = "",
     heading = [line for line in (partial_line(report), *notes) if line]
     chart_title = "\n".join(heading + [title, plot_subtitle(report)]).strip()
     bar_chart(summary, paths["plot"], chart_title, paired_gains(report["results"]), missing,
-              repeats)
+              repeats, paired_gains(report["results"], baseline=KD_MODE))
     return paths
 
 

@@ -177,3 +177,24 @@ def test_seconds_add_up_over_a_resume(tmp_path):
     assert again["resumed_from"] is not None
     # the first process's time (mostly compilation and training) is counted in
     assert again["total_seconds"] >= again["seconds"] + 0.5 * first["seconds"]
+
+
+def test_gain_panel_shows_elf_minus_kd_beside_elf_minus_task():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from elf_jax.elf.summary import KD_MODE, paired_gains
+    from elf_jax.report import _gain_panel
+
+    results = {a: {m: {"accs": [0.5 + 0.1 * i + 0.01 * j for j in range(3)]}
+                   for i, m in enumerate(("task", "front_rear_task", KD_MODE))}
+               for a in ("ConvNet", "MLP")}
+    for vs_kd, bars in ((None, 2), (paired_gains(results, baseline=KD_MODE), 4)):
+        fig, ax = plt.subplots()
+        _gain_panel(ax, paired_gains(results), vs_kd)
+        assert len(ax.patches) == bars
+        heights = sorted(round(p.get_height(), 6) for p in ax.patches)
+        assert heights[0] == (-10.0 if vs_kd else 10.0) and heights[-1] == 10.0  # ELF-KD = -10
+        plt.close(fig)
