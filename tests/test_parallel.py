@@ -153,6 +153,16 @@ def test_equivalence_convnet_8_devices():
     assert "last minibatch" in res["errors"]["remainder"]
 
 
+def test_adapter_and_kd_on_a_mesh_equal_one_device():
+    """An adapted net (ELF through a feature adapter) and the KD control train on a (runs=2,
+    data=4) mesh exactly as on one device."""
+    res = run_case("adapter_kd")
+    for case in ("adapter", "kd"):
+        assert res[case]["max_param_diff"] < PARAM_ATOL, (case, res[case])
+        np.testing.assert_allclose(res[case]["losses"], res[case]["ref_losses"], rtol=LOSS_RTOL)
+        assert "mesh runs=2 x data=4" in res[case]["strategy"]
+
+
 @pytest.mark.slow
 def test_equivalence_resnet18bn_8_devices():
     # ResNet18BN needs 32x32 inputs (its final avg_pool(4)); each variant compiles ~20-60 s.
@@ -257,6 +267,37 @@ def _case_loop(net):
     return out
 
 
+def _case_adapter_kd():
+    import jax
+
+    from elf_jax.models import adapt, get_model
+    from elf_jax.parallel import ParallelConfig
+    from elf_jax.train.protocol import TrainProtocol
+    from elf_jax.train.runner import run_evaluation
+
+    x = np.asarray(jax.random.normal(jax.random.key(1), (32, 16, 16, 3)))
+    y = np.arange(32) % 10
+    f = np.asarray(jax.random.uniform(jax.random.key(5), (32, 2, 2, 16))) / 16
+    t = np.asarray(jax.random.normal(jax.random.key(6), (32, 10)))
+    cases = {
+        "adapter": (adapt(get_model("MLP", 10), (1, 1, 128), (2, 2, 16)), "front_rear_task",
+                    dict(features=f)),
+        "kd": (get_model("ConvNet", 10, width=8), "kd", dict(teacher_logits=t)),
+    }
+    common = dict(repeats=2, key=jax.random.PRNGKey(3), progress=False, return_states=True,
+                  strategy="sequential", engine="host")
+    pc = ParallelConfig(parallel="shard_map", runs=2, bank_dtype="float32")
+    out = {}
+    for name, (net, mode, inputs) in cases.items():
+        proto = TrainProtocol(batch_size=16, epochs=1, mode=mode)
+        ref = run_evaluation(net, proto, x, y, x[:8], y[:8], **inputs, **common)
+        r = run_evaluation(net, proto, x, y, x[:8], y[:8], **inputs, placement=pc, **common)
+        out[name] = {"max_param_diff": _max_diff(ref["states"].params, r["states"].params),
+                     "losses": r["train_loss"].tolist(), "ref_losses": ref["train_loss"].tolist(),
+                     "strategy": r["strategy"]}
+    return out
+
+
 def _case_errors(net, proto, st0, batch):
 
     from elf_jax.parallel import DataParallel, ParallelConfig, make_mesh
@@ -286,5 +327,5 @@ def _case_errors(net, proto, st0, batch):
 
 if __name__ == "__main__":
     case, *rest = sys.argv[1:]
-    fn = {"equiv": _case_equiv}[case]
+    fn = {"equiv": _case_equiv, "adapter_kd": _case_adapter_kd}[case]
     print("RESULT " + json.dumps(fn(*rest)), flush=True)
