@@ -145,7 +145,10 @@ def test_grain_loader_embedded_and_normalized():
 
 
 def test_streaming_class_sampler(tiny, data_dir):
-    s = StreamingClassSampler("elf_test_tiny", "train", data_dir=data_dir, normalize=False)
+    # download=True prepares the local builder here if this xdist worker has not yet (the
+    # sampler's default reads prepared data only; the test must not rely on test order)
+    s = StreamingClassSampler("elf_test_tiny", "train", data_dir=data_dir, normalize=False,
+                              download=True)
     assert list(s.counts) == [12] * 4
     x = s.sample_class(np.random.default_rng(0), 2, 5)
     assert x.shape == (5, 8, 8, 3) and x.dtype == np.float32
