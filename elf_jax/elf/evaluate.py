@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -292,6 +292,46 @@ def resolve_pool(pool, modes, images, labels, test_images, test_labels, features
     return out
 
 
+class Inputs(NamedTuple):
+    """One architecture's evaluation inputs, on the host and validated."""
+
+    name: str
+    net: Any
+    images: np.ndarray
+    labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    features: Optional[np.ndarray]
+    logits: Optional[np.ndarray]
+    k: int
+    learned_lr: Optional[float]
+
+
+def prepare_inputs(arch, images, labels, test_images, test_labels, features,
+                   protocol: TrainProtocol, *, num_classes=None, learned_lr=None,
+                   model_overrides=None, adapter: str = "auto") -> Inputs:
+    """Host copies of the inputs (a ``SyntheticSet`` as ``images`` with ``labels=None`` also
+    gives its class count and learned lr), the resolved network and its bank parts, checked
+    by :func:`validate_inputs` for ``protocol.mode``."""
+    if hasattr(images, "images") and hasattr(images, "labels") and labels is None:
+        syn = images
+        images, labels = syn.images, syn.labels
+        num_classes = num_classes or getattr(syn, "num_classes", None)
+        if learned_lr is None:
+            learned_lr = getattr(syn, "lr", None)
+    images = _host(images, "synthetic images")
+    labels = _host(labels, "synthetic labels")
+    test_images = _host(test_images, "test images")
+    test_labels = _host(test_labels, "test labels")
+    k = int(num_classes) if num_classes else _infer_num_classes(labels, test_labels)
+    name, net = _resolve_net(arch, k, protocol, model_overrides)
+    features, logits = _bank_parts(features, name, net, images.shape[1:])
+    validate_inputs(name, net, images, labels, test_images, test_labels, features, k, protocol.mode,
+                    adapter, logits)
+    return Inputs(name, net, images, labels, test_images, test_labels, features, logits, k,
+                  learned_lr)
+
+
 def evaluate_synset(
     arch: Union[str, Any],
     images,
@@ -339,23 +379,12 @@ def evaluate_synset(
     Returns: ``{"arch", "mode", "accs" (list), "mean", "std", "seconds", "strategy",
       "train_loss" [R, E+1], "train_acc", "resumed_from", "lr", "adapter_params"}``.
     """
-    if hasattr(images, "images") and hasattr(images, "labels") and labels is None:
-        syn = images
-        images, labels = syn.images, syn.labels
-        num_classes = num_classes or getattr(syn, "num_classes", None)
-        if learned_lr is None:
-            learned_lr = getattr(syn, "lr", None)
-    images = _host(images, "synthetic images")
-    labels = _host(labels, "synthetic labels")
-    test_images = _host(test_images, "test images")
-    test_labels = _host(test_labels, "test labels")
-    k = int(num_classes) if num_classes else _infer_num_classes(labels, test_labels)
-    name, net = _resolve_net(arch, k, protocol, model_overrides)
-    features, logits = _bank_parts(features, name, net, images.shape[1:])
-    validate_inputs(name, net, images, labels, test_images, test_labels, features, k, protocol.mode,
-                        adapter, logits)
-    return _train_and_test(name, net, protocol, images, labels, test_images, test_labels,
-                           features, k, learned_lr, teacher_logits=logits, repeats=repeats,
+    i = prepare_inputs(arch, images, labels, test_images, test_labels, features, protocol,
+                       num_classes=num_classes, learned_lr=learned_lr,
+                       model_overrides=model_overrides, adapter=adapter)
+    return _train_and_test(i.name, i.net, protocol, i.images, i.labels, i.test_images,
+                           i.test_labels, i.features, i.k, i.learned_lr,
+                           teacher_logits=i.logits, repeats=repeats,
                            key=key, workdir=workdir,
                            strategy=strategy, chunk_epochs=chunk_epochs,
                            checkpoint_every=checkpoint_every, hparams=hparams,

@@ -22,9 +22,8 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 import jax
 import numpy as np
 
-from elf_jax.elf.evaluate import (_bank_parts, _check_memory, _host, _infer_num_classes,
-                                  _resolve_net, _train_and_test, net_for_mode, training_lr,
-                                  validate_inputs)
+from elf_jax.elf.evaluate import (_check_memory, _train_and_test, net_for_mode,
+                                  prepare_inputs, training_lr)
 from elf_jax.elf.losses import mode_needs_features
 from elf_jax.elf.summary import BASELINE_MODE, paired_gain
 from elf_jax.parallel.placement import Placement
@@ -103,19 +102,10 @@ def lambda_sweep(
     if int(repeats) < 1:
         raise ValueError(f"repeats={repeats}: at least one repeat is needed")
     key = jax.random.PRNGKey(0) if key is None else key
-    if hasattr(images, "images") and hasattr(images, "labels") and labels is None:  # a SyntheticSet
-        syn, images, labels = images, images.images, images.labels
-        num_classes = num_classes or getattr(syn, "num_classes", None)
-        learned_lr = getattr(syn, "lr", None) if learned_lr is None else learned_lr
-    images = _host(images, "synthetic images")
-    labels = _host(labels, "synthetic labels")
-    test_images = _host(test_images, "test images")
-    test_labels = _host(test_labels, "test labels")
-    k = int(num_classes) if num_classes else _infer_num_classes(labels, test_labels)
-    name, net = _resolve_net(arch, k, protocol, model_overrides)
-    features, _ = _bank_parts(features, name, net, images.shape[1:])
-    validate_inputs(name, net, images, labels, test_images, test_labels, features, k, protocol.mode,
-                    adapter)
+    i = prepare_inputs(arch, images, labels, test_images, test_labels, features, protocol,
+                       num_classes=num_classes, learned_lr=learned_lr,
+                       model_overrides=model_overrides, adapter=adapter)
+    name, net, images, labels, test_images, test_labels, features, _, k, learned_lr = i
     placement = Placement.of(parallel)
     nf, nl, r = len(lf), len(lr_axis), int(repeats)
     if placement.mesh is not None:
