@@ -56,6 +56,8 @@ from elf_jax.parallel.wrappers import (check_divisible, fold_key, global_augment
                                        with_bn_axis)
 from elf_jax.train.protocol import TrainProtocol
 from elf_jax.train.step import TrainState, default_hparams, init_state, make_variables, train_step
+from elf_jax.train.streaming import (DEFAULT_STREAM_STEPS, check_streamable, is_row_source,
+                                     make_stream_chunk_fn, stream_test_batches)
 
 __all__ = [
     "ENGINES", "REPEAT_STRATEGIES", "EVAL_FORMAT", "TrainingDiverged", "default_engine",
@@ -342,6 +344,23 @@ def _mesh_host_chunk(placement, stepper, plans, close, *, plan, pad):
     return fn
 
 
+@functools.lru_cache(maxsize=32)
+def make_streamed_chunk_fn(net, protocol: TrainProtocol, chunk_epochs: int,
+                           placement: Placement = Placement(), n: int = 0, steps: int = 1):
+    """The chunk of :func:`make_chunk_fn` over a streamed split (:mod:`elf_jax.train.streaming`):
+    ``steps`` minibatches per compiled call. On a ``data`` mesh a device holds only its rows
+    of each minibatch: the step sees them as a sharded bank would be seen."""
+    plan = epoch_batches(protocol, n, placement)
+    if placement.n_data > 1:
+        placement = dataclasses.replace(placement, config=dataclasses.replace(
+            placement.config, shard_bank=True))
+    step = placed_step(net, protocol, placement)
+    close = functools.partial(_close_epoch_jit, rows=plan[0] * plan[1] + plan[2], protocol=protocol)
+    return make_stream_chunk_fn(step, placement, plan, n, steps=steps, epoch_plan=epoch_plan,
+                                close_epoch=close, metric_keys=METRIC_KEYS,
+                                pad=functools.partial(_pad_epochs, chunk_epochs=chunk_epochs))
+
+
 # ------------------------------------------------------------------------------- init/test
 def init_states(net, protocol, key, repeats: int, sample_images, hparams=None, *,
                 first: int = 0, indices=None) -> TrainState:
@@ -413,10 +432,21 @@ def _accuracy(net, variables, batches, n) -> float:
     return int(np.sum(jax.device_get(counts))) / n
 
 
+def _batches(images, labels, batch_size: int):
+    """``(batches, n)`` for :func:`_accuracy`: device batches of an in-memory test set, or a
+    one-pass reader of a streamed one (call again for another pass)."""
+    if is_row_source(images):
+        if len(images) == 0:
+            raise ValueError("test_accuracy: no images")
+        return stream_test_batches(images, labels, batch_size), len(images)
+    return _test_batches(images, labels, batch_size)
+
+
 def test_accuracy(net, variables, images, labels, batch_size: int = 500) -> float:
     """Top-1 accuracy of ``net`` (inference mode, no augmentation) on ``images``/``labels``
-    (hard ``[N]`` or soft ``[N, K]``)."""
-    return _accuracy(net, variables, *_test_batches(images, labels, batch_size))
+    (hard ``[N]`` or soft ``[N, K]``); ``images`` may be a streamed split (read in order,
+    never whole in memory)."""
+    return _accuracy(net, variables, *_batches(images, labels, batch_size))
 
 
 test_accuracy.__test__ = False  # not a pytest test when imported into a test module
@@ -425,9 +455,16 @@ test_accuracy.__test__ = False  # not a pytest test when imported into a test mo
 def repeat_accuracies(net, states: TrainState, images, labels, batch_size: int = 500) -> np.ndarray:
     """:func:`test_accuracy` of every run of stacked ``states``: ``[R]``."""
     states = host_copy(states)
-    batches, n = _test_batches(images, labels, batch_size)
-    return np.asarray([_accuracy(net, make_variables(*jax.tree.map(lambda a: a[i], (
-        states.params, states.batch_stats))), batches, n) for i in range(np.shape(states.epoch)[0])])
+    streamed = is_row_source(images)
+    batches, n = (None, None) if streamed else _test_batches(images, labels, batch_size)
+
+    def acc(i):
+        variables = make_variables(*jax.tree.map(lambda a: a[i], (states.params, states.batch_stats)))
+        if streamed:  # one pass over the files per run
+            return test_accuracy(net, variables, images, labels, batch_size)
+        return _accuracy(net, variables, batches, n)
+
+    return np.asarray([acc(i) for i in range(np.shape(states.epoch)[0])])
 
 
 # ------------------------------------------------------------------------------- the engine
@@ -479,11 +516,16 @@ def fit(net, protocol: TrainProtocol, data: Mapping[str, Any], states: TrainStat
         checkpoint_every: int = 100, max_to_keep: Optional[int] = 2,
         meta: Optional[Mapping[str, Any]] = None,
         on_chunk: Optional[Callable[[int, TrainState, dict], None]] = None,
-        progress: bool = True, desc: str = "train") -> tuple:
+        progress: bool = True, desc: str = "train",
+        stream_steps: int = DEFAULT_STREAM_STEPS) -> tuple:
     """Trains the stacked runs ``states`` (``[R, ...]``, :func:`init_states`) on ``data``.
 
     Args:
-      data: ``{"images" [N,H,W,C], "labels" [N] or [N,K], "features"?}`` host or device arrays.
+      data: ``{"images" [N,H,W,C], "labels" [N] or [N,K], "features"?}`` host or device
+        arrays, or ``{"images": StreamedSplit, "labels" [N]}``: a split read from its files
+        while training (:mod:`elf_jax.train.streaming`; the same epochs, never in memory).
+      stream_steps: minibatches per compiled call on a stream (``scan`` engine; the ``host``
+        engine dispatches one at a time).
       num_epochs: epochs to run (default ``protocol.num_epochs``; fewer, e.g. for a teacher
         trained for ``E`` epochs with the schedule of ``E``).
       placement: None (one device), a ``ParallelConfig``/config section, or a ``Placement``.
@@ -503,7 +545,7 @@ def fit(net, protocol: TrainProtocol, data: Mapping[str, Any], states: TrainStat
     t0 = time.perf_counter()
     placement = Placement.of(placement)
     num_epochs = protocol.num_epochs if num_epochs is None else int(num_epochs)
-    n = int(np.shape(data["images"])[0])
+    n = len(data["images"]) if is_row_source(data["images"]) else int(np.shape(data["images"])[0])
     k = max(1, min(int(chunk_epochs or checkpoint_every or num_epochs), max(num_epochs, 1)))
     ckpt_every = max(k, (max(1, checkpoint_every) // k) * k) if checkpoint_every else k
     engine = default_engine() if engine == "auto" else engine
@@ -514,16 +556,22 @@ def fit(net, protocol: TrainProtocol, data: Mapping[str, Any], states: TrainStat
     repeats = int(np.shape(states.epoch)[0])
     if placement.mesh is not None:
         states = placement.put_runs(host_copy(states))
-    dtypes = {"images": jnp.float32}
-    if "features" in data:
-        dtypes["features"] = jnp.bfloat16 if placement.config.bank_dtype == "bfloat16" else jnp.float32
-    on_dev = place_rows(data, placement, dtypes)
     # lr and lambdas live in state.hparams: fields that do not change the compiled program
     # are normalised so that such runs share one executable
     compiled = dataclasses.replace(protocol, lr=1.0, lambda_front=0.0, lambda_rear=0.0,
                                    use_learned_lr=False, test_batch_size=1)
-    factory = make_host_chunk_fn if engine == "host" else make_chunk_fn
-    chunk_fn = factory(net, compiled, k, strategy, placement, n)
+    if is_row_source(data["images"]):
+        check_streamable(data, placement, strategy)
+        on_dev = {"images": data["images"], "labels": np.asarray(data["labels"], np.int32)}
+        chunk_fn = make_streamed_chunk_fn(net, compiled, k, placement, n,
+                                          stream_steps if engine == "scan" else 1)
+    else:
+        dtypes = {"images": jnp.float32}
+        if "features" in data:
+            dtypes["features"] = jnp.bfloat16 if placement.config.bank_dtype == "bfloat16" else jnp.float32
+        on_dev = place_rows(data, placement, dtypes)
+        factory = make_host_chunk_fn if engine == "host" else make_chunk_fn
+        chunk_fn = factory(net, compiled, k, strategy, placement, n)
     meta = {"kind": EVAL_FORMAT, **dict(meta or {})}
 
     mngr, start, earlier = None, 0, 0.0
