@@ -51,6 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from elf_jax.checkpoint import StepCheckpoints, fingerprint, write_json_atomic
+from elf_jax.data.stream import is_streamed
 from elf_jax.keys import stage_key
 from elf_jax.models import get_model
 from elf_jax.parallel.wrappers import host_copy
@@ -112,12 +113,16 @@ def _build_net(manifest: Mapping[str, Any], dtype=None):
 
 def _load_split(dataset, split: str):
     if isinstance(dataset, str):
-        from elf_jax.data import load
-        return load(dataset, split)
+        from elf_jax.data.stream import open_split
+        return open_split(dataset, split)
     return dataset
 
 
 def _dataset_arrays(ds):
+    """``(images, labels)`` of a split: float32 arrays in memory, or a streamed split itself
+    (the engine reads its rows while training) with its int32 labels."""
+    if is_streamed(ds):
+        return ds, np.asarray(ds.labels, np.int32)
     images = np.asarray(ds.images, np.float32)
     labels = np.asarray(ds.labels)
     if images.ndim != 4:
@@ -125,6 +130,15 @@ def _dataset_arrays(ds):
     if labels.shape != (images.shape[0],):
         raise ValueError(f"dataset labels must be [N] ints, got shape {labels.shape}")
     return images, labels.astype(np.int32)
+
+
+def _data_hash(train, images, labels) -> str:
+    """The training split's identity: a hash of its arrays, or of a streamed split's
+    ``fingerprint`` (labels, files, sampled records: hashing all of ImageNet would take
+    minutes). The two differ for one split: a trajectory is resumed only as it started."""
+    if is_streamed(train):
+        return fingerprint("streamed", train.fingerprint)[:16]
+    return fingerprint(images, labels)[:16]
 
 
 # ----------------------------------------------------------------------------- results
@@ -190,8 +204,10 @@ def train_teacher(
 
     Args:
       net_name: registry name (``elf_jax.models.get_model``), e.g. ``"ConvNetW512"``.
-      dataset: an ``ArrayDataset`` (train split) or a dataset name (its ``train`` split is
-        loaded, and its ``test`` split for ``test_dataset`` when that is ``None``).
+      dataset: an ``ArrayDataset`` (train split), a ``StreamedSplit`` (read from its files
+        while training: ``elf_jax.data.open_split``), or a dataset name (its ``train``
+        split is opened, in memory or streamed by size, and its ``test`` split for
+        ``test_dataset`` when that is ``None``).
       epochs: training epochs ``E``; snapshots ``0..E`` are written.
       lr, momentum, weight_decay, batch_size: PyTorch-style SGD (coupled weight decay).
       dsa_strategy: DSA groups (``"none"`` disables augmentation).
@@ -226,8 +242,9 @@ def train_teacher(
         "dtype": str(jnp.dtype(dtype)), "dataset": dataset_name,
         "zca": getattr(train, "zca", None) is not None,
         # the training data itself, not just its name: a changed split is never resumed
-        "data_hash": fingerprint(images_np, labels_np)[:16],
-        "image_shape": list(images_np.shape[1:]), "num_train": int(images_np.shape[0]),
+        "data_hash": _data_hash(train, images_np, labels_np),
+        "image_shape": list(train.image_shape if is_streamed(train) else images_np.shape[1:]),
+        "num_train": len(labels_np),
         "epochs": int(epochs), "lr": float(lr), "momentum": float(momentum),
         "weight_decay": float(weight_decay), "batch_size": int(batch_size),
         "dsa_strategy": dsa_strategy or "none", "lr_decay_at_half": bool(lr_decay_at_half),
@@ -254,7 +271,8 @@ def train_teacher(
         traj = StepCheckpoints(edir / "trajectory", max_to_keep=None)
         latest = traj.latest_step()
         if latest is None or latest < epochs or (edir / "resume").exists():  # not complete
-            states = init_states(net, protocol, base, 1, jnp.asarray(images_np[:1]), first=expert)
+            sample = jnp.zeros((1,) + tuple(manifest["image_shape"]), jnp.float32)
+            states = init_states(net, protocol, base, 1, sample, first=expert)
             if 0 not in traj:
                 traj.save(0, _snapshot(states), {"epoch": 0, "expert": expert, "lr": float(lr)})
 
