@@ -28,6 +28,10 @@ def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.dataset = "cifar10"
     c.data_dir = ""  # TFDS data dir; "" = TFDS default (~/tensorflow_datasets)
+    # Real data in memory or streamed from its array_record files (elf_jax.data.stream):
+    # auto streams a split whose float32 images exceed stream_above_gb.
+    c.data_mode = "auto"  # auto | memory | stream
+    c.stream_above_gb = 2.0
     c.zca = False
     c.seed = 0
     c.dtype = "float32"  # compute dtype of the networks: float32 | bfloat16
@@ -277,6 +281,8 @@ def reference_preset(config) -> ml_collections.ConfigDict:
 FIELD_DOCS = {
     "dataset": "dataset name (elf_jax.data registry: mnist5k, cifar10, cifar100, ...)",
     "data_dir": "TFDS data dir ('' = the TFDS default, ~/tensorflow_datasets)",
+    "data_mode": "real splits in memory or streamed from their files: auto | memory | stream",
+    "stream_above_gb": "data_mode=auto streams a split whose float32 images exceed this (GB)",
     "zca": "ZCA-whiten the images (as the reference does for some MTT runs)",
     "seed": "base seed; each stage draws its own stream from it (elf_jax.keys)",
     "dtype": "compute dtype of every network: float32 | bfloat16",
@@ -389,8 +395,16 @@ def check_config(config) -> None:
     from elf_jax.train.protocol import TrainProtocol
     from elf_jax.train.runner import REPEAT_STRATEGIES
 
+    from elf_jax.data.stream import DATA_MODES
+
     resolve_info(config.dataset)
     _one_of("dtype", config.dtype, ("float32", "bfloat16"))
+    _one_of("data_mode", config.get("data_mode", "auto"), DATA_MODES)
+    if float(config.get("stream_above_gb", 2.0)) < 0:
+        raise ValueError(f"config.stream_above_gb={config.stream_above_gb}: must be >= 0 (GB)")
+    if config.get("data_mode", "auto") == "stream" and config.zca:
+        raise ValueError("config.data_mode='stream' with config.zca=True: ZCA needs the whole "
+                         "split in memory to fit; set zca=False or data_mode=memory")
     t, s, e = config.teacher, config.synset, config.eval
     for name, arch in [("teacher.arch", t.arch), ("synset.arch", s.arch)] + [
             ("eval.pool", a) for a in e.pool] + (

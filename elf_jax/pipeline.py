@@ -47,7 +47,8 @@ import numpy as np
 
 from elf_jax import report as report_lib
 from elf_jax.checkpoint import write_json_atomic
-from elf_jax.data import load, resolve_info
+from elf_jax.data import resolve_info
+from elf_jax.data.stream import STREAM_ABOVE_GB, images_of, open_split
 from elf_jax.models import front_shape, get_model, list_models
 from elf_jax.parallel.mesh import ParallelConfig
 
@@ -144,9 +145,11 @@ class Run:
         self.workdir = Path(workdir)
 
     def _load(self, split: str):
+        """A real split, in memory or streamed from its files (`config.data_mode`)."""
         c = self.config
-        return load(c.dataset, split, data_dir=c.data_dir or None, zca=bool(c.zca),
-                    stats=_stats(c))
+        return open_split(c.dataset, split, mode=c.get("data_mode", "auto"),
+                          stream_above_gb=float(c.get("stream_above_gb", STREAM_ABOVE_GB)),
+                          data_dir=c.data_dir or None, zca=bool(c.zca), stats=_stats(c))
 
     train = functools.cached_property(lambda self: self._load("train"))
     test = functools.cached_property(lambda self: self._load("test"))
@@ -697,7 +700,7 @@ def stage_evaluate(run: Run, synset=None, banks=None) -> dict:
              f"{entry['strategy']}) {eta.tick()}")
 
     out = cross_evaluate(
-        list(config.eval.pool), synset.images, synset.labels, run.test.images, run.test.labels,
+        list(config.eval.pool), synset.images, synset.labels, images_of(run.test), run.test.labels,
         features=banks, modes=tuple(config.eval.modes), protocol=_protocol(config),
         repeats=int(config.eval.repeats), key=jax.random.PRNGKey(config.seed),
         workdir=run.workdir / "eval", num_classes=synset.num_classes,
@@ -856,7 +859,7 @@ def stage_sweep(run: Run, synset=None, banks=None) -> dict:
     eta = _Eta(len(pool))
     for arch in pool:
         out = lambda_sweep(
-            arch, synset.images, synset.labels, run.test.images, run.test.labels, banks[arch],
+            arch, synset.images, synset.labels, images_of(run.test), run.test.labels, banks[arch],
             lambda_front=request["sweep"]["lambda_front"],
             lambda_rear=request["sweep"]["lambda_rear"],
             protocol=_protocol(config).replace(mode=mode), repeats=int(config.eval.repeats),

@@ -28,7 +28,7 @@ import numpy as np
 from elf_jax.data.registry import DatasetInfo
 
 __all__ = ["DATA_MODES", "STREAM_ABOVE_GB", "StreamedSplit", "open_split", "float32_gb",
-           "is_streamed"]
+           "is_streamed", "images_of"]
 
 DATA_MODES = ("auto", "memory", "stream")
 #: Float32 size (GB) of a split's images above which `open_split(mode="auto")` streams it:
@@ -48,6 +48,12 @@ def float32_gb(info: DatasetInfo, num_examples: int) -> float:
 def is_streamed(dataset) -> bool:
     """Whether `dataset` is read on demand (a `StreamedSplit`) rather than held in memory."""
     return isinstance(dataset, StreamedSplit)
+
+
+def images_of(dataset):
+    """What the engine and the test passes take as a split's images: the in-memory array, or
+    the streamed split itself (read while they run)."""
+    return dataset if is_streamed(dataset) else dataset.images
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -36,6 +36,7 @@ from elf_jax.elf.summary import BASELINE_MODE, ELF_MODE, summarize
 from elf_jax.parallel.placement import Placement
 from elf_jax.train.protocol import TrainProtocol
 from elf_jax.train.runner import run_evaluation
+from elf_jax.train.streaming import is_row_source
 
 __all__ = ["evaluate_synset", "cross_evaluate", "validate_inputs", "describe_split",
            "net_for_mode", "ADAPTER_CHOICES"]
@@ -71,9 +72,19 @@ def describe_split(arch: str) -> str:
 
 
 def _host(x, what: str) -> np.ndarray:
+    """A host copy of ``x``; a streamed split (a test set too big for memory) as it is."""
     if x is None:
         raise ValueError(f"{what} is missing (None)")
+    if is_row_source(x):
+        return x
     return np.asarray(jax.device_get(x))
+
+
+def _shape(images) -> tuple:
+    """``[N, H, W, C]`` of an array or a streamed split."""
+    if is_row_source(images):
+        return (len(images),) + tuple(images.image_shape)
+    return tuple(images.shape)
 
 
 def _num_bad(a: np.ndarray) -> int:
@@ -159,14 +170,15 @@ def validate_inputs(
             f"the synthetic images hold {_num_bad(images)} NaN/Inf value(s) (shape "
             f"{images.shape}); the distillation diverged: use its last good checkpoint")
     _check_labels(labels, n, num_classes, "synthetic set")
-    if test_images.ndim != 4 or test_images.shape[1:] != images.shape[1:]:
+    test_shape = _shape(test_images)
+    if len(test_shape) != 4 or test_shape[1:] != images.shape[1:]:
         raise ValueError(
-            f"test images have shape {test_images.shape} but the synthetic images "
+            f"test images have shape {test_shape} but the synthetic images "
             f"{images.shape}: both must be [N, H, W, C] with the same H, W, C")
-    if _num_bad(test_images):
+    if not is_row_source(test_images) and _num_bad(test_images):  # streamed: uint8 pixels
         raise ValueError(f"the test images hold {_num_bad(test_images)} NaN/Inf value(s)")
     tl = test_labels if test_labels.ndim == 1 else test_labels.argmax(-1)
-    _check_labels(tl.astype(np.int64), test_images.shape[0], num_classes, "test set")
+    _check_labels(tl.astype(np.int64), test_shape[0], num_classes, "test set")
     if mode_needs_logits(mode):
         _check_teacher_logits(arch, teacher_logits, n, num_classes)
     if not mode_needs_features(mode):
