@@ -44,6 +44,7 @@ import jax
 import numpy as np
 
 from elf_jax import checkpoint
+from elf_jax.data.sampler import take_rows
 
 __all__ = [
     "SyntheticSet",
@@ -345,7 +346,8 @@ def from_npz(path) -> SyntheticSet:
 
 def random_real_subset(key, dataset, ipc: int) -> SyntheticSet:
     """``ipc`` random real images per class of ``dataset`` (an ``ArrayDataset``-like object
-    with ``images``, ``labels``, ``num_classes`` and ``name``), ordered by class; labelled
+    with ``images``, ``labels``, ``num_classes`` and ``name``, or a ``StreamedSplit``, of
+    which only the selected rows are read), ordered by class; labelled
     ``method="real_random"``.  ``ValueError`` if a class has fewer than ``ipc`` images."""
     ipc = int(ipc)
     if ipc < 1:
@@ -366,7 +368,7 @@ def random_real_subset(key, dataset, ipc: int) -> SyntheticSet:
                 f"images but ipc={ipc} were requested; lower ipc to at most {idx.size}")
         picks.append(idx[np.argsort(u[idx], kind="stable")[:ipc]])
     sel = np.concatenate(picks)
-    images = _host(dataset.images)[sel]
+    images = take_rows(dataset, sel)
     space = dataset_normalization(dataset)
     meta = {**({"normalization": space} if space else {}),
         "method": "real_random",

@@ -24,6 +24,7 @@ class ElfTestTiny(tfds.core.GeneratorBasedBuilder):
     """Images given as numpy arrays: preparing must work without TensorFlow."""
 
     VERSION = tfds.core.Version("1.0.0")
+    SIZES = SPLIT_SIZES
 
     def _info(self):
         return tfds.core.DatasetInfo(
@@ -34,16 +35,28 @@ class ElfTestTiny(tfds.core.GeneratorBasedBuilder):
             supervised_keys=("image", "label"))
 
     def _split_generators(self, dl_manager):
-        return {s: self._generate_examples(s, n) for s, n in SPLIT_SIZES.items()}
+        return {s: self._generate_examples(s, n) for s, n in self.SIZES.items()}
 
     def _generate_examples(self, split, n):
         for i in range(n):
             yield i, {"image": example_image(split, i), "label": example_label(i)}
 
 
+class ElfTestTinyBn(ElfTestTiny):
+    """16 train images per class: enough for a BatchNorm net's 16-per-class statistics
+    (DC/DSA)."""
+
+    SIZES = {"train": 16 * NUM_CLASSES, "test": 16}
+
+
 TEST_INFO = registry.DatasetInfo(
     "elf_test_tiny", SHAPE, NUM_CLASSES, (0.5, 0.4, 0.3), (0.25, 0.2, 0.15), source="tfds",
     tfds_name="elf_test_tiny", prepare_hint="(test dataset)")
+
+
+BN_INFO = registry.DatasetInfo(
+    "elf_test_tiny_bn", SHAPE, NUM_CLASSES, (0.5, 0.4, 0.3), (0.25, 0.2, 0.15), source="tfds",
+    tfds_name="elf_test_tiny_bn", prepare_hint="(test dataset)")
 
 
 def register(monkeypatch, info=TEST_INFO):

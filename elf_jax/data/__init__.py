@@ -17,12 +17,14 @@ from elf_jax.data.zca import ZCA, fit_zca, zca_for
 __all__ = [
     "load", "resolve_info", "ArrayDataset", "check_images", "DatasetInfo", "dataset_info",
     "list_datasets", "canonical_name", "IMAGENET_SUBSETS", "ZCA", "fit_zca", "zca_for",
-    "ClassIndex", "StreamingClassSampler", "make_loader", "DatasetNotPreparedError",
+    "ClassIndex", "StreamedClassIndex", "class_index", "StreamingClassSampler", "make_loader",
+    "DatasetNotPreparedError",
 ]
 
 
 def __getattr__(name):  # lazy: keeps `import elf_jax.data` free of jax/tfds/grain imports
-    if name in ("ClassIndex", "StreamingClassSampler", "make_loader"):
+    if name in ("ClassIndex", "StreamedClassIndex", "class_index", "StreamingClassSampler",
+                "make_loader"):
         from elf_jax.data import sampler
 
         return getattr(sampler, name)

@@ -4,8 +4,13 @@
   distinct images of class c uniformly (the reference: `np.random.permutation(
   indices_class[c])[:n]`). Jittable: `c` may be traced, `n` is static; `sample_class(
   index.arrays, key, c, n)` is the same draw as a pure function (distillation steps).
-* `StreamingClassSampler`: the same for datasets too big for memory; reads only the drawn
-  records from the array_record files.
+* `StreamedClassIndex(split)`: the same draws for a `StreamedSplit` (the same jittable
+  `class_indices` on the same table, so the same key gives the same rows), whose images are
+  read on the host (`split.read`) and mapped into the split's space on the device: only the
+  labels are in memory, never the images. `class_index(dataset)` picks one of the two.
+* `take_rows(dataset, indices)`: float32 host rows of either kind of split.
+* `StreamingClassSampler`: class samples of a TFDS split by name with a numpy Generator
+  (reads only the drawn records; optional ZCA).
 * `make_loader(...)`: a grain `DataLoader` of normalized batches, sharded by process.
 """
 
@@ -19,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from elf_jax.data.dataset import ArrayDataset
+from elf_jax.data.stream import StreamedSplit, is_streamed
 
 
 class ClassArrays(NamedTuple):
@@ -29,14 +35,44 @@ class ClassArrays(NamedTuple):
     counts: jax.Array  # [K] int32
 
 
-def class_indices(a: ClassArrays, key, c, n: int):
+class ClassTable(NamedTuple):
+    """The arrays of a `StreamedClassIndex`: `ClassArrays` without the images (the
+    `class_indices` draws need only these)."""
+
+    table: jax.Array  # [K, width] int32
+    counts: jax.Array  # [K] int32
+
+
+def class_table(labels: np.ndarray, num_classes: int):
+    """``(table [K, width] int32, counts [K])``: row c holds the indices of class c in
+    dataset order, padded with its first index (width = the largest class)."""
+    labels = np.asarray(labels)
+    counts = np.bincount(labels, minlength=num_classes)
+    width = max(1, int(counts.max()) if counts.size else 1)
+    table = np.zeros((num_classes, width), np.int32)
+    for c in range(num_classes):
+        idx = np.flatnonzero(labels == c)
+        table[c, :len(idx)] = idx
+        if len(idx):
+            table[c, len(idx):] = idx[0]
+    return table, counts
+
+
+def class_indices(a, key, c, n: int):
     """Dataset indices of n distinct random images of class c; jittable (c may be traced,
-    n static and at most the class count)."""
+    n static and at most the class count). ``a``: `ClassArrays` or `ClassTable`."""
     width = a.table.shape[1]
     u = jax.random.uniform(key, (width,))
     u = jnp.where(jnp.arange(width) < a.counts[c], u, 2.0)  # padding slots lose
     _, pos = jax.lax.top_k(-u, n)  # n smallest uniforms = a uniform n-subset, random order
     return a.table[c, pos]
+
+
+def all_class_indices(a, key, n: int):
+    """[K, n]: `class_indices` of every class, one key per class (``split(key, K)``)."""
+    k = a.table.shape[0]
+    return jax.vmap(lambda kk, c: class_indices(a, kk, c, n))(jax.random.split(key, k),
+                                                              jnp.arange(k))
 
 
 def sample_class(a: ClassArrays, key, c, n: int):
@@ -46,41 +82,25 @@ def sample_class(a: ClassArrays, key, c, n: int):
 
 def sample_all_classes(a: ClassArrays, key, n: int):
     """[K, n, H, W, C]: n images of every class, one key per class."""
-    k = a.table.shape[0]
-    return jax.vmap(lambda kk, c: sample_class(a, kk, c, n))(jax.random.split(key, k),
-                                                             jnp.arange(k))
+    return a.images[all_class_indices(a, key, n)]
 
 
 _indices_jit = jax.jit(class_indices, static_argnames=("n",))
-_sample_jit = jax.jit(sample_class, static_argnames=("n",))
-_sample_all_jit = jax.jit(sample_all_classes, static_argnames=("n",))
+_all_indices_jit = jax.jit(all_class_indices, static_argnames=("n",))
+_take_jit = jax.jit(lambda images, idx: images[idx])
 
 
-class ClassIndex:
-    """Per-class index of an in-memory dataset for fast class-conditional sampling.
+class _TableIndex:
+    """What both indexes share: the class table of the labels, the checks of ``n``, the
+    index draws and the image draws (the rows of the drawn indices, ``images_at``)."""
 
-    `arrays.images` are kept as a device array; `arrays.table[c, :counts[c]]` are the indices
-    of class c. The methods check `n`; the module functions of `arrays` are their jittable
-    form for code that draws inside jit.
-    """
-
-    def __init__(self, dataset: ArrayDataset, *, device_put: bool = True):
-        labels = np.asarray(dataset.labels)
-        k = dataset.num_classes
-        counts = np.bincount(labels, minlength=k)
-        width = max(1, int(counts.max()) if counts.size else 1)
-        table = np.zeros((k, width), np.int32)
-        for c in range(k):
-            idx = np.flatnonzero(labels == c)
-            table[c, :len(idx)] = idx
-            if len(idx):
-                table[c, len(idx):] = idx[0]
-        self.num_classes = k
+    def __init__(self, labels, num_classes: int):
+        table, counts = class_table(labels, num_classes)
+        self.num_classes = num_classes
         self.counts = counts
-        self.indices = [table[c, :counts[c]] for c in range(k)]
-        self.images = jnp.asarray(dataset.images) if device_put else dataset.images
-        self.labels = labels
-        self.arrays = ClassArrays(self.images, jnp.asarray(table), jnp.asarray(counts, jnp.int32))
+        self.indices = [table[c, :counts[c]] for c in range(num_classes)]
+        self.labels = np.asarray(labels)
+        self._table = ClassTable(jnp.asarray(table), jnp.asarray(counts, jnp.int32))
 
     def _check(self, n: int, c=None):
         n = int(n)
@@ -97,20 +117,85 @@ class ClassIndex:
                              "pass a Python int class to check that class only")
         return n
 
-    def sample_class(self, key, c, n: int):
-        """n distinct images of class c, [n, H, W, C] (uniform without replacement)."""
-        n = self._check(n, c)
-        return _sample_jit(self.arrays, key, c, n)
-
     def sample_class_indices(self, key, c, n: int):
         """Dataset indices of the images `sample_class(key, c, n)` returns."""
         n = self._check(n, c)
-        return _indices_jit(self.arrays, key, c, n)
+        return _indices_jit(self._table, key, c, n)
+
+    def sample_all_classes_indices(self, key, n: int):
+        """[num_classes, n]: the dataset indices `sample_all_classes(key, n)` returns."""
+        n = self._check(n)
+        return _all_indices_jit(self._table, key, n)
+
+    def sample_class(self, key, c, n: int):
+        """n distinct images of class c, [n, H, W, C] (uniform without replacement)."""
+        return self.images_at(self.sample_class_indices(key, c, n))
 
     def sample_all_classes(self, key, n: int):
         """[num_classes, n, H, W, C]: n distinct images per class (independent keys)."""
-        n = self._check(n)
-        return _sample_all_jit(self.arrays, key, n)
+        return self.images_at(self.sample_all_classes_indices(key, n))
+
+
+class ClassIndex(_TableIndex):
+    """Per-class index of an in-memory dataset for fast class-conditional sampling.
+
+    `arrays.images` are kept as a device array; `arrays.table[c, :counts[c]]` are the indices
+    of class c. The methods check `n`; the module functions of `arrays` are their jittable
+    form for code that draws inside jit.
+    """
+
+    def __init__(self, dataset: ArrayDataset, *, device_put: bool = True):
+        if is_streamed(dataset):
+            raise ValueError(f"{dataset.name} {dataset.split} is streamed: index it with "
+                             "StreamedClassIndex (or class_index(dataset))")
+        super().__init__(dataset.labels, dataset.num_classes)
+        self.images = jnp.asarray(dataset.images) if device_put else dataset.images
+        self.arrays = ClassArrays(self.images, self._table.table, self._table.counts)
+
+    def images_at(self, indices):
+        """Device ``indices.shape + image_shape``: the images of rows ``indices``."""
+        return _take_jit(self.images, indices)
+
+
+class StreamedClassIndex(_TableIndex):
+    """`ClassIndex` of a `StreamedSplit`: the same methods and the same draws for the same
+    key (the same `class_indices` on the same table), the drawn rows read with
+    ``split.read`` and mapped with ``split.to_space`` on the device, so the images equal
+    `ClassIndex`'s on the in-memory split bit for bit. `arrays` is a `ClassTable` (no
+    images); `sample_*` synchronise with the host (the indices decide what is read), so
+    they cannot run inside jit: draw with them, then pass the images in.
+    """
+
+    def __init__(self, split: StreamedSplit):
+        if not is_streamed(split):
+            raise ValueError(f"StreamedClassIndex takes a StreamedSplit, got "
+                             f"{type(split).__name__}: use ClassIndex (or class_index)")
+        super().__init__(split.labels, split.num_classes)
+        self.split = split
+        self.arrays = self._table
+
+    def images_at(self, indices):
+        """Device float32 ``indices.shape + image_shape``: the rows ``indices`` in the
+        split's space."""
+        idx = np.asarray(indices)
+        u8 = self.split.read(idx.reshape(-1))
+        x = self.split.to_space(jnp.asarray(u8))
+        return x.reshape(idx.shape + tuple(self.split.image_shape))
+
+
+def class_index(dataset):
+    """The class index of ``dataset``: `StreamedClassIndex` for a `StreamedSplit`,
+    `ClassIndex` (images on the device) for an in-memory split."""
+    return StreamedClassIndex(dataset) if is_streamed(dataset) else ClassIndex(dataset)
+
+
+def take_rows(dataset, indices) -> np.ndarray:
+    """Host float32 ``[n, H, W, C]``: rows ``indices`` of an in-memory split (its images)
+    or of a `StreamedSplit` (only those rows read), in the split's space."""
+    idx = np.asarray(indices, np.int64).reshape(-1)
+    if is_streamed(dataset):
+        return np.ascontiguousarray(dataset.to_space(dataset.read(idx)), np.float32)
+    return np.ascontiguousarray(np.asarray(dataset.images, np.float32)[idx])
 
 
 class StreamingClassSampler:

@@ -31,6 +31,8 @@ import optax
 
 from elf_jax.checkpoint import StepCheckpoints, check_expect, fingerprint
 from elf_jax.augment import DEFAULT_STRATEGY
+from elf_jax.data.sampler import take_rows
+from elf_jax.data.stream import is_streamed
 from elf_jax.distill.settings import METHOD_SETTINGS, Settings
 from elf_jax.keys import raw_key, stage_key, typed_key
 from elf_jax.synset import SyntheticSet, dataset_normalization, load_synset, save_synset
@@ -65,14 +67,18 @@ class DistillState(NamedTuple):
 
 # ----------------------------------------------------------------------------- data
 def as_dataset(dataset, split: str = "train", **load_kw):
-    """An ``ArrayDataset`` (returned as is) or a dataset name (loaded)."""
+    """An ``ArrayDataset`` or a ``StreamedSplit`` (returned as is) or a dataset name
+    (loaded)."""
     if isinstance(dataset, str):
         from elf_jax.data import load
 
         return load(dataset, split, **load_kw)
+    if is_streamed(dataset):
+        return dataset
     for attr in ("images", "labels"):
         if not hasattr(dataset, attr):
-            raise ValueError(f"dataset must be an ArrayDataset or a dataset name, got "
+            raise ValueError(f"dataset must be an ArrayDataset, a StreamedSplit or a dataset "
+                             f"name, got "
                              f"{type(dataset).__name__} without .{attr}")
     return dataset
 
@@ -100,14 +106,14 @@ def check_ipc(dataset, ipc: int) -> np.ndarray:
 
 def init_synthetic(key, dataset, ipc: int, init: str = "real"):
     """``(images [K*ipc,H,W,C], labels [K*ipc])``, class-ordered (0,0,..,1,1,..), from
-    random real images of each class (``init="real"``, the reference default) or standard
-    normal noise (``init="noise"``)."""
+    random real images of each class (``init="real"``, the reference default; of a
+    ``StreamedSplit`` only those rows are read) or standard normal noise (``init="noise"``)."""
     counts = check_ipc(dataset, ipc)
     k = len(counts)
     labels = np.repeat(np.arange(k, dtype=np.int32), ipc)
-    images = np.asarray(dataset.images, np.float32)
     if init == "noise":
-        out = np.asarray(jax.random.normal(key, (k * ipc,) + images.shape[1:], jnp.float32))
+        shape = (k * ipc,) + tuple(image_shape_of(dataset))
+        out = np.asarray(jax.random.normal(key, shape, jnp.float32))
     elif init == "real":
         all_labels = np.asarray(dataset.labels)
         keys = jax.random.split(key, k)
@@ -116,10 +122,25 @@ def init_synthetic(key, dataset, ipc: int, init: str = "real"):
             idx = np.flatnonzero(all_labels == c)
             perm = np.asarray(jax.random.permutation(keys[c], idx.size))
             picks.append(idx[perm[:ipc]])
-        out = images[np.concatenate(picks)]
+        out = take_rows(dataset, np.concatenate(picks))
     else:
         raise ValueError(f"init must be 'real' or 'noise', got {init!r}")
     return np.ascontiguousarray(out, np.float32), labels
+
+
+def image_shape_of(dataset) -> tuple:
+    """``(H, W, C)`` of a split's images (without touching a streamed split's images)."""
+    shape = getattr(dataset, "image_shape", None)
+    return tuple(shape) if shape is not None else tuple(np.shape(dataset.images)[1:])
+
+
+def data_hash(dataset) -> str:
+    """What identifies the real data of a run for its resume check: the images and labels
+    of an in-memory split, a ``StreamedSplit``'s fingerprint (hashing every image of a
+    split that does not fit in memory would read it all)."""
+    if is_streamed(dataset):
+        return fingerprint("streamed", dataset.fingerprint)[:16]
+    return fingerprint(np.asarray(dataset.images), np.asarray(dataset.labels))[:16]
 
 
 def real_batch_size(dataset, wanted: int) -> int:
@@ -415,7 +436,7 @@ def apply_front(net, variables, x):
 class Prelude(NamedTuple):
     """What :func:`distill` prepared for a method's ``setup`` hook."""
 
-    train: Any  # the ArrayDataset
+    train: Any  # the ArrayDataset or StreamedSplit
     net: Any  # get_model(settings.arch, num_classes, **settings.model_kwargs)
     images: np.ndarray  # the initial set [K*ipc, H, W, C], class-ordered
     labels: np.ndarray  # its hard labels [K*ipc]
@@ -438,7 +459,8 @@ class Plan(NamedTuple):
 def distill(method: str, dataset, settings: Optional[Settings] = None, *, workdir=None,
             key=None, test_dataset=None, evaluation: Optional[EvalSettings] = None,
             progress: bool = True, callback=None, **fields) -> SyntheticSet:
-    """Distills ``dataset`` (an ``ArrayDataset`` or a dataset name) with ``method``.
+    """Distills ``dataset`` (an ``ArrayDataset``, a ``StreamedSplit`` or a dataset name)
+    with ``method``.
 
     settings: the method's dataclass (:data:`elf_jax.distill.settings.METHOD_SETTINGS`;
     default: its defaults) with ``fields`` replaced (``ipc=1, lr_img=0.5``). key: the run's
@@ -484,7 +506,7 @@ def distill(method: str, dataset, settings: Optional[Settings] = None, *, workdi
     run_meta = {**base, "lr_img": s.lr_img, "momentum": s.momentum, "init": s.init,
                 "dsa_strategy": s.dsa_strategy, **plan.meta, "key": raw_key(k_run).tolist(),
                 # the real images themselves: another split or normalization is never resumed
-                "data_hash": fingerprint(np.asarray(train.images), np.asarray(train.labels))[:16]}
+                "data_hash": data_hash(train)}
     set_meta = {"method": method, **base, "zca": getattr(train, "zca", None) is not None,
                 **plan.extra}
     if dataset_normalization(train):  # the space the images live in (elf_jax.synset)

@@ -20,7 +20,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from elf_jax.data.sampler import ClassIndex
+from elf_jax.data.sampler import class_index
 from elf_jax.distill import common as C
 from elf_jax.distill.settings import DMSettings
 
@@ -68,12 +68,13 @@ def make_dm_step(net, *, lr_img: float = 1.0, momentum: float = 0.5,
 
 def setup(method: str, s: DMSettings, p: C.Prelude) -> C.Plan:
     """The driver's hook: a fresh network per iteration, ``batch_real`` real images of every
-    class drawn outside the step."""
+    class drawn outside the step (``class_index``: from the device copy of an in-memory
+    split, or read from a ``StreamedSplit``; the same draws either way)."""
     if not getattr(p.net, "has_split", False):
         raise ValueError(f"DM needs an embedding network with a front (ConvNet/VGG/ResNet "
                          f"families); {s.arch} has none")
     b = C.real_batch_size(p.train, s.batch_real)
-    index = ClassIndex(p.train)
+    index = class_index(p.train)
     step = make_dm_step(p.net, lr_img=s.lr_img, momentum=s.momentum,
                         dsa_strategy=s.dsa_strategy)
 

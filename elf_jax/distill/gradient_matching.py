@@ -1,8 +1,9 @@
 """DC and DSA: gradient matching (Zhao et al. 2021; Zhao & Bilen 2021), as the reference
 ``distill_DSA.py`` / DC ``main.py``.
 
-One iteration (one jitted step; on XLA:CPU a Python loop of jitted pieces, see
-:func:`make_gm_step`'s ``host_loop``): a freshly initialized network; ``outer_loop`` rounds of
+One iteration (one jitted step; on XLA:CPU, and for a ``StreamedSplit`` on every backend, a
+Python loop of jitted pieces, see :func:`make_gm_step`'s ``host_loop``): a freshly
+initialized network; ``outer_loop`` rounds of
 
 1. (BatchNorm nets) running statistics from 16 real images per class, then frozen;
 2. for every class c: the CE gradient of the network's parameters on ``batch_real`` real
@@ -30,13 +31,15 @@ Distances (``dis_metric``), over the parameter gradient tensors:
 from __future__ import annotations
 
 import functools
-from typing import Optional
+from typing import Optional, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-from elf_jax.data.sampler import ClassArrays, ClassIndex, sample_all_classes
+from elf_jax.data.sampler import (ClassArrays, StreamedClassIndex, class_index,
+                                  sample_all_classes)
 from elf_jax import loops
 from elf_jax.distill import common as C
 from elf_jax.distill.settings import GradientMatchingSettings
@@ -103,10 +106,13 @@ def make_gm_step(net, *, num_classes: int, ipc: int, outer_loop: int, inner_loop
                  batch_real: int = 256, batch_train: int = 256, dis_metric: str = "ours",
                  dsa_strategy: Optional[str] = C.DEFAULT_STRATEGY, class_loop: str = "map",
                  host_loop: Optional[bool] = None):
-    """The DC/DSA step ``(state, key, pool: ClassArrays) -> (state, metrics)``; real
-    batches are drawn from ``pool`` (``ClassIndex(train).arrays``) inside (``outer_loop *
-    K * batch_real`` images per iteration would not fit as an argument).
-    ``dsa_strategy=None``: DC. ``class_loop``:
+    """The DC/DSA step ``(state, key, pool) -> (state, metrics)``; real batches are drawn
+    from ``pool``: ``ClassIndex(train).arrays`` (the split on the device), drawn inside the
+    jitted round (``outer_loop * K * batch_real`` images per iteration would not fit as an
+    argument), or a ``StreamedClassIndex`` (a ``StreamedSplit``): each round's indices are
+    drawn with the same keys and functions before the rounds run, each round's rows read on
+    the host and passed into that round (needs ``host_loop=True``; the same draws, so the
+    same result to float reassociation). ``dsa_strategy=None``: DC. ``class_loop``:
     ``"map"`` (classes one after another under ``lax.map``) or ``"vmap"`` (vectorised: the
     per-class weight gradients become batched/grouped convolutions, measured slower on the
     CPU, see BENCHMARKS.md).
@@ -117,7 +123,8 @@ def make_gm_step(net, *, num_classes: int, ipc: int, outer_loop: int, inner_loop
     CPU convolutions in a rolled loop take a slow path, and unrolling the whole step would
     compile for minutes. The class loop and an epoch's minibatches are unrolled there
     (:func:`elf_jax.loops.scan`). Same results as the jitted step up to float
-    reassociation. ``False``: one jitted step (GPU/TPU)."""
+    reassociation. ``False``: one jitted step (GPU/TPU). A ``StreamedClassIndex`` pool
+    needs the host loop on every backend (``setup`` turns it on for a ``StreamedSplit``)."""
     if class_loop not in ("map", "vmap"):
         raise ValueError(f"class_loop must be 'map' or 'vmap', got {class_loop!r}")
     if dis_metric not in DIS_METRICS:
@@ -185,27 +192,37 @@ def make_gm_step(net, *, num_classes: int, ipc: int, outer_loop: int, inner_loop
                                            (params, bstats), jax.random.split(key, inner_loop))
         return params, bstats
 
-    def init_net(key, pool):
+    def init_net(key, example):
         k_net, k_rounds = jax.random.split(key)
-        variables = net.init(k_net, pool.images[:1], train=False)
+        variables = net.init(k_net, example, train=False)  # its shape only
         return (variables["params"], variables.get("batch_stats", {}),
                 jax.random.split(k_rounds, outer_loop))
 
-    def match_round(params, bstats, syn, opt_state, pool, kk):
-        """Steps 1-3 of a round; returns the statistics, set, optimizer state, the loss
-        and the key of the round's training."""
-        k_bn, k_real, k_aug, k_train = jax.random.split(kk, 4)
+    def draw(sample, kk, bn: bool):
+        """A round's ``(BN batch or None, matching batch)`` of ``sample(key, n)`` (images
+        [K, n, ...] or, streamed, their indices [K, n]) with the round's keys."""
+        k_bn, k_real, _, _ = jax.random.split(kk, 4)
+        return (sample(k_bn, BN_SIZE_PER_CLASS) if bn else None, sample(k_real, batch_real))
+
+    def match_drawn(params, bstats, syn, opt_state, xbn, real, kk):
+        """Steps 1-3 of a round on its drawn real images (``xbn [K, 16, ...]`` or None,
+        ``real [K, B, ...]``); returns the statistics, set, optimizer state, the loss and
+        the key of the round's training."""
+        _, _, k_aug, k_train = jax.random.split(kk, 4)
         if bstats:  # running statistics from 16 real images per class, then frozen
-            xbn = sample_all_classes(pool, k_bn, BN_SIZE_PER_CLASS)
             xbn = xbn.reshape((-1,) + xbn.shape[2:])
             _, upd = net.apply(_variables(params, bstats), xbn, train=True,
                                mutable=["batch_stats"])
             bstats = upd["batch_stats"]
-        real = sample_all_classes(pool, k_real, batch_real)
         loss, g = jax.value_and_grad(match_loss)(syn["images"], params, bstats, real, k_aug)
         updates, opt_state = optimizer.update({"images": g}, opt_state, syn)
         syn = optax.apply_updates(syn, updates)
         return bstats, syn, opt_state, loss, k_train
+
+    def match_round(params, bstats, syn, opt_state, pool, kk):
+        """`match_drawn` on the round's draws from the device ``pool``."""
+        xbn, real = draw(functools.partial(sample_all_classes, pool), kk, bool(bstats))
+        return match_drawn(params, bstats, syn, opt_state, xbn, real, kk)
 
     def finish(state, syn, opt_state, losses):
         state = state._replace(syn=syn, opt_state=opt_state, iteration=state.iteration + 1)
@@ -214,16 +231,29 @@ def make_gm_step(net, *, num_classes: int, ipc: int, outer_loop: int, inner_loop
     if host_loop:
         j_init = jax.jit(init_net)
         j_round = jax.jit(match_round)
+        j_drawn = jax.jit(match_drawn)
         j_epoch = jax.jit(epoch)
         j_finish = jax.jit(finish)
         j_epoch_keys = jax.jit(lambda kk: jax.random.split(kk, inner_loop))
 
-        def step(state: C.DistillState, key, pool: ClassArrays):
-            params, bstats, round_keys = j_init(key, pool)
+        def step(state: C.DistillState, key, pool: Union[ClassArrays, StreamedClassIndex]):
+            streamed = isinstance(pool, StreamedClassIndex)
+            params, bstats, round_keys = j_init(key, _example(pool))
+            if streamed:  # every round's indices first: reading a round's rows then
+                # overlaps the previous round's (asynchronously dispatched) device work
+                def indices(kk, n):
+                    return np.asarray(pool.sample_all_classes_indices(kk, n))
+
+                drawn = [draw(indices, round_keys[ol], bool(bstats)) for ol in range(outer_loop)]
             syn, opt_state, losses = state.syn, state.opt_state, []
             for ol in range(outer_loop):
-                bstats, syn, opt_state, loss, k_train = j_round(params, bstats, syn,
-                                                                opt_state, pool, round_keys[ol])
+                if streamed:
+                    xbn, real = (None if i is None else pool.images_at(i) for i in drawn[ol])
+                    bstats, syn, opt_state, loss, k_train = j_drawn(
+                        params, bstats, syn, opt_state, xbn, real, round_keys[ol])
+                else:
+                    bstats, syn, opt_state, loss, k_train = j_round(
+                        params, bstats, syn, opt_state, pool, round_keys[ol])
                 losses.append(loss)
                 if train_between and ol < outer_loop - 1:
                     images = jax.lax.stop_gradient(syn["images"])
@@ -234,8 +264,8 @@ def make_gm_step(net, *, num_classes: int, ipc: int, outer_loop: int, inner_loop
             return j_finish(state, syn, opt_state, jnp.stack(losses))
     else:
         @jax.jit
-        def step(state: C.DistillState, key, pool: ClassArrays):
-            params, bstats0, round_keys = init_net(key, pool)
+        def jitted_step(state: C.DistillState, key, pool: ClassArrays):
+            params, bstats0, round_keys = init_net(key, _example(pool))
 
             def round_(carry, xs):
                 params, bstats, syn, opt_state = carry
@@ -255,24 +285,42 @@ def make_gm_step(net, *, num_classes: int, ipc: int, outer_loop: int, inner_loop
                 (jnp.arange(outer_loop), round_keys))
             return finish(state, syn, opt_state, losses)
 
+        def step(state: C.DistillState, key, pool: ClassArrays):
+            if isinstance(pool, StreamedClassIndex):
+                raise ValueError("a StreamedSplit's real batches are read on the host every "
+                                 "round: make the step with host_loop=True")
+            return jitted_step(state, key, pool)
+
     step.optimizer = optimizer
     return step
 
 
+def _example(pool) -> jax.Array:
+    """A zero image batch ``[1, H, W, C]`` of the pool's shape (to initialize the net)."""
+    shape = pool.split.image_shape if isinstance(pool, StreamedClassIndex) else \
+        pool.images.shape[1:]
+    return jnp.zeros((1,) + tuple(shape), jnp.float32)
+
+
 def setup(method: str, s: GradientMatchingSettings, p: C.Prelude) -> C.Plan:
     """The driver's hook: DC (no augmentation) or DSA; (outer_loop, inner_loop) not given
-    are the reference's for the ipc."""
+    are the reference's for the ipc. A ``StreamedSplit`` train set runs the host loop on
+    every backend (its rows are read on the host round by round); an in-memory one draws
+    from its device copy (host loop on XLA:CPU only)."""
     outer, inner = s.outer_loop, s.inner_loop
     if outer is None or inner is None:
         o, i = get_loops(s.ipc)
         outer, inner = o if outer is None else outer, i if inner is None else inner
     b = C.real_batch_size(p.train, s.batch_real)
-    pool = ClassIndex(p.train).arrays
+    index = class_index(p.train)
+    streamed = isinstance(index, StreamedClassIndex)
+    pool = index if streamed else index.arrays
     step = make_gm_step(p.net, num_classes=p.num_classes, ipc=s.ipc, outer_loop=int(outer),
                         inner_loop=int(inner), lr_img=s.lr_img, momentum=s.momentum,
                         lr_net=s.lr_net, batch_real=b, batch_train=s.batch_train,
                         dis_metric=s.dis_metric,
-                        dsa_strategy=s.dsa_strategy if method == "dsa" else None)
+                        dsa_strategy=s.dsa_strategy if method == "dsa" else None,
+                        host_loop=True if streamed else None)
 
     def advance(state):
         return step(state, C.iteration_key(state), pool)
