@@ -7,7 +7,10 @@ with 4 devices fed the concatenation of both shards. Model: ConvNetBN (width 8, 
 the embedded 8x8 ``digits`` set, full DSA drawn for the global batch, 3 steps.
 Tolerance: parameters to 2e-5 absolute, losses to 1e-5 relative. The training engine
 (``run_evaluation`` on a ``(runs=2, data=2)`` mesh over the two processes) is compared the
-same way.
+same way, and so is a teacher (``train_teacher``, a ``(runs=1, data=4)`` mesh) trained on
+a STREAMED split of the tiny local TFDS dataset (``_tfds_fixtures``, prepared once by the
+test): each process reads only the rows of its own devices, half of every epoch, never the
+other's.
 """
 
 import json
@@ -21,7 +24,11 @@ import numpy as np
 
 HERE = Path(__file__).resolve()
 ROOT = HERE.parent.parent
+sys.path.insert(0, str(HERE.parent))
+import _tfds_fixtures as fx  # noqa: E402
+
 STEPS, GLOBAL_B = 3, 16
+TEACHER_B, TEACHER_EPOCHS = 20, 2  # 48 rows: 2 minibatches of 20 and one of 8, over 4 devices
 
 
 def _env(devices):
@@ -44,12 +51,19 @@ def _result(out):
     return json.loads([l for l in out.splitlines() if l.startswith("RESULT ")][-1][7:])
 
 
-def test_two_processes_equal_one(tmp_path):
+def test_two_processes_equal_one(tmp_path, monkeypatch):
+    from elf_jax.data.stream import open_split
+
+    data_dir = tmp_path / "tfds"  # prepared here once; the processes only read it
+    fx.register(monkeypatch)
+    open_split(fx.TEST_INFO.name, "train", mode="stream", data_dir=data_dir, download=True)
     port = _free_port()
-    procs = [subprocess.Popen([sys.executable, str(HERE), "worker", str(i), str(port)], env=_env(2),
+    procs = [subprocess.Popen([sys.executable, str(HERE), "worker", str(data_dir),
+                               str(tmp_path / "teacher_2p"), str(i), str(port)], env=_env(2),
                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for i in range(2)]
-    single = subprocess.run([sys.executable, str(HERE), "single"], env=_env(4), cwd=ROOT,
+    single = subprocess.run([sys.executable, str(HERE), "single", str(data_dir),
+                             str(tmp_path / "teacher_1p")], env=_env(4), cwd=ROOT,
                             capture_output=True, text=True, timeout=600)
     outs = []
     for p in procs:
@@ -72,6 +86,24 @@ def test_two_processes_equal_one(tmp_path):
         np.testing.assert_allclose(o["engine"]["losses"], ref["engine"]["losses"], rtol=1e-5)
         np.testing.assert_allclose(o["engine"]["params"], ref["engine"]["params"], atol=2e-5)
         assert o["engine"]["accs"] == ref["engine"]["accs"]
+    _check_streamed_teacher([o["teacher"] for o in outs], ref["teacher"])
+
+
+def _check_streamed_teacher(outs, ref):
+    """Both processes' teacher == the one-process teacher; each process read its half of
+    every epoch's rows, the two halves disjoint, the one process all rows once."""
+    n = fx.SPLIT_SIZES["train"]
+    for o in outs:
+        np.testing.assert_allclose(o["losses"], ref["losses"], rtol=1e-5)
+        np.testing.assert_allclose(o["params"], ref["params"], atol=2e-5)
+        assert o["test_acc"] == ref["test_acc"]
+    assert len(ref["params"]) > 100 and outs[0]["params"] == outs[1]["params"]
+    assert len(ref["reads"]) == TEACHER_EPOCHS
+    for e in range(TEACHER_EPOCHS):
+        assert ref["reads"][e] == list(range(n))  # every row once
+        assert [len(o["reads"][e]) for o in outs] == [n // 2, n // 2]
+        first, second = (set(o["reads"][e]) for o in outs)
+        assert not first & second and first | second == set(range(n))
 
 
 def _train(batches_fn):
@@ -120,6 +152,51 @@ def _engine():
             "params": flat[:: max(1, flat.size // 300)].tolist()}
 
 
+def _streamed_teacher(data_dir, workdir):
+    """A teacher trained on the streamed tiny TFDS split on a ``(runs=1, data=4)`` mesh over
+    all devices (both processes' when there are two), its streamed test split evaluated;
+    ``reads``: per epoch, the sorted training rows THIS process read."""
+    import dataclasses
+
+    import jax
+
+    from elf_jax.data import registry
+    from elf_jax.data.stream import StreamedSplit, open_split
+    from elf_jax.parallel import ParallelConfig
+    from elf_jax.teacher import load_teacher, train_teacher
+
+    registry.REGISTRY[fx.TEST_INFO.name] = fx.TEST_INFO  # the test's dataset
+    rows = []  # row indices the engine asked this process for (reads run on its threads)
+
+    class CountingSplit(StreamedSplit):
+        """The real split; records the rows each read asks for."""
+
+        def read(self, indices):
+            rows.append(np.asarray(indices).ravel().copy())
+            return super().read(indices)
+
+    def split(name):
+        return open_split(fx.TEST_INFO.name, name, mode="stream", data_dir=data_dir, download=False)
+
+    s = split("train")
+    train = CountingSplit(**{f.name: getattr(s, f.name) for f in dataclasses.fields(s)})
+    test = split("test")
+    reads = []
+
+    def epoch_done(expert, epoch, meta):  # the next epoch's reads start after this hook
+        reads.append(sorted(int(i) for i in np.concatenate(rows)))
+        rows.clear()
+
+    r = train_teacher("ConvNet", train, epochs=TEACHER_EPOCHS, workdir=workdir,
+                      batch_size=TEACHER_B, dsa_strategy="flip_crop", test_dataset=test,
+                      model_kwargs={"width": 8, "depth": 1}, progress=False, callback=epoch_done,
+                      parallel=ParallelConfig(parallel="shard_map", runs=1, data=4))
+    _, v = load_teacher(workdir)
+    flat = np.concatenate([np.ravel(x) for x in jax.tree.leaves(v)])
+    return {"losses": [h["train_loss"] for h in r.history[0]], "test_acc": r.test_acc[0],
+            "params": flat[:: max(1, flat.size // 300)].tolist(), "reads": reads}
+
+
 def _loader(shard, count, b):
     from elf_jax.data import make_loader
 
@@ -127,7 +204,7 @@ def _loader(shard, count, b):
     return [next(it) for _ in range(STEPS)]
 
 
-def worker(pid, port):
+def worker(data_dir, workdir, pid, port):
     from elf_jax.parallel import distributed
 
     info = distributed.initialize({"coordinator_address": f"127.0.0.1:{port}", "num_processes": 2,
@@ -141,20 +218,20 @@ def worker(pid, port):
         it = iter(make_loader("digits", "train", b, seed=7))
         return [next(it) for _ in range(STEPS)]
 
-    return {**_train(batches), "engine": _engine()}
+    return {**_train(batches), "engine": _engine(), "teacher": _streamed_teacher(data_dir, workdir)}
 
 
-def single():
+def single(data_dir, workdir):
     shards = [_loader(s, 2, GLOBAL_B // 2) for s in range(2)]
 
     def batches():
         return [{k: np.concatenate([shards[0][i][k], shards[1][i][k]]) for k in ("image", "label")}
                 for i in range(STEPS)]
 
-    return {**_train(batches), "engine": _engine()}
+    return {**_train(batches), "engine": _engine(), "teacher": _streamed_teacher(data_dir, workdir)}
 
 
 if __name__ == "__main__":
     role = sys.argv[1]
-    res = worker(*sys.argv[2:]) if role == "worker" else single()
+    res = worker(*sys.argv[2:]) if role == "worker" else single(*sys.argv[2:])
     print("RESULT " + json.dumps(res), flush=True)

@@ -6,14 +6,15 @@ The evaluation runs in subprocesses (this file is also the script they run).
 """
 
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _sigkill import kill_when_written  # noqa: E402
 
 EPOCHS = 29  # 30 epochs in chunks of 2, a checkpoint after each chunk
 
@@ -68,16 +69,7 @@ def test_sigkill_and_resume_is_exact(tmp_path, placement):
     # the interrupted run: SIGKILL as soon as the first checkpoint is committed
     proc = subprocess.Popen(_cmd(wd, tmp_path / "killed.npz", placement), env=_env(placement),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    first = wd / "checkpoints" / "2"
-    deadline = time.time() + 300
-    while not first.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    alive = proc.poll() is None
-    if alive:
-        proc.send_signal(signal.SIGKILL)
-    log = proc.communicate()[0].decode(errors="replace")
-    assert first.exists(), f"no checkpoint was written:\n{log[-3000:]}"
-    assert alive, "the run finished before it could be killed; raise EPOCHS"
+    kill_when_written(proc, wd / "checkpoints" / "2")  # else raise EPOCHS
     assert not (tmp_path / "killed.npz").exists()
     # the same command again resumes; then, in that new process, an uninterrupted run
     # without checkpoints is the reference

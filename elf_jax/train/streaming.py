@@ -21,6 +21,7 @@ with a sharded bank does; the runs axis must be 1 (every run reads its own strea
 
 from __future__ import annotations
 
+import functools
 import queue
 import threading
 from typing import Callable
@@ -68,26 +69,45 @@ def _to_space(lut, u8):
     return lut[u8.astype(jnp.int32), jnp.arange(lut.shape[1])]
 
 
-def _group_fn(step, placement, size: int, metric_keys):
+def _group_fn(step, placement, size: int, metric_keys, per_step: bool = False):
     """Jitted ``(state, sums, u8 [S, size, ...], labels [S, size], keys [S, 2], lut) ->
-    (state, sums)``: ``S`` minibatches of ``size`` rows, one compiled call."""
+    (state, sums)``: ``S`` minibatches of ``size`` rows, one compiled call. ``per_step``:
+    ``sums`` is returned as given, and the ``S`` steps' metrics ``[S]`` with it (the scan
+    engine sums an epoch's metrics at its end, :func:`_epoch_sums`)."""
     def body(state, sums, u8, labels, keys, lut):
         def one(carry, xs):
             st, sm = carry
             x8, y, k = xs
             data = {"images": _to_space(lut, x8), "labels": y}
             st, m = step(st, data, jnp.arange(x8.shape[0] * _data_size(placement)), k)
+            if per_step:
+                return (st, sm), m
             return (st, {k_: sm[k_] + m[k_] * size for k_ in metric_keys}), None
 
-        (state, sums), _ = loops.scan(one, (state, sums), (u8, labels, keys))
-        return state, sums
+        (state, sums), ms = loops.scan(one, (state, sums), (u8, labels, keys))
+        return (state, sums, ms) if per_step else (state, sums)
 
+    donate = (0,) if per_step else (0, 1)
     if placement.mesh is None:
-        return jax.jit(body, donate_argnums=(0, 1))
+        return jax.jit(body, donate_argnums=donate)
     fn = jax.shard_map(body, mesh=placement.mesh,
                        in_specs=(P(), P(), P(None, DATA), P(None, DATA), P(), P()),
-                       out_specs=(P(), P()), check_vma=False)
-    return jax.jit(fn, donate_argnums=(0, 1))
+                       out_specs=(P(), P(), P()) if per_step else (P(), P()), check_vma=False)
+    return jax.jit(fn, donate_argnums=donate)
+
+
+@functools.partial(jax.jit, static_argnames=("b", "last"))
+def _epoch_sums(full, lasts, *, b: int, last: int):
+    """An epoch's metric sums from its steps' metrics as the in-memory scan engine
+    (``run_epoch``) adds them, so that the two agree bit for bit: the full minibatches'
+    ``full`` (a list of ``{metric: [S]}``) summed, times ``b``, then the last one's."""
+    keys = (full or lasts)[0].keys()
+    sums = {k: jnp.zeros((), jnp.float32) for k in keys}
+    if full:
+        sums = {k: sums[k] + jnp.sum(jnp.concatenate([m[k] for m in full])) * b for k in keys}
+    if last:
+        sums = {k: sums[k] + lasts[0][k][0] * last for k in keys}
+    return sums
 
 
 def _data_size(placement) -> int:
@@ -178,12 +198,13 @@ def make_stream_chunk_fn(step: Callable, placement, plan, n: int, *, steps: int,
     the runs train one after another, each its own stream."""
     nfull, b, last = plan
     groups = _groups(nfull, b, last, max(1, int(steps)))
+    per_step = int(steps) > 1  # the scan engine: metrics summed as run_epoch sums them
     put = _put_fn(placement)
     fns = {}
 
     def group_fn(size):
         if size not in fns:
-            fns[size] = _group_fn(step, placement, size, metric_keys)
+            fns[size] = _group_fn(step, placement, size, metric_keys, per_step)
         return fns[size]
 
     def place(tree):
@@ -202,13 +223,21 @@ def make_stream_chunk_fn(step: Callable, placement, plan, n: int, *, steps: int,
                 perm, keys = np.asarray(perm), np.asarray(keys)
                 sums = place({k: jnp.zeros((), jnp.float32) for k in metric_keys})
                 reader = _Prefetcher(source, labels, perm, groups, put)
+                full, lasts = [], []
                 try:
                     step_i = 0
                     for (start, g, size), (u8, y) in zip(groups, reader):
-                        st, sums = group_fn(size)(st, sums, u8, y, place(keys[step_i: step_i + g]), lut)
+                        out_g = group_fn(size)(st, sums, u8, y, place(keys[step_i: step_i + g]), lut)
+                        if per_step:
+                            st, sums, ms = out_g
+                            (full if size == b else lasts).append(ms)
+                        else:
+                            st, sums = out_g
                         step_i += g
                 finally:
                     reader.close()
+                if per_step:
+                    sums = _epoch_sums(full, lasts, b=b, last=last)
                 st, m = close_epoch(st, sums, place(np.asarray(k_next)))
                 out.append(m)
             finals.append(host_copy(st) if placement.mesh is not None else st)
