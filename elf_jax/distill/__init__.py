@@ -71,7 +71,7 @@ def distill_from_config(config, workdir, *, train=None, test=None):
     """
     import jax
 
-    from elf_jax.data import load
+    from elf_jax.data.stream import STREAM_ABOVE_GB, open_split
     from elf_jax.distill.settings import from_config
 
     method = method_name(config.synset.method)
@@ -79,10 +79,12 @@ def distill_from_config(config, workdir, *, train=None, test=None):
     data_kw = {"zca": bool(config.get("zca", False)), "stats": config.get("stats", "dc") or "dc"}
     if config.get("data_dir"):
         data_kw["data_dir"] = config.data_dir
+    data_kw["mode"] = config.get("data_mode", "auto")
+    data_kw["stream_above_gb"] = float(config.get("stream_above_gb", STREAM_ABOVE_GB))
     if train is None:
-        train = load(config.dataset, "train", **data_kw)
+        train = open_split(config.dataset, "train", **data_kw)
     if settings.eval_every > 0 and test is None:
-        test = load(config.dataset, "test", **data_kw)
+        test = open_split(config.dataset, "test", **data_kw)
     return distill(method, train, settings, workdir=Path(workdir),
                    key=jax.random.key(int(config.get("seed", 0))),
                    test_dataset=test if settings.eval_every > 0 else None)

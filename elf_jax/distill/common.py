@@ -32,7 +32,7 @@ import optax
 from elf_jax.checkpoint import StepCheckpoints, check_expect, fingerprint
 from elf_jax.augment import DEFAULT_STRATEGY
 from elf_jax.data.sampler import take_rows
-from elf_jax.data.stream import is_streamed
+from elf_jax.data.stream import images_of, is_streamed
 from elf_jax.distill.settings import METHOD_SETTINGS, Settings
 from elf_jax.keys import raw_key, stage_key, typed_key
 from elf_jax.synset import SyntheticSet, dataset_normalization, load_synset, save_synset
@@ -259,7 +259,7 @@ def evaluate_set(images, labels, lr, test, settings: EvalSettings, arch: str, mo
     protocol = TrainProtocol(lr=eval_lr(lr, settings), epochs=settings.epochs,
                              batch_size=settings.batch_size,
                              dsa_strategy=settings.dsa_strategy or "none", mode="task")
-    out = run_evaluation(net, protocol, np.asarray(images), labels, np.asarray(test.images),
+    out = run_evaluation(net, protocol, np.asarray(images), labels, images_of(test),
                          np.asarray(test.labels), repeats=settings.repeats, key=key,
                          strategy="sequential", progress=False, desc="distill-eval")
     return float(out["mean"]), float(out["std"])

@@ -426,9 +426,15 @@ def _test_batches(images, labels, batch_size: int):
 
 
 def _accuracy(net, variables, batches, n) -> float:
-    # a Python loop (XLA:CPU runs convolutions inside loops slowly), one host sync at the end
+    # a Python loop (XLA:CPU runs convolutions inside loops slowly); one batch runs at a time
+    # (the next is read meanwhile): the buffers of a forward pass are large, and dispatching
+    # ahead would hold several of them at once
     variables = {k: v for k, v in dict(variables).items() if k in ("params", "batch_stats") and v}
-    counts = [_count_correct(net, variables, x, y, m) for x, y, m in batches]
+    counts = []
+    for x, y, m in batches:
+        if counts:
+            counts[-1].block_until_ready()
+        counts.append(_count_correct(net, variables, x, y, m))
     return int(np.sum(jax.device_get(counts))) / n
 
 

@@ -42,6 +42,9 @@ __all__ = ["is_row_source", "check_streamable", "make_stream_chunk_fn", "DEFAULT
 DEFAULT_STREAM_STEPS = 8
 #: Groups read ahead of the device.
 PREFETCH = 2
+#: Groups dispatched but not yet run: dispatch is asynchronous, and without this bound the
+#: host would read and enqueue a whole epoch ahead of the device, every batch held in memory.
+MAX_IN_FLIGHT = 2
 
 
 def is_row_source(x) -> bool:
@@ -226,7 +229,9 @@ def make_stream_chunk_fn(step: Callable, placement, plan, n: int, *, steps: int,
                 full, lasts = [], []
                 try:
                     step_i = 0
-                    for (start, g, size), (u8, y) in zip(groups, reader):
+                    for gi, ((start, g, size), (u8, y)) in enumerate(zip(groups, reader)):
+                        if gi % MAX_IN_FLIGHT == 0:
+                            jax.block_until_ready(st)  # the device caught up: bounded memory
                         out_g = group_fn(size)(st, sums, u8, y, place(keys[step_i: step_i + g]), lut)
                         if per_step:
                             st, sums, ms = out_g
