@@ -1,5 +1,6 @@
-"""Input-pipeline throughput: in-memory ClassIndex.sample_class and the grain loader, and
-(--image-size 64) the ImageNet-64 teacher's train step against it.
+"""Input-pipeline throughput: in-memory ClassIndex.sample_class, the grain loader, the
+engine's streamed reader, and (--image-size 64) the ImageNet-64 teacher's train step
+against them.
 
     .venv/bin/python benchmarks/bench_input.py [--n 20000] [--batch 256] [--workers 0 2]
     .venv/bin/python benchmarks/bench_input.py --image-size 64 --n 5000 [--step-batches 2]
@@ -13,6 +14,8 @@ ImageNet-64-shaped (64x64x3, --classes, default 1000; PNG-encoded as TFDS
   * load() of the whole split (array_record -> decoded numpy), images/s;
   * make_loader() batches of --batch (decode PNG, batch, normalize), images/s, for each
     --workers value (grain worker processes; 0 = in-process);
+  * the engine's streamed reader (`StreamedSplit.read` on its threads, the prefetch thread
+    and the device put of `elf_jax.train.streaming`) over one random epoch, images/s;
   * with --step-batches > 0 (default with --image-size 64): the teacher of the config
     (`imagenet64_config()` at 64, `base_config()` at 32: `teacher.arch`, `teacher.batch_size`,
     `teacher.dsa_strategy`, SGD settings, `dtype`) trained by the engine itself
@@ -168,6 +171,28 @@ def main():
         print(f"grain make_loader batch {a.batch}, workers={w}: {count / dt:,.0f} img/s "
               f"({count} images in {dt:.2f} s)")
 
+    # what the engine reads a streamed split with: StreamedSplit.read on its threads, the
+    # prefetch thread, the device put (elf_jax.train.streaming), one random epoch
+    from elf_jax.data.stream import open_split
+    from elf_jax.parallel.placement import Placement
+    from elf_jax.train import streaming
+
+    split = open_split(name, "train", mode="stream", data_dir=data_dir)
+    perm = np.random.default_rng(0).permutation(len(split))
+    groups = streaming._groups(len(split) // a.batch, a.batch, 0, 1)
+    t = time.perf_counter()
+    count = 0
+    reader = streaming._Prefetcher(split, split.labels, perm, groups,
+                                   streaming._put_fn(Placement()))
+    for u8, _ in reader:
+        u8.block_until_ready()
+        count += u8.shape[0] * u8.shape[1]
+    reader.close()
+    dt = time.perf_counter() - t
+    rates["engine stream"] = count / dt
+    print(f"engine stream (StreamedSplit.read, {split.workers} threads, prefetch, device put) "
+          f"batch {a.batch}: {count / dt:,.0f} img/s ({count} images in {dt:.2f} s)")
+
     if steps:
         config = imagenet64_config() if a.image_size == 64 else base_config()
         t = config.teacher
@@ -177,7 +202,8 @@ def main():
               f"after a compile epoch of {first:.0f} s): {step:,.1f} img/s "
               f"({t.batch_size / step:.2f} s/step)")
         for w, r in rates.items():
-            print(f"input / step, workers={w}: {r / step:,.1f}x "
+            print(f"input / step, {w if isinstance(w, str) else f'grain workers={w}'}: "
+                  f"{r / step:,.1f}x "
                   f"({'input keeps up' if r > step else 'INPUT IS THE BOTTLENECK'})")
 
 

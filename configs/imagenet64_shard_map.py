@@ -17,6 +17,12 @@ Several hosts: start one process per host with the same coordinator, e.g.
     ELF_JAX_COORDINATOR=host0:1234 ELF_JAX_NUM_PROCESSES=2 ELF_JAX_PROCESS_ID=<i> \
         elf-jax all --config configs/imagenet64_shard_map.py --workdir runs/imagenet64_shard_map
 (or set `distributed.*` below; the CLI starts `jax.distributed` from this section).
+
+Data: streamed from the array_record files as in configs/imagenet64.py (its docstring gives
+the memory per host); on several hosts each process reads only the rows of its own devices
+of every teacher minibatch (tests/test_multihost.py), so a host's share of the reading is
+1 / number of hosts. Tested end to end, shrunk, on a two-device stand-in
+(tests/test_memory_cap.py).
 """
 
 import ml_collections

@@ -48,7 +48,7 @@ import numpy as np
 from elf_jax import report as report_lib
 from elf_jax.checkpoint import write_json_atomic
 from elf_jax.data import resolve_info
-from elf_jax.data.stream import STREAM_ABOVE_GB, images_of, open_split
+from elf_jax.data.stream import STREAM_ABOVE_GB, float32_gb, images_of, is_streamed, open_split
 from elf_jax.models import front_shape, get_model, list_models
 from elf_jax.parallel.mesh import ParallelConfig
 
@@ -147,9 +147,14 @@ class Run:
     def _load(self, split: str):
         """A real split, in memory or streamed from its files (`config.data_mode`)."""
         c = self.config
-        return open_split(c.dataset, split, mode=c.get("data_mode", "auto"),
-                          stream_above_gb=float(c.get("stream_above_gb", STREAM_ABOVE_GB)),
-                          data_dir=c.data_dir or None, zca=bool(c.zca), stats=_stats(c))
+        limit = float(c.get("stream_above_gb", STREAM_ABOVE_GB))
+        ds = open_split(c.dataset, split, mode=c.get("data_mode", "auto"), stream_above_gb=limit,
+                        data_dir=c.data_dir or None, zca=bool(c.zca), stats=_stats(c))
+        if is_streamed(ds):
+            _log(f"[data] {ds.name} {split}: streamed from its files ({len(ds):,} images, "
+                 f"{float32_gb(ds.info, len(ds)):.2f} GB as float32; data_mode="
+                 f"{c.get('data_mode', 'auto')}, stream_above_gb={limit:g})")
+        return ds
 
     train = functools.cached_property(lambda self: self._load("train"))
     test = functools.cached_property(lambda self: self._load("test"))

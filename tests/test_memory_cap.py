@@ -56,11 +56,12 @@ def _enforce(cap_mb: float) -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
-def _config(size: str, data_dir: str, mode: str):
-    sys.path.insert(0, str(ROOT / "configs"))
-    import imagenet64
+def _config(size: str, data_dir: str, mode: str, module: str = "imagenet64"):
+    """`configs/<module>.py` shrunk to the stand-in `size`."""
+    import importlib
 
-    c = imagenet64.get_config()
+    sys.path.insert(0, str(ROOT / "configs"))
+    c = importlib.import_module(module).get_config()
     c.dataset, c.data_dir, c.data_mode = f"elf_standin_{size}", data_dir, mode
     c.teacher.epochs = c.teacher.feature_epoch = 1
     c.teacher.override_arch, c.teacher.model_kwargs = "ConvNetD4", {"width": 8}
@@ -123,5 +124,43 @@ def test_streamed_pipeline_runs_under_a_cap_the_in_memory_one_exceeds(tmp_path, 
     assert child.returncode == CAP_EXIT and "MEMORY CAP" in child.stderr, child.stderr[-3000:]
 
 
+def _mesh_child(data_dir: str, workdir: str) -> None:
+    _standin.register()
+    import jax
+
+    from elf_jax import pipeline
+
+    config = _config("small", data_dir, "stream", "imagenet64_shard_map")
+    run = pipeline.Run(config, Path(workdir))
+    pipeline.run_all(run)
+    results = json.loads((run.workdir / "results.json").read_text())["results"]
+    accs = {a: {m: r["mean"] for m, r in v.items()} for a, v in results.items()}
+    print("RESULT " + json.dumps({"devices": jax.device_count(), "accs": accs,
+                                  "strategy": results["ConvNetD4BN"]["task"]["strategy"]}))
+
+
+def test_imagenet64_shard_map_config_streams_on_a_mesh(tmp_path):
+    """configs/imagenet64_shard_map.py, shrunk, streamed, end to end on two devices."""
+    from elf_jax.data import tfds_source
+
+    _standin.register()
+    tfds_source.ensure_prepared(_standin.INFOS["small"], str(tmp_path / "data"))
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT),
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    child = subprocess.run([sys.executable, str(HERE), "mesh", str(tmp_path / "data"),
+                            str(tmp_path / "wd")], env=env, cwd=ROOT, capture_output=True,
+                           text=True, timeout=900)
+    assert child.returncode == 0, child.stderr[-4000:]
+    s = json.loads([l for l in child.stdout.splitlines() if l.startswith("RESULT ")][-1][7:])
+    assert s["devices"] == 2 and "data=2" in s["strategy"]
+    assert set(s["accs"]["ConvNetD4BN"]) == {"task", "front_rear_task"}
+    out = child.stdout + child.stderr
+    assert "[data] elf_standin_small train: streamed" in out
+    assert "[data] elf_standin_small test: streamed" in out
+
+
 if __name__ == "__main__":
-    _child(*sys.argv[1:3])
+    if sys.argv[1] == "mesh":
+        _mesh_child(*sys.argv[2:4])
+    else:
+        _child(*sys.argv[1:3])
