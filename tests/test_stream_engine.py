@@ -235,3 +235,28 @@ if __name__ == "__main__":
 
     registry.REGISTRY[NAME] = fx.TEST_INFO  # the dataset the parent test prepared
     {"teacher": _teacher_main, "mesh_refusal": _mesh_refusal_main}[sys.argv[1]](*sys.argv[2:])
+
+
+def test_prefetcher_yields_every_group_then_stops_and_hands_on_errors(train):
+    """The reader of an epoch: every group once, in order, then StopIteration (a consumer
+    iterating it to the end must not wait forever); a read error reaches the consumer."""
+    from elf_jax.parallel.placement import Placement
+    from elf_jax.train import streaming
+
+    split = train[0]
+    perm = np.random.default_rng(0).permutation(len(split))
+    groups = streaming._groups(4, BATCH, 8, 3)  # 3 + 1 full batches, the last of 8
+    put = streaming._put_fn(Placement())
+    got = list(streaming._Prefetcher(split, split.labels, perm, groups, put))
+    assert [u8.shape[:2] for u8, _ in got] == [(3, BATCH), (1, BATCH), (1, 8)]
+    rows = perm[: 4 * BATCH + 8]
+    np.testing.assert_array_equal(np.concatenate([np.asarray(y).reshape(-1) for _, y in got]),
+                                  split.labels[rows])
+    np.testing.assert_array_equal(np.concatenate([np.asarray(u).reshape((-1,) + u.shape[2:])
+                                                  for u, _ in got]), split.read(rows))
+
+    def broken(source, labels, rows):
+        raise OSError("disk gone")
+
+    with pytest.raises(OSError, match="disk gone"):
+        list(streaming._Prefetcher(split, split.labels, perm, groups, broken))

@@ -130,9 +130,12 @@ def _groups(nfull: int, b: int, last: int, steps: int):
     return out
 
 
+_DONE = object()  # the end of an epoch's groups
+
+
 class _Prefetcher:
     """Reads the groups of one epoch on a thread, ``PREFETCH`` ahead, and yields them on the
-    devices; an error in the thread is raised in the caller."""
+    devices until the last; an error in the thread is raised in the caller."""
 
     def __init__(self, source, labels, perm, groups, put):
         self._q = queue.Queue(maxsize=PREFETCH)
@@ -145,23 +148,29 @@ class _Prefetcher:
         try:
             for start, g, size in groups:
                 rows = perm[start: start + g * size].reshape(g, size)
-                item = put(source, labels, rows)
-                while not self._stop.is_set():
-                    try:
-                        self._q.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if self._stop.is_set():
+                if not self._hand(put(source, labels, rows)):
                     return
+            self._hand(_DONE)
         except BaseException as e:  # handed to the consumer
-            self._q.put(e)
+            self._hand(e)
+
+    def _hand(self, item) -> bool:
+        """Puts ``item`` in the queue; False when the consumer closed the reader first."""
+        while not self._stop.is_set():
+            try:
+                self._q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
 
     def __iter__(self):
         return self
 
     def __next__(self):
         item = self._q.get()
+        if item is _DONE:
+            raise StopIteration
         if isinstance(item, BaseException):
             raise item
         return item
