@@ -294,13 +294,28 @@ def train_teacher(
                 chunk_epochs=1, checkpoint_every=1, workdir=edir / "resume", max_to_keep=2,
                 meta={k: manifest[k] for k in _RESUME_KEYS} | {"expert": expert},
                 on_chunk=on_chunk, progress=progress, desc=f"{net_name} expert {expert}")
-            shutil.rmtree(edir / "resume", ignore_errors=True)  # expert complete
+            _remove_resume(edir / "resume")  # expert complete
         history.append([traj.read_meta(e) for e in range(1, epochs + 1)])
         final_acc.append(history[-1][-1].get("test_acc"))
         traj.close()
     return Trajectories(workdir=workdir, net_name=net_name, num_classes=num_classes,
                         num_experts=num_experts, epochs=epochs, history=history,
                         test_acc=final_acc)
+
+
+def _remove_resume(path: Path) -> None:
+    """Deletes a finished expert's resume checkpoints: on several processes, process 0 does
+    it once every process is done with them (another process's checkpoint manager may
+    still be listing them), and none goes on before it is done."""
+    if jax.process_count() == 1:
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(f"elf_jax: done with {path}")
+    if jax.process_index() == 0:
+        shutil.rmtree(path, ignore_errors=True)
+    multihost_utils.sync_global_devices(f"elf_jax: removed {path}")
 
 
 def _snapshot(states) -> dict:
