@@ -99,7 +99,7 @@ class StreamedSplit:
             f"{self.name} {self.split} is streamed ({len(self):,} images, "
             f"{float32_gb(self.info, len(self)):.1f} GB as float32): its images are not in "
             "memory; read rows with .read(indices) and .to_space(), or open it with "
-            "mode='memory' (config data.mode=memory) if it fits")
+            "mode='memory' (config data_mode=memory) if it fits")
 
     def class_counts(self) -> np.ndarray:
         return np.bincount(self.labels, minlength=self.num_classes)
