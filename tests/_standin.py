@@ -3,8 +3,8 @@
 two sizes: `small` (the warm-up) and `large` (several times a test's memory budget)."""
 
 import numpy as np
-import tensorflow_datasets as tfds
 
+from _tfds_fixtures import image_builder
 from elf_jax.data import registry
 
 SHAPE = (64, 64, 3)
@@ -21,30 +21,10 @@ def image(split: str, i: int) -> np.ndarray:
     return np.clip(_COLOURS[i % NUM_CLASSES] + noise, 0, 255).astype(np.uint8)
 
 
-def _builder(size: str):
-    def _info(self):
-        return tfds.core.DatasetInfo(
-            builder=self,
-            features=tfds.features.FeaturesDict({
-                "image": tfds.features.Image(shape=SHAPE),
-                "label": tfds.features.ClassLabel(num_classes=NUM_CLASSES)}),
-            supervised_keys=("image", "label"))
-
-    def _split_generators(self, dl_manager):
-        return {s: self._generate_examples(s, n) for s, n in SIZES[size].items()}
-
-    def _generate_examples(self, split, n):
-        for i in range(n):
-            yield i, {"image": image(split, i), "label": i % NUM_CLASSES}
-
-    # TFDS names a builder after its class (ElfStandinLarge -> elf_standin_large)
-    return type(f"ElfStandin{size.capitalize()}", (tfds.core.GeneratorBasedBuilder,),
-                {"VERSION": tfds.core.Version("1.0.0"), "_info": _info,
-                 "_split_generators": _split_generators,
-                 "_generate_examples": _generate_examples, "__module__": __name__})
-
-
-BUILDERS = {size: _builder(size) for size in SIZES}  # TFDS registers them by class name
+# TFDS names a builder after its class (ElfStandinLarge -> elf_standin_large)
+BUILDERS = {size: image_builder(f"ElfStandin{size.capitalize()}", SHAPE, NUM_CLASSES, sizes,
+                                image, lambda i: i % NUM_CLASSES)
+            for size, sizes in SIZES.items()}
 INFOS = {size: registry.DatasetInfo(
     f"elf_standin_{size}", SHAPE, NUM_CLASSES, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25),
     source="tfds", tfds_name=f"elf_standin_{size}", prepare_hint="(test dataset)")

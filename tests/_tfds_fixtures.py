@@ -20,33 +20,37 @@ def example_label(i: int) -> int:
     return i % NUM_CLASSES
 
 
-class ElfTestTiny(tfds.core.GeneratorBasedBuilder):
-    """Images given as numpy arrays: preparing must work without TensorFlow."""
-
-    VERSION = tfds.core.Version("1.0.0")
-    SIZES = SPLIT_SIZES
-
+def image_builder(class_name: str, shape, num_classes: int, sizes: dict, image, label):
+    """A TFDS builder of numpy images ``image(split, i)`` labelled ``label(i)``, ``sizes``
+    ``{split: count}``; TFDS names the dataset after ``class_name`` (ElfTestTiny ->
+    elf_test_tiny) and registers it. Preparing needs no TensorFlow."""
     def _info(self):
         return tfds.core.DatasetInfo(
             builder=self,
             features=tfds.features.FeaturesDict({
-                "image": tfds.features.Image(shape=SHAPE),
-                "label": tfds.features.ClassLabel(num_classes=NUM_CLASSES)}),
+                "image": tfds.features.Image(shape=shape),
+                "label": tfds.features.ClassLabel(num_classes=num_classes)}),
             supervised_keys=("image", "label"))
 
     def _split_generators(self, dl_manager):
-        return {s: self._generate_examples(s, n) for s, n in self.SIZES.items()}
+        return {s: self._generate_examples(s, n) for s, n in sizes.items()}
 
     def _generate_examples(self, split, n):
         for i in range(n):
-            yield i, {"image": example_image(split, i), "label": example_label(i)}
+            yield i, {"image": image(split, i), "label": label(i)}
+
+    return type(class_name, (tfds.core.GeneratorBasedBuilder,),
+                {"VERSION": tfds.core.Version("1.0.0"), "_info": _info,
+                 "_split_generators": _split_generators,
+                 "_generate_examples": _generate_examples, "__module__": __name__})
 
 
-class ElfTestTinyBn(ElfTestTiny):
-    """16 train images per class: enough for a BatchNorm net's 16-per-class statistics
-    (DC/DSA)."""
-
-    SIZES = {"train": 16 * NUM_CLASSES, "test": 16}
+ElfTestTiny = image_builder("ElfTestTiny", SHAPE, NUM_CLASSES, SPLIT_SIZES, example_image,
+                            example_label)
+# 16 train images per class: enough for a BatchNorm net's 16-per-class statistics (DC/DSA)
+ElfTestTinyBn = image_builder("ElfTestTinyBn", SHAPE, NUM_CLASSES,
+                              {"train": 16 * NUM_CLASSES, "test": 16}, example_image,
+                              example_label)
 
 
 TEST_INFO = registry.DatasetInfo(
