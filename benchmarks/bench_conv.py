@@ -3,14 +3,15 @@
 The shapes are the convolutions of the cross pool on CIFAR (batch 100): ConvNet/VGG11's
 first layer, VGG11's middle ones and its last two on 2x2 maps, where XLA:CPU's backward
 convolution emitters are slowest. Per shape: ms of the jitted forward+backward with
-``lax.conv_general_dilated`` and with the ``im2col`` formulation (elf_jax/models/conv.py),
-and with ``torch.nn.functional.conv2d`` when torch is installed, all in one run.
+``lax.conv_general_dilated``, the ``im2col`` and ``chunked`` formulations and the default
+(``auto``) of elf_jax/models/conv.py, and with ``torch.nn.functional.conv2d`` when torch is
+installed, all in one run.
 
     python benchmarks/bench_conv.py [--batch 100] [--steps 5] [--json out.jsonl]
 
 ``--nets ConvNet,VGG11,...`` instead times the whole network's plain CE gradient (random
 32x32x3 images, 10 classes; ``ConvNet:w32`` is the demo's width-32 ConvNet on 28x28x1) with
-each implementation forced (``lax``, ``im2col``) and with the default (``auto``), compiled
+each implementation forced (``lax``, ``im2col``, ``chunked``) and with the default (``auto``), compiled
 in one process and timed alternately, so the choice is judged inside whole networks.
 """
 
@@ -95,7 +96,7 @@ def time_nets(names, batch: int, steps: int) -> None:
             return optax.softmax_cross_entropy_with_integer_labels(out, y).mean()
 
         fns = {}
-        for impl in ("lax", "im2col", "auto"):  # the choice is made while tracing
+        for impl in ("lax", "im2col", "chunked", "auto"):  # the choice is made while tracing
             os.environ["ELF_JAX_CONV"] = impl
             fns[impl] = jax.jit(jax.grad(loss)).lower(v["params"]).compile()
         os.environ.pop("ELF_JAX_CONV")
@@ -141,11 +142,11 @@ def main() -> None:
         row = {"shape": f"{size}x{size} {cin}->{cout} s{stride}"}
         if args.only and not any(row["shape"].startswith(o) for o in args.only.split(",")):
             continue
-        for impl in ("lax", "im2col"):
+        for impl in ("lax", "im2col", "chunked", "auto"):
             row[f"ms_{impl}"] = round(_median_ms(time_jax(impl, x, w, r, stride), args.steps), 2)
         if torch is not None:
             row["ms_torch"] = round(_median_ms(time_torch(x, w, r, stride), args.steps), 2)
-            for impl in ("lax", "im2col"):
+            for impl in ("lax", "im2col", "chunked", "auto"):
                 row[f"{impl}/torch"] = round(row[f"ms_{impl}"] / row["ms_torch"], 2)
         print(json.dumps(row), flush=True)
         if args.json:

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
+from elf_jax.models import conv as conv_module
 from elf_jax.models.conv import conv2d, resolve_impl
 from elf_jax.models.layers import max_pool2
 
@@ -32,19 +33,28 @@ def _close(a, b):
     np.testing.assert_allclose(np.asarray(a), b, rtol=1e-4, atol=1e-5 + 1e-4 * np.abs(b).max())
 
 
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Chunks of one or two images, so that the tiny cases run several chunks (and a padded
+    last one) of the ``chunked`` filter gradient."""
+    monkeypatch.setattr(conv_module, "DK_CHUNK_BYTES", 600)
+
+
+@pytest.mark.parametrize("impl", ["im2col", "chunked"])
 @pytest.mark.parametrize("case", CASES)
-def test_im2col_equals_lax_values_and_gradients(case):
+def test_cpu_formulations_equal_lax_values_and_gradients(case, impl, small_chunks):
     x, w, r, st, p = _arrays(case)
     def loss(impl):
         return lambda x, w: jnp.sum(conv2d(x, w, st, p, impl) * r)
 
-    _close(conv2d(x, w, st, p, "im2col"), conv2d(x, w, st, p, "lax"))
-    for a, b in zip(jax.grad(loss("im2col"), (0, 1))(x, w), jax.grad(loss("lax"), (0, 1))(x, w)):
+    _close(conv2d(x, w, st, p, impl), conv2d(x, w, st, p, "lax"))
+    for a, b in zip(jax.grad(loss(impl), (0, 1))(x, w), jax.grad(loss("lax"), (0, 1))(x, w)):
         _close(a, b)
 
 
+@pytest.mark.parametrize("impl", ["im2col", "chunked"])
 @pytest.mark.parametrize("case", CASES[:2])
-def test_im2col_second_order_and_vmap(case):
+def test_cpu_formulations_second_order_and_vmap(case, impl, small_chunks):
     x, w, r, st, p = _arrays(case)
 
     def inner(impl):  # a gradient-matching-like objective: a function of d loss / d w
@@ -54,10 +64,11 @@ def test_im2col_second_order_and_vmap(case):
         return f
 
     ws = jnp.stack([w, 2 * w])
-    batched = {impl: jax.vmap(jax.grad(lambda w, impl=impl: jnp.sum(conv2d(x, w, st, p, impl) * r)))(ws)
-               for impl in ("im2col", "lax")}
-    _close(jax.grad(inner("im2col"))(x, w), jax.grad(inner("lax"))(x, w))
-    _close(batched["im2col"], batched["lax"])
+    batched = {i: jax.vmap(jax.grad(lambda w, i=i: jnp.sum(conv2d(x, w, st, p, i) * r)))(ws)
+               for i in (impl, "lax")}
+    _close(jax.grad(inner(impl), (0, 1))(x, w)[0], jax.grad(inner("lax"), (0, 1))(x, w)[0])
+    _close(jax.grad(inner(impl), (0, 1))(x, w)[1], jax.grad(inner("lax"), (0, 1))(x, w)[1])
+    _close(batched[impl], batched["lax"])
 
 
 def test_impl_choice(monkeypatch):
@@ -66,8 +77,13 @@ def test_impl_choice(monkeypatch):
     assert resolve_impl(out_positions=4) == ("im2col" if cpu else "lax")
     assert resolve_impl(out_positions=1024, in_channels=1, out_channels=32) == (
         "im2col" if cpu else "lax")
-    assert resolve_impl(out_positions=1024, in_channels=3, out_channels=128) == "lax"
-    assert resolve_impl(out_positions=64, in_channels=256, out_channels=256) == "lax"
+    assert resolve_impl(out_positions=256, in_channels=64, out_channels=128, kernel_size=1) == (
+        "im2col" if cpu else "lax")
+    assert resolve_impl(out_positions=64, in_channels=256, out_channels=256) == (
+        "chunked" if cpu else "lax")
+    assert resolve_impl(out_positions=16, in_channels=512, out_channels=512) == "lax"
+    monkeypatch.setenv("ELF_JAX_CONV", "chunked")
+    assert resolve_impl(out_positions=4) == "chunked"
     monkeypatch.setenv("ELF_JAX_CONV", "lax")
     assert resolve_impl() == "lax"
     monkeypatch.setenv("ELF_JAX_CONV", "fast")

@@ -9,15 +9,20 @@ kernel ``[k*k*Cin, Cout]`` forward; ``patches^T @ dy`` for the filter; ``dy @ ke
 folded back onto the input (the sum of the shifted slices' transposes) for the input. It is
 the same function (equal to float reassociation: tests/test_conv.py); only its cost differs.
 
-``conv2d(..., impl="auto")`` takes ``im2col`` on the CPU for outputs of at most 2x2
-positions (VGG11's last layers: 15 vs 970 ms for the gradient of one; the whole VGG11
-gradient 0.58 instead of 4.2 s) and for narrow first layers (at most 4 input and 64 output
-channels: the demo's width-32 ConvNet gradient 55 instead of 92 ms; with 128 outputs lax was
-~6% faster), and XLA's ``lax`` convolution elsewhere: on larger maps im2col's patch
-matrices cost more memory traffic than they save, and a filter gradient written as k*k
-shifted matrix products, faster for one layer alone, was slower inside whole networks
-(BENCHMARKS.md, "Convolutions on the CPU"). GPU/TPU always use ``lax``.
-``ELF_JAX_CONV=lax|im2col`` forces one everywhere.
+The ``chunked`` implementation keeps XLA's convolutions for the output and the input
+gradient and computes only the filter gradient as ``patches^T @ dy``, summed over chunks of
+the batch, one chunk's patch matrix (``DK_CHUNK_BYTES``, 8 MB) at a time, which stays in
+cache: XLA's filter-gradient convolution is 2-4x slower than its forward one on the CPU
+(32x32 64->64: 225 ms against 60 forward, 90 chunked). Its own gradient (DC/DSA/MTT
+differentiate through training steps) is again two XLA convolutions.
+
+``conv2d(..., impl="auto")`` on the CPU takes ``im2col`` for outputs of at most 2x2
+positions (VGG11's last layers: 15 vs 970 ms for the gradient of one), 1x1 convolutions
+(ResNet shortcuts: a plain matrix product) and narrow first layers (at most 4 input
+channels), ``chunked`` for outputs of at least 8x8 positions and XLA's ``lax`` convolution
+for the 4x4 maps in between, where ``lax`` measured fastest (BENCHMARKS.md, "Convolutions on
+the CPU"). GPU/TPU always use ``lax``. ``ELF_JAX_CONV=lax|im2col|chunked`` forces one
+everywhere.
 """
 
 from __future__ import annotations
@@ -29,34 +34,41 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-IMPLS = ("auto", "lax", "im2col")
+IMPLS = ("auto", "lax", "im2col", "chunked")
+
+# bytes of one chunk's patch matrix in the ``chunked`` filter gradient (see _filter_grad_chunked)
+DK_CHUNK_BYTES = 8 << 20
 
 
 def resolve_impl(impl: str = "auto", out_positions: int = 0, in_channels: int = 0,
-                 out_channels: int = 0) -> str:
-    """``lax`` or ``im2col`` for a convolution with ``out_positions`` = H' * W' output
-    positions and these channels: ``auto`` reads ``ELF_JAX_CONV``, else the measured CPU
-    rule of the module docstring (``lax`` off the CPU)."""
+                 out_channels: int = 0, kernel_size: int = 3) -> str:
+    """``lax``, ``im2col`` or ``chunked`` for a convolution with ``out_positions`` = H' * W'
+    output positions, these channels and this kernel size: ``auto`` reads ``ELF_JAX_CONV``,
+    else the measured CPU rule of the module docstring (``lax`` off the CPU)."""
     if impl not in IMPLS:
         raise ValueError(f"conv impl {impl!r}: choose one of {IMPLS}")
     if impl == "auto":
         impl = os.environ.get("ELF_JAX_CONV", "auto")
         if impl not in IMPLS:
             raise ValueError(f"ELF_JAX_CONV={impl!r}: choose one of {IMPLS}")
-    if impl == "auto":
-        tiny_maps = 0 < out_positions <= 4
-        narrow_first = 0 < in_channels <= 4 and 0 < out_channels <= 64
-        cpu = jax.default_backend() == "cpu"
-        impl = "im2col" if cpu and (tiny_maps or narrow_first) else "lax"
-    return impl
+    if impl != "auto":
+        return impl
+    if jax.default_backend() != "cpu":
+        return "lax"
+    if 0 < out_positions <= 4 or kernel_size == 1 or 0 < in_channels <= 4:
+        return "im2col"  # tiny maps, 1x1 convolutions (plain products), narrow first layers
+    return "chunked" if out_positions >= 64 else "lax"
 
 
 def conv2d(x, kernel, stride: int = 1, pad: int = 0, impl: str = "auto"):
     """``y[n, i, j, o] = sum_{a, b, c} xpad[n, s*i + a, s*j + b, c] * kernel[a, b, c, o]``."""
     k = kernel.shape[0]
     positions = _out_size(x.shape[1], k, stride, pad) * _out_size(x.shape[2], k, stride, pad)
-    if resolve_impl(impl, positions, x.shape[-1], kernel.shape[-1]) == "lax":
+    impl = resolve_impl(impl, positions, x.shape[-1], kernel.shape[-1], k)
+    if impl == "lax":
         return _lax_conv(x, kernel, stride, pad)
+    if impl == "chunked":
+        return _chunked_conv(x, kernel, int(stride), int(pad))
     return _im2col_conv(x, kernel, int(stride), int(pad))
 
 
@@ -121,3 +133,70 @@ def _im2col_bwd(stride, pad, res, dy):
 
 _im2col_conv.defvjp(_im2col_fwd, _im2col_bwd)
 
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _filter_grad(x, dy, k: int, stride: int, pad: int):
+    """The filter gradient ``dk[a, b, c, o] = sum_{n,i,j} xpad[n, s*i+a, s*j+b, c] *
+    dy[n, i, j, o]`` (float32 for float inputs) as ``patches(x)^T @ dy`` summed over chunks of
+    the batch, one chunk's patch matrix (about DK_CHUNK_BYTES) at a time: the patches stay in
+    cache instead of streaming ``[N*H'*W', k*k*C]`` through memory (2-3x faster than XLA's
+    filter-gradient convolution on 8x8 to 32x32 maps)."""
+    n = x.shape[0]
+    per_image = dy.shape[1] * dy.shape[2] * k * k * x.shape[-1] * x.dtype.itemsize
+    chunks = -(-n // max(1, min(n, DK_CHUNK_BYTES // max(per_image, 1))))
+    size = -(-n // chunks)
+    if chunks * size > n:  # zero images add nothing to the sum
+        x = jnp.pad(x, ((0, chunks * size - n),) + ((0, 0),) * 3)
+        dy = jnp.pad(dy, ((0, chunks * size - n),) + ((0, 0),) * 3)
+    acc_dtype = jnp.promote_types(dy.dtype, jnp.float32)
+
+    def chunk_grad(xc, dc):
+        return jnp.einsum("nhwp,nhwo->po", _patches(xc, k, stride, pad), dc.astype(x.dtype),
+                          preferred_element_type=acc_dtype)
+
+    if chunks == 1:
+        total = chunk_grad(x, dy)
+    else:
+        xs = x.reshape(chunks, size, *x.shape[1:])
+        dys = dy.reshape(chunks, size, *dy.shape[1:])
+        init = jnp.zeros((k * k * x.shape[-1], dy.shape[-1]), acc_dtype)
+        total, _ = lax.scan(lambda acc, xd: (acc + chunk_grad(*xd), None), init, (xs, dys))
+    return total.reshape(k, k, x.shape[-1], dy.shape[-1])
+
+
+def _filter_grad_fwd(x, dy, k, stride, pad):
+    return _filter_grad(x, dy, k, stride, pad), (x, dy)
+
+
+def _filter_grad_bwd(k, stride, pad, res, ct):
+    # dk is bilinear in (x, dy): d/d dy = conv(x, ct), d/dx = conv(., ct)'s input transpose
+    # at dy; both as XLA convolutions, so that DC/DSA/MTT's second-order gradients through a
+    # training step cost what they did with ``lax``
+    x, dy = res
+    ct = ct.astype(x.dtype)
+    conv_ct, input_vjp = jax.vjp(lambda x: _lax_conv(x, ct, stride, pad), x)
+    (dx,) = input_vjp(dy.astype(conv_ct.dtype))
+    return dx, conv_ct.astype(dy.dtype)
+
+
+_filter_grad.defvjp(_filter_grad_fwd, _filter_grad_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _chunked_conv(x, kernel, stride: int, pad: int):
+    return _lax_conv(x, kernel, stride, pad)
+
+
+def _chunked_fwd(x, kernel, stride, pad):
+    return _lax_conv(x, kernel, stride, pad), (x, kernel)
+
+
+def _chunked_bwd(stride, pad, res, dy):
+    x, kernel = res
+    _, input_vjp = jax.vjp(lambda x: _lax_conv(x, kernel, stride, pad), x)
+    (dx,) = input_vjp(dy)
+    return dx, _filter_grad(x, dy, kernel.shape[0], stride, pad).astype(kernel.dtype)
+
+
+_chunked_conv.defvjp(_chunked_fwd, _chunked_bwd)
