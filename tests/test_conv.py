@@ -52,6 +52,16 @@ def test_cpu_formulations_equal_lax_values_and_gradients(case, impl, small_chunk
         _close(a, b)
 
 
+def test_chunked_filter_gradient_pads_the_batch_to_whole_chunks(monkeypatch):
+    # 7 images, at most 3 per chunk: 7 has no divisor of 2-3, so 3 chunks of 3, padded to 9
+    assert (conv_module._chunk_size(7, 3), conv_module._chunk_size(100, 3)) == (3, 2)
+    x, w, r, st, p = _arrays((7, 6, 3, 4, 3, 1, 1))
+    monkeypatch.setattr(conv_module, "DK_CHUNK_BYTES", 3 * 36 * 9 * 3 * 4)
+    grads = [jax.grad(lambda w, i=i: jnp.sum(conv2d(x, w, st, p, i) * r))(w)
+             for i in ("chunked", "lax")]
+    _close(*grads)
+
+
 @pytest.mark.parametrize("impl", ["im2col", "chunked"])
 @pytest.mark.parametrize("case", CASES[:2])
 def test_cpu_formulations_second_order_and_vmap(case, impl, small_chunks):
