@@ -11,8 +11,9 @@ installed, all in one run.
 
 ``--nets ConvNet,VGG11,...`` instead times the whole network's plain CE gradient (random
 32x32x3 images, 10 classes; ``ConvNet:w32`` is the demo's width-32 ConvNet on 28x28x1) with
-each implementation forced (``lax``, ``im2col``, ``chunked``) and with the default (``auto``), compiled
-in one process and timed alternately, so the choice is judged inside whole networks.
+each implementation forced (``lax``, ``im2col``, ``chunked``) and with the default
+(``auto``), compiled in one process and timed alternately, so the choice is judged inside
+whole networks.
 """
 
 from __future__ import annotations

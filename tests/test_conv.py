@@ -35,8 +35,8 @@ def _close(a, b):
 
 @pytest.fixture
 def small_chunks(monkeypatch):
-    """Chunks of one or two images, so that the tiny cases run several chunks (and a padded
-    last one) of the ``chunked`` filter gradient."""
+    """Chunks of one image, so that the tiny cases run several chunks of the ``chunked``
+    filter gradient (padding to whole chunks has its own test below)."""
     monkeypatch.setattr(conv_module, "DK_CHUNK_BYTES", 600)
 
 

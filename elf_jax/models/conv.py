@@ -13,7 +13,7 @@ The ``chunked`` implementation keeps XLA's convolutions for the output and the i
 gradient and computes only the filter gradient as ``patches^T @ dy``, summed over chunks of
 the batch, one chunk's patch matrix (``DK_CHUNK_BYTES``, 6 MB) at a time, which stays in
 cache: XLA's filter-gradient convolution is 2-4x slower than its forward one on the CPU
-(32x32 64->64: 225 ms against 60 forward, 90 chunked). Its own gradient (DC/DSA/MTT
+(32x32 64->64: 225 ms against 60 forward, 90-150 chunked). Its own gradient (DC/DSA/MTT
 differentiate through training steps) is again two XLA convolutions.
 
 ``conv2d(..., impl="auto")`` on the CPU takes ``im2col`` for outputs of at most 2x2
@@ -36,7 +36,7 @@ from jax import lax
 
 IMPLS = ("auto", "lax", "im2col", "chunked")
 
-# bytes of one chunk's patch matrix in the ``chunked`` filter gradient (see _filter_grad_chunked)
+# bytes of one chunk's patch matrix in the ``chunked`` filter gradient (see _filter_grad)
 DK_CHUNK_BYTES = 6 << 20
 
 
@@ -134,14 +134,13 @@ def _im2col_bwd(stride, pad, res, dy):
 _im2col_conv.defvjp(_im2col_fwd, _im2col_bwd)
 
 
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _filter_grad(x, dy, k: int, stride: int, pad: int):
     """The filter gradient ``dk[a, b, c, o] = sum_{n,i,j} xpad[n, s*i+a, s*j+b, c] *
     dy[n, i, j, o]`` (float32 for float inputs) as ``patches(x)^T @ dy`` summed over chunks of
     the batch, one chunk's patch matrix (about DK_CHUNK_BYTES) at a time: the patches stay in
-    cache instead of streaming ``[N*H'*W', k*k*C]`` through memory (2-3x faster than XLA's
-    filter-gradient convolution on 8x8 to 32x32 maps)."""
+    cache instead of streaming ``[N*H'*W', k*k*C]`` through memory (1.5-2.5x faster than
+    XLA's filter-gradient convolution on 8x8 to 32x32 maps)."""
     n = x.shape[0]
     per_image = dy.shape[1] * dy.shape[2] * k * k * x.shape[-1] * x.dtype.itemsize
     size = _chunk_size(n, max(1, min(n, DK_CHUNK_BYTES // max(per_image, 1))))
