@@ -14,6 +14,9 @@ installed, all in one run.
 each implementation forced (``lax``, ``im2col``, ``chunked``) and with the default
 (``auto``), compiled in one process and timed alternately, so the choice is judged inside
 whole networks.
+
+``--pieces`` instead times one layer's forward, input gradient and filter gradient apart
+(XLA's, and the ``chunked`` filter gradient), next to torch's forward and forward+backward.
 """
 
 from __future__ import annotations
@@ -113,6 +116,41 @@ def time_nets(names, batch: int, steps: int) -> None:
                                          for k, t in times.items()}}), flush=True)
 
 
+def time_pieces(batch: int, steps: int, only: str) -> None:
+    """The ``--pieces`` rows: where one layer's gradient time goes, one JSON line per shape."""
+    from elf_jax.models.conv import _filter_grad
+
+    rng = np.random.default_rng(0)
+    for size, cin, cout, stride in SHAPES:
+        shape = f"{size}x{size} {cin}->{cout} s{stride}"
+        if stride != 1 or (only and not any(shape.startswith(o) for o in only.split(","))):
+            continue
+        x = jnp.asarray(rng.standard_normal((batch, size, size, cin)), jnp.float32)
+        w = jnp.asarray(rng.standard_normal((3, 3, cin, cout)) * 0.05, jnp.float32)
+        dy = jnp.asarray(rng.standard_normal((batch, size, size, cout)), jnp.float32)
+        conv = jax.jit(lambda x, w: conv2d(x, w, 1, 1, "lax"))
+        dx = jax.jit(lambda w, dy: jax.vjp(lambda x: conv2d(x, w, 1, 1, "lax"), x)[1](dy)[0])
+        dk = jax.jit(lambda x, dy: jax.vjp(lambda w: conv2d(x, w, 1, 1, "lax"), w)[1](dy)[0])
+        dk_chunked = jax.jit(lambda x, dy: _filter_grad(x, dy, 3, 1, 1))
+        row = {"shape": shape}
+        for name, fn in (("fwd", lambda: conv(x, w)), ("dx", lambda: dx(w, dy)),
+                         ("dk", lambda: dk(x, dy)), ("dk_chunked", lambda: dk_chunked(x, dy))):
+            row[f"ms_{name}"] = round(_median_ms(lambda: jax.block_until_ready(fn()), steps), 1)
+        try:
+            import torch
+
+            xt = torch.tensor(np.asarray(x).transpose(0, 3, 1, 2).copy())
+            wt = torch.tensor(np.asarray(w).transpose(3, 2, 0, 1).copy())
+            with torch.no_grad():
+                row["ms_torch_fwd"] = round(_median_ms(
+                    lambda: torch.nn.functional.conv2d(xt, wt, padding=1), steps), 1)
+            r = jnp.asarray(rng.standard_normal(dy.shape), jnp.float32)
+            row["ms_torch_fwd_bwd"] = round(_median_ms(time_torch(x, w, r, 1), steps), 1)
+        except ImportError:
+            pass
+        print(json.dumps(row), flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch", type=int, default=100)
@@ -120,7 +158,13 @@ def main() -> None:
     p.add_argument("--json", default="")
     p.add_argument("--only", default="", help="comma-separated shape prefixes, e.g. '32x32 64'")
     p.add_argument("--nets", default="", help="whole networks instead, e.g. 'ConvNet:w32,VGG11'")
+    p.add_argument("--pieces", action="store_true",
+                   help="forward / input gradient / filter gradient apart, stride-1 shapes")
     args = p.parse_args()
+    if args.pieces:
+        print(json.dumps({"cpu": cpu_model(), "jax": jax.__version__,
+                          "date": time.strftime("%Y-%m-%d %H:%M")}))
+        return time_pieces(args.batch, args.steps, args.only)
     if args.nets:
         print(json.dumps({"cpu": cpu_model(), "jax": jax.__version__,
                           "date": time.strftime("%Y-%m-%d %H:%M")}))
