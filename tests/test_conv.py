@@ -89,8 +89,11 @@ def test_impl_choice(monkeypatch):
         "im2col" if cpu else "lax")
     assert resolve_impl(out_positions=256, in_channels=64, out_channels=128, kernel_size=1) == (
         "im2col" if cpu else "lax")
-    assert resolve_impl(out_positions=64, in_channels=256, out_channels=256) == (
-        "chunked" if cpu else "lax")
+    big = 4 * conv_module.DK_CHUNK_BYTES  # the patch matrix of 4 chunks or more
+    assert resolve_impl(out_positions=64, in_channels=256, out_channels=256,
+                        patch_bytes=big) == ("chunked" if cpu else "lax")
+    assert resolve_impl(out_positions=64, in_channels=256, out_channels=256,
+                        patch_bytes=big - 1) == "lax"  # small batches: no faster, slower compile
     assert resolve_impl(out_positions=16, in_channels=512, out_channels=512) == "lax"
     monkeypatch.setenv("ELF_JAX_CONV", "chunked")
     assert resolve_impl(out_positions=4) == "chunked"

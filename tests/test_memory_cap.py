@@ -145,8 +145,9 @@ def test_imagenet64_shard_map_config_streams_on_a_mesh(tmp_path):
 
     _standin.register()
     tfds_source.ensure_prepared(_standin.INFOS["small"], str(tmp_path / "data"))
+    flags = os.environ.get("XLA_FLAGS", "")  # the tests' own (conftest.py), and 2 devices
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT),
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+           "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count=2"}
     child = subprocess.run([sys.executable, str(HERE), "mesh", str(tmp_path / "data"),
                             str(tmp_path / "wd")], env=env, cwd=ROOT, capture_output=True,
                            text=True, timeout=900)

@@ -33,7 +33,7 @@ TEACHER_B, TEACHER_EPOCHS = 20, 2  # 48 rows: 2 minibatches of 20 and one of 8, 
 
 def _env(devices):
     env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     for k in ("ELF_JAX_COORDINATOR", "ELF_JAX_NUM_PROCESSES", "ELF_JAX_PROCESS_ID"):

@@ -28,7 +28,7 @@ LOSS_RTOL = 1e-5
 
 def run_case(*args, devices=8, timeout=900, script=HERE):
     env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     p = subprocess.run([sys.executable, str(script), *map(str, args)], env=env, cwd=ROOT,

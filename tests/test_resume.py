@@ -58,7 +58,7 @@ def _cmd(workdir, out, placement, ref_out=""):
 def _env(placement):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     if placement == "mesh":
-        env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+        env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
     return env
 

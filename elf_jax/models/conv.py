@@ -19,9 +19,11 @@ differentiate through training steps) is again two XLA convolutions.
 ``conv2d(..., impl="auto")`` on the CPU takes ``im2col`` for outputs of at most 2x2
 positions (VGG11's last layers: 15 vs 970 ms for the gradient of one), 1x1 convolutions
 (ResNet shortcuts: a plain matrix product) and narrow first layers (at most 4 input
-channels), ``chunked`` for outputs of at least 8x8 positions and XLA's ``lax`` convolution
-for the 4x4 maps in between, where ``lax`` measured fastest (BENCHMARKS.md, "Convolutions on
-the CPU"). GPU/TPU always use ``lax``. ``ELF_JAX_CONV=lax|im2col|chunked`` forces one
+channels), ``chunked`` for outputs of at least 8x8 positions whose whole-batch patch matrix
+is at least ``CHUNKED_MIN_CHUNKS`` chunks, and XLA's ``lax`` convolution otherwise: on 4x4
+maps ``lax`` measured fastest, and on small batches ``chunked`` is no faster while its
+gradient takes twice as long to compile (BENCHMARKS.md, "Convolutions on the CPU"). GPU/TPU
+always use ``lax``. ``ELF_JAX_CONV=lax|im2col|chunked`` forces one
 everywhere.
 """
 
@@ -38,13 +40,17 @@ IMPLS = ("auto", "lax", "im2col", "chunked")
 
 # bytes of one chunk's patch matrix in the ``chunked`` filter gradient (see _filter_grad)
 DK_CHUNK_BYTES = 6 << 20
+# ``auto`` takes ``chunked`` only from this many chunks of the batch's patch matrix: below
+# (e.g. 32x32 64->64 under 16 images) it is not faster than ``lax`` and compiles 2x slower
+CHUNKED_MIN_CHUNKS = 4
 
 
 def resolve_impl(impl: str = "auto", out_positions: int = 0, in_channels: int = 0,
-                 out_channels: int = 0, kernel_size: int = 3) -> str:
+                 out_channels: int = 0, kernel_size: int = 3, patch_bytes: int = 0) -> str:
     """``lax``, ``im2col`` or ``chunked`` for a convolution with ``out_positions`` = H' * W'
-    output positions, these channels and this kernel size: ``auto`` reads ``ELF_JAX_CONV``,
-    else the measured CPU rule of the module docstring (``lax`` off the CPU)."""
+    output positions, these channels, this kernel size and a whole-batch im2col patch matrix
+    of ``patch_bytes``: ``auto`` reads ``ELF_JAX_CONV``, else the measured CPU rule of the
+    module docstring (``lax`` off the CPU)."""
     if impl not in IMPLS:
         raise ValueError(f"conv impl {impl!r}: choose one of {IMPLS}")
     if impl == "auto":
@@ -57,14 +63,16 @@ def resolve_impl(impl: str = "auto", out_positions: int = 0, in_channels: int = 
         return "lax"
     if 0 < out_positions <= 4 or kernel_size == 1 or 0 < in_channels <= 4:
         return "im2col"  # tiny maps, 1x1 convolutions (plain products), narrow first layers
-    return "chunked" if out_positions >= 64 else "lax"
+    big = patch_bytes >= CHUNKED_MIN_CHUNKS * DK_CHUNK_BYTES
+    return "chunked" if out_positions >= 64 and big else "lax"
 
 
 def conv2d(x, kernel, stride: int = 1, pad: int = 0, impl: str = "auto"):
     """``y[n, i, j, o] = sum_{a, b, c} xpad[n, s*i + a, s*j + b, c] * kernel[a, b, c, o]``."""
     k = kernel.shape[0]
     positions = _out_size(x.shape[1], k, stride, pad) * _out_size(x.shape[2], k, stride, pad)
-    impl = resolve_impl(impl, positions, x.shape[-1], kernel.shape[-1], k)
+    patch_bytes = x.shape[0] * positions * k * k * x.shape[-1] * x.dtype.itemsize
+    impl = resolve_impl(impl, positions, x.shape[-1], kernel.shape[-1], k, patch_bytes)
     if impl == "lax":
         return _lax_conv(x, kernel, stride, pad)
     if impl == "chunked":
