@@ -17,6 +17,10 @@ whole networks.
 
 ``--pieces`` instead times one layer's forward, input gradient and filter gradient apart
 (XLA's, and the ``chunked`` filter gradient), next to torch's forward and forward+backward.
+
+``--batches 2,8,16,32,100`` instead times one layer's gradient with ``lax`` and ``chunked``
+at each batch size (ms and the first call's compile seconds) and says which one ``auto``
+takes: the batch gate of ``chunked`` (``CHUNKED_MIN_CHUNKS``).
 """
 
 from __future__ import annotations
@@ -151,6 +155,33 @@ def time_pieces(batch: int, steps: int, only: str) -> None:
         print(json.dumps(row), flush=True)
 
 
+def time_batches(batches, steps: int, only: str) -> None:
+    """The ``--batches`` rows: ``lax`` vs ``chunked`` by batch size, one JSON line each."""
+    from elf_jax.models.conv import resolve_impl
+
+    rng = np.random.default_rng(0)
+    for size, cin, cout, stride in SHAPES:
+        shape = f"{size}x{size} {cin}->{cout} s{stride}"
+        if stride != 1 or size < 8 or (only and not any(shape.startswith(o)
+                                                         for o in only.split(","))):
+            continue
+        for n in batches:
+            x = jnp.asarray(rng.standard_normal((n, size, size, cin)), jnp.float32)
+            w = jnp.asarray(rng.standard_normal((3, 3, cin, cout)) * 0.05, jnp.float32)
+            r = jnp.asarray(rng.standard_normal((n, size, size, cout)), jnp.float32)
+            patch_bytes = n * size * size * 9 * cin * 4  # the whole batch's im2col matrix
+            row = {"shape": shape, "batch": n, "patch_mb": round(patch_bytes / 2**20, 1),
+                   "auto": resolve_impl("auto", size * size, cin, cout, 3, patch_bytes)}
+            for impl in ("lax", "chunked"):
+                fn = time_jax(impl, x, w, r, stride)
+                t = time.perf_counter()
+                fn()
+                row[f"compile_s_{impl}"] = round(time.perf_counter() - t, 2)
+                row[f"ms_{impl}"] = round(_median_ms(fn, steps), 2)
+            row["chunked/lax"] = round(row["ms_chunked"] / row["ms_lax"], 2)
+            print(json.dumps(row), flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch", type=int, default=100)
@@ -160,7 +191,13 @@ def main() -> None:
     p.add_argument("--nets", default="", help="whole networks instead, e.g. 'ConvNet:w32,VGG11'")
     p.add_argument("--pieces", action="store_true",
                    help="forward / input gradient / filter gradient apart, stride-1 shapes")
+    p.add_argument("--batches", default="",
+                   help="lax vs chunked at these batch sizes, e.g. '2,8,16,32,100'")
     args = p.parse_args()
+    if args.batches:
+        print(json.dumps({"cpu": cpu_model(), "jax": jax.__version__,
+                          "date": time.strftime("%Y-%m-%d %H:%M")}))
+        return time_batches([int(b) for b in args.batches.split(",")], args.steps, args.only)
     if args.pieces:
         print(json.dumps({"cpu": cpu_model(), "jax": jax.__version__,
                           "date": time.strftime("%Y-%m-%d %H:%M")}))
