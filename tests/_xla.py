@@ -6,7 +6,7 @@ and tests/test_evaluate.py: 86 -> 58 s on 2 cores, 2026-12-02). It changes how f
 generated code runs, and may round differently (a test that compares two different programs
 bit for bit runs in a child at the default level: ``without_test_opt_level``). Child
 processes inherit it through the environment; the demo, the CLI and the benchmarks keep
-XLA's default. ``ELF_JAX_TEST_XLA_OPT`` sets another level for a test run.
+XLA's default (level 3). ``ELF_JAX_TEST_XLA_OPT`` sets another level for a test run.
 """
 
 import os
