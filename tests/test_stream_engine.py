@@ -7,7 +7,8 @@ cannot be trained as asked are refused with one line.
 
 Data: the tiny local TFDS dataset of ``_tfds_fixtures`` (48 train / 16 test 8x8x3 images, 4
 classes), prepared once in a module-scoped data_dir. This file is also the script of the
-subprocesses (the killed teacher; a 2-device mesh). The subprocesses share one persistent
+subprocesses (the ``fit`` comparison at XLA's default code generation; the killed teacher;
+a 2-device mesh). The subprocesses share one persistent
 compilation cache: the second one does not compile again.
 """
 
@@ -29,6 +30,7 @@ NAME = fx.TEST_INFO.name
 BATCH = 10  # 48 rows: 4 full batches and a last one of 8
 DSA = "flip_crop"  # random per step (so the step keys matter), and quick to compile
 EPOCHS = 2
+ENGINES = ("host", "scan")
 # the teacher's protocol equals _protocol(): fit's host engine compiles once for both
 TEACHER = dict(epochs=EPOCHS, batch_size=BATCH, dsa_strategy=DSA,
                model_kwargs={"width": 8, "depth": 2}, progress=False)
@@ -100,26 +102,28 @@ def _assert_same(a, b):
         np.testing.assert_array_equal(x, y)
 
 
-@pytest.mark.parametrize("engine", ["host", "scan"])
-def test_fit_streamed_equals_in_memory(train, data_dir, compile_cache, tmp_path, engine):
+def test_fit_streamed_equals_in_memory(train, data_dir, compile_cache, tmp_path):
     streamed, memory = train
     np.testing.assert_array_equal(streamed.labels, memory.labels)
     # in a child at XLA's default code generation, which the bit-for-bit claim is about: at
     # the tests' -O0 (conftest.py) XLA's convolutions round the scan engine's streamed
-    # programs 1 ulp differently
+    # programs 1 ulp differently. One child for both engines (one start, one import).
     out = tmp_path / "fit.npz"
-    proc = _popen(compile_cache, "fit", data_dir, engine, out, default_opt=True,
+    proc = _popen(compile_cache, "fit", data_dir, out, default_opt=True,
                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     log = proc.communicate(timeout=300)[0].decode(errors="replace")
     assert proc.returncode == 0, log[-3000:]
     r = np.load(out)
-    leaves = [k[7:] for k in r.files if k.startswith("stream_")]
-    assert len(leaves) > 4 + 3 and "hist_loss" in leaves
-    for k in leaves:
-        np.testing.assert_array_equal(r["stream_" + k], r["memory_" + k], err_msg=k)
-    assert r["memory_hist_loss"].shape == (2, EPOCHS)
-    first = r["memory_leaf0"]
-    assert not np.array_equal(first[0], first[1])  # each repeat its own weights and data
+    for engine in ENGINES:
+        prefix = f"{engine}_stream_"
+        leaves = [k[len(prefix):] for k in r.files if k.startswith(prefix)]
+        assert len(leaves) > 4 + 3 and "hist_loss" in leaves
+        for k in leaves:
+            np.testing.assert_array_equal(r[prefix + k], r[f"{engine}_memory_{k}"],
+                                          err_msg=f"{engine} {k}")
+        assert r[f"{engine}_memory_hist_loss"].shape == (2, EPOCHS)
+        first = r[f"{engine}_memory_leaf0"]
+        assert not np.array_equal(first[0], first[1])  # each repeat its own weights and data
 
 
 def test_teacher_streamed_equals_in_memory(train, data_dir, tmp_path):
@@ -143,22 +147,26 @@ def test_teacher_streamed_equals_in_memory(train, data_dir, tmp_path):
 
 
 # ------------------------------------------------------------------------- subprocesses
-def _fit_main(data_dir, engine, out):
-    """``fit`` on the streamed and on the in-memory split (2 repeats), saved to ``out``:
-    ``<kind>_leaf<i>`` (final states) and ``<kind>_hist_<metric>`` per kind."""
+def _fit_main(data_dir, out):
+    """``fit`` with each engine of ``ENGINES`` on the streamed and on the in-memory split (2
+    repeats), saved to ``out``: ``<engine>_<kind>_leaf<i>`` (final states) and
+    ``<engine>_<kind>_hist_<metric>``."""
     from elf_jax.train.runner import fit
 
     streamed, memory = _splits(data_dir, "train")
     saved = {}
-    for kind, images in (("stream", streamed), ("memory", memory.images)):
-        # stream_steps=3: groups of 3 and 1 full minibatches, then the last one of 8 rows;
-        # the host engine one epoch per call (as the teacher), the scan engine both in one
-        st, hist, info = fit(_net(), _protocol(), {"images": images, "labels": memory.labels},
-                             _states(2), num_epochs=EPOCHS, engine=engine, stream_steps=3,
-                             chunk_epochs=1 if engine == "host" else EPOCHS, progress=False)
-        assert info["engine"] == engine
-        saved.update({f"{kind}_leaf{i}": x for i, x in enumerate(_leaves(st))})
-        saved.update({f"{kind}_hist_{k}": np.asarray(v) for k, v in hist.items()})
+    for engine in ENGINES:
+        for kind, images in (("stream", streamed), ("memory", memory.images)):
+            # stream_steps=3: groups of 3 and 1 full minibatches, then the last one of 8
+            # rows; the host engine one epoch per call (as the teacher), the scan engine
+            # both in one
+            st, hist, info = fit(_net(), _protocol(), {"images": images, "labels": memory.labels},
+                                 _states(2), num_epochs=EPOCHS, engine=engine, stream_steps=3,
+                                 chunk_epochs=1 if engine == "host" else EPOCHS, progress=False)
+            assert info["engine"] == engine
+            tag = f"{engine}_{kind}"
+            saved.update({f"{tag}_leaf{i}": x for i, x in enumerate(_leaves(st))})
+            saved.update({f"{tag}_hist_{k}": np.asarray(v) for k, v in hist.items()})
     np.savez(out, **saved)
 
 
