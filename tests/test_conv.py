@@ -2,6 +2,8 @@
 values, gradients, second-order gradients (DC/DSA/MTT differentiate through training
 steps) and under vmap (repeats side by side)."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,6 +13,7 @@ from flax import linen as nn
 from elf_jax.models import conv as conv_module
 from elf_jax.models.conv import conv2d, resolve_impl
 from elf_jax.models.layers import max_pool2
+from elf_jax.xla_cpu import MULTI_THREADED_CONVS
 
 # (batch, size, cin, cout, kernel, stride, pad)
 CASES = [(3, 8, 4, 5, 3, 1, 1), (2, 9, 3, 6, 3, 2, 1), (2, 7, 3, 4, 1, 1, 0),
@@ -90,6 +93,12 @@ def test_impl_choice(monkeypatch):
     assert resolve_impl(out_positions=256, in_channels=64, out_channels=128, kernel_size=1) == (
         "im2col" if cpu else "lax")
     big = 4 * conv_module.DK_CHUNK_BYTES  # the patch matrix of 4 chunks or more
+    # with elf_jax's XLA:CPU setting (multi-threaded XLA convolutions): lax
+    assert MULTI_THREADED_CONVS in os.environ["XLA_FLAGS"]
+    assert resolve_impl(out_positions=64, in_channels=256, out_channels=256,
+                        patch_bytes=big) == "lax"
+    # where YNNPACK's single-threaded convolutions are kept: chunked on large batches
+    monkeypatch.setenv("XLA_FLAGS", os.environ["XLA_FLAGS"].replace(MULTI_THREADED_CONVS, ""))
     assert resolve_impl(out_positions=64, in_channels=256, out_channels=256,
                         patch_bytes=big) == ("chunked" if cpu else "lax")
     assert resolve_impl(out_positions=64, in_channels=256, out_channels=256,

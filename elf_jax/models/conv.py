@@ -19,12 +19,14 @@ differentiate through training steps) is again two XLA convolutions.
 ``conv2d(..., impl="auto")`` on the CPU takes ``im2col`` for outputs of at most 2x2
 positions (VGG11's last layers: 15 vs 970 ms for the gradient of one), 1x1 convolutions
 (ResNet shortcuts: a plain matrix product) and narrow first layers (at most 4 input
-channels), ``chunked`` for outputs of at least 8x8 positions whose whole-batch patch matrix
-is at least ``CHUNKED_MIN_CHUNKS`` chunks, and XLA's ``lax`` convolution otherwise: on 4x4
-maps ``lax`` measured fastest, and on small batches ``chunked`` is no faster while its
-gradient takes twice as long to compile (BENCHMARKS.md, "Convolutions on the CPU"). GPU/TPU
-always use ``lax``. ``ELF_JAX_CONV=lax|im2col|chunked`` forces one
-everywhere.
+channels), and XLA's ``lax`` convolution otherwise: with elf_jax's XLA:CPU setting
+(elf_jax/xla_cpu.py: XLA's multi-threaded convolutions instead of YNNPACK's single-threaded
+ones) ``lax`` is the fastest there, filter gradient included. Only where a process keeps
+YNNPACK's convolutions does ``auto`` take ``chunked`` for outputs of at least 8x8 positions
+whose whole-batch patch matrix is at least ``CHUNKED_MIN_CHUNKS`` chunks (on small batches
+``chunked`` is no faster while its gradient takes twice as long to compile), and ``lax`` on
+4x4 maps (BENCHMARKS.md, "Convolutions on the CPU"). GPU/TPU always use ``lax``.
+``ELF_JAX_CONV=lax|im2col|chunked`` forces one everywhere.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ import os
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from elf_jax import xla_cpu
 
 IMPLS = ("auto", "lax", "im2col", "chunked")
 
@@ -63,6 +67,8 @@ def resolve_impl(impl: str = "auto", out_positions: int = 0, in_channels: int = 
         return "lax"
     if 0 < out_positions <= 4 or kernel_size == 1 or 0 < in_channels <= 4:
         return "im2col"  # tiny maps, 1x1 convolutions (plain products), narrow first layers
+    if not xla_cpu.ynn_convolutions():
+        return "lax"  # XLA's multi-threaded convolutions (elf_jax/xla_cpu.py): fastest
     big = patch_bytes >= CHUNKED_MIN_CHUNKS * DK_CHUNK_BYTES
     return "chunked" if out_positions >= 64 and big else "lax"
 

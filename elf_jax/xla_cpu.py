@@ -1,0 +1,37 @@
+"""XLA:CPU settings elf_jax applies when it is imported, before jax starts its CPU backend.
+
+XLA:CPU (jax 0.10) hands each convolution to YNNPACK, which runs it on ONE thread here: on
+the project's 2-core Intel machine a 32x32 64->64 convolution's forward took 84 ms on one
+core and 82 on two, while PyTorch went from 99 to 56 ms. Without YNNPACK's convolutions
+(``--xla_cpu_experimental_ynn_fusion_type=-individual_convolution``) XLA uses its
+multi-threaded Eigen convolution: forward 50 ms, input gradient 39 (80), filter gradient 89
+(291) (BENCHMARKS.md, "XLA:CPU's convolutions on every core"). Only the CPU backend reads
+the flag; the values are the same up to float reassociation.
+
+The flag is added to ``XLA_FLAGS`` unless that already names a YNN fusion setting (the
+user's choice wins) or ``ELF_JAX_XLA_CPU_DEFAULTS=0``. XLA reads ``XLA_FLAGS`` once, when
+its first backend starts: a program that ran jax computations before importing elf_jax
+keeps XLA's defaults (slower convolutions on the CPU, the same results).
+"""
+
+from __future__ import annotations
+
+import os
+
+YNN_FUSION = "--xla_cpu_experimental_ynn_fusion_type"
+MULTI_THREADED_CONVS = f"{YNN_FUSION}=-individual_convolution"
+
+
+def apply_defaults() -> None:
+    """Adds :data:`MULTI_THREADED_CONVS` to ``XLA_FLAGS`` (see the module docstring)."""
+    if os.environ.get("ELF_JAX_XLA_CPU_DEFAULTS", "1") == "0":
+        return
+    flags = os.environ.get("XLA_FLAGS", "")
+    if YNN_FUSION not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} {MULTI_THREADED_CONVS}".strip()
+
+
+def ynn_convolutions() -> bool:
+    """Whether XLA:CPU's convolutions go to YNNPACK (one thread) in this process, as far as
+    ``XLA_FLAGS`` says."""
+    return MULTI_THREADED_CONVS not in os.environ.get("XLA_FLAGS", "")
