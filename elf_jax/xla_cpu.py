@@ -4,9 +4,9 @@ XLA:CPU (jax 0.10) hands each convolution to YNNPACK, which runs it on ONE threa
 the project's 2-core Intel machine a 32x32 64->64 convolution's forward took 84 ms on one
 core and 82 on two, while PyTorch went from 99 to 56 ms. Without YNNPACK's convolutions
 (``--xla_cpu_experimental_ynn_fusion_type=-individual_convolution``) XLA runs its own
-multi-threaded convolutions: forward 53 ms (72 with YNNPACK), input gradient 39 (80), filter
-gradient 95 (291) (BENCHMARKS.md, "XLA:CPU's convolutions on every core"). Only the CPU backend reads
-the flag; the values are the same up to float reassociation.
+multi-threaded convolutions: forward 53 ms (72 with YNNPACK), input gradient 39 (80),
+filter gradient 95 (291) (BENCHMARKS.md, "XLA:CPU's convolutions on every core"). Only the
+CPU backend reads the flag; the values are the same up to float reassociation.
 
 The flag is added to ``XLA_FLAGS`` unless that already names a YNN fusion setting (the
 user's choice wins) or ``ELF_JAX_XLA_CPU_DEFAULTS=0``. XLA reads ``XLA_FLAGS`` once, when
