@@ -22,13 +22,21 @@ YNN_FUSION = "--xla_cpu_experimental_ynn_fusion_type"
 MULTI_THREADED_CONVS = f"{YNN_FUSION}=-individual_convolution"
 
 
+def add_flag(name: str, value: str) -> None:
+    """Appends ``name=value`` to ``XLA_FLAGS`` unless ``XLA_FLAGS`` already sets ``name``."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if name not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} {name}={value}".strip()
+
+
 def apply_defaults() -> None:
     """Adds :data:`MULTI_THREADED_CONVS` to ``XLA_FLAGS`` (see the module docstring)."""
-    if os.environ.get("ELF_JAX_XLA_CPU_DEFAULTS", "1") == "0":
-        return
-    flags = os.environ.get("XLA_FLAGS", "")
-    if YNN_FUSION not in flags:
-        os.environ["XLA_FLAGS"] = f"{flags} {MULTI_THREADED_CONVS}".strip()
+    opt = os.environ.get("ELF_JAX_XLA_CPU_DEFAULTS", "1")
+    if opt not in ("0", "1"):
+        raise ValueError(f"ELF_JAX_XLA_CPU_DEFAULTS={opt!r}: use 1 (elf_jax's XLA:CPU setting, "
+                         "the default) or 0 (XLA's own defaults)")
+    if opt == "1":
+        add_flag(*MULTI_THREADED_CONVS.split("="))
 
 
 def ynn_convolutions() -> bool:

@@ -11,15 +11,14 @@ XLA's default (level 3). ``ELF_JAX_TEST_XLA_OPT`` sets another level for a test 
 
 import os
 
+from elf_jax.xla_cpu import add_flag
+
 OPT_FLAG = "--xla_backend_optimization_level"
 
 
 def apply_test_opt_level() -> None:
     """Adds the tests' optimization level to ``XLA_FLAGS`` unless one is already set there."""
-    flags = os.environ.get("XLA_FLAGS", "")
-    if OPT_FLAG not in flags:
-        level = os.environ.get("ELF_JAX_TEST_XLA_OPT", "0")
-        os.environ["XLA_FLAGS"] = f"{flags} {OPT_FLAG}={level}".strip()
+    add_flag(OPT_FLAG, os.environ.get("ELF_JAX_TEST_XLA_OPT", "0"))
 
 
 def without_test_opt_level(flags: str) -> str:

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from elf_jax import xla_cpu
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,6 +46,9 @@ def test_apply_defaults(monkeypatch):
     monkeypatch.setenv("ELF_JAX_XLA_CPU_DEFAULTS", "0")  # opted out
     xla_cpu.apply_defaults()
     assert os.environ["XLA_FLAGS"] == "" and xla_cpu.ynn_convolutions()
+    monkeypatch.setenv("ELF_JAX_XLA_CPU_DEFAULTS", "off")  # not a value: one clear line
+    with pytest.raises(ValueError, match="ELF_JAX_XLA_CPU_DEFAULTS='off': use 1"):
+        xla_cpu.apply_defaults()
 
 
 def test_in_effect_in_a_fresh_process():
