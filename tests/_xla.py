@@ -1,26 +1,60 @@
-"""The XLA settings of the test session (applied by conftest.py).
+"""The XLA settings of the test session (applied by conftest.py): compile fast.
 
-XLA compiles the tests' programs without LLVM's backend optimizations: on the tests' tiny
-shapes compiling is most of the time, and level 0 takes a third of it off (tests/test_train.py
-and tests/test_evaluate.py: 86 -> 58 s on 2 cores, 2026-12-02). It changes how fast the
-generated code runs, and may round differently (a test that compares two different programs
-bit for bit runs in a child at the default level: ``without_test_opt_level``). Child
-processes inherit it through the environment; the demo, the CLI and the benchmarks keep
-XLA's default (level 3). ``ELF_JAX_TEST_XLA_OPT`` sets another level for a test run.
+On the tests' tiny shapes compiling is most of the time, and two XLA:CPU settings cut it
+(``pytest -n 2 tests/test_train.py tests/test_evaluate.py`` on the project's 2-core Intel
+machine, 2026-12-02; BENCHMARKS.md, "The test suite's time"):
+
+- backend optimization level 0, LLVM without its optimizations: 86 -> 58 s;
+- XLA:CPU's classic elemental emitters instead of its MLIR fusion emitters, which build an
+  MLIR pipeline per fused kernel: 43 -> 25 s on top of level 0.
+
+Both change how fast the generated code runs, not what it computes, but may round
+differently: a test that compares two different programs bit for bit runs in a child at
+XLA's default code generation (``without_fast_compile``). Child processes inherit the
+settings through the environment; the demo, the CLI and the benchmarks keep XLA's defaults.
+``ELF_JAX_TEST_FAST_COMPILE=0 make test`` runs the tests with XLA's defaults.
 """
 
 import os
 
 from elf_jax.xla_cpu import add_flag
 
-OPT_FLAG = "--xla_backend_optimization_level"
+FAST_COMPILE = {
+    "--xla_backend_optimization_level": "0",
+    "--xla_cpu_use_fusion_emitters": "false",
+}
 
 
-def apply_test_opt_level() -> None:
-    """Adds the tests' optimization level to ``XLA_FLAGS`` unless one is already set there."""
-    add_flag(OPT_FLAG, os.environ.get("ELF_JAX_TEST_XLA_OPT", "0"))
+def apply_fast_compile() -> None:
+    """Adds :data:`FAST_COMPILE` to ``XLA_FLAGS`` (each unless already set there)."""
+    opt = os.environ.get("ELF_JAX_TEST_FAST_COMPILE", "1")
+    if opt not in ("0", "1"):
+        raise ValueError(f"ELF_JAX_TEST_FAST_COMPILE={opt!r}: use 1 (the default) or 0 "
+                         "(XLA's default code generation)")
+    if opt == "1":
+        for name, value in FAST_COMPILE.items():
+            add_flag(name, value)
 
 
-def without_test_opt_level(flags: str) -> str:
-    """``flags`` without an optimization level: XLA's default code generation."""
-    return " ".join(f for f in flags.split() if not f.startswith(OPT_FLAG))
+def without_fast_compile(flags: str) -> str:
+    """``flags`` without :data:`FAST_COMPILE`'s settings: XLA's default code generation."""
+    return " ".join(f for f in flags.split() if f.split("=")[0] not in FAST_COMPILE)
+
+
+def fast_compile_on() -> bool:
+    """Whether this process compiles with :data:`FAST_COMPILE` (as ``XLA_FLAGS`` says)."""
+    flags = os.environ.get("XLA_FLAGS", "").split()
+    return all(f"{name}={value}" in flags for name, value in FAST_COMPILE.items())
+
+
+def run_at_default_codegen(nodeid: str, rootdir: str) -> None:
+    """Runs the test ``nodeid`` in a child pytest at XLA's default code generation; raises
+    ``AssertionError`` with the child's report if it does not pass."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, ELF_JAX_TEST_FAST_COMPILE="0",
+               XLA_FLAGS=without_fast_compile(os.environ.get("XLA_FLAGS", "")))
+    child = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", nodeid],
+                           cwd=rootdir, env=env, capture_output=True, text=True, timeout=900)
+    assert child.returncode == 0, f"at XLA's default code generation:\n{child.stdout[-6000:]}"

@@ -52,6 +52,7 @@ def _data(hwc, n=K, seed=0):
     return x, (np.arange(n) % K).astype(np.int32)
 
 
+@pytest.mark.default_codegen
 def test_zero_lambdas_through_an_adapter_train_exactly_like_the_baseline():
     """lambda_front = lambda_rear = 0: the adapter's terms add exactly zero gradient, so an
     adapted ELF run reproduces the baseline run of the same repeat bit for bit."""
