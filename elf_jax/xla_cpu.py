@@ -29,13 +29,18 @@ def add_flag(name: str, value: str) -> None:
         os.environ["XLA_FLAGS"] = f"{flags} {name}={value}".strip()
 
 
+def env_switch(name: str, on: str, off: str) -> bool:
+    """The environment variable ``name``: 1 (``on``, the default) or 0 (``off``); any other
+    value is a ``ValueError`` that says both."""
+    value = os.environ.get(name, "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"{name}={value!r}: use 1 ({on}, the default) or 0 ({off})")
+    return value == "1"
+
+
 def apply_defaults() -> None:
     """Adds :data:`MULTI_THREADED_CONVS` to ``XLA_FLAGS`` (see the module docstring)."""
-    opt = os.environ.get("ELF_JAX_XLA_CPU_DEFAULTS", "1")
-    if opt not in ("0", "1"):
-        raise ValueError(f"ELF_JAX_XLA_CPU_DEFAULTS={opt!r}: use 1 (elf_jax's XLA:CPU setting, "
-                         "the default) or 0 (XLA's own defaults)")
-    if opt == "1":
+    if env_switch("ELF_JAX_XLA_CPU_DEFAULTS", "elf_jax's XLA:CPU setting", "XLA's own defaults"):
         add_flag(*MULTI_THREADED_CONVS.split("="))
 
 

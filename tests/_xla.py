@@ -17,7 +17,7 @@ settings through the environment; the demo, the CLI and the benchmarks keep XLA'
 
 import os
 
-from elf_jax.xla_cpu import add_flag
+from elf_jax.xla_cpu import add_flag, env_switch
 
 FAST_COMPILE = {
     "--xla_backend_optimization_level": "0",
@@ -27,11 +27,7 @@ FAST_COMPILE = {
 
 def apply_fast_compile() -> None:
     """Adds :data:`FAST_COMPILE` to ``XLA_FLAGS`` (each unless already set there)."""
-    opt = os.environ.get("ELF_JAX_TEST_FAST_COMPILE", "1")
-    if opt not in ("0", "1"):
-        raise ValueError(f"ELF_JAX_TEST_FAST_COMPILE={opt!r}: use 1 (the default) or 0 "
-                         "(XLA's default code generation)")
-    if opt == "1":
+    if env_switch("ELF_JAX_TEST_FAST_COMPILE", "compile fast", "XLA's default code generation"):
         for name, value in FAST_COMPILE.items():
             add_flag(name, value)
 
