@@ -150,8 +150,6 @@ def test_imagenet64_shard_map_config_streams_on_a_mesh(tmp_path):
     _standin.register()
     tfds_source.ensure_prepared(_standin.INFOS["small"], str(tmp_path / "data"))
     flags = os.environ.get("XLA_FLAGS", "")  # the tests' own (conftest.py), and 2 devices
-    # at XLA's default code generation: the claim is about the memory of what users run (with
-    # the tests' fast-compile settings, tests/_xla.py, the large run's peak reached the cap)
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT),
            "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count=2"}
     child = subprocess.run([sys.executable, str(HERE), "mesh", str(tmp_path / "data"),
