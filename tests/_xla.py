@@ -1,6 +1,6 @@
 """The XLA settings of the test session (applied by conftest.py): compile fast.
 
-On the tests' tiny shapes compiling is most of the time, and two XLA:CPU settings cut it
+On the tests' tiny shapes compiling is most of the time, and three XLA:CPU settings cut it
 (``pytest -n 2 tests/test_train.py tests/test_evaluate.py`` on the project's 2-core Intel
 machine, 2026-12-02; BENCHMARKS.md, "The test suite's time"):
 
@@ -10,9 +10,9 @@ machine, 2026-12-02; BENCHMARKS.md, "The test suite's time"):
 - LLVM code generation in one piece, not split over threads that two test workers on two
   cores only contend for: 38 -> 36 s with tests/test_models.py added (two A/B pairs).
 
-Both change how fast the generated code runs, not what it computes, but may round
+They change how fast the generated code runs, not what it computes, but may round
 differently: a test that compares two different programs bit for bit runs in a child at
-XLA's default code generation (``without_fast_compile``). Child processes inherit the
+XLA's default code generation (``default_codegen_flags``). Child processes inherit the
 settings through the environment; the demo, the CLI and the benchmarks keep XLA's defaults.
 ``ELF_JAX_TEST_FAST_COMPILE=0 make test`` runs the tests with XLA's defaults.
 """
@@ -35,9 +35,11 @@ def apply_fast_compile() -> None:
             add_flag(name, value)
 
 
-def without_fast_compile(flags: str) -> str:
-    """``flags`` without :data:`FAST_COMPILE`'s settings: XLA's default code generation."""
-    return " ".join(f for f in flags.split() if f.split("=")[0] not in FAST_COMPILE)
+def default_codegen_flags() -> str:
+    """This process's ``XLA_FLAGS`` without :data:`FAST_COMPILE`'s settings: XLA's default
+    code generation, for a child process."""
+    flags = os.environ.get("XLA_FLAGS", "").split()
+    return " ".join(f for f in flags if f.split("=")[0] not in FAST_COMPILE)
 
 
 def fast_compile_on() -> bool:
@@ -52,8 +54,7 @@ def run_at_default_codegen(nodeid: str, rootdir: str) -> None:
     import subprocess
     import sys
 
-    env = dict(os.environ, ELF_JAX_TEST_FAST_COMPILE="0",
-               XLA_FLAGS=without_fast_compile(os.environ.get("XLA_FLAGS", "")))
+    env = dict(os.environ, ELF_JAX_TEST_FAST_COMPILE="0", XLA_FLAGS=default_codegen_flags())
     child = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", nodeid],
                            cwd=rootdir, env=env, capture_output=True, text=True, timeout=900)
     assert child.returncode == 0, f"at XLA's default code generation:\n{child.stdout[-6000:]}"

@@ -111,7 +111,7 @@ def test_streamed_pipeline_runs_under_a_cap_the_in_memory_one_exceeds(tmp_path, 
     # at XLA's default code generation: the claim is about the memory of what users run (with
     # the tests' fast-compile settings, tests/_xla.py, the large run's peak reached the cap)
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT),
-           "XLA_FLAGS": _xla.without_fast_compile(os.environ.get("XLA_FLAGS", ""))}
+           "XLA_FLAGS": _xla.default_codegen_flags()}
     child = subprocess.run([sys.executable, str(HERE), str(tmp_path / "data"), str(tmp_path / "wd")],
                            env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
     lines = child.stdout.splitlines()

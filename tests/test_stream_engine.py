@@ -206,8 +206,7 @@ def _mesh_refusal_main(data_dir):
 
 def _popen(cache, *args, devices=1, default_opt=False, **kw):
     """This file as a child process; ``default_opt``: at XLA's default code generation."""
-    flags = os.environ.get("XLA_FLAGS", "")
-    flags = _xla.without_fast_compile(flags) if default_opt else flags
+    flags = _xla.default_codegen_flags() if default_opt else os.environ.get("XLA_FLAGS", "")
     env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
