@@ -12,17 +12,24 @@ PYTEST_ARGS ?=
 
 install: $(STAMP)
 
+# pip byte-compiles every file of every wheel (torch: 10 of its 15 s); --no-compile leaves
+# that to the first import, which compiles only the modules a run imports, and an empty
+# PYTHONDONTWRITEBYTECODE (off) keeps that bytecode for the later processes: pytest's
+# workers and the tests' subprocesses (BENCHMARKS.md, "Install time").
+PIP := $(PY) -m pip install -q --no-compile
+export PYTHONDONTWRITEBYTECODE =
+
 # What the demo needs: the package alone (no torch: it is for tests, interop and benchmarks).
 $(BASE): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e .
+	$(PIP) -e .
 	touch $(BASE)
 
 # What the tests need on top: the CPU build of torch from this exact pin, and pytest.
 $(STAMP): $(BASE)
-	$(PY) -m pip install -q "torch==2.13.0" || echo "torch not installed: interop tests will skip"
-	$(PY) -m pip install -q -e ".[test]"
+	$(PIP) "torch==2.13.0" || echo "torch not installed: interop tests will skip"
+	$(PIP) -e ".[test]"
 	touch $(STAMP)
 
 demo: $(BASE)
