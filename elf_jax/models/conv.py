@@ -34,8 +34,9 @@ own (:func:`stored`). XLA's filter-gradient convolution reads the input transpos
 input (norm, shortcut add, ReLU, up to three residual blocks deep) and recomputes the chain
 in the transpose's strided order instead of reading the activation it already stored:
 ResNet18's gradient spent ~570 ms of ~2 s per step in these transposes. From a stored input
-the gradient takes 9-11% less time for ResNet18(BN), VGG11(BN) and AlexNet, with the same
-values (BENCHMARKS.md, "The convolution's input, stored").
+the gradient takes 8-14% less time for ResNet18(BN), VGG11(BN) and AlexNet (ConvNet(BN),
+whose convolutions read pooled maps: within 3%), with the same values (BENCHMARKS.md, "The
+convolution's input, stored").
 """
 
 from __future__ import annotations
