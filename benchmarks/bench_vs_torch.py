@@ -22,6 +22,15 @@ classes:
 * ``elf_epoch`` (not by default, ``--workloads plain,elf,elf_epoch``): ours is one whole
   host-engine epoch (``_host_epochs``: ``epoch_plan``, the step, ``_close_epoch``), which
   at one step per epoch is what the engine really pays per step; torch as for ``elf``.
+* ``dm`` (not by default; once, for ``--nets``' first ConvNet-family net): one DM iteration at
+  the reference's CIFAR-10 IPC-10 setting (10 classes x ``batch_real`` 256 real images of a
+  random 500-per-class pool, 10 synthetic images per class, full DSA): ours is
+  ``elf_jax.distill.dm.make_dm_step`` (a fresh network, the siamese DSA draw, all classes in
+  one batch, SGD on the images) with the real batch sampled by ``ClassIndex``; torch the
+  reference ``distill_DM.py`` iteration: a fresh ``get_network`` with frozen parameters, per
+  class a random permutation's first 256 real images and the class's synthetic images
+  through ``DiffAugment`` with one seed, ``sum ||mean embed(real) - mean embed(syn)||^2``,
+  ``SGD(lr=1, momentum=0.5)`` on the images.
 
 Both nets start from the same weights (the torch net's ``state_dict`` converted with
 ``elf_jax.interop.torch.from_torch_state_dict``); once per net, untimed, the plain loss
@@ -283,6 +292,72 @@ def bench_net(name, args, torch, ctx):
     return out
 
 
+def bench_dm(name, args, torch, ctx, ipc=10, batch_real=256, per_class=500):
+    """The ``dm`` workload of the module docstring: one record."""
+    import jax
+
+    from bench_dsa import torch_dsa, torch_dsa_groups
+    from elf_jax.augment import DEFAULT_STRATEGY
+    from elf_jax.data.sampler import ClassIndex
+    from elf_jax.distill import common as C
+    from elf_jax.distill.dm import make_dm_step
+    from elf_jax.models import get_model
+    from torch_reference_nets import get_reference_network
+
+    rng = np.random.default_rng(0)
+    real = rng.normal(size=(NUM_CLASSES, per_class) + SHAPE).astype(np.float32)
+    syn = rng.normal(size=(NUM_CLASSES * ipc,) + SHAPE).astype(np.float32)
+
+    class Pool:  # the dataset view ClassIndex reads
+        images = real.reshape((-1,) + SHAPE)
+        labels = np.repeat(np.arange(NUM_CLASSES), per_class)
+        num_classes = NUM_CLASSES
+
+    pool = ClassIndex(Pool)
+    step = make_dm_step(get_model(name, NUM_CLASSES), lr_img=1.0)
+    st = {"state": C.init_state({"images": jax.numpy.asarray(syn)}, step.optimizer,
+                                jax.random.key(0)), "i": 0}
+
+    def ours_dm():
+        key = jax.random.key(100 + st["i"])
+        st["state"], m = step(st["state"], key, pool.sample_all_classes(key, batch_real))
+        jax.block_until_ready((st["state"], m))
+        st["i"] += 1
+
+    real_t = torch.from_numpy(real.transpose(0, 1, 4, 2, 3).copy())
+    syn_t = torch.from_numpy(syn.transpose(0, 3, 1, 2).copy()).requires_grad_(True)
+    opt = torch.optim.SGD([syn_t], lr=1.0, momentum=0.5)
+    groups_real = torch_dsa_groups(batch_real, SHAPE[0], SHAPE[1])
+    groups_syn = torch_dsa_groups(ipc, SHAPE[0], SHAPE[1])
+
+    def torch_dm():
+        tnet = get_reference_network(name, SHAPE[2], NUM_CLASSES, SHAPE[:2]).train()
+        for q in tnet.parameters():
+            q.requires_grad = False
+        loss = 0.0
+        for c in range(NUM_CLASSES):
+            img_real = real_t[c][torch.randperm(per_class)[:batch_real]]
+            img_syn = syn_t[c * ipc:(c + 1) * ipc]
+            seed = int(torch.randint(0, 100000, (1,)).item())
+            torch.manual_seed(seed)
+            out_real = tnet.features(torch_dsa(img_real, DEFAULT_STRATEGY, groups_real))
+            torch.manual_seed(seed)
+            out_syn = tnet.features(torch_dsa(img_syn, DEFAULT_STRATEGY, groups_syn))
+            loss = loss + torch.sum((out_real.flatten(1).detach().mean(0)
+                                     - out_syn.flatten(1).mean(0)) ** 2)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    t = time.perf_counter()
+    ours_dm()
+    compile_s = time.perf_counter() - t
+    torch_dm()  # warm-up (ours: the compiling call above)
+    to, tt = _interleaved(ours_dm, torch_dm, args.steps, args.budget_s)
+    return _record(ctx, name, "dm", batch_real, to, tt, compile_s,
+                   {"ipc": ipc, "classes": NUM_CLASSES, "real_per_class": batch_real})
+
+
 def _interleaved(ours, theirs, steps, budget_s=0.0):
     """``steps`` timed (ours, theirs) pairs, fewer (but at least 3) where more would take
     longer than ``budget_s`` seconds in all (0: no limit)."""
@@ -328,16 +403,17 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=100)
     ap.add_argument("--steps", type=int, default=10, help="timed steps (median) per side")
     ap.add_argument("--workloads", default="plain,elf",
-                    help="comma list of plain, elf, elf_epoch (plain always runs: it holds "
-                         "the numerics check)")
+                    help="comma list of plain, elf, elf_epoch, dm (plain always runs: it "
+                         "holds the numerics check)")
     ap.add_argument("--budget-s", type=float, default=40.0,
                     help="at most this many seconds of timed steps per (net, workload): slow "
                          "nets get fewer (>= 3) steps; 0 = always --steps")
     ap.add_argument("--json", default="", help="append the JSON lines to this file")
     args = ap.parse_args(argv)
     args.workloads = [w for w in args.workloads.split(",") if w]
-    if set(args.workloads) - {"plain", "elf", "elf_epoch"}:
-        ap.error(f"--workloads: unknown {sorted(set(args.workloads) - {'plain', 'elf', 'elf_epoch'})}")
+    unknown = set(args.workloads) - {"plain", "elf", "elf_epoch", "dm"}
+    if unknown:
+        ap.error(f"--workloads: unknown {sorted(unknown)}")
 
     try:
         import torch
@@ -370,6 +446,13 @@ def main(argv=None) -> int:
         for rec in bench_net(name, args, torch, ctx):
             _emit(rec, args.json)
             recs.append(rec)
+    if "dm" in args.workloads:
+        name = next((n for n in nets if n.startswith("ConvNet")), None)
+        if name is None:
+            ap.error("--workloads dm: --nets names no ConvNet-family net (DM's network)")
+        rec = bench_dm(name, args, torch, ctx)
+        _emit(rec, args.json)
+        recs.append(rec)
     print(_table(recs), file=sys.stderr)
     return 0
 

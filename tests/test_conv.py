@@ -1,4 +1,4 @@
-"""The CPU formulations of convolution and max pooling are the same functions as XLA's:
+"""The CPU formulations of convolution and pooling are the same functions as XLA's:
 values, gradients, second-order gradients (DC/DSA/MTT differentiate through training
 steps) and under vmap (repeats side by side)."""
 
@@ -12,7 +12,7 @@ from flax import linen as nn
 
 from elf_jax.models import conv as conv_module
 from elf_jax.models.conv import conv2d, resolve_impl
-from elf_jax.models.layers import max_pool2
+from elf_jax.models.layers import avg_pool2, max_pool2
 from elf_jax.xla_cpu import MULTI_THREADED_CONVS
 
 # (batch, size, cin, cout, kernel, stride, pad)
@@ -154,6 +154,23 @@ def test_max_pool_equals_reduce_window(shape):
 
     _close(ours(x), ref(x))
     _close(jax.grad(ours)(x), jax.grad(ref)(x))  # no ties in random data
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 8, 3), (2, 7, 9, 4), (1, 2, 2, 1)])
+def test_avg_pool_equals_reduce_window(shape):
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    r = jnp.asarray(rng.standard_normal((shape[0], shape[1] // 2, shape[2] // 2, shape[3])),
+                    jnp.float32)
+
+    def ref(x):
+        return jnp.sum(nn.avg_pool(x, (2, 2), strides=(2, 2), padding="VALID") * r)
+
+    def ours(x):
+        return jnp.sum(avg_pool2(x) * r)
+
+    _close(avg_pool2(x), nn.avg_pool(x, (2, 2), strides=(2, 2), padding="VALID"))
+    _close(jax.grad(ours)(x), jax.grad(ref)(x))
 
 
 def test_max_pool_gradient_goes_to_the_first_maximum_as_pytorch():
