@@ -49,6 +49,7 @@ end. torch is optional: without it the script says so and exits with status 2.
 
     PYTHONPATH=$PWD python benchmarks/bench_vs_torch.py                    # all 7 nets
     PYTHONPATH=$PWD python benchmarks/bench_vs_torch.py --nets ConvNet --steps 3
+    PYTHONPATH=$PWD python benchmarks/bench_vs_torch.py --workloads plain,elf,dm  # + DM
 """
 
 from __future__ import annotations
