@@ -22,7 +22,7 @@ classes:
 * ``elf_epoch`` (not by default, ``--workloads plain,elf,elf_epoch``): ours is one whole
   host-engine epoch (``_host_epochs``: ``epoch_plan``, the step, ``_close_epoch``), which
   at one step per epoch is what the engine really pays per step; torch as for ``elf``.
-* ``dm`` (not by default; once, for ``--nets``' first ConvNet-family net): one DM iteration at
+* ``dm`` (not by default; once, on ConvNet, the reference's DM network): one DM iteration at
   the reference's CIFAR-10 IPC-10 setting (10 classes x ``batch_real`` 256 real images of a
   random 500-per-class pool, 10 synthetic images per class, full DSA): ours is
   ``elf_jax.distill.dm.make_dm_step`` (a fresh network, the siamese DSA draw, all classes in
@@ -451,10 +451,7 @@ def main(argv=None) -> int:
             _emit(rec, args.json)
             recs.append(rec)
     if "dm" in args.workloads:
-        name = next((n for n in nets if n.startswith("ConvNet")), None)
-        if name is None:
-            ap.error("--workloads dm: --nets names no ConvNet-family net (DM's network)")
-        rec = bench_dm(name, args, torch, ctx)
+        rec = bench_dm("ConvNet", args, torch, ctx)
         _emit(rec, args.json)
         recs.append(rec)
     print(_table(recs), file=sys.stderr)
