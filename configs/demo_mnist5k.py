@@ -13,10 +13,10 @@ writes runs/demo/results.{json,md,png}. MLP, LeNet and ViT fronts differ in shap
 teacher feature (4x4x32), so each learns through an adapter (elf_jax.models.adapter).
 
 Measured (2026-12-02, Intel Xeon Sapphire Rapids, 2 cores, seed 0; `make demo` from a fresh
-clone in 3 min 19 s): teacher 94.2%; baseline -> ELF: ConvNet 91.85 -> 91.80, ConvNetBN
-91.70 -> 91.15, MLP 80.60 -> 79.70, LeNet 54.05 -> 57.55, ViT 26.60 -> 28.00 (the day
-before, with XLA's YNNPACK convolutions, which sum in another order: ConvNet 91.90 -> 91.85,
-LeNet 54.00 -> 58.45). So on MNIST-5k a cross-architecture gap exists
+clone in 3 min 8 s): teacher 94.2%; baseline -> ELF: ConvNet 91.85 -> 91.80, ConvNetBN
+91.70 -> 91.15, MLP 80.60 -> 79.60, LeNet 54.70 -> 57.70, ViT 26.65 -> 28.10 (the day
+before, with XLA's YNNPACK convolutions and the reshape-mean pooling, which sum in other
+orders: ConvNet 91.90 -> 91.85, LeNet 54.00 -> 58.45). So on MNIST-5k a cross-architecture gap exists
 (the DM set transfers poorly to LeNet and the ViT at this lr and length), and with 2 repeats
 no ELF gain is distinguishable from zero (every 95% interval spans it; the table shows them).
 The full-size run is configs/cifar10_cross.py (ConvNetW512 teacher for 200 epochs, the
