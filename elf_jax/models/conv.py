@@ -36,7 +36,11 @@ in the transpose's strided order instead of reading the activation it already st
 ResNet18's gradient spent ~570 ms of ~2 s per step in these transposes. From a stored input
 the gradient takes 8-14% less time for ResNet18(BN), VGG11(BN) and AlexNet (ConvNet(BN),
 whose convolutions read pooled maps: within 3%), with the same values (BENCHMARKS.md, "The
-convolution's input, stored").
+convolution's input, stored"). Its input gradient at a stride of 2 or more is one stride-1
+convolution per phase of the input (:func:`_strided_input_grad`) instead of XLA's
+convolution of the stride-dilated output gradient, three quarters of whose products are
+with zeros at stride 2: ResNet18's 32x32 64->128 stride-2 layer, 64 -> 18 ms (BENCHMARKS.md,
+"Strided input gradients by phase").
 """
 
 from __future__ import annotations
@@ -125,8 +129,51 @@ def _stored_input_fwd(x, kernel, stride, pad):
 
 def _stored_input_bwd(stride, pad, res, dy):
     x, kernel = res
-    _, vjp = jax.vjp(lambda x, kernel: _lax_conv(x, kernel, stride, pad), x, kernel)
-    return vjp(dy)
+    if stride == 1:
+        _, vjp = jax.vjp(lambda x, kernel: _lax_conv(x, kernel, stride, pad), x, kernel)
+        return vjp(dy)
+    _, vjp = jax.vjp(lambda kernel: _lax_conv(x, kernel, stride, pad), kernel)
+    (dk,) = vjp(dy)
+    return _strided_input_grad(dy, kernel, x.shape, stride, pad), dk
+
+
+def _strided_input_grad(dy, kernel, x_shape, stride: int, pad: int):
+    """The input gradient of a strided convolution without the zeros of XLA's: XLA writes it
+    as a convolution of ``dy`` dilated by the stride (3 of 4 of its products are with zeros at
+    stride 2). Input row ``u = s*m + r`` only meets the taps ``a`` with ``(a - pad) % s == r``,
+    so each of the s*s phases ``(r, q)`` of the input is a stride-1 convolution of ``dy`` with
+    those taps; the phases are then interleaved (rows past the input's end cut off)."""
+    n, h, w, cin = x_shape
+    flipped = jnp.swapaxes(kernel, 2, 3)  # [k, k, Cout, Cin]: dy's channels in, x's out
+    rows = [jnp.stack([_phase_input_grad(dy, flipped, (h, w), (r, q), stride, pad)
+                       for q in range(stride)], 3)
+            for r in range(stride)]
+    hm, wm = -(-h // stride), -(-w // stride)
+    dx = jnp.stack(rows, 2).reshape(n, hm * stride, wm * stride, cin)  # [n, hm, r, wm, q, c]
+    return dx[:, :h, :w]
+
+
+def _phase_input_grad(dy, flipped, size, phase, stride: int, pad: int):
+    """``dx[:, s*m + r, s*m' + q]`` for ``m < ceil(h / s)``, ``m' < ceil(w / s)``: tap ``a``
+    of phase ``r`` reads ``dy[m - off(a)]`` with ``off(a) = (a - pad - r) // s``."""
+    (h, w), (r, q), k = size, phase, flipped.shape[0]
+    hm, wm = -(-h // stride), -(-w // stride)
+    taps_a = [a for a in range(k) if (a - pad) % stride == r]
+    taps_b = [b for b in range(k) if (b - pad) % stride == q]
+    if not taps_a or not taps_b:  # a phase no tap reaches (stride > kernel size)
+        return jnp.zeros((dy.shape[0], hm, wm, flipped.shape[-1]), dy.dtype)
+    off_a = [(a - pad - r) // stride for a in taps_a]
+    off_b = [(b - pad - q) // stride for b in taps_b]
+    # window position t reads dy[m - max(off) + t]: the tap whose offset is max(off) - t
+    sub = jnp.zeros((max(off_a) - min(off_a) + 1, max(off_b) - min(off_b) + 1)
+                    + flipped.shape[2:], flipped.dtype)
+    for a, oa in zip(taps_a, off_a):
+        for b, ob in zip(taps_b, off_b):
+            sub = sub.at[max(off_a) - oa, max(off_b) - ob].set(flipped[a, b])
+    padding = ((max(off_a), hm - 1 - min(off_a) - (dy.shape[1] - 1)),
+               (max(off_b), wm - 1 - min(off_b) - (dy.shape[2] - 1)))
+    return lax.conv_general_dilated(dy, sub, (1, 1), padding,
+                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
 _stored_input_conv.defvjp(_stored_input_fwd, _stored_input_bwd)
