@@ -17,7 +17,8 @@ from elf_jax.xla_cpu import MULTI_THREADED_CONVS
 
 # (batch, size, cin, cout, kernel, stride, pad)
 CASES = [(3, 8, 4, 5, 3, 1, 1), (2, 9, 3, 6, 3, 2, 1), (2, 7, 3, 4, 1, 1, 0),
-         (2, 6, 2, 3, 3, 1, 0), (2, 12, 3, 8, 3, 1, 2), (2, 8, 4, 4, 1, 2, 0), (2, 2, 6, 5, 3, 1, 1),
+         (2, 6, 2, 3, 3, 1, 0), (2, 12, 3, 8, 3, 1, 2), (2, 8, 4, 4, 1, 2, 0),
+         (2, 2, 6, 5, 3, 1, 1),
          # strided input gradients by phase (conv._strided_input_grad): even sizes, even and
          # large kernels, input rows no window reads, a stride larger than the kernel
          (2, 8, 3, 4, 3, 2, 1), (1, 10, 2, 3, 4, 2, 1), (1, 11, 2, 3, 5, 3, 2),
