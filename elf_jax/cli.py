@@ -241,5 +241,14 @@ def run(argv: list[str] | None = None) -> None:
         sys.exit(2)
 
 
-if __name__ == "__main__":
+def console() -> None:
+    """The ``elf-jax`` command: :func:`run` in a process with huge pages for XLA's large
+    buffers (elf_jax/xla_cpu.py, :func:`~elf_jax.xla_cpu.reexec_with_hugepages`)."""
+    from elf_jax import xla_cpu
+
+    xla_cpu.reexec_with_hugepages()
     run()
+
+
+if __name__ == "__main__":
+    console()

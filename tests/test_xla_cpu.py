@@ -62,3 +62,47 @@ def test_in_effect_in_a_fresh_process():
 
     assert compiled() == "XLA"
     assert compiled(ELF_JAX_XLA_CPU_DEFAULTS="0") == "YNN"  # XLA's default: YNNPACK
+
+
+def test_hugepage_environ(monkeypatch):
+    monkeypatch.setattr(xla_cpu.platform, "libc_ver", lambda: ("glibc", "2.36"))
+    monkeypatch.setattr(xla_cpu.sys, "platform", "linux")
+    tunable = xla_cpu.HUGEPAGES_TUNABLE
+    assert xla_cpu.hugepage_environ({"A": "1"}) == {"A": "1", "GLIBC_TUNABLES": tunable}
+    own = "glibc.malloc.arena_max=2"
+    assert xla_cpu.hugepage_environ({"GLIBC_TUNABLES": own}) == {
+        "GLIBC_TUNABLES": f"{own}:{tunable}"}
+    # the user's own hugetlb value, the opt-out, no glibc: nothing to add
+    assert xla_cpu.hugepage_environ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}) is None
+    assert xla_cpu.hugepage_environ({"ELF_JAX_HUGEPAGES": "0"}) is None
+    with pytest.raises(ValueError, match="ELF_JAX_HUGEPAGES='yes': use 1"):
+        xla_cpu.hugepage_environ({"ELF_JAX_HUGEPAGES": "yes"})
+    monkeypatch.setattr(xla_cpu.platform, "libc_ver", lambda: ("musl", ""))
+    assert xla_cpu.hugepage_environ({}) is None
+
+
+_REEXEC = """
+import os, sys
+from elf_jax import xla_cpu
+print("start", os.getpid(), flush=True)  # printed once per process image
+xla_cpu.reexec_with_hugepages()
+print(os.getpid(), os.environ.get("GLIBC_TUNABLES"), sys.argv[1:])
+"""
+
+
+@pytest.mark.skipif(xla_cpu.hugepage_environ({}) is None, reason="Linux with glibc only")
+def test_reexec_with_hugepages_runs_the_same_command_once():
+    def run(**env):
+        base = {k: v for k, v in os.environ.items()
+                if k not in ("GLIBC_TUNABLES", "ELF_JAX_HUGEPAGES")}
+        out = subprocess.run([sys.executable, "-c", _REEXEC, "a", "--b"], capture_output=True,
+                             text=True, timeout=120, env={**base, **env, "PYTHONPATH": str(ROOT)})
+        assert out.returncode == 0, out.stderr[-2000:]
+        return out.stdout.split("\n")
+
+    first, again, last = run()[:3]
+    pid = first.split()[1]
+    assert first == again == f"start {pid}"  # the same process, started over once
+    assert last == f"{pid} {xla_cpu.HUGEPAGES_TUNABLE} ['a', '--b']"
+    opted_out = run(ELF_JAX_HUGEPAGES="0")
+    assert opted_out[0].startswith("start") and opted_out[1].endswith("None ['a', '--b']")
