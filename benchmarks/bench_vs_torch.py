@@ -47,11 +47,6 @@ the output says how many); the median of each (``block_until_ready`` for ours). 
 versions and the date; ``--json FILE`` appends them. A markdown table goes to stderr at the
 end. torch is optional: without it the script says so and exits with status 2.
 
-Like the ``elf-jax`` command, the script restarts itself once with glibc's huge pages for
-large allocations (``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``, elf_jax/xla_cpu.py): both
-sides run in that process; ``ELF_JAX_HUGEPAGES=0`` keeps the system's setting, and the JSON
-records ``glibc_tunables``.
-
     PYTHONPATH=$PWD python benchmarks/bench_vs_torch.py                    # all 7 nets
     PYTHONPATH=$PWD python benchmarks/bench_vs_torch.py --nets ConvNet --steps 3
     PYTHONPATH=$PWD python benchmarks/bench_vs_torch.py --workloads plain,elf,dm  # + DM
@@ -419,10 +414,6 @@ def main(argv=None) -> int:
                          "nets get fewer (>= 3) steps; 0 = always --steps")
     ap.add_argument("--json", default="", help="append the JSON lines to this file")
     args = ap.parse_args(argv)
-    if argv is None:  # the command line itself, not a caller's call
-        from elf_jax import xla_cpu
-
-        xla_cpu.reexec_with_hugepages()
     args.workloads = [w for w in args.workloads.split(",") if w]
     unknown = set(args.workloads) - {"plain", "elf", "elf_epoch", "dm"}
     if unknown:
@@ -453,7 +444,6 @@ def main(argv=None) -> int:
            "jax": jax.__version__, "torch": torch.__version__,
            "torch_threads": torch.get_num_threads(),
            "xla_flags": os.environ.get("XLA_FLAGS", ""),
-           "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
            "date": datetime.datetime.now().isoformat(timespec="seconds")}
     recs = []
     for name in nets:

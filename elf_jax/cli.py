@@ -241,14 +241,5 @@ def run(argv: list[str] | None = None) -> None:
         sys.exit(2)
 
 
-def console() -> None:
-    """The ``elf-jax`` command: :func:`run` in a process with huge pages for XLA's large
-    buffers (elf_jax/xla_cpu.py, :func:`~elf_jax.xla_cpu.reexec_with_hugepages`)."""
-    from elf_jax import xla_cpu
-
-    xla_cpu.reexec_with_hugepages()
-    run()
-
-
 if __name__ == "__main__":
-    console()
+    run()
