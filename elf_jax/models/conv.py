@@ -134,7 +134,10 @@ def _stored_input_bwd(stride, pad, res, dy):
         return vjp(dy)
     _, vjp = jax.vjp(lambda kernel: _lax_conv(x, kernel, stride, pad), kernel)
     (dk,) = vjp(dy)
-    return _strided_input_grad(dy, kernel, x.shape, stride, pad), dk
+    return _strided_input_grad(dy, kernel, x.shape, stride, pad).astype(x.dtype), dk
+
+
+_stored_input_conv.defvjp(_stored_input_fwd, _stored_input_bwd)
 
 
 def _strided_input_grad(dy, kernel, x_shape, stride: int, pad: int):
@@ -174,9 +177,6 @@ def _phase_input_grad(dy, flipped, size, phase, stride: int, pad: int):
                (max(off_b), wm - 1 - min(off_b) - (dy.shape[2] - 1)))
     return lax.conv_general_dilated(dy, sub, (1, 1), padding,
                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-
-_stored_input_conv.defvjp(_stored_input_fwd, _stored_input_bwd)
 
 
 def _out_size(size: int, k: int, stride: int, pad: int) -> int:
