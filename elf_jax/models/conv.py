@@ -147,34 +147,29 @@ def _strided_input_grad(dy, kernel, x_shape, stride: int, pad: int):
     so each of the s*s phases ``(r, q)`` of the input is a stride-1 convolution of ``dy`` with
     those taps; the phases are then interleaved (rows past the input's end cut off)."""
     n, h, w, cin = x_shape
+    rows = (-(-h // stride), -(-w // stride))  # per phase: ceil(h / s) x ceil(w / s)
     flipped = jnp.swapaxes(kernel, 2, 3)  # [k, k, Cout, Cin]: dy's channels in, x's out
-    rows = [jnp.stack([_phase_input_grad(dy, flipped, (h, w), (r, q), stride, pad)
-                       for q in range(stride)], 3)
-            for r in range(stride)]
-    hm, wm = -(-h // stride), -(-w // stride)
-    dx = jnp.stack(rows, 2).reshape(n, hm * stride, wm * stride, cin)  # [n, hm, r, wm, q, c]
-    return dx[:, :h, :w]
+    phases = [jnp.stack([_phase_input_grad(dy, flipped, rows, (r, q), stride, pad)
+                         for q in range(stride)], 3)
+              for r in range(stride)]
+    dx = jnp.stack(phases, 2).reshape(n, rows[0] * stride, rows[1] * stride, cin)
+    return dx[:, :h, :w]  # [n, m, r, m', q, c] -> rows s*m + r, columns s*m' + q
 
 
-def _phase_input_grad(dy, flipped, size, phase, stride: int, pad: int):
-    """``dx[:, s*m + r, s*m' + q]`` for ``m < ceil(h / s)``, ``m' < ceil(w / s)``: tap ``a``
-    of phase ``r`` reads ``dy[m - off(a)]`` with ``off(a) = (a - pad - r) // s``."""
-    (h, w), (r, q), k = size, phase, flipped.shape[0]
-    hm, wm = -(-h // stride), -(-w // stride)
-    taps_a = [a for a in range(k) if (a - pad) % stride == r]
-    taps_b = [b for b in range(k) if (b - pad) % stride == q]
-    if not taps_a or not taps_b:  # a phase no tap reaches (stride > kernel size)
+def _phase_input_grad(dy, flipped, rows, phase, stride: int, pad: int):
+    """``dx[:, s*m + r, s*m' + q]`` for the ``rows`` of m and m': the taps of phase ``r`` are
+    ``a0, a0 + s, ...`` (``a0 = (r + pad) % s``), and tap ``a`` reads ``dy[m - off(a)]`` with
+    ``off(a) = (a - pad - r) // s``, consecutive offsets: a stride-1 convolution with those
+    taps in reverse order."""
+    (hm, wm), (r, q), k = rows, phase, flipped.shape[0]
+    a0, b0 = (r + pad) % stride, (q + pad) % stride
+    if a0 >= k or b0 >= k:  # a phase no tap reaches (stride > kernel size)
         return jnp.zeros((dy.shape[0], hm, wm, flipped.shape[-1]), dy.dtype)
-    off_a = [(a - pad - r) // stride for a in taps_a]
-    off_b = [(b - pad - q) // stride for b in taps_b]
-    # window position t reads dy[m - max(off) + t]: the tap whose offset is max(off) - t
-    sub = jnp.zeros((max(off_a) - min(off_a) + 1, max(off_b) - min(off_b) + 1)
-                    + flipped.shape[2:], flipped.dtype)
-    for a, oa in zip(taps_a, off_a):
-        for b, ob in zip(taps_b, off_b):
-            sub = sub.at[max(off_a) - oa, max(off_b) - ob].set(flipped[a, b])
-    padding = ((max(off_a), hm - 1 - min(off_a) - (dy.shape[1] - 1)),
-               (max(off_b), wm - 1 - min(off_b) - (dy.shape[2] - 1)))
+    sub = flipped[a0::stride, b0::stride][::-1, ::-1]
+    lo_a, lo_b = (a0 - pad - r) // stride, (b0 - pad - q) // stride  # the smallest offsets
+    hi_a, hi_b = lo_a + sub.shape[0] - 1, lo_b + sub.shape[1] - 1
+    padding = ((hi_a, hm - 1 - lo_a - (dy.shape[1] - 1)),
+               (hi_b, wm - 1 - lo_b - (dy.shape[2] - 1)))
     return lax.conv_general_dilated(dy, sub, (1, 1), padding,
                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
