@@ -16,7 +16,8 @@ each implementation forced (``lax``, ``im2col``, ``chunked``) and with the defau
 whole networks.
 
 ``--pieces`` instead times one layer's forward, input gradient and filter gradient apart
-(XLA's, and the ``chunked`` filter gradient), next to torch's forward and forward+backward.
+(elf_jax's ``lax`` path, and the ``chunked`` filter gradient at stride 1), next to PyTorch's
+forward, input gradient and filter gradient, each alone.
 
 ``--batches 2,8,16,32,100`` instead times one layer's gradient with ``lax`` and ``chunked``
 at each batch size (ms and the first call's compile seconds) and says which one ``auto``
@@ -39,8 +40,8 @@ import numpy as np
 from elf_jax.models.conv import conv2d
 
 # (spatial size, Cin, Cout, stride)
-SHAPES = [(32, 3, 64, 1), (32, 3, 128, 1), (32, 64, 64, 1), (16, 64, 128, 1), (16, 128, 128, 1), (8, 128, 256, 1),
-          (8, 256, 256, 1), (4, 256, 512, 1), (4, 512, 512, 1), (2, 512, 512, 1),
+SHAPES = [(32, 3, 64, 1), (32, 3, 128, 1), (32, 64, 64, 1), (16, 64, 128, 1), (16, 128, 128, 1),
+          (8, 128, 256, 1), (8, 256, 256, 1), (4, 256, 512, 1), (4, 512, 512, 1), (2, 512, 512, 1),
           (32, 64, 128, 2), (16, 128, 256, 2)]
 
 
@@ -127,32 +128,47 @@ def time_pieces(batch: int, steps: int, only: str) -> None:
     rng = np.random.default_rng(0)
     for size, cin, cout, stride in SHAPES:
         shape = f"{size}x{size} {cin}->{cout} s{stride}"
-        if stride != 1 or (only and not any(shape.startswith(o) for o in only.split(","))):
+        if only and not any(shape.startswith(o) for o in only.split(",")):
             continue
         x = jnp.asarray(rng.standard_normal((batch, size, size, cin)), jnp.float32)
         w = jnp.asarray(rng.standard_normal((3, 3, cin, cout)) * 0.05, jnp.float32)
-        dy = jnp.asarray(rng.standard_normal((batch, size, size, cout)), jnp.float32)
-        conv = jax.jit(lambda x, w: conv2d(x, w, 1, 1, "lax"))
-        dx = jax.jit(lambda w, dy: jax.vjp(lambda x: conv2d(x, w, 1, 1, "lax"), x)[1](dy)[0])
-        dk = jax.jit(lambda x, dy: jax.vjp(lambda w: conv2d(x, w, 1, 1, "lax"), w)[1](dy)[0])
-        dk_chunked = jax.jit(lambda x, dy: _filter_grad(x, dy, 3, 1, 1))
+        out = -(-size // stride)
+        dy = jnp.asarray(rng.standard_normal((batch, out, out, cout)), jnp.float32)
+        conv = jax.jit(lambda x, w: conv2d(x, w, stride, 1, "lax"))
+        dx = jax.jit(lambda w, dy: jax.vjp(lambda x: conv2d(x, w, stride, 1, "lax"), x)[1](dy)[0])
+        dk = jax.jit(lambda x, dy: jax.vjp(lambda w: conv2d(x, w, stride, 1, "lax"), w)[1](dy)[0])
+        pieces = [("fwd", lambda: conv(x, w)), ("dx", lambda: dx(w, dy)), ("dk", lambda: dk(x, dy))]
+        if stride == 1:
+            dk_chunked = jax.jit(lambda x, dy: _filter_grad(x, dy, 3, 1, 1))
+            pieces.append(("dk_chunked", lambda: dk_chunked(x, dy)))
         row = {"shape": shape}
-        for name, fn in (("fwd", lambda: conv(x, w)), ("dx", lambda: dx(w, dy)),
-                         ("dk", lambda: dk(x, dy)), ("dk_chunked", lambda: dk_chunked(x, dy))):
+        for name, fn in pieces:
             row[f"ms_{name}"] = round(_median_ms(lambda: jax.block_until_ready(fn()), steps), 1)
         try:
-            import torch
-
-            xt = torch.tensor(np.asarray(x).transpose(0, 3, 1, 2).copy())
-            wt = torch.tensor(np.asarray(w).transpose(3, 2, 0, 1).copy())
-            with torch.no_grad():
-                row["ms_torch_fwd"] = round(_median_ms(
-                    lambda: torch.nn.functional.conv2d(xt, wt, padding=1), steps), 1)
-            r = jnp.asarray(rng.standard_normal(dy.shape), jnp.float32)
-            row["ms_torch_fwd_bwd"] = round(_median_ms(time_torch(x, w, r, 1), steps), 1)
+            row.update(_torch_pieces(x, w, dy, stride, steps))
         except ImportError:
             pass
         print(json.dumps(row), flush=True)
+
+
+def _torch_pieces(x, w, dy, stride: int, steps: int) -> dict:
+    """PyTorch's forward, input gradient and filter gradient of the same layer, each alone
+    (``convolution_backward`` computes only the gradients its output mask asks for)."""
+    import torch
+
+    xt = torch.tensor(np.asarray(x).transpose(0, 3, 1, 2).copy())
+    wt = torch.tensor(np.asarray(w).transpose(3, 2, 0, 1).copy())
+    dyt = torch.tensor(np.asarray(dy).transpose(0, 3, 1, 2).copy())
+    args = (dyt, xt, wt, None, [stride] * 2, [1, 1], [1, 1], False, [0, 0], 1)
+    backward = torch.ops.aten.convolution_backward
+    row = {}
+    with torch.no_grad():
+        for name, fn in (
+                ("fwd", lambda: torch.nn.functional.conv2d(xt, wt, stride=stride, padding=1)),
+                ("dx", lambda: backward(*args, [True, False, False])),
+                ("dk", lambda: backward(*args, [False, True, False]))):
+            row[f"ms_torch_{name}"] = round(_median_ms(fn, steps), 1)
+    return row
 
 
 def time_batches(batches, steps: int, only: str) -> None:
