@@ -260,6 +260,38 @@ def test_streamed_refusals(train, data_dir, compile_cache):
     assert "set parallel.runs=1 (got runs=2)" in refused[0] and "\\n" not in refused[0]
 
 
+
+def test_another_split_reuses_the_compiled_training_steps(data_dir, train):
+    """The streamed engine's compiled steps are cached by step and minibatch shape: the same
+    net and protocol on another split (the test split: 16 rows, another epoch plan) compile
+    no training step again, only what depends on the split's size (its permutation). They
+    did: the memory-cap test's large run compiled its teacher's steps a second time."""
+    import jax
+
+    from elf_jax.train.runner import fit
+
+    streamed, _ = train
+    test_split, _ = _splits(data_dir, "test")
+    protocol = _protocol().replace(batch_size=8)  # 48 and 16 rows: full minibatches of 8
+    compiled = []
+
+    def listen(event, seconds, **kw):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiled.append(kw.get("fun_name", "?"))
+
+    steps = []
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        for split in (streamed, test_split):
+            compiled.clear()
+            fit(_net(), protocol, {"images": split, "labels": split.labels}, _states(1),
+                num_epochs=1, engine="host", stream_steps=1, chunk_epochs=1, progress=False)
+            steps.append([name for name in compiled if "body" in name])
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    assert steps[0], compiled  # the first split compiles its training step
+    assert steps[1] == [], steps[1]
+
 if __name__ == "__main__":
     from elf_jax.data import registry
 

@@ -72,11 +72,14 @@ def _to_space(lut, u8):
     return lut[u8.astype(jnp.int32), jnp.arange(lut.shape[1])]
 
 
-def _group_fn(step, placement, size: int, metric_keys, per_step: bool = False):
+@functools.lru_cache(maxsize=64)
+def _group_fn(step, placement, size: int, metric_keys: tuple, per_step: bool = False):
     """Jitted ``(state, sums, u8 [S, size, ...], labels [S, size], keys [S, 2], lut) ->
     (state, sums)``: ``S`` minibatches of ``size`` rows, one compiled call. ``per_step``:
     ``sums`` is returned as given, and the ``S`` steps' metrics ``[S]`` with it (the scan
-    engine sums an epoch's metrics at its end, :func:`_epoch_sums`)."""
+    engine sums an epoch's metrics at its end, :func:`_epoch_sums`). Cached: the same step
+    (``placed_step`` is cached too) on another split of the same batch size, e.g. a second
+    teacher or a larger dataset, reuses the executable instead of compiling it again."""
     def body(state, sums, u8, labels, keys, lut):
         def one(carry, xs):
             st, sm = carry
@@ -216,7 +219,7 @@ def make_stream_chunk_fn(step: Callable, placement, plan, n: int, *, steps: int,
 
     def group_fn(size):
         if size not in fns:
-            fns[size] = _group_fn(step, placement, size, metric_keys, per_step)
+            fns[size] = _group_fn(step, placement, size, tuple(metric_keys), per_step)
         return fns[size]
 
     def place(tree):
