@@ -260,7 +260,6 @@ def test_streamed_refusals(train, data_dir, compile_cache):
     assert "set parallel.runs=1 (got runs=2)" in refused[0] and "\\n" not in refused[0]
 
 
-
 def test_another_split_reuses_the_compiled_training_steps(data_dir, train):
     """The streamed engine's compiled steps are cached by step and minibatch shape: the same
     net and protocol on another split (the test split: 16 rows, another epoch plan) compile
@@ -291,6 +290,7 @@ def test_another_split_reuses_the_compiled_training_steps(data_dir, train):
         jax.monitoring.unregister_event_duration_listener(listen)
     assert steps[0], compiled  # the first split compiles its training step
     assert steps[1] == [], steps[1]
+
 
 if __name__ == "__main__":
     from elf_jax.data import registry

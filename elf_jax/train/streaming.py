@@ -78,8 +78,8 @@ def _group_fn(step, placement, size: int, metric_keys: tuple, per_step: bool = F
     (state, sums)``: ``S`` minibatches of ``size`` rows, one compiled call. ``per_step``:
     ``sums`` is returned as given, and the ``S`` steps' metrics ``[S]`` with it (the scan
     engine sums an epoch's metrics at its end, :func:`_epoch_sums`). Cached: the same step
-    (``placed_step`` is cached too) on another split of the same batch size, e.g. a second
-    teacher or a larger dataset, reuses the executable instead of compiling it again."""
+    (``placed_step`` is cached too) on a split of another size reuses the executable instead
+    of compiling it again."""
     def body(state, sums, u8, labels, keys, lut):
         def one(carry, xs):
             st, sm = carry
