@@ -11,8 +11,9 @@ classes:
 * ``elf``: the full ELF evaluation step, mode ``front_rear_task``, ``kind="ce"``, the full
   DSA strategy (mode S), teacher features of the front's shape, SGD momentum 0.9 and weight
   decay 5e-4. Ours: the jitted per-minibatch function the CPU ("host") engine dispatches
-  (``elf_jax.train.runner._host_step`` around ``placed_step``: the minibatch gather, the DSA
-  draw, front, rear on the image and on the teacher feature, the loss, SGD). Torch: the
+  (``elf_jax.train.runner._host_step``: the minibatch gather, then ``_batch_step`` around
+  ``placed_step``: the DSA draw, front, rear on the image and on the teacher feature, the
+  loss, SGD). Torch: the
   reference's step on its split network (``ConvNet_L3``, ``VGG11_L5``,
   ``ResNet18_Layered`` ...): a minibatch gathered by a random permutation,
   ``DiffAugment`` mode S (the formulas of ``bench_dsa.py``), ``ftr, out = front, rear``,
@@ -161,7 +162,8 @@ def bench_net(name, args, torch, ctx):
     from elf_jax.models import get_model
     from elf_jax.parallel.placement import Placement
     from elf_jax.train.protocol import TrainProtocol
-    from elf_jax.train.runner import METRIC_KEYS, _host_epochs, _host_step, placed_step
+    from elf_jax.train.runner import (METRIC_KEYS, _host_epochs, _host_step, memory_batches,
+                                      placed_step)
     from elf_jax.train.step import init_state, make_variables
     from torch_reference_nets import get_reference_network
 
@@ -278,8 +280,8 @@ def bench_net(name, args, torch, ctx):
         out.append(_record(ctx, name, "elf", b, to, tt, compile_elf, extra))
     if "elf_epoch" in args.workloads:
         def ours_epoch():  # one engine epoch: epoch_plan, the step, _close_epoch
-            st["state"], ms = _host_epochs(st["state"], data, 1, step=step, protocol=protocol,
-                                           plan=(1, b, 0), n=b)
+            st["state"], ms = _host_epochs(st["state"], memory_batches(data, (1, b, 0)), 1,
+                                           step=step, protocol=protocol, plan=(1, b, 0), n=b)
             jax.block_until_ready((st["state"], ms))
 
         t = time.perf_counter()

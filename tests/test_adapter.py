@@ -1,11 +1,16 @@
 """Feature adapters (elf_jax.models.adapter): ELF for every registry architecture against one
 ConvNetW512 teacher bank, paired with the baseline, checkpointed like the rest."""
 
+import sys
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _float32 import U, assert_rounding_close, float_scale, scaled_error  # noqa: E402
 from elf_jax.elf import evaluate_synset
 from elf_jax.models import adapt, front_shape, get_model, list_models, model_info
 from elf_jax.models.adapter import Adapted, adapter_params, init_variables, resize_grid
@@ -52,10 +57,20 @@ def _data(hwc, n=K, seed=0):
     return x, (np.arange(n) % K).astype(np.int32)
 
 
-@pytest.mark.default_codegen
-def test_zero_lambdas_through_an_adapter_train_exactly_like_the_baseline():
+#: The adapted ELF run with zero lambdas against the baseline run, in units of float32
+#: rounding of the parameters' scale: the same math (the adapter's terms add exactly zero
+#: gradient) in two programs that XLA fuses differently (4 SGD steps of an MLP). Measured:
+#: 0 units on an AMD EPYC (AVX2) at the tests' fast-compile settings (2026-12-07); 1 ulp in
+#: one parameter on an Intel Sapphire Rapids there (2026-12-02). The adapter's terms with
+#: the lambdas on move the parameters by more than 100x the bound (checked below).
+ZERO_LAMBDA_UNITS = 64
+
+
+@pytest.mark.numerics
+def test_zero_lambdas_through_an_adapter_train_like_the_baseline():
     """lambda_front = lambda_rear = 0: the adapter's terms add exactly zero gradient, so an
-    adapted ELF run reproduces the baseline run of the same repeat bit for bit."""
+    adapted ELF run reproduces the baseline run of the same repeat, to float32 rounding (two
+    programs: ``_float32.py``)."""
     x, y = _data((28, 28, 1), 8)
     tx, ty = _data((28, 28, 1), 6, seed=1)
     f = np.abs(np.random.default_rng(2).normal(size=(8, 4, 4, 16))).astype(np.float32)
@@ -65,13 +80,19 @@ def test_zero_lambdas_through_an_adapter_train_exactly_like_the_baseline():
     elf = evaluate_synset("MLP", x, y, tx, ty, f, p.replace(mode="front_rear_task"), **kw,
                           hparams={"lambda_front": 0.0, "lambda_rear": 0.0})
     assert elf["adapter_params"] > 0 and base["adapter_params"] == 0
-    assert elf["accs"] == base["accs"]
-    for a, b in zip(jax.tree.leaves(base["states"].params),
-                    jax.tree.leaves(elf["states"].params["net"])):
-        np.testing.assert_array_equal(a, b)
+    base_leaves = jax.tree.leaves(base["states"].params)
+    scale = float_scale(base_leaves)
+    errs = [assert_rounding_close(a, b, units=ZERO_LAMBDA_UNITS, scale=scale, err_msg="params")
+            for a, b in zip(jax.tree.leaves(elf["states"].params["net"]), base_leaves)]
+    print(f"zero lambdas vs baseline: {max(errs):.1f} units of float32 rounding")
+    # parameters equal to rounding classify the 6 test images alike but for a near-tie
+    assert np.max(np.abs(np.asarray(elf["accs"]) - base["accs"])) <= 1 / 6 + 1e-9
     # and with the lambdas on, the adapter's loss terms change the training
     on = evaluate_synset("MLP", x, y, tx, ty, f, p.replace(mode="front_rear_task"), **kw)
     assert not np.allclose(np.asarray(on["train_loss"]), np.asarray(base["train_loss"]))
+    moved = max(scaled_error(a, b, scale) for a, b in
+                zip(jax.tree.leaves(on["states"].params["net"]), base_leaves)) / U
+    assert moved > 100 * ZERO_LAMBDA_UNITS, moved
 
 
 def test_adapted_evaluation_resumes_from_its_checkpoint(tmp_path):

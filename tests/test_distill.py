@@ -70,6 +70,7 @@ def test_dm_loss_decreases_and_grads_reach_images(tiny, net):
 
 
 # ----------------------------------------------------------------------------- DC / DSA
+@pytest.mark.numerics
 def test_gradient_distance_matches_reference_layout():
     rng = np.random.default_rng(0)
     # ours: HWIO conv kernel / [in, out] dense; reference: OIHW / [out, in]
@@ -173,6 +174,7 @@ def test_mtt_and_tesla_loss_decreases(tiny, experts, mtt_steps):
         assert float(state.syn["lr"]) != 0.01  # the lr is learned
 
 
+@pytest.mark.numerics
 def test_tesla_gradient_is_exact_for_one_step_and_remat_matches(tiny, experts, mtt_steps):
     traj, _ = experts
     images, _ = C.init_synthetic(jax.random.key(0), tiny[0], 2)
@@ -202,6 +204,7 @@ def test_tesla_gradient_is_exact_for_one_step_and_remat_matches(tiny, experts, m
     assert cos > 0.5, cos
 
 
+@pytest.mark.numerics
 def test_cpu_unrolled_loops_match_rolled_scans(tiny, net, experts, monkeypatch):
     """The CPU fast paths (fully unrolled scans, the host-driven DC/DSA loop) give the
     rolled ``lax.scan`` results up to float reassociation."""

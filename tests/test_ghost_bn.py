@@ -27,6 +27,8 @@ torch = pytest.importorskip("torch")
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from torch_reference_nets import get_reference_network  # noqa: E402
 
+pytestmark = pytest.mark.numerics  # rounding-sensitive: make test-avx2 reruns it
+
 
 def dataparallel_forward(module, x, devices):
     """What ``nn.DataParallel(module, device_ids=range(devices))(x)`` computes on GPUs."""

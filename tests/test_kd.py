@@ -16,7 +16,8 @@ from elf_jax.synset import SyntheticSet
 from elf_jax.train import TrainProtocol
 from elf_jax.train.step import init_state, train_step
 
-pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
+              pytest.mark.numerics]  # rounding-sensitive: make test-avx2 reruns it
 
 K = 3
 W8 = {"width": 8}

@@ -16,6 +16,8 @@ from elf_jax.models import (
     model_info,
 )
 
+pytestmark = pytest.mark.numerics  # rounding-sensitive: make test-avx2 reruns it
+
 REQUIRED = (
     ["MLP", "LeNet", "ConvNet"]
     + [f"ConvNetW{w}" for w in (32, 64, 128, 256, 512, 1024)]

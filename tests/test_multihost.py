@@ -5,9 +5,10 @@ Each process reads ITS shard of the data with ``make_loader`` (grain sharding by
 the global batch (process p holds rows [p*b, (p+1)*b)). The reference run is one process
 with 4 devices fed the concatenation of both shards. Model: ConvNetBN (width 8, sync BN) on
 the embedded 8x8 ``digits`` set, full DSA drawn for the global batch, 3 steps.
-Tolerance: parameters to 2e-5 absolute, losses to 1e-5 relative. The training engine
-(``run_evaluation`` on a ``(runs=2, data=2)`` mesh over the two processes) is compared the
-same way, and so is a teacher (``train_teacher``, a ``(runs=1, data=4)`` mesh) trained on
+Tolerance (two programs: collectives over two processes or over one process's devices):
+parameters to 2e-5 absolute, losses to 1e-5 relative, test accuracies to one image. The
+training engine (``run_evaluation`` on a ``(runs=2, data=2)`` mesh over the two processes)
+is compared the same way, and so is a teacher (``train_teacher``, a ``(runs=1, data=4)`` mesh) trained on
 a STREAMED split of the tiny local TFDS dataset (``_tfds_fixtures``, prepared once by the
 test): each process reads only the rows of its own devices, half of every epoch, never the
 other's.
@@ -21,13 +22,17 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 HERE = Path(__file__).resolve()
 ROOT = HERE.parent.parent
 sys.path.insert(0, str(HERE.parent))
 import _tfds_fixtures as fx  # noqa: E402
 
+pytestmark = pytest.mark.numerics  # rounding-sensitive: make test-avx2 reruns it
+
 STEPS, GLOBAL_B = 3, 16
+ENGINE_ROWS = 48  # the engine's training (and test) images
 TEACHER_B, TEACHER_EPOCHS = 20, 2  # 48 rows: 2 minibatches of 20 and one of 8, over 4 devices
 
 
@@ -85,7 +90,10 @@ def test_two_processes_equal_one(tmp_path, monkeypatch):
     for o in outs:
         np.testing.assert_allclose(o["engine"]["losses"], ref["engine"]["losses"], rtol=1e-5)
         np.testing.assert_allclose(o["engine"]["params"], ref["engine"]["params"], atol=2e-5)
-        assert o["engine"]["accs"] == ref["engine"]["accs"]
+        # parameters equal to rounding (other programs: collectives over two processes)
+        # classify the test images alike but for a near-tie: at most one image apart
+        gap = np.max(np.abs(np.subtract(o["engine"]["accs"], ref["engine"]["accs"])))
+        assert gap <= 1 / ENGINE_ROWS + 1e-9, (o["engine"]["accs"], ref["engine"]["accs"])
     _check_streamed_teacher([o["teacher"] for o in outs], ref["teacher"])
 
 
@@ -96,7 +104,8 @@ def _check_streamed_teacher(outs, ref):
     for o in outs:
         np.testing.assert_allclose(o["losses"], ref["losses"], rtol=1e-5)
         np.testing.assert_allclose(o["params"], ref["params"], atol=2e-5)
-        assert o["test_acc"] == ref["test_acc"]
+        # (another program than one process's, as above): at most one test image apart
+        assert abs(o["test_acc"] - ref["test_acc"]) <= 1 / fx.SPLIT_SIZES["test"] + 1e-9
     assert len(ref["params"]) > 100 and outs[0]["params"] == outs[1]["params"]
     assert len(ref["reads"]) == TEACHER_EPOCHS
     for e in range(TEACHER_EPOCHS):
@@ -141,7 +150,7 @@ def _engine():
     from elf_jax.train import TrainProtocol, run_evaluation
 
     d = load("digits", "train")
-    x, y = d.images[:48], d.labels[:48]
+    x, y = d.images[:ENGINE_ROWS], d.labels[:ENGINE_ROWS]
     net = get_model("ConvNetBN", 10, width=8)
     r = run_evaluation(net, TrainProtocol(batch_size=GLOBAL_B, epochs=1, mode="task"), x, y, x, y,
                        repeats=2, key=jax.random.PRNGKey(3), progress=False, return_states=True,

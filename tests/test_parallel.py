@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.numerics  # rounding-sensitive: make test-avx2 reruns it
+
 HERE = Path(__file__).resolve()
 ROOT = HERE.parent.parent
 PARAM_ATOL = 2e-5

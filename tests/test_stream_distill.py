@@ -21,6 +21,8 @@ from elf_jax.distill.gradient_matching import make_gm_step  # noqa: E402
 from elf_jax.models import get_model  # noqa: E402
 from elf_jax.synset import random_real_subset  # noqa: E402
 
+pytestmark = pytest.mark.numerics  # rounding-sensitive: make test-avx2 reruns it
+
 TINY = dict(width=8, depth=1)
 AUG = "crop_flip"
 

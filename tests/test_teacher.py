@@ -156,6 +156,7 @@ def test_mtt_experts(tmp_path):
     assert all(np.isfinite(h["train_loss"]) for h in out.history[0] + out.history[1])
 
 
+@pytest.mark.numerics
 def test_scan_and_host_engines_agree():
     """A teacher's epochs in the engine: scan (GPU default) and host (CPU default) agree."""
     import jax.numpy as jnp

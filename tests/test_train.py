@@ -11,6 +11,8 @@ from elf_jax.keys import stage_key
 from elf_jax.train.runner import init_states
 from elf_jax.train.step import jit_train_step
 
+pytestmark = pytest.mark.numerics  # rounding-sensitive: make test-avx2 reruns it
+
 
 # ----------------------------------------------------------------------------- protocol
 def test_schedule_and_batches():

@@ -20,9 +20,10 @@ Structure of the compiled program (one ``jit`` per (network, protocol, shapes, p
 * ``host`` engine (the CPU default, :mod:`elf_jax.loops`): XLA:CPU runs convolutions inside
   a while-loop body on a naive emitter (measured: a ConvNet-W32 step 60 ms alone, 1.6 s
   inside ``lax.scan``; no XLA flag changes it). So the steps stay OUT of loops: one jitted
-  step (minibatch sliced from the epoch permutation inside it) dispatched asynchronously
-  per minibatch, per-epoch bookkeeping in small jitted functions. Nothing goes to the host
-  until the end of a chunk.
+  step dispatched asynchronously per minibatch, the minibatch gathered before it from the
+  epoch permutation (in memory) or read from its files (a stream: the same executable, so
+  the same result), per-epoch bookkeeping in small jitted functions. Nothing goes to the
+  host until the end of a chunk (a stream's permutation: once per epoch).
 
 Between chunks the host updates a tqdm bar, checks the per-epoch losses for NaN/Inf
 (:class:`TrainingDiverged`, without saving, so the last good checkpoint stays), calls
@@ -56,8 +57,9 @@ from elf_jax.parallel.wrappers import (check_divisible, fold_key, global_augment
                                        with_bn_axis)
 from elf_jax.train.protocol import TrainProtocol
 from elf_jax.train.step import TrainState, default_hparams, init_state, make_variables, train_step
-from elf_jax.train.streaming import (DEFAULT_STREAM_STEPS, check_streamable, is_row_source,
-                                     make_stream_chunk_fn, stream_test_batches)
+from elf_jax.train.streaming import (DEFAULT_STREAM_STEPS, MAX_IN_FLIGHT, check_streamable,
+                                     is_row_source, make_stream_chunk_fn, stream_batches,
+                                     stream_test_batches)
 
 __all__ = [
     "ENGINES", "REPEAT_STRATEGIES", "EVAL_FORMAT", "TrainingDiverged", "default_engine",
@@ -233,27 +235,59 @@ def make_chunk_fn(net, protocol: TrainProtocol, chunk_epochs: int, strategy: str
 
 
 # ------------------------------------------------------------------------------- host engine
-@functools.partial(jax.jit, static_argnames=("step", "size"), donate_argnums=(0, 1))
-def _host_step(state, sums, data, perm, start, key, *, step, size):
-    state, m = step(state, data, lax.dynamic_slice(perm, (start,), (size,)), key)
+@functools.partial(jax.jit, static_argnames=("size",))
+def _gather_rows(data, perm, start, *, size):
+    """The minibatch of rows ``perm[start:start + size]`` of every array of ``data``."""
+    idx = lax.dynamic_slice(perm, (start,), (size,))
+    return {k: jnp.take(v, idx, axis=0) for k, v in data.items()}
+
+
+@functools.partial(jax.jit, static_argnames=("step",), donate_argnums=(0, 1))
+def _batch_step(state, sums, batch, key, *, step):
+    """One train step on a gathered minibatch, its metrics added to ``sums`` (times its rows).
+    The one executable of the host engine's steps, whether the rows came from memory
+    (:func:`_gather_rows`) or from a stream: the two give the same result by construction."""
+    size = jax.tree.leaves(batch)[0].shape[0]
+    state, m = step(state, batch, jnp.arange(size), key)
     return state, {k: sums[k] + m[k] * size for k in METRIC_KEYS}
+
+
+def _host_step(state, sums, data, perm, start, key, *, step, size):
+    """:func:`_batch_step` on the rows ``perm[start:start + size]`` of in-memory ``data``."""
+    return _batch_step(state, sums, _gather_rows(data, perm, start, size=size), key, step=step)
 
 
 _close_epoch_jit = jax.jit(_close_epoch, static_argnames=("rows", "protocol"), donate_argnums=(0,))
 
 
-def _host_epochs(state, data, n_run, *, step, protocol, plan, n):
-    """``n_run`` epochs of ONE run, each minibatch its own dispatch (see the module doc)."""
+def memory_batches(data, plan):
+    """``batches(perm)``: the device minibatches of one epoch of in-memory ``data`` in order
+    (full ones, then the last partial one), dispatched without a host sync."""
+    nfull, b, last = plan
+
+    def batches(perm):
+        for s in range(nfull):
+            yield _gather_rows(data, perm, s * b, size=b)
+        if last:
+            yield _gather_rows(data, perm, nfull * b, size=last)
+
+    return batches
+
+
+def _host_epochs(state, batches, n_run, *, step, protocol, plan, n, sync_every=None):
+    """``n_run`` epochs of ONE run, each minibatch its own dispatch (see the module doc).
+    ``batches(perm)`` yields an epoch's device minibatches (:func:`memory_batches`, or
+    ``streaming.stream_batches``); ``sync_every``: wait for the device every that many steps
+    (a stream: its minibatches are held in memory until their step has run)."""
     nfull, b, last = plan
     out = []
     for _ in range(n_run):
         k_next, perm, keys = epoch_plan(state.key, n=n, nsteps=nfull + (1 if last else 0))
         sums = {k: jnp.zeros((), jnp.float32) for k in METRIC_KEYS}
-        for s in range(nfull):
-            state, sums = _host_step(state, sums, data, perm, s * b, keys[s], step=step, size=b)
-        if last:
-            state, sums = _host_step(state, sums, data, perm, nfull * b, keys[nfull], step=step,
-                                     size=last)
+        for i, batch in enumerate(batches(perm)):
+            if sync_every and i % sync_every == 0:
+                jax.block_until_ready(state)
+            state, sums = _batch_step(state, sums, batch, keys[i], step=step)
         state, m = _close_epoch_jit(state, sums, k_next, rows=nfull * b + last, protocol=protocol)
         out.append(m)
     return state, out
@@ -292,7 +326,9 @@ def make_host_chunk_fn(net, protocol: TrainProtocol, chunk_epochs: int, strategy
                        placement: Placement = Placement(), n: int = 0):
     """The host engine with the signature of :func:`make_chunk_fn`. One device: the repeats
     one after another (``vmap`` is not offered: grouped convolutions are the slow path on the
-    CPU too). A mesh: every ``runs`` group advances its local runs step by step."""
+    CPU too), on in-memory data or a streamed split (``{"images": StreamedSplit, "labels"}``):
+    one epoch loop and one step executable for both. A mesh: every ``runs`` group advances
+    its local runs step by step."""
     plan = epoch_batches(protocol, n, placement)
     step = placed_step(net, protocol, placement)
     pad = functools.partial(_pad_epochs, chunk_epochs=chunk_epochs)
@@ -301,10 +337,15 @@ def make_host_chunk_fn(net, protocol: TrainProtocol, chunk_epochs: int, strategy
                                 plan=plan, pad=pad)
 
     def fn(states, data, n_run):
+        if is_row_source(data["images"]):  # a stream: its rows read while the device trains
+            batches, sync = stream_batches(data["images"], data["labels"], plan), MAX_IN_FLIGHT
+        else:
+            batches, sync = memory_batches(data, plan), None
         finals, mets = [], []
         for r in range(jax.tree.leaves(states.epoch)[0].shape[0]):
             st = jax.tree.map(lambda a: a[r], states)
-            st, ms = _host_epochs(st, data, int(n_run), step=step, protocol=protocol, plan=plan, n=n)
+            st, ms = _host_epochs(st, batches, int(n_run), step=step, protocol=protocol, plan=plan,
+                                  n=n, sync_every=sync)
             finals.append(st)
             mets.append(pad(ms))
         stack = lambda *xs: jnp.stack(xs)  # noqa: E731
@@ -569,8 +610,11 @@ def fit(net, protocol: TrainProtocol, data: Mapping[str, Any], states: TrainStat
     if is_row_source(data["images"]):
         check_streamable(data, placement, strategy)
         on_dev = {"images": data["images"], "labels": np.asarray(data["labels"], np.int32)}
-        chunk_fn = make_streamed_chunk_fn(net, compiled, k, placement, n,
-                                          stream_steps if engine == "scan" else 1)
+        if engine == "host" and placement.mesh is None:  # the in-memory host engine's epochs
+            chunk_fn = make_host_chunk_fn(net, compiled, k, strategy, placement, n)
+        else:
+            chunk_fn = make_streamed_chunk_fn(net, compiled, k, placement, n,
+                                              stream_steps if engine == "scan" else 1)
     else:
         dtypes = {"images": jnp.float32}
         if "features" in data:

@@ -7,16 +7,19 @@ same permutation from ``state.key``, the same full batches and last partial batc
 step keys; only where a minibatch's rows come from differs. A background thread reads the
 rows of the next ``prefetch`` groups (uint8, decoded on the split's threads) and puts them
 on the devices; the device maps them into the normalized space (a 256-entry table: the same
-float32 values as ``load``), so a streamed run equals the in-memory run bit for bit on one
-device. The stream's position is ``(state.key, state.epoch)``, which the engine's
-checkpoints hold: a run killed anywhere resumes at its last saved epoch and ends as an
-uninterrupted one.
+float32 values as ``load``). The stream's position is ``(state.key, state.epoch)``, which
+the engine's checkpoints hold: a run killed anywhere resumes at its last saved epoch and
+ends as an uninterrupted one.
 
-A group is ``steps`` minibatches in one compiled call (``lax.scan``; the ``scan`` engine,
-``stream_steps``) or one (the ``host`` engine, the CPU default): no host round trip per step
-either way. On a ``data`` mesh each process reads only the rows of its own devices
-(``make_array_from_callback``) and each device trains on its share, as the in-memory engine
-with a sharded bank does; the runs axis must be 1 (every run reads its own stream).
+The ``host`` engine (the CPU default) on one device trains a stream with its in-memory
+epoch loop and step executable (:func:`stream_batches` is its data source), so a streamed
+run equals the in-memory run bit for bit by construction. The ``scan`` engine and a mesh
+train a group of ``steps`` minibatches per compiled call (``lax.scan``; ``stream_steps``;
+one minibatch on a mesh with the host engine): no host round trip per step either way, but
+another program than the in-memory chunk, equal to it up to float rounding. On a ``data``
+mesh each process reads only the rows of its own devices (``make_array_from_callback``) and
+each device trains on its share, as the in-memory engine with a sharded bank does; the runs
+axis must be 1 (every run reads its own stream).
 """
 
 from __future__ import annotations
@@ -35,8 +38,8 @@ from elf_jax import loops
 from elf_jax.parallel.mesh import DATA
 from elf_jax.parallel.wrappers import host_copy
 
-__all__ = ["is_row_source", "check_streamable", "make_stream_chunk_fn", "DEFAULT_STREAM_STEPS",
-           "PREFETCH"]
+__all__ = ["is_row_source", "check_streamable", "make_stream_chunk_fn", "stream_batches",
+           "DEFAULT_STREAM_STEPS", "PREFETCH", "MAX_IN_FLIGHT"]
 
 #: Minibatches per compiled call of the ``scan`` engine on a stream.
 DEFAULT_STREAM_STEPS = 8
@@ -105,7 +108,7 @@ def _group_fn(step, placement, size: int, metric_keys: tuple, per_step: bool = F
 @functools.partial(jax.jit, static_argnames=("b", "last"))
 def _epoch_sums(full, lasts, *, b: int, last: int):
     """An epoch's metric sums from its steps' metrics as the in-memory scan engine
-    (``run_epoch``) adds them, so that the two agree bit for bit: the full minibatches'
+    (``run_epoch``) adds them (the same order of additions): the full minibatches'
     ``full`` (a list of ``{metric: [S]}``) summed, times ``b``, then the last one's."""
     keys = (full or lasts)[0].keys()
     sums = {k: jnp.zeros((), jnp.float32) for k in keys}
@@ -265,6 +268,32 @@ def make_stream_chunk_fn(step: Callable, placement, plan, n: int, *, steps: int,
         return stacked, jax.tree.map(lambda *xs: jnp.stack(xs), *mets)
 
     return fn
+
+
+def stream_batches(source, labels, plan) -> Callable:
+    """``batches(perm)`` of the host engine on one device (``runner._host_epochs``): an
+    epoch's minibatches of a streamed split in the order of ``perm``, each read on a thread
+    ``PREFETCH`` ahead and mapped into the normalized space on the device (the float32 values
+    of ``load``), so the engine's one step executable sees the rows the in-memory run sees."""
+    nfull, b, last = plan
+    groups = _groups(nfull, b, last, 1)
+    labels = np.asarray(labels, np.int32)
+    lut = jnp.asarray(source._lut)
+
+    def put(src, lab, rows):
+        r = rows.reshape(-1)
+        u8 = src.read(r).reshape((len(r),) + tuple(src.image_shape))
+        return jax.device_put(u8), jax.device_put(lab[r])
+
+    def batches(perm):
+        reader = _Prefetcher(source, labels, np.asarray(perm), groups, put)
+        try:
+            for u8, y in reader:
+                yield {"images": _to_space_jit(lut, u8), "labels": y}
+        finally:
+            reader.close()
+
+    return batches
 
 
 def stream_test_batches(source, labels, batch_size: int):
