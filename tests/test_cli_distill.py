@@ -30,10 +30,12 @@ TINY = {
 TINY["tesla"] = TINY["mtt"]
 
 
-# dm and mtt in CI; dc, dsa and tesla (their drivers are in tests/test_distill.py, their
-# shipped configs checked in tests/test_cli.py) behind the slow marker to keep `make test` short
+# dm in CI; dc, dsa, mtt and tesla behind the slow marker to keep `make test` short: their
+# drivers are in tests/test_distill.py (MTT's experts in test_teacher.py, a reference buffer
+# directory in test_reference_buffers.py), their shipped configs checked in tests/test_cli.py
 @pytest.mark.parametrize("method", ["dm", pytest.param("dc", marks=pytest.mark.slow),
-                                    pytest.param("dsa", marks=pytest.mark.slow), "mtt",
+                                    pytest.param("dsa", marks=pytest.mark.slow),
+                                    pytest.param("mtt", marks=pytest.mark.slow),
                                     pytest.param("tesla", marks=pytest.mark.slow)])
 def test_distill_cli(method, tmp_path):
     config = ROOT / "configs" / f"distill_mnist5k_{method}.py"

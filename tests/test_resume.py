@@ -63,7 +63,10 @@ def _env(placement):
     return env
 
 
-@pytest.mark.parametrize("placement", ["one_device", "mesh"])
+# one device behind the slow marker: the same engine's SIGKILL resume is checked bit for bit by
+# tests/test_stream_engine.py (a teacher past its lr decay and momentum reset) and
+# tests/test_teacher.py, ELF-mode resume by tests/test_adapter.py and test_evaluate.py
+@pytest.mark.parametrize("placement", [pytest.param("one_device", marks=pytest.mark.slow), "mesh"])
 def test_sigkill_and_resume_is_exact(tmp_path, placement):
     wd = tmp_path / "run"
     # the interrupted run: SIGKILL as soon as the first checkpoint is committed
