@@ -219,21 +219,36 @@ COMMAND_STAGES = {"train-teacher": ("teacher",), "distill": ("synset",),
                   "demo": ("teacher", "synset", "features", "evaluate")}
 
 
+def _recomputable(run: Run, command: str) -> tuple:
+    """The stages `command` computes with this config: `features`, `evaluate` and `sweep`
+    make an imported or random-real set themselves, but never distill one (they stop and
+    name `elf-jax distill`), so with `synset.source='distill'` the synset is not theirs."""
+    stages = COMMAND_STAGES.get(command, tuple(STAGE_PATHS))
+    if run.config.synset.source == "distill" and command in ("features", "evaluate", "sweep"):
+        stages = tuple(s for s in stages if s != "synset")
+    return stages
+
+
 def overwrite(run: Run, stages, command: str) -> list[Path]:
     """Removes what `stages` (and the stages computed from them) wrote in the workdir, so
-    `command` computes them again; logs every removed path. `ValueError` for a stage the
-    command does not compute (it would only delete it)."""
+    `command` computes them again; logs every removed path. Every stage is checked before
+    anything is removed: `ValueError` for a stage the command does not compute here (it
+    would only delete it)."""
     import shutil
 
-    allowed = COMMAND_STAGES.get(command, tuple(STAGE_PATHS))
-    removed = []
+    allowed = _recomputable(run, command)
     for stage in stages:
         if stage not in STAGE_PATHS:
             raise ValueError(f"--overwrite={stage}: choose from {', '.join(STAGE_PATHS)}")
         if stage not in allowed:
+            why = (" (config.synset.source='distill': the set comes from `elf-jax distill`)"
+                   if stage == "synset" and stage in COMMAND_STAGES.get(command, ()) else "")
             raise ValueError(f"--overwrite={stage}: `elf-jax {command}` does not compute the "
-                             f"{stage} stage (it computes: {', '.join(allowed) or 'nothing'}); "
-                             "use `elf-jax all`")
+                             f"{stage} stage{why} (it computes: {', '.join(allowed) or 'nothing'});"
+                             f" nothing was removed; use `elf-jax all`"
+                             + (" or `elf-jax distill`" if stage == "synset" else ""))
+    removed = []
+    for stage in stages:
         for name in (stage,) + DOWNSTREAM[stage]:
             for rel in STAGE_PATHS[name]:
                 path = run.workdir / rel

@@ -111,6 +111,12 @@ def test_overwrite_removes_a_stage_and_what_was_computed_from_it(tmp_path):
     from elf_jax import pipeline
     from elf_jax.config import demo_config
 
+    # a distilled set is not recomputed by features / evaluate / sweep: refused before any
+    # stage of the list is removed (it used to delete the set, then refuse to run)
+    for command in ("features", "evaluate", "sweep"):
+        with pytest.raises(ValueError, match="nothing was removed.*elf-jax distill"):
+            pipeline.overwrite(pipeline.Run(demo_config(), wd), ["features", "synset"], command)
+        assert all((wd / rel).exists() for rel in ("distill", "banks", "eval", "results.json"))
     removed = pipeline.overwrite(pipeline.Run(demo_config(), wd), ["features"], "evaluate")
     assert sorted(p.name for p in removed) == ["banks", "eval", "results.json"]
     assert (wd / "teachers").exists() and (wd / "distill").exists()

@@ -8,10 +8,10 @@ the embedded 8x8 ``digits`` set, full DSA drawn for the global batch, 3 steps.
 Tolerance (two programs: collectives over two processes or over one process's devices):
 parameters to 2e-5 absolute, losses to 1e-5 relative, test accuracies to one image. The
 training engine (``run_evaluation`` on a ``(runs=2, data=2)`` mesh over the two processes)
-is compared the same way, and so is a teacher (``train_teacher``, a ``(runs=1, data=4)`` mesh) trained on
-a STREAMED split of the tiny local TFDS dataset (``_tfds_fixtures``, prepared once by the
-test): each process reads only the rows of its own devices, half of every epoch, never the
-other's.
+is compared the same way, and so is a teacher (``train_teacher``, a ``(runs=1, data=4)``
+mesh) trained on a STREAMED split of the tiny local TFDS dataset (``_tfds_fixtures``,
+prepared once by the test): each process reads only the rows of its own devices, half of
+every epoch, never the other's.
 """
 
 import json
