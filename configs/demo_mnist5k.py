@@ -4,13 +4,13 @@ Command (what `make demo` runs):
     elf-jax demo --workdir runs/demo
     elf-jax demo --config configs/demo_mnist5k.py --workdir runs/demo   # the same
 
-What it does (3-4 minutes on a 2-core CPU, install included): trains a width-32 ConvNet
-teacher on the 4,000 real training images for 8 epochs, distills an IPC-10 set with DM (200
-iterations on a width-32 ConvNet), builds the teacher's feature bank, trains ConvNet /
-ConvNetBN (width 32), an MLP, LeNet and a small ViT (dim 64, 2 blocks, split after the
-first) on the set with the baseline loss and with ELF (100 epochs, 2 repeats), prints the
-table and writes runs/demo/results.{json,md,png}. MLP, LeNet and ViT fronts differ in shape
-from the teacher feature (4x4x32), so each learns through an adapter
+What it does (install included, 2 cores: 3-4 minutes on an Intel Xeon, ~7 on an AMD EPYC):
+trains a width-32 ConvNet teacher on the 4,000 real training images for 8 epochs, distills
+an IPC-10 set with DM (200 iterations on a width-32 ConvNet), builds the teacher's feature
+bank, trains ConvNet / ConvNetBN (width 32), an MLP, LeNet and a small ViT (dim 64, 2
+blocks, split after the first) on the set with the baseline loss and with ELF (100 epochs, 2
+repeats), prints the table and writes runs/demo/results.{json,md,png}. MLP, LeNet and ViT
+fronts differ in shape from the teacher feature (4x4x32), so each learns through an adapter
 (elf_jax.models.adapter).
 
 Measured (2026-12-02, Intel Xeon Sapphire Rapids, 2 cores, seed 0; `make demo` from a fresh

@@ -28,7 +28,8 @@ _DEBUG = flags.DEFINE_bool("debug", False, "Show Python tracebacks for errors.")
 
 # command: (what it does, example)
 COMMANDS = {
-    "demo": ("every stage on the embedded real mnist5k, offline (~3.5 min on 2 CPU cores); "
+    "demo": ("every stage on the embedded real mnist5k, offline (2 CPU cores: ~3.5 min Intel, "
+             "~7 min AMD); "
              "--config defaults to the demo config, --workdir to runs/demo",
              "elf-jax demo --workdir runs/demo --config.eval.repeats=1"),
     "all": ("every stage in order: teachers, synthetic set, feature banks, evaluation, report",
