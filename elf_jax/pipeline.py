@@ -170,18 +170,25 @@ class Run:
 
 
 # ------------------------------------------------------------------ prerequisites
-def check_prerequisites(run: Run, command: str) -> None:
+def check_prerequisites(run: Run, command: str, removing=()) -> None:
     """Refuses (`FileNotFoundError`, one line naming what to run first) to start `command`
     when an expensive earlier stage has not run: a needed teacher lacks the `feature_epoch`
     snapshot (and its bank does not exist yet), or there is no synthetic set and the
-    config's source is `distill` (import and real_random sets are made on the way)."""
+    config's source is `distill` (import and real_random sets are made on the way).
+    `removing`: workdir entries (`banks`, `distill`, ...) to judge as already removed (what
+    `--overwrite` is about to remove)."""
     wd, epoch = run.workdir, int(run.config.teacher.feature_epoch)
     args = f"--config ... --workdir {wd}"
     todo = []
+
+    def present(rel: str, is_dir: bool = False) -> bool:
+        path = wd / rel
+        return rel.split("/")[0] not in removing and (path.is_dir() if is_dir else path.exists())
+
     # elf_jax.teacher's layout; orbax renames a step directory into place once complete
     snapshot = f"expert_000/trajectory/{epoch}"
-    untrained = sorted(t for t in set(run.teachers.values()) if not (wd / "banks" / t).exists()
-                       and not (wd / "teachers" / t / snapshot).is_dir())
+    untrained = sorted(t for t in set(run.teachers.values()) if not present(f"banks/{t}")
+                       and not present(f"teachers/{t}/{snapshot}", is_dir=True))
     ref = _reference_buffer(run.config)
     if ref is not None:  # the teacher is the reference's buffer, not one trained here
         untrained = []
@@ -192,7 +199,7 @@ def check_prerequisites(run: Run, command: str) -> None:
     if untrained:
         todo.append(f"no teacher {', '.join(untrained)} with the epoch-{epoch} snapshot in "
                     f"{wd / 'teachers'}: run `elf-jax train-teacher {args}` first")
-    if run.config.synset.source == "distill" and not (wd / "distill" / "synset_best").exists():
+    if run.config.synset.source == "distill" and not present("distill/synset_best"):
         todo.append(f"no synthetic set in {wd} (config.synset.source='distill'): run "
                     f"`elf-jax distill {args}` first")
     if todo:
@@ -247,6 +254,14 @@ def overwrite(run: Run, stages, command: str) -> list[Path]:
                              f"{stage} stage{why} (it computes: {', '.join(allowed) or 'nothing'});"
                              f" nothing was removed; use `elf-jax all`"
                              + (" or `elf-jax distill`" if stage == "synset" else ""))
+    doomed = {rel for stage in stages for name in (stage,) + DOWNSTREAM[stage]
+              for rel in STAGE_PATHS[name]}
+    if command in ("features", "evaluate", "sweep"):  # would it stop once they are gone?
+        try:
+            check_prerequisites(run, command, removing=doomed)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"{e}; --overwrite={','.join(stages)}: nothing was "
+                                    "removed") from None
     removed = []
     for stage in stages:
         for name in (stage,) + DOWNSTREAM[stage]:

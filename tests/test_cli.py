@@ -117,6 +117,12 @@ def test_overwrite_removes_a_stage_and_what_was_computed_from_it(tmp_path):
         with pytest.raises(ValueError, match="nothing was removed.*elf-jax distill"):
             pipeline.overwrite(pipeline.Run(demo_config(), wd), ["features", "synset"], command)
         assert all((wd / rel).exists() for rel in ("distill", "banks", "eval", "results.json"))
+    # the banks stand in for a teacher this workdir no longer has: removing them would stop
+    # `evaluate` (no teacher to rebuild them from), so it is refused before removing anything
+    with pytest.raises(FileNotFoundError, match="no teacher ConvNetW32.*nothing was removed"):
+        pipeline.overwrite(pipeline.Run(demo_config(), wd), ["features"], "evaluate")
+    assert all((wd / rel).exists() for rel in ("distill", "banks", "eval", "results.json"))
+    (wd / "teachers/ConvNetW32/expert_000/trajectory/8").mkdir(parents=True)  # a teacher
     removed = pipeline.overwrite(pipeline.Run(demo_config(), wd), ["features"], "evaluate")
     assert sorted(p.name for p in removed) == ["banks", "eval", "results.json"]
     assert (wd / "teachers").exists() and (wd / "distill").exists()
