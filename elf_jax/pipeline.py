@@ -248,33 +248,32 @@ def overwrite(run: Run, stages, command: str) -> list[Path]:
         if stage not in STAGE_PATHS:
             raise ValueError(f"--overwrite={stage}: choose from {', '.join(STAGE_PATHS)}")
         if stage not in allowed:
-            why = (" (config.synset.source='distill': the set comes from `elf-jax distill`)"
-                   if stage == "synset" and stage in COMMAND_STAGES.get(command, ()) else "")
+            hint = "`elf-jax all`"
+            if stage == "synset" and run.config.synset.source == "distill":
+                hint = "`elf-jax distill` or `elf-jax all` (config.synset.source='distill')"
             raise ValueError(f"--overwrite={stage}: `elf-jax {command}` does not compute the "
-                             f"{stage} stage{why} (it computes: {', '.join(allowed) or 'nothing'});"
-                             f" nothing was removed; use `elf-jax all`"
-                             + (" or `elf-jax distill`" if stage == "synset" else ""))
-    doomed = {rel for stage in stages for name in (stage,) + DOWNSTREAM[stage]
-              for rel in STAGE_PATHS[name]}
+                             f"{stage} stage (it computes: {', '.join(allowed) or 'nothing'}); "
+                             f"nothing was removed; use {hint}")
+    # (workdir entry, its stage, the --overwrite stage that removes it)
+    targets = [(rel, name, stage) for stage in stages for name in (stage,) + DOWNSTREAM[stage]
+               for rel in STAGE_PATHS[name]]
     if command in ("features", "evaluate", "sweep"):  # would it stop once they are gone?
         try:
-            check_prerequisites(run, command, removing=doomed)
+            check_prerequisites(run, command, removing={rel for rel, _, _ in targets})
         except FileNotFoundError as e:
             raise FileNotFoundError(f"{e}; --overwrite={','.join(stages)}: nothing was "
                                     "removed") from None
     removed = []
-    for stage in stages:
-        for name in (stage,) + DOWNSTREAM[stage]:
-            for rel in STAGE_PATHS[name]:
-                path = run.workdir / rel
-                if path.is_dir():
-                    shutil.rmtree(path)
-                elif path.exists():
-                    path.unlink()
-                else:
-                    continue
-                removed.append(path)
-                _log(f"[overwrite] removed {path} ({name} stage; --overwrite={stage})")
+    for rel, name, stage in targets:
+        path = run.workdir / rel
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+        else:
+            continue
+        removed.append(path)
+        _log(f"[overwrite] removed {path} ({name} stage; --overwrite={stage})")
     return removed
 
 

@@ -115,12 +115,14 @@ def epoch_batches(protocol: TrainProtocol, n: int, placement: Placement) -> tupl
 @functools.lru_cache(maxsize=64)
 def placed_step(net, protocol: TrainProtocol, placement: Placement) -> Callable:
     """``step(state, data, idx, key) -> (state, metrics)`` of ONE run: the minibatch of global
-    row indices ``idx`` and one :func:`train_step`. On a data mesh (called inside
+    row indices ``idx`` (on one device ``None``: ``data`` is the minibatch) and one
+    :func:`train_step`. On a data mesh (called inside
     ``shard_map``) each device trains on its share, gradients and BN statistics averaged over
     ``data``; with ``dsa="global"`` the DSA draw is made for the whole minibatch."""
     if placement.n_data == 1:
         def single(state, data, idx, key):
-            batch = {k: jnp.take(v, idx, axis=0) for k, v in data.items()}
+            # idx None: `data` is the minibatch already (the host engine gathers it before)
+            batch = data if idx is None else {k: jnp.take(v, idx, axis=0) for k, v in data.items()}
             return train_step(state, batch, key, net=net, protocol=protocol)
 
         return single
@@ -248,7 +250,7 @@ def _batch_step(state, sums, batch, key, *, step):
     The one executable of the host engine's steps, whether the rows came from memory
     (:func:`_gather_rows`) or from a stream: the two give the same result by construction."""
     size = jax.tree.leaves(batch)[0].shape[0]
-    state, m = step(state, batch, jnp.arange(size), key)
+    state, m = step(state, batch, None, key)  # one device: the minibatch as given
     return state, {k: sums[k] + m[k] * size for k in METRIC_KEYS}
 
 

@@ -186,15 +186,17 @@ class _Prefetcher:
         self._thread.join(timeout=5)
 
 
+def _put_rows(source, labels, rows):
+    """``(u8 [*rows.shape, H, W, C], labels [*rows.shape])`` of ``rows`` on the device."""
+    u8 = source.read(rows.reshape(-1)).reshape(rows.shape + tuple(source.image_shape))
+    return jax.device_put(u8), jax.device_put(labels[rows])
+
+
 def _put_fn(placement):
     """``put(source, labels, rows [S, size]) -> (u8, labels)`` on the placement; on a mesh
     each process reads only the rows of its addressable devices."""
     if placement.mesh is None:
-        def put(source, labels, rows):
-            u8 = source.read(rows.reshape(-1)).reshape(rows.shape + source.image_shape)
-            return jax.device_put(u8), jax.device_put(labels[rows])
-
-        return put
+        return _put_rows
     sh = NamedSharding(placement.mesh, P(None, DATA))
 
     def put(source, labels, rows):
@@ -280,10 +282,8 @@ def stream_batches(source, labels, plan) -> Callable:
     labels = np.asarray(labels, np.int32)
     lut = jnp.asarray(source._lut)
 
-    def put(src, lab, rows):
-        r = rows.reshape(-1)
-        u8 = src.read(r).reshape((len(r),) + tuple(src.image_shape))
-        return jax.device_put(u8), jax.device_put(lab[r])
+    def put(src, lab, rows):  # a group of one minibatch: [size, ...], as memory's
+        return _put_rows(src, lab, rows[0])
 
     def batches(perm):
         reader = _Prefetcher(source, labels, np.asarray(perm), groups, put)
