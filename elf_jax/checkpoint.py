@@ -174,8 +174,9 @@ def check_finite(tree: Any, what: str = "tree") -> None:
 
 
 def check_expect(metadata: Mapping[str, Any], expect: Optional[Mapping[str, Any]],
-                 where: str) -> None:
-    """Raises ``ValueError`` if any ``expect[key]`` differs from ``metadata[key]``."""
+                 where: str, names: Optional[Mapping[str, str]] = None) -> None:
+    """Raises ``ValueError`` if any ``expect[key]`` differs from ``metadata[key]``, naming
+    what differs in words (``names``: what a key means, e.g. a hash's inputs)."""
     if not expect:
         return
     exp = _normalize_meta(expect)
@@ -186,9 +187,27 @@ def check_expect(metadata: Mapping[str, Any], expect: Optional[Mapping[str, Any]
                 f"by another tool or an older version. Keys present: {sorted(metadata)}")
         have = metadata[key]
         if have != want:
-            raise ValueError(
-                f"{where}: metadata {key!r} is {have!r} but {want!r} was expected; this checkpoint "
-                f"belongs to a different {key}. Use the matching checkpoint or re-create it.")
+            what = f"{key} ({names[key]})" if names and key in names else key
+            raise ValueError(f"{where}: made with another {what} (saved vs asked): "
+                             f"{_what_differs(have, want)}")
+
+
+def _what_differs(have: Any, want: Any, limit: int = 6) -> str:
+    """`a 0.01 vs 0.05; b ...` for the entries of two dicts that differ (the values
+    themselves, shortened, otherwise)."""
+    def short(v):
+        text = repr(v)
+        return text if len(text) <= 60 else text[:57] + "..."
+
+    if isinstance(have, Mapping) and isinstance(want, Mapping):
+        keys = [k for k in dict.fromkeys([*have, *want]) if have.get(k, _MISSING) != want.get(k, _MISSING)]
+        parts = [f"{k} {short(have.get(k, '(absent)'))} vs {short(want.get(k, '(absent)'))}"
+                 for k in keys[:limit]]
+        return "; ".join(parts) + (f"; ... ({len(keys)} in all)" if len(keys) > limit else "")
+    return f"{short(have)} vs {short(want)}"
+
+
+_MISSING = object()
 
 
 def _abstract(like: Any) -> Any:
@@ -281,6 +300,13 @@ def save_tree(path, tree: Any, metadata: Optional[Mapping[str, Any]] = None) -> 
     for stale in path.parent.glob(f".{path.name}.old-*"):  # left by an earlier crash
         shutil.rmtree(stale, ignore_errors=True)
     return path
+
+
+def is_tree_dir(path) -> bool:
+    """Whether `path` is a directory `save_tree` wrote (intact or not): it holds one of its
+    items. An empty or unrelated directory is not (a damaged checkpoint is)."""
+    path = Path(path)
+    return path.is_dir() and any((path / item).exists() for item in (_TREE, _META))
 
 
 def _resolve_existing(path: Path) -> Path:

@@ -17,6 +17,7 @@ import time
 import zipfile
 from pathlib import Path
 
+import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -60,7 +61,8 @@ flags:
                           (`demo` and `config` default to the demo's)
   --workdir DIR           where every stage writes; a rerun resumes from what it holds
   --config.FIELD=VALUE    override one field, e.g. --config.eval.repeats=3,
-                          --config.eval.pool="('ConvNet','VGG11')"; `elf-jax config` lists them
+                          --config.eval.pool="('ConvNet','VGG11')"; `elf-jax config` lists them;
+                          a field given twice takes the last value (tuples too)
   --overwrite=STAGE,...   recompute teacher | synset | features | evaluate | sweep
                           (removes that stage's outputs, and those computed from them, first)
   --debug                 show Python tracebacks instead of one-line errors
@@ -119,16 +121,64 @@ def _config_path(argv) -> str | None:
 
 def _parse_flags(argv):
     """absl parsing with every failure as one `UsageError` line (an unknown config field gets
-    the nearest declared name)."""
+    the nearest declared name; a config file that does not load gets its file and line)."""
     path = _config_path(argv)
     if path is not None and not Path(path.split(":", 1)[0]).is_file():
         raise UsageError(f"--config {path}: no such file (config files are in configs/)")
+    argv = _last_of_each_override(argv)
     try:
         return flags.FLAGS(argv)
     except (AttributeError, KeyError) as err:  # ml_collections: an undeclared field
+        if path is not None and _raised_in(err, path):
+            raise UsageError(_config_file_error(path, err)) from None
         raise UsageError(_unknown_field(str(err), argv)) from None
     except flags.Error as err:
         raise UsageError(f"{err}".splitlines()[0] + "; `elf-jax --help` lists the flags") from None
+    except Exception as err:  # the config file itself: not Python, or get_config() failed
+        if path is None or "--debug" in argv:
+            raise
+        raise UsageError(_config_file_error(path, err)) from None
+
+
+def _last_of_each_override(argv: list[str]) -> list[str]:
+    """`argv` with only the last `--config.FIELD=VALUE` of each field: a repeated override
+    replaces the earlier one, for tuple fields too (ml_collections would concatenate
+    repeated tuple flags: `--config.eval.pool=('ConvNet',)` then `=('MLP',)` made both)."""
+    last = {a.split("=", 1)[0]: i for i, a in enumerate(argv)
+            if a.startswith("--config.") and "=" in a}
+    return [a for i, a in enumerate(argv) if not (
+        a.startswith("--config.") and "=" in a and last[a.split("=", 1)[0]] != i)]
+
+
+def _config_file(path: str) -> Path:
+    return Path(path.split(":", 1)[0]).resolve()
+
+
+def _raised_in(err: BaseException, path: str) -> bool:
+    """Whether `err` was raised by code of the config file `path` (or is its syntax error)."""
+    if isinstance(err, SyntaxError):
+        return bool(err.filename) and Path(err.filename).resolve() == _config_file(path)
+    tb = err.__traceback__
+    while tb is not None:
+        if Path(tb.tb_frame.f_code.co_filename).resolve() == _config_file(path):
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def _config_file_error(path: str, err: BaseException) -> str:
+    """One line for a config file that does not load: where (file and line) and why."""
+    line = err.lineno if isinstance(err, SyntaxError) else None
+    tb = err.__traceback__
+    while tb is not None:  # the innermost frame in the config file
+        if Path(tb.tb_frame.f_code.co_filename).resolve() == _config_file(path):
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    where = f"{path}, line {line}" if line else path
+    why = err.msg if isinstance(err, SyntaxError) else str(err).splitlines()[0] if str(err) else ""
+    return (f"--config {where}: {type(err).__name__}{': ' + why if why else ''} (a config file "
+            "is Python whose get_config() returns an ml_collections.ConfigDict; --debug shows "
+            "the traceback)")
 
 
 def _unknown_field(message: str, argv) -> str:
@@ -157,6 +207,10 @@ def _main(argv) -> None:
     config = _CONFIG.value
     if config is None:
         raise UsageError(f"`elf-jax {command}` needs --config FILE (e.g. configs/cifar10_cross.py)")
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise UsageError(f"--config {flags.FLAGS['config'].config_filename}: get_config() returned "
+                         f"{type(config).__name__}, not an ml_collections.ConfigDict (start from "
+                         "elf_jax.config.base_config())")
     if command == "config":
         from elf_jax.config import check_config, describe
 

@@ -8,13 +8,16 @@ stage runs.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import math
 
 import ml_collections
 
 from elf_jax.augment import DEFAULT_STRATEGY
 from elf_jax.distill.settings import FIELD_DOCS as SYNSET_DOCS
 from elf_jax.distill.settings import METHOD_SETTINGS, schema
+from elf_jax.elf.losses import MAX_LAMBDA
 
 # The reference's cross-architecture pool ("cross"); "-IN" names are instance norm.
 CROSS_POOL = ("ConvNet", "ConvNetBN", "ResNet18", "ResNet18BN", "VGG11", "VGG11BN")
@@ -322,7 +325,8 @@ FIELD_DOCS = {
     "eval.model_kwargs": "{pool arch: get_model overrides}, e.g. {'ViT': {'dim': 64}}",
     "eval.kd_temperature": "temperature T of mode kd: T^2 KL(softmax(teacher/T) || softmax(net/T))",
     "stats": "data mean/std: dc (true stats) | mtt (MTT/ELF utils.py: CIFAR-10's for cifar100)",
-    "synset.import_stats": "space of an imported set without a record: '' (.pt: mtt) | dc | mtt",
+    "synset.import_stats": "space of an imported set without a record: '' (.pt: mtt, else the run's) | "
+                            "dc | mtt | pixels ([0, 1]) | pixels255 ([0, 255])",
     "teacher.reference_buffer": "a reference replay_buffer_<n>.pt as the teacher ('' = train one)",
     "teacher.reference_trajectory": "its trajectory whose feature_epoch snapshot is used (-1 = last)",
     "eval.reference_loss_quirks": "reference's quirks: front_task uses CE, front_rear ignores lambda_rear",
@@ -368,11 +372,87 @@ def describe(config) -> str:
                      for k, v in items.items())
 
 
+# ------------------------------------------------------------------ numeric ranges
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """A closed or half-open interval of finite numbers; `optional`: None is allowed
+    (the method's default)."""
+
+    low: float = -math.inf
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = False
+    optional: bool = False
+
+    def holds(self, value) -> bool:
+        if value is None:
+            return self.optional
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return False
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+
+    def describe(self) -> str:
+        if self.high == math.inf:
+            text = f"a finite number {'>' if self.low_open else '>='} {self.low:g}"
+        else:
+            text = (f"a number in {'(' if self.low_open else '['}{self.low:g}, "
+                    f"{self.high:g}{')' if self.high_open else ']'}")
+        return text + (" (or None: the method's default)" if self.optional else "")
+
+
+_POSITIVE = Range(0.0, low_open=True)
+_MOMENTUM = Range(0.0, 1.0, high_open=True)
+_LAMBDA = Range(0.0, MAX_LAMBDA)
+# Every numeric field with a range, in one place (the sweep's grid values: check_axis, with
+# the same MAX_LAMBDA).
+FIELD_RANGES = {
+    "stream_above_gb": Range(0.0),
+    "teacher.lr": _POSITIVE, "teacher.momentum": _MOMENTUM, "teacher.weight_decay": Range(0.0),
+    "eval.lr": _POSITIVE, "eval.momentum": _MOMENTUM, "eval.weight_decay": Range(0.0),
+    "eval.lambda_front": _LAMBDA, "eval.lambda_rear": _LAMBDA,
+    "eval.kd_temperature": _POSITIVE,
+    "synset.lr_img": Range(0.0, low_open=True, optional=True),
+    "synset.momentum": Range(0.0, 1.0, high_open=True, optional=True),
+    "synset.lr_net": Range(0.0, low_open=True, optional=True),
+    "synset.lr_lr": Range(0.0, low_open=True, optional=True),
+    "synset.lr_teacher": Range(0.0, low_open=True, optional=True),
+    "synset.lr_label": Range(0.0, low_open=True, optional=True),
+}
+
+
+def check_range(name: str, value) -> None:
+    """One-line `ValueError` unless `value` lies in `FIELD_RANGES[name]`."""
+    allowed = FIELD_RANGES[name]
+    if not allowed.holds(value):
+        raise ValueError(f"config.{name}={value!r}: must be {allowed.describe()}")
+
+
+def _check_ranges(config) -> None:
+    values = fields(config)
+    for name in FIELD_RANGES:
+        if name in values:
+            check_range(name, values[name])
+
+
+def _check_known_fields(config) -> None:
+    """A field no stage reads (a misspelling in a config file: `c.eval.repeatz = 3`) is an
+    error, as an unknown `--config.` flag is; the nearest declared name is suggested."""
+    for name in fields(config):
+        if name not in FIELD_DOCS:
+            near = difflib.get_close_matches(name, list(FIELD_DOCS), n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            raise ValueError(f"config.{name}: unknown config field (set in the config file; no "
+                             f"stage reads it){hint} (`elf-jax config` lists every field)")
+
+
 def _one_of(name: str, value, options) -> None:
     if value not in options:
         near = difflib.get_close_matches(str(value), [str(o) for o in options], n=1)
         hint = f"; did you mean {near[0]!r}?" if near else ""
-        raise ValueError(f"config.{name}={value!r}: choose one of {', '.join(map(str, options))}{hint}")
+        listed = ", ".join(str(o) if o != "" else "''" for o in options)
+        raise ValueError(f"config.{name}={value!r}: choose one of {listed}{hint}")
 
 
 def _at_least(config, names, low) -> None:
@@ -397,11 +477,11 @@ def check_config(config) -> None:
 
     from elf_jax.data.stream import DATA_MODES
 
+    _check_known_fields(config)
     resolve_info(config.dataset)
     _one_of("dtype", config.dtype, ("float32", "bfloat16"))
+    _check_ranges(config)
     _one_of("data_mode", config.get("data_mode", "auto"), DATA_MODES)
-    if float(config.get("stream_above_gb", 2.0)) < 0:
-        raise ValueError(f"config.stream_above_gb={config.stream_above_gb}: must be >= 0 (GB)")
     if config.get("data_mode", "auto") == "stream" and config.zca:
         raise ValueError("config.data_mode='stream' with config.zca=True: ZCA needs the whole "
                          "split in memory to fit; set zca=False or data_mode=memory")
@@ -429,6 +509,9 @@ def check_config(config) -> None:
     if not e.pool:
         raise ValueError("config.eval.pool is empty: name at least one architecture")
     _check_pool_kwargs(e)
+    if not e.modes:
+        raise ValueError("config.eval.modes is empty: name at least one loss mode, e.g. "
+                         "('task', 'front_rear_task')")
     for mode in e.modes:
         _one_of("eval.modes", mode, LOSS_MODES)
     _one_of("eval.kind", e.kind, FEATURE_KINDS)
@@ -442,22 +525,13 @@ def check_config(config) -> None:
     pc = ParallelConfig.from_config(config.get("parallel", None))
     _check_bn_chunks(config, pc)
     _one_of("stats", config.get("stats", "dc"), ("dc", "mtt"))
-    _one_of("synset.import_stats", s.get("import_stats", ""), ("", "dc", "mtt"))
-    _check_kd_temperature(e.get("kd_temperature", 4.0))
+    _one_of("synset.import_stats", s.get("import_stats", ""),
+            ("", "dc", "mtt", "pixels", "pixels255"))
     _check_sweep(config)
     _check_reference_teacher(t)
     _one_of("eval.reference_loss_quirks", e.get("reference_loss_quirks", False), (False, True))
     _one_of("synset.syn_batch_remainder", s.get("syn_batch_remainder", "drop"),
             ("drop", "reference"))
-
-
-def _check_kd_temperature(value) -> None:
-    import math
-
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-            math.isfinite(value) and value > 0):
-        raise ValueError(f"config.eval.kd_temperature={value!r}: must be a finite number > 0 "
-                         "(the KD control's softmax temperature; 4 is the usual choice)")
 
 
 def _check_pool_kwargs(e) -> None:

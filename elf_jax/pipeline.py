@@ -358,7 +358,7 @@ def stage_synset(run: Run):
     else:
         raise ValueError(f"config.synset.source={source!r}: choose distill, import or real_random")
     s = s.replace(metadata={"request": want})
-    if old is not None and old.content_hash() == s.content_hash():
+    if old is not None and _same_set(old, s):
         _log(f"[synset] reusing {saved}: the import is unchanged")
         return old
     if old is not None:
@@ -369,16 +369,34 @@ def stage_synset(run: Run):
     return s
 
 
+def _same_set(old, new) -> bool:
+    """Whether the saved set `old` is `new` in all it carries: pixels and labels (the
+    content hash, which banks and evaluations are keyed by), the learned lr, the request
+    (source and path) and the normalization record (a .pt folder's learned lr and path are
+    not lost because an .npz of the same pixels was imported before)."""
+    keys = ("request", "normalization", "normalization_from", "method")
+    return (old.content_hash() == new.content_hash() and old.lr == new.lr
+            and all(old.metadata.get(k) == new.metadata.get(k) for k in keys))
+
+
 def _stats(config) -> str:
     return config.get("stats", "dc") or "dc"
+
+
+# `synset.import_stats` values for raw pixels: images in [0, 1] or in [0, 255].
+PIXEL_SPACES = {"pixels": 1.0, "pixels255": 1.0 / 255.0}
 
 
 def run_normalization(config, stats: Optional[str] = None) -> dict:
     """The space this config's data live in (`elf_jax.synset` normalization record), from
     the dataset registry: mean/std of `stats` (default `config.stats`), or with `zca` the
-    whitened [0, 1] pixels (mean 0, std 1), as `elf_jax.data.load` makes them."""
+    whitened [0, 1] pixels (mean 0, std 1), as `elf_jax.data.load` makes them. `stats`
+    "pixels" / "pixels255" name raw pixels in [0, 1] / [0, 255] (mean 0, std 1 / 1/255)."""
     from elf_jax.synset import normalization_record
 
+    if stats in PIXEL_SPACES:
+        channels = resolve_info(config.dataset).image_shape[-1]
+        return normalization_record([0.0] * channels, [PIXEL_SPACES[stats]] * channels, False)
     info = resolve_info(config.dataset, stats=stats or _stats(config))
     if config.zca:
         return normalization_record([0.0] * len(info.mean), [1.0] * len(info.std), True)
@@ -401,8 +419,43 @@ def _import(config):
                "utils.py normalization (stats 'mtt'); set config.synset.import_stats if not")
     else:
         assumed, why = None, "this run's; set config.synset.import_stats to name another"
-    return conform_normalization(s, run_normalization(config), where=f"the imported set {path}",
-                                 assumed=assumed, assumed_why=why, log=_log)
+    target = run_normalization(config)
+    s = conform_normalization(s, target, where=f"the imported set {path}", assumed=assumed,
+                              assumed_why=why, log=_log)
+    return check_pixel_range(s, target, f"the imported set {path}", config.dataset)
+
+
+def check_pixel_range(s, space: dict, where: str, dataset: str):
+    """`s` (in the normalized `space`) when its pixels are where normalized images of
+    `dataset` can be; else a one-line `ValueError`: no pixel below zero (raw [0, 1] or
+    [0, 255] pixels: every dataset's normalized black is negative), or values farther
+    outside the normalized range [(0 - mean) / std, (1 - mean) / std] than its own width
+    (raw 0..255 pixels, another scaling). Distilled sets leave that range (their pixels are
+    optimized unclipped), but not by more than its width. ZCA-whitened spaces have no such
+    range and are not checked."""
+    if space.get("zca"):
+        return s
+    mean, std = np.asarray(space["mean"]), np.asarray(space["std"])
+    low, high = (0.0 - mean) / std, (1.0 - mean) / std
+    images = np.asarray(s.images)
+    lo, hi = float(images.min()), float(images.max())
+    declare = ("set config.synset.import_stats to the space it is in (pixels: [0, 1], "
+               "pixels255: [0, 255], dc or mtt: a normalization) to have it converted")
+    if lo >= 0 and np.all(low < 0):
+        raise ValueError(f"{where} has no pixel below 0 (values in [{lo:.3g}, {hi:.3g}]) but "
+                         f"{dataset}'s normalized images go down to {low.min():.3g} (black): it "
+                         f"looks like raw pixels, not normalized ones; {declare}")
+    width = high - low
+    per_channel = images.reshape(-1, images.shape[-1])
+    c_lo, c_hi = per_channel.min(0), per_channel.max(0)
+    outside = (c_lo < low - width) | (c_hi > high + width)
+    if np.any(outside):
+        c = int(np.argmax(outside))
+        raise ValueError(f"{where} has channel-{c} values in [{c_lo[c]:.3g}, {c_hi[c]:.3g}], far "
+                         f"outside {dataset}'s normalized range [{low[c]:.3g}, {high[c]:.3g}] "
+                         f"(more than its width beyond it): unnormalized or scaled pixels?; "
+                         f"{declare}")
+    return s
 
 
 def _is_reference_folder(p: Path) -> bool:
@@ -412,8 +465,8 @@ def _is_reference_folder(p: Path) -> bool:
 def check_import(s, info, path):
     """The imported set `s` with the dataset's class count (never inferred from its labels),
     or a `ValueError` (one line, what to do) when it does not fit the dataset it will be
-    evaluated on: image shape, labels, soft labels that are not probabilities, pixels far
-    from the dataset's normalized scale."""
+    evaluated on: image shape, labels out of range or leaving a class empty, soft labels
+    that are not probabilities (pixels: `check_pixel_range`, once in the run's space)."""
     where = f"the imported set {path}"
     if tuple(s.image_shape) != tuple(info.image_shape):
         raise ValueError(f"{where} has images {tuple(s.image_shape)} but {info.name} has "
@@ -429,16 +482,19 @@ def check_import(s, info, path):
         if labels.min() < 0 or not np.allclose(labels.sum(-1), 1.0, atol=1e-3):
             raise ValueError(f"{where} has soft labels that are not probabilities (negative, or "
                              "rows not summing to 1): logits? store softmax(logits) instead")
-    lo, hi = float(np.min(s.images)), float(np.max(s.images))
-    if lo >= 0 and hi > 50:  # normalized images have negative values; raw pixels reach 255
-        raise ValueError(f"{where} has pixel values in [{lo:.0f}, {hi:.0f}]: it looks unnormalized; "
-                         f"store images normalized with {info.name}'s mean {info.mean} and std "
-                         f"{info.std} (after /255), as the training data are")
+    if labels.ndim == 1:
+        empty = np.flatnonzero(np.bincount(labels, minlength=info.num_classes) == 0)
+        if empty.size:
+            raise ValueError(f"{where} has no image of class{'es' if empty.size > 1 else ''} "
+                             f"{', '.join(map(str, empty[:10]))}{' ...' if empty.size > 10 else ''} "
+                             f"of {info.name}'s {info.num_classes}: a set must cover every "
+                             "class (check the labels and their encoding)")
     return s.replace(num_classes=info.num_classes)
 
 
 def import_synset(path: str):
     """A synthetic set from our orbax dir, an .npz, or a reference repository's .pt folder."""
+    from elf_jax.checkpoint import is_tree_dir
     from elf_jax.synset import from_npz, load_synset
 
     if not path:
@@ -450,6 +506,10 @@ def import_synset(path: str):
         from elf_jax.interop.torch import load_reference_synset
 
         return load_reference_synset(p)
+    if p.is_dir() and not is_tree_dir(p):  # not a damaged set of ours: not one at all
+        raise ValueError(f"config.synset.path={path}: this directory holds no synthetic set to "
+                         "import: give an elf_jax set directory (save_synset), a reference "
+                         "folder with images_<suffix>.pt and labels_<suffix>.pt, or an .npz")
     return load_synset(p)
 
 
@@ -474,6 +534,8 @@ def stage_features(run: Run, synset=None) -> dict[str, Any]:
             banks[teacher] = _reference_bank(run, path, synset, teacher, epoch, layer)
             continue
         tdir = run.workdir / "teachers" / teacher
+        if tdir.exists():
+            check_teacher_settings(run, teacher)
         net, variables = load_teacher(tdir, epoch) if tdir.exists() else (None, None)
         bank = _saved_bank(path, synset, teacher, epoch, layer, variables)
         bank = _with_logits(run, bank, path, net)
@@ -486,6 +548,42 @@ def stage_features(run: Run, synset=None) -> dict[str, Any]:
         _log(f"[features] {teacher} epoch {epoch}: bank {bank.features.shape} -> {path}")
         banks[teacher] = bank
     return {arch: banks[t] for arch, t in run.teachers.items()}
+
+
+def _teacher_settings(config) -> dict:
+    """{trajectory manifest key: (the config's value, its config field)} of what a teacher
+    trained by `stage_teachers` with this config records (elf_jax.teacher's manifest)."""
+    t = config.teacher
+    kwargs = {**dict(t.get("model_kwargs", {}) or {}), **_bn_chunks(t)}
+    return {"dataset": (resolve_info(config.dataset).name, "dataset"),
+            "zca": (bool(config.zca), "zca"),
+            "dtype": (config.dtype, "dtype"), "seed": (int(config.seed), "seed"),
+            "epochs": (int(t.epochs), "teacher.epochs"), "lr": (float(t.lr), "teacher.lr"),
+            "momentum": (float(t.momentum), "teacher.momentum"),
+            "weight_decay": (float(t.weight_decay), "teacher.weight_decay"),
+            "batch_size": (int(t.batch_size), "teacher.batch_size"),
+            "dsa_strategy": (t.dsa_strategy or "none", "teacher.dsa_strategy"),
+            "lr_decay_at_half": (bool(t.lr_decay), "teacher.lr_decay"),
+            "model_kwargs": (kwargs, "teacher.model_kwargs / teacher.bn_chunks")}
+
+
+def check_teacher_settings(run: Run, teacher: str) -> None:
+    """Refuses (one-line `ValueError`) to use the teacher in the workdir when it was trained
+    with other settings than the config's: its features would be reused for a config that
+    asks for another teacher (a silent wrong number). Names each difference and what to run."""
+    from elf_jax.teacher import read_manifest
+
+    tdir = run.workdir / "teachers" / teacher
+    have = read_manifest(tdir)
+    differ = [f"{field} {have.get(key)!r} vs {want!r}"
+              for key, (want, field) in _teacher_settings(run.config).items()
+              if key in have and have[key] != want]
+    if differ:
+        raise ValueError(
+            f"teacher {teacher} in {tdir} was trained with other settings than the config's "
+            f"(trained vs config): {'; '.join(differ)}. Its features would not be this config's: "
+            f"retrain it with `elf-jax train-teacher --overwrite=teacher --config ... --workdir "
+            f"{run.workdir}` (banks and evaluations are then recomputed), or set the config back")
 
 
 def _saved_bank(path: Path, synset, teacher: str, epoch: int, layer, variables,
@@ -778,11 +876,28 @@ def stale_notes(run: Run, results: dict) -> list[str]:
         stored = {**stored, "synset": {k: v for k, v in stored.get("synset", {}).items()
                                        if k != "content_hash"}}
     diffs = report_lib.differences(stored, current)
+    notes = _teacher_mismatch(results)
     if not diffs:
-        return []
+        return notes
     return [f"STALE: these results were produced by the settings stored in results.json, "
             f"not by this config ({len(diffs)} difference(s)): " + "; ".join(diffs)
-            + ". Run `elf-jax evaluate` with this config to replace them."]
+            + ". Run `elf-jax evaluate` with this config to replace them."] + notes
+
+
+def _teacher_mismatch(results: dict) -> list[str]:
+    """A loud line when results.json's teachers (provenance: as their trajectories record
+    them) were trained with other settings than its request asked for (files written
+    before `evaluate` checked the teacher's settings)."""
+    asked = (results.get("request") or {}).get("teacher") or {}
+    found = ((results.get("provenance") or {}).get("teachers")) or {}
+    differ = [f"{name} {key} {rec[key]!r} vs {asked[key]!r}" for name, rec in found.items()
+              for key in ("epochs", "lr", "momentum", "weight_decay", "batch_size")
+              if rec.get(key) is not None and key in asked and rec[key] != asked[key]]
+    if not differ:
+        return []
+    return ["MISMATCH: the teachers behind these results were trained with other settings than "
+            "results.json's request names (trained vs requested): " + "; ".join(differ)
+            + ". Retrain with `elf-jax train-teacher --overwrite=teacher`, then evaluate."]
 
 
 def stage_report(run: Run, results: Optional[dict] = None) -> dict[str, str]:
@@ -797,7 +912,7 @@ def stage_report(run: Run, results: Optional[dict] = None) -> dict[str, str]:
     notes: list[str] = []
     if results is None:
         results = report_lib.load_report(str(run.workdir / "results.json"))
-        notes = stale_notes(run, results)
+        notes = stale_notes(run, results) + report_lib.summary_disagreement(results)
     s = results.get("synset", {})
     title = f"ELF on {results.get('dataset')} ({s.get('method')}, IPC {s.get('ipc')})"
     paths = report_lib.write_report(results, str(run.workdir), title, notes)
@@ -922,8 +1037,13 @@ def stage_sweep(run: Run, synset=None, banks=None) -> dict:
 def run_all(run: Run) -> dict[str, str]:
     """The whole pipeline: teachers, synthetic set, banks, evaluation, report."""
     start = time.perf_counter()
+    # an imported or random-real set takes seconds: made first, so that a bad import is
+    # refused before the teacher trains (minutes to hours), not after
+    early = run.config.synset.source != "distill"
+    synset = stage_synset(run) if early else None
     stage_teachers(run)
-    synset = stage_synset(run)
+    if not early:
+        synset = stage_synset(run)
     banks = stage_features(run, synset)
     results = stage_evaluate(run, synset, banks)
     paths = stage_report(run, results)

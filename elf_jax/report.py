@@ -15,6 +15,7 @@ warning that the results were made for another config) go first in every format.
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Any, Mapping, Sequence
 
@@ -24,11 +25,31 @@ _LABELS = {BASELINE_MODE: "baseline (task)", ELF_MODE: "ELF", KD_MODE: "KD (teac
 
 
 def summary_of(report: Mapping[str, Any]) -> dict[str, dict]:
-    """The report's stored summary, or one computed from its per-repeat accuracies."""
-    stored = report.get("summary")
-    if isinstance(stored, Mapping) and stored:  # older results.json files stored a list
-        return dict(stored)
+    """The summary of the report's per-repeat accuracies, always computed from them: a
+    stored summary is never shown as is (an edited or damaged one would be;
+    `summary_disagreement` says when it differs)."""
     return summarize(report["results"])
+
+
+def summary_disagreement(report: Mapping[str, Any]) -> list[str]:
+    """A loud line when the report's stored summary differs from the one its per-repeat
+    accuracies give (the tables show the latter); [] when it agrees or there is none."""
+    stored = report.get("summary")
+    if not isinstance(stored, Mapping) or not stored:  # none, or an older file's list
+        return []
+    computed = _flat(summarize(report["results"]))
+    differ = [k for k, v in _flat(stored).items() if not _same_number(v, computed.get(k))]
+    if not differ:
+        return []
+    return [f"NOTE: results.json's stored summary disagrees with its per-repeat accuracies at "
+            f"{', '.join(differ[:4])}{' ...' if len(differ) > 4 else ''} (edited or damaged?): "
+            "every table here is recomputed from the accuracies"]
+
+
+def _same_number(a: Any, b: Any) -> bool:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12) or (math.isnan(a) and math.isnan(b))
+    return a == b
 
 
 # ------------------------------------------------------------------ what was asked, what is done
@@ -54,7 +75,8 @@ def missing_cells(report: Mapping[str, Any]) -> list[tuple[str, str]]:
 def partial_line(report: Mapping[str, Any]) -> str:
     """The loud line that opens a partial report; "" when every requested result is there."""
     total, missing = len(requested_cells(report)), len(missing_cells(report))
-    rerun = "rerun `elf-jax evaluate --config ... --workdir ...` (it resumes) to complete"
+    rerun = ("rerun `elf-jax evaluate --config ... --workdir ...` (it resumes) to complete; if "
+             "it stops on checkpoints made with other settings, add --overwrite=evaluate")
     if missing:
         return (f"PARTIAL: {total - missing} of {total} evaluations (arch x mode) finished; "
                 f"{rerun}")
@@ -254,6 +276,10 @@ def _synset_line(s: Mapping[str, Any]) -> str:
 
 def _teacher_line(name: str, t: Mapping[str, Any]) -> str:
     users = ", ".join(t.get("for") or [])
+    if t.get("reference_buffer"):  # not trained here: the buffer is what is known of it
+        return (f"teacher {name} (for {users}): epoch-{t.get('snapshot_epoch')} snapshot of "
+                f"trajectory {t.get('reference_trajectory')} of the reference buffer "
+                f"{t['reference_buffer']} (sha256 {str(t.get('reference_buffer_hash'))[:12]})")
     acc = f"; test accuracy {_pct(t.get('test_acc'))} after epoch {t.get('epochs')}"
     if t.get("snapshot_test_acc") is not None:
         acc += f", {_pct(t['snapshot_test_acc'])} at the snapshot"

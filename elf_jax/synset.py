@@ -105,8 +105,9 @@ class SyntheticSet:
         if not np.isfinite(images).all():
             bad = int(images.size - np.isfinite(images).sum())
             raise ValueError(
-                f"synthetic images hold {bad} NaN/Inf value(s) (shape {images.shape}); the "
-                "distillation diverged: use an earlier (last good) checkpoint of the set")
+                f"synthetic images hold {bad} NaN/Inf value(s) (shape {images.shape}): a "
+                "diverged distillation or a damaged export; use an earlier (last good) "
+                "checkpoint of the set, or export it again")
         n = images.shape[0]
 
         labels = _host(self.labels)

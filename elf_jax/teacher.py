@@ -339,7 +339,8 @@ def _check_resume(workdir: Path, manifest: dict) -> int:
         if old.get(key) != manifest[key]:
             raise ValueError(
                 f"{workdir} holds a trajectory with {key}={old.get(key)!r}, but this run "
-                f"asks for {key}={manifest[key]!r}; use another workdir (or delete it)")
+                f"asks for {key}={manifest[key]!r}; use another workdir, delete it, or (with "
+                "`elf-jax`) pass --overwrite=teacher to retrain it")
     return max(int(old.get("num_experts", 1)), int(manifest["num_experts"]))
 
 

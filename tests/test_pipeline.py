@@ -75,6 +75,11 @@ def test_all_stages_then_report_again(tmp_path):
     _cli("train-teacher", "--workdir", wd, *other_teacher)
     out = _cli("features", "--workdir", wd, *other_teacher).stdout
     assert "rebuilding the bank" in out and "teacher_hash" in out, out
+    # the config's teacher (lr 0.01) is not the workdir's (0.02): refused, never reused
+    for command in ("features", "evaluate"):
+        proc = _cli(command, "--workdir", wd, *TINY, check=False)
+        assert proc.returncode == 2 and "teacher.lr 0.02 vs 0.01" in proc.stderr, proc.stderr
+        assert "--overwrite=teacher" in proc.stderr.strip().splitlines()[-1]
     # an import replaces the saved set (the old set is never evaluated in its place)
     old = load_synset(tmp_path / "run" / "synset")
     to_npz(tmp_path / "set.npz", old.replace(images=old.images[::-1].copy()))
@@ -99,19 +104,22 @@ def test_imports_are_checked_against_the_dataset(tmp_path):
     cases = {
         "classes (0..9)": SyntheticSet(x, np.arange(20) % 11, num_classes=11),
         "not probabilities": SyntheticSet(x, 5.0 * soft - 2.0),
-        "looks unnormalized": SyntheticSet(rng.integers(0, 256, x.shape).astype(np.float32),
-                                           np.arange(20) % 10),
+        "no pixel below 0": SyntheticSet(rng.integers(0, 256, x.shape).astype(np.float32),
+                                         np.arange(20) % 10),
         "has images (28, 28, 3)": SyntheticSet(np.repeat(x, 3, -1), np.arange(20) % 10),
     }
     task_only = [*TINY, "--config.synset.source=import", "--config.eval.modes=('task',)"]
-    for message, s in cases.items():
+    for i, (message, s) in enumerate(cases.items()):
         path = tmp_path / f"{len(message)}.npz"
         to_npz(path, s)
-        proc = _cli("evaluate", "--workdir", str(tmp_path / "wd"), *task_only,
-                    f"--config.synset.path={path}", check=False)
+        command = "all" if i == 0 else "evaluate"  # `all`: refused before the teacher trains
+        proc = _cli(command, "--workdir", str(tmp_path / "wd"), *task_only,
+                    f"--config.synset.path={path}", "--config.eval.modes=('task','front_rear_task')"
+                    if command == "all" else "--config.seed=0", check=False)
         assert proc.returncode == 2 and message in proc.stderr.strip().splitlines()[-1], \
             (message, proc.stderr[-1500:])
         assert not (tmp_path / "wd" / "synset").exists()
+        assert not (tmp_path / "wd" / "teachers").exists()
 
 
 def test_bad_invocations_say_what_to_do(tmp_path):
@@ -148,7 +156,7 @@ def test_stages_refuse_without_prerequisites(tmp_path):
     _cli("distill", "--workdir", str(wd), *distill)
     # another IPC on a workdir holding an IPC-2 distillation: refused, never reused
     proc = _cli("distill", "--workdir", str(wd), *distill, "--config.synset.ipc=3", check=False)
-    assert proc.returncode != 0 and "another run's settings" in proc.stderr, proc.stderr[-2000:]
+    assert proc.returncode != 0 and "another run's (saved vs asked): ipc 2 vs 3" in proc.stderr, proc.stderr[-2000:]
     proc = _cli("evaluate", "--workdir", str(wd), *distill, check=False)
     assert proc.returncode == 2 and "`elf-jax train-teacher" in proc.stderr
     assert "elf-jax distill" not in proc.stderr

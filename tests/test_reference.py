@@ -117,9 +117,9 @@ def test_reference_pt_cifar100_set_imported_into_dc_run(tmp_path):
     torch = pytest.importorskip("torch")
     ref = tmp_path / "ref"
     ref.mkdir()
-    x = np.random.default_rng(1).standard_normal((4, 3, 32, 32)).astype(np.float32)
+    x = np.random.default_rng(1).standard_normal((100, 3, 32, 32)).astype(np.float32)
     torch.save(torch.from_numpy(x), ref / "images_best.pt")
-    torch.save(torch.arange(4), ref / "labels_best.pt")
+    torch.save(torch.arange(100), ref / "labels_best.pt")  # one image of every class
     s, logs = _stage_import(_cifar100_import_config(tmp_path, ref), tmp_path / "wd")
     want = (x.transpose(0, 2, 3, 1) * np.asarray(C100_MTT.std) + np.asarray(C100_MTT.mean)
             - np.asarray(C100_DC.mean)) / np.asarray(C100_DC.std)
@@ -140,7 +140,7 @@ def test_reference_pt_cifar100_set_imported_into_dc_run(tmp_path):
 
 
 def test_npz_record_wins_and_zca_run_refuses(tmp_path):
-    path = to_npz(tmp_path / "s.npz", SyntheticSet(_images(4, s=32), np.arange(4),
+    path = to_npz(tmp_path / "s.npz", SyntheticSet(_images(100, s=32), np.arange(100),
                                                    metadata={"normalization": _record(C100_MTT)},
                                                    num_classes=100))
     s, logs = _stage_import(_cifar100_import_config(tmp_path, path), tmp_path / "wd")

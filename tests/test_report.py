@@ -41,13 +41,21 @@ def test_write_report_files(tmp_path):
     assert math.isclose(loaded["summary"]["ConvNet"]["gain"], 0.05)
 
 
-def test_stored_summary_is_used():
-    stored = {"ConvNet": {"task": {"mean": 0.5, "std": 0.0}}}
-    summary = report.summary_of({"results": RESULTS, "summary": stored})
-    assert "50.00 ± 0.00" in report.markdown_table(summary)
-    # older results.json files stored a list of rows: recomputed from the accuracies
-    old = report.summary_of({"results": RESULTS, "summary": [{"arch": "ConvNet"}]})
-    assert old["ConvNet"]["gain"] == pytest.approx(0.05)
+def test_the_summary_is_always_recomputed_from_the_accuracies():
+    # a hand-edited summary (issue 31): never shown; a loud line says it disagreed
+    honest = report.summarize(RESULTS)
+    edited = {**honest, "ConvNet": {**honest["ConvNet"], "task": {"mean": 0.95, "std": 0.0}}}
+    doctored = {"results": RESULTS, "summary": edited}
+    summary = report.summary_of(doctored)
+    assert summary == honest and "95.00" not in report.markdown_table(summary)
+    note = report.summary_disagreement(doctored)
+    assert len(note) == 1 and "ConvNet.task.mean" in note[0] and "recomputed" in note[0]
+    assert "95.00" not in report.text_report(doctored, "t", note)
+    assert report.summary_disagreement({"results": RESULTS, "summary": honest}) == []
+    # older results.json files stored a list of rows: recomputed, nothing to compare
+    old = {"results": RESULTS, "summary": [{"arch": "ConvNet"}]}
+    assert report.summary_of(old)["ConvNet"]["gain"] == pytest.approx(0.05)
+    assert report.summary_disagreement(old) == []
 
 
 def test_bad_input_errors(tmp_path):

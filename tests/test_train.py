@@ -189,6 +189,25 @@ def test_checkpoints_of_an_older_format_are_refused(tiny, tmp_path, monkeypatch)
         run_evaluation(net, p, x, y, x, y, **kw)
 
 
+def test_checkpoints_are_keyed_by_what_the_runs_mode_reads(tiny, tmp_path):
+    """Issue 31: a baseline (task) run is not invalidated by a setting only the ELF modes
+    read (feature distance, lambdas); a change it does read is refused naming the
+    difference in words and the stage to recompute."""
+    x, y, f = tiny
+    net = get_model("ConvNet", K, width=8)
+    p = TrainProtocol(epochs=1, batch_size=B, dsa_strategy="none", mode="task")
+    kw = dict(repeats=1, key=jax.random.PRNGKey(0), checkpoint_every=1, progress=False)
+    wd = tmp_path / "eval" / "ConvNet" / "task"
+    first = run_evaluation(net, p, x, y, x, y, workdir=wd, **kw)
+    elf_only = p.replace(kind="l2", lambda_front=3.0, lambda_rear=0.5)
+    again = run_evaluation(net, elf_only, x, y, x, y, workdir=wd, **kw)
+    assert again["resumed_from"] == 2 and list(again["accs"]) == list(first["accs"])
+    with pytest.raises(ValueError) as err:
+        run_evaluation(net, p.replace(lr=0.02), x, y, x, y, workdir=wd, **kw)
+    assert "lr 0.01 vs 0.02" in str(err.value)
+    assert "`elf-jax evaluate --overwrite=evaluate`" in str(err.value)
+
+
 def test_bf16_and_soft_labels_and_lambda_sweep(tiny):
     x, y, f = tiny
     net = get_model("ConvNet", K, width=8, dtype=jnp.bfloat16)

@@ -46,6 +46,9 @@ KD_MODE = "kd"
 ELF_MODES = ("task", "front_task", "rear_task", "front_rear", "front_rear_task")
 LOSS_MODES = ELF_MODES + (KD_MODE,)
 DEFAULT_KD_TEMPERATURE = 4.0
+# The largest lambda a config or sweep accepts: from 2^24 on, the task loss falls below
+# float32's resolution of the weighted sum and the run trains on the feature terms alone.
+MAX_LAMBDA = 1e6
 COS_EPS = 1e-6  # as in the reference's cos_dis
 
 __all__ = [

@@ -24,7 +24,7 @@ import numpy as np
 
 from elf_jax.elf.evaluate import (_check_memory, _train_and_test, net_for_mode,
                                   prepare_inputs, training_lr)
-from elf_jax.elf.losses import mode_needs_features
+from elf_jax.elf.losses import MAX_LAMBDA, mode_needs_features
 from elf_jax.elf.summary import BASELINE_MODE, paired_gain
 from elf_jax.parallel.placement import Placement
 from elf_jax.train.protocol import TrainProtocol
@@ -35,14 +35,16 @@ __all__ = ["check_axis", "lambda_sweep"]
 
 def check_axis(name: str, values) -> tuple[float, ...]:
     """One grid axis as floats; ``ValueError`` naming ``name`` unless it is a non-empty
-    sequence of distinct finite numbers >= 0."""
+    sequence of distinct numbers in [0, MAX_LAMBDA]."""
     if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values:
         raise ValueError(f"{name}={values!r}: give a non-empty tuple of numbers >= 0, "
                          "e.g. (0.0, 1.0)")
     out = []
     for v in values:
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-            raise ValueError(f"{name}={tuple(values)!r}: {v!r} is not a finite number >= 0")
+        if (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+                or not 0 <= v <= MAX_LAMBDA):
+            raise ValueError(f"{name}={tuple(values)!r}: {v!r} is not a number in "
+                             f"[0, {MAX_LAMBDA:g}]")
         out.append(float(v))
     if len(set(out)) != len(out):
         raise ValueError(f"{name}={tuple(values)!r}: a value is repeated")

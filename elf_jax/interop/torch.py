@@ -926,6 +926,9 @@ def load_reference_synset(source, *, zca: bool = False, num_classes: Optional[in
         raise ValueError(f"{imgs_p}: expected floating-point images, got {images.dtype}")
     images = np.ascontiguousarray(images.astype(np.float32).transpose(0, 2, 3, 1))
     labels = _to_numpy(load(labs_p))
+    if labels.dtype == np.bool_:
+        raise ValueError(f"{labs_p}: labels are booleans, not class indices; save them as an "
+                         "integer tensor (or [N, K] probabilities)")
     if labels.ndim == 1:
         if np.issubdtype(labels.dtype, np.floating):
             if not np.all(labels == np.round(labels)):

@@ -166,6 +166,17 @@ class TrainProtocol:
     def replace(self, **kw) -> "TrainProtocol":
         return dataclasses.replace(self, **kw)
 
+    def run_record(self) -> dict:
+        """:meth:`to_dict` less the fields this mode's training never reads (the feature
+        distance, the lambdas and the reference's loss quirks in the task and KD modes): what
+        an evaluation checkpoint is keyed by, so a baseline run is not invalidated by a
+        change that only the ELF modes see."""
+        d = self.to_dict()
+        if self.mode in ("task", KD_MODE):
+            for name in ("kind", "lambda_front", "lambda_rear", "reference_loss_quirks"):
+                d.pop(name, None)
+        return d
+
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         if self.mode != KD_MODE:  # meaningless elsewhere; keeps older records comparable

@@ -523,6 +523,7 @@ def _resume(mngr, states, meta):
     when its settings or format differ. The seconds are None when the checkpoint does not
     record them (written before they were stored: unknown)."""
     where = f"checkpoints in {mngr.directory}"
+    restart = _restart_hint(Path(mngr.directory))
 
     def check(saved):
         if saved.get("kind") != meta["kind"]:
@@ -530,8 +531,12 @@ def _resume(mngr, states, meta):
                 f"{where} were written in format {saved.get('kind')!r}, but this version of "
                 f"elf_jax writes {meta['kind']!r} (the random streams changed, so they cannot be "
                 "continued exactly); delete that directory or use another workdir to start over")
-        check_expect(saved, meta, where=f"{where} (to start over: delete it, use another workdir, "
-                                        "or pass --overwrite=STAGE to elf-jax)")
+        if isinstance(saved.get("protocol"), Mapping) and isinstance(meta.get("protocol"), Mapping):
+            # fields the run's mode does not read (TrainProtocol.run_record) are not compared:
+            # checkpoints written when they were recorded still resume
+            saved = {**saved, "protocol": {k: v for k, v in saved["protocol"].items()
+                                           if k in meta["protocol"]}}
+        check_expect(saved, meta, where=f"{where} ({restart})", names=_META_NAMES)
 
     found = mngr.restore_latest_good(like=dict(states._asdict()), check=check)
     if found is None:
@@ -541,6 +546,24 @@ def _resume(mngr, states, meta):
     earlier = saved.get("train_seconds")
     epoch = int(np.asarray(host_copy(states.epoch)).reshape(-1)[0])
     return states, epoch, None if earlier is None else float(earlier)
+
+
+# What the evaluation checkpoints' keys mean, for a refusal that names them.
+_META_NAMES = {"data": "hash of the training set: synthetic images, labels, teacher features "
+                       "or logits; a new set or teacher changes it",
+               "net_config": "the network and its settings", "key": "the seed"}
+
+
+def _restart_hint(directory: Path) -> str:
+    """How to start checkpoints in `directory` over, by the stage of the elf-jax workdir
+    layout they sit in (elf_jax.pipeline)."""
+    stage = next((s for part, s in (("teachers", "teacher"), ("sweep", "sweep"), ("eval", "evaluate"))
+                  if part in directory.parts), None)
+    if stage is None:
+        return "to start over: delete that directory or use another workdir"
+    command = {"teacher": "train-teacher"}.get(stage, stage)
+    return (f"to start over: `elf-jax {command} --overwrite={stage}` recomputes that stage, or "
+            "delete that directory")
 
 
 def _first_bad(ms, epoch, num_epochs, desc, mngr):
@@ -782,7 +805,7 @@ def run_evaluation(net, protocol: TrainProtocol, images, labels, test_images, te
     base = stage_key(key, "evaluate")
     states = init_states(net, protocol, base, repeats, jnp.asarray(data["images"][:1]), hparams,
                          indices=repeat_index)
-    meta = {"net": type(net).__name__, "net_config": repr(net), "protocol": protocol.to_dict(),
+    meta = {"net": type(net).__name__, "net_config": repr(net), "protocol": protocol.run_record(),
             "repeats": int(repeats), "key": np.asarray(raw_key(key)).tolist(),
             "data": fingerprint(*data.values()),
             "hparams": {k: np.asarray(v).tolist() for k, v in (hparams or {}).items()},
