@@ -379,6 +379,15 @@ def _same_set(old, new) -> bool:
             and all(old.metadata.get(k) == new.metadata.get(k) for k in keys))
 
 
+def check_learned_lr(config, synset) -> None:
+    """Refuses `eval.use_learned_lr` with a set that has no learned lr (before any training:
+    it used to train with eval.lr and record `use_learned_lr True`)."""
+    from elf_jax.elf.evaluate import NO_LEARNED_LR
+
+    if config.eval.use_learned_lr and synset.lr is None:
+        raise ValueError(NO_LEARNED_LR)
+
+
 def _stats(config) -> str:
     return config.get("stats", "dc") or "dc"
 
@@ -469,8 +478,12 @@ def check_import(s, info, path):
     that are not probabilities (pixels: `check_pixel_range`, once in the run's space)."""
     where = f"the imported set {path}"
     if tuple(s.image_shape) != tuple(info.image_shape):
+        h, w, c = info.image_shape
+        nchw = tuple(s.image_shape) == (c, h, w)
         raise ValueError(f"{where} has images {tuple(s.image_shape)} but {info.name} has "
-                         f"{tuple(info.image_shape)} (NHWC); resize or pick the right dataset")
+                         f"{tuple(info.image_shape)} (NHWC); " + (
+                             "it looks NCHW (PyTorch's layout): store images.transpose(0, 2, 3, 1)"
+                             if nchw else "resize or pick the right dataset"))
     labels = np.asarray(s.labels)
     if labels.ndim == 1 and (labels.min() < 0 or labels.max() >= info.num_classes):
         raise ValueError(f"{where} has labels in [{labels.min()}, {labels.max()}] but {info.name} "
@@ -807,6 +820,7 @@ def stage_evaluate(run: Run, synset=None, banks=None) -> dict:
     if synset is None:
         check_prerequisites(run, "evaluate")
         synset = stage_synset(run)
+    check_learned_lr(config, synset)
     if banks is None and any(m != "task" for m in config.eval.modes):
         banks = stage_features(run, synset)
     meta = {
@@ -978,6 +992,7 @@ def stage_sweep(run: Run, synset=None, banks=None) -> dict:
     if synset is None:
         check_prerequisites(run, "sweep")
         synset = stage_synset(run)
+    check_learned_lr(config, synset)
     if banks is None:
         banks = stage_features(run, synset)
     pool, mode = sweep_pool(config), sweep_mode(config)
@@ -1041,6 +1056,8 @@ def run_all(run: Run) -> dict[str, str]:
     # refused before the teacher trains (minutes to hours), not after
     early = run.config.synset.source != "distill"
     synset = stage_synset(run) if early else None
+    if early:
+        check_learned_lr(run.config, synset)
     stage_teachers(run)
     if not early:
         synset = stage_synset(run)

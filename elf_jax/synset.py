@@ -333,7 +333,8 @@ def _read_npz(path: Path) -> dict:
 
 
 def from_npz(path) -> SyntheticSet:
-    """Imports a set written by ``to_npz`` (or any npz with ``images`` and ``labels``, NHWC)."""
+    """Imports a set written by ``to_npz`` (or any npz with ``images`` and ``labels``, NHWC;
+    uint8 images are read as float 0..255, for ``import_stats="pixels255"``)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no file at {path}; check the path")
@@ -342,7 +343,10 @@ def from_npz(path) -> SyntheticSet:
         meta = json.loads(str(z["metadata_json"])) if "metadata_json" in z else {}
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: its metadata_json is not valid JSON ({e}); re-export it") from e
-    return _from_stored(path, z["images"], z["labels"], z.get("lr"), meta)
+    images = z["images"]
+    if images.dtype == np.uint8:  # raw 0..255 pixels: the importer checks and converts them
+        images = images.astype(np.float32)
+    return _from_stored(path, images, z["labels"], z.get("lr"), meta)
 
 
 def random_real_subset(key, dataset, ipc: int) -> SyntheticSet:

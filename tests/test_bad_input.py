@@ -284,3 +284,29 @@ def test_overwrite_refuses_before_removing_or_removes_only_what_it_recomputes(
                 assert _tree(wd) == kept, (command, stage)
                 assert stage in pipeline._recomputable(run, command)
             shutil.rmtree(wd)
+
+
+def test_use_learned_lr_on_a_set_without_one_is_refused_before_training(tmp_path):
+    """Issue 27: it trained with eval.lr and recorded use_learned_lr True."""
+    from elf_jax import pipeline
+    from elf_jax.synset import SyntheticSet
+
+    config = _config(**{"eval.use_learned_lr": True, "eval.modes": ("task",)})
+    x, y = _normalized_digits()
+    with pytest.raises(ValueError, match="carries no learned lr"):
+        pipeline.stage_evaluate(pipeline.Run(config, tmp_path), SyntheticSet(x, y), banks={})
+    assert not (tmp_path / "results.json").exists() and not (tmp_path / "eval").exists()
+
+
+def test_uint8_and_nchw_npz_imports_are_converted_or_named(tmp_path):
+    x, y = _normalized_digits()
+    raw = np.round((x * 0.3081 + 0.1307) * 255).astype(np.uint8)
+    np.savez(tmp_path / "u8.npz", images=raw, labels=y)
+    with pytest.raises(ValueError, match="no pixel below 0.*pixels255"):
+        _stage_synset(_import_config(tmp_path / "u8.npz"), tmp_path / "a")
+    s, _ = _stage_synset(_import_config(tmp_path / "u8.npz", **{"synset.import_stats": "pixels255"}),
+                         tmp_path / "b")
+    np.testing.assert_allclose(s.images, x, atol=0.01)  # the 8-bit rounding of the same pixels
+    np.savez(tmp_path / "nchw.npz", images=x.transpose(0, 3, 1, 2), labels=y)
+    with pytest.raises(ValueError, match=r"looks NCHW.*transpose\(0, 2, 3, 1\)"):
+        _stage_synset(_import_config(tmp_path / "nchw.npz"), tmp_path / "c")

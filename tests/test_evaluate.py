@@ -131,6 +131,9 @@ def test_learned_lr_option(data):
     out = evaluate_synset("ConvNet", x, y, tx, ty, None, p.replace(use_learned_lr=False), 1,
                           learned_lr=0.003, model_overrides=W8, progress=False)
     assert out["lr"] == pytest.approx(0.01)
+    with pytest.raises(ValueError, match="carries no learned lr"):  # never eval.lr instead
+        evaluate_synset("ConvNet", x, y, tx, ty, None, p, 1, learned_lr=None,
+                        model_overrides=W8, progress=False)
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # orbax, on the bad read

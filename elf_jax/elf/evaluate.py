@@ -273,11 +273,19 @@ def _resolve_net(arch, num_classes: int, protocol: TrainProtocol, model_override
     return type(arch).__name__, arch
 
 
+NO_LEARNED_LR = ("eval.use_learned_lr is on but the synthetic set carries no learned lr (MTT/"
+                 "TESLA sets do; a reference folder's lr_best.pt): set it off to train with "
+                 "eval.lr, or import the set with its lr")
+
+
 def training_lr(protocol: TrainProtocol, learned_lr) -> float:
     """The base lr of a run: the protocol's, or the set's learned lr when
-    ``protocol.use_learned_lr`` (which must then be a positive finite number)."""
-    if not (protocol.use_learned_lr and learned_lr is not None):
+    ``protocol.use_learned_lr`` (which must then be a positive finite number; a set without
+    one is refused, never trained with ``protocol.lr`` in its place)."""
+    if not protocol.use_learned_lr:
         return protocol.lr
+    if learned_lr is None:
+        raise ValueError(NO_LEARNED_LR)
     lr = float(np.asarray(learned_lr))
     if not np.isfinite(lr) or lr <= 0:
         raise ValueError(f"the synthetic set's learned lr is {lr}; expected a positive number")
