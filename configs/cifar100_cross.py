@@ -1,7 +1,7 @@
 """ELF on CIFAR-100 IPC 10, the ELF repository's setting (MTT set, ConvNetW512 teacher).
 
 Command (CIFAR-100 prepared by TFDS; an MTT set from the PyTorch repository or ours):
-    elf-jax demo --config configs/cifar100_cross.py --workdir runs/cifar100 \
+    elf-jax all --config configs/cifar100_cross.py --workdir runs/cifar100 \
         --config.synset.source=import --config.synset.path=/path/to/logged_files
 
 Expected: teacher ~55-60% after 100 epochs; ELF improves ResNet18/VGG11 over the baseline

@@ -1,7 +1,7 @@
 """ELF on CIFAR-10, the reference setting: ConvNetW512 teacher, DM IPC-10 set, cross pool.
 
 Command (needs CIFAR-10 prepared by TFDS, i.e. internet once):
-    elf-jax demo --config configs/cifar10_cross.py --workdir runs/cifar10
+    elf-jax all --config configs/cifar10_cross.py --workdir runs/cifar10
 or stage by stage: `elf-jax train-teacher|distill|features|evaluate|report` with the same
 flags. Import a set made with the PyTorch repositories instead of distilling with
 `--config.synset.source=import --config.synset.path=/path/to/logged_files`.

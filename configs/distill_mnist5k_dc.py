@@ -6,7 +6,8 @@ The same settings as experiments/distill_vs_random.py.
 
 Command:
     elf-jax distill --config configs/distill_mnist5k_dc.py --workdir runs/dc_mnist5k
-The whole ELF pipeline on this set: ``elf-jax demo --config configs/distill_mnist5k_dc.py ...``.
+The whole ELF pipeline on this set:
+``elf-jax all --config configs/distill_mnist5k_dc.py --workdir ...``.
 
 Expected: ~45 s of distillation on a 2-core CPU, measured 2026-11-26 (~13 s compile, then
 2.9 s per iteration; was 43-75 s with rolled loops, BENCHMARKS.md, Distillation), plus

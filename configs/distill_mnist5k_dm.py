@@ -6,7 +6,8 @@ The same settings as experiments/distill_vs_random.py.
 
 Command:
     elf-jax distill --config configs/distill_mnist5k_dm.py --workdir runs/dm_mnist5k
-The whole ELF pipeline on this set: ``elf-jax demo --config configs/distill_mnist5k_dm.py ...``.
+The whole ELF pipeline on this set:
+``elf-jax all --config configs/distill_mnist5k_dm.py --workdir ...``.
 
 Expected: ~1 minute of distillation (4.8 it/s measured) plus two short evaluations; measured 93.23 +- 0.21 % vs 91.17 +- 0.29 % for a random real subset of the same size (BENCHMARKS.md, Distillation).
 """

@@ -6,7 +6,8 @@ The same settings as experiments/distill_vs_random.py.
 
 Command:
     elf-jax distill --config configs/distill_mnist5k_tesla.py --workdir runs/tesla_mnist5k
-The whole ELF pipeline on this set: ``elf-jax demo --config configs/distill_mnist5k_tesla.py ...``.
+The whole ELF pipeline on this set:
+``elf-jax all --config configs/distill_mnist5k_tesla.py --workdir ...``.
 
 Expected: ~6 minutes of distillation on a 2-core CPU, measured 2026-11-26: the 2 experts
 (~2 minutes), ~25 s compile, then 2.2 s per iteration (100 iterations; was 26 s with

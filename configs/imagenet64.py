@@ -1,9 +1,9 @@
 """ELF on ImageNet-1k at 64x64 (imagenet_resized/64x64) with the 64x64 splits.
 
 Command (imagenet_resized/64x64 prepared by TFDS):
-    elf-jax demo --config configs/imagenet64.py --workdir runs/imagenet64
+    elf-jax all --config configs/imagenet64.py --workdir runs/imagenet64
 bfloat16 compute instead of the reference's float32 (faster on GPUs, other numbers):
-    elf-jax demo --config configs/imagenet64.py --workdir runs/imagenet64_bf16 \
+    elf-jax all --config configs/imagenet64.py --workdir runs/imagenet64_bf16 \
         --config.dtype=bfloat16
 
 Settings (`elf_jax.config.imagenet64_config`; docs/REFERENCE.md lists what is the

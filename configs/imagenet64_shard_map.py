@@ -16,7 +16,7 @@ Run (one host, all devices):
 Several hosts: start one process per host with the same coordinator, e.g.
     ELF_JAX_COORDINATOR=host0:1234 ELF_JAX_NUM_PROCESSES=2 ELF_JAX_PROCESS_ID=<i> \
         elf-jax all --config configs/imagenet64_shard_map.py --workdir runs/imagenet64_shard_map
-(or set `distributed.*` below; the CLI starts `jax.distributed` from this section).
+(or `--config.distributed.*`: the CLI starts `jax.distributed` from that section).
 
 Data: streamed from the array_record files as in configs/imagenet64.py (its docstring gives
 the memory per host); on several hosts each process reads only the rows of its own devices
@@ -25,27 +25,12 @@ of every teacher minibatch (tests/test_multihost.py), so a host's share of the r
 (tests/test_memory_cap.py).
 """
 
-import ml_collections
-
 from elf_jax.config import imagenet64_config
 
 
 def get_config():
     c = imagenet64_config()
-
-    c.parallel = ml_collections.ConfigDict()
-    c.parallel.parallel = "shard_map"  # none | shard_map
-    c.parallel.runs = 1  # repeats side by side on the "runs" mesh axis
-    c.parallel.data = 0  # 0 = all devices (per runs group)
-    c.parallel.sync_bn = True  # BatchNorm moments over all data devices (== one device)
-    c.parallel.dsa = "global"  # global | per_device
-    c.parallel.drop_remainder = False
-    c.parallel.bank_dtype = "bfloat16"
-    c.parallel.shard_bank = True
-    c.parallel.memory_headroom = 0.9
-
-    c.distributed = ml_collections.ConfigDict()
-    c.distributed.coordinator_address = ""  # "" = environment / single process
-    c.distributed.num_processes = 0  # 0 = not set
-    c.distributed.process_id = -1  # -1 = not set
+    c.parallel.parallel = "shard_map"  # the base config's section, default "none"
+    c.parallel.bank_dtype = "bfloat16"  # the bank stored in bfloat16 on the devices
+    # c.distributed.*: the coordinator etc. when not taken from the environment
     return c

@@ -15,7 +15,7 @@ snapshot 100. `config.reference_preset`: data normalized as the reference's util
 net). The ELF_eval.sh setting (configs/reference_elf_eval.py) can use this workdir's teacher,
 or the reference's own buffer through `teacher.reference_buffer`.
 
-Expected: ~55-60% test accuracy after epoch 100 (SPEC.md's teacher).
+Expected: ~55-60% test accuracy after epoch 100 (the reference's teacher).
 """
 
 from elf_jax.config import base_config, reference_preset

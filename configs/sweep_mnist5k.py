@@ -22,7 +22,7 @@ Measured (seed 0): every point within 2 points of the baseline (91.90 ± 0.20): 
 the default 1, 1. At 0, 0 the gain is exactly 0: with both weights 0 ELF's loss is the task
 loss (ConvNet's rear has no BatchNorm). With 2 repeats every other 95% interval of a gain
 spans several points, so the table shows the trade-off and picks no winner; MNIST has no
-cross-architecture gap for ELF to close (SPEC.md). The grid and the pool are fields like
+cross-architecture gap for ELF to close (docs/METHOD.md). The grid and the pool are fields like
 any other: `--config.sweep.lambda_front="(0.0,1.0,4.0)"`,
 `--config.sweep.pool="('ConvNetLN',)"`.
 """

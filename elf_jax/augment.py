@@ -1,7 +1,7 @@
 """Differentiable siamese augmentation (DSA) in JAX.
 
 A re-implementation of the DC/DSA/MTT reference `DiffAugment` with `ParamDiffAug`
-(SPEC.md, "DSA"): six groups (color, crop, cutout, flip, scale, rotate), mode "S" (one group
+(docs/METHOD.md, "DSA"): six groups (color, crop, cutout, flip, scale, rotate), mode "S" (one group
 per call, parameters per sample) and mode "M" (every group in sequence). Images are NHWC
 float. Everything is a pure function of a `jax.random` key: the same key on two batches gives
 the same group and the same per-sample parameters, which is what "siamese" means.

@@ -42,7 +42,8 @@ COMMANDS = {
     "features": ("build each teacher's feature bank on the synthetic set",
                  "elf-jax features --config configs/cifar10_cross.py --workdir runs/c10"),
     "evaluate": ("train the pool on the synthetic set with and without ELF; writes "
-                 "results.json as each (architecture, mode) finishes",
+                 "results.json as each (architecture, mode) finishes, then prints the table "
+                 "and writes results.md/png as `report` does",
                  "elf-jax evaluate --config configs/cifar10_cross.py --workdir runs/c10 "
                  "--config.eval.repeats=3"),
     "report": ("print the results table and write results.{json,md,png}",
@@ -248,7 +249,9 @@ def _run(pipeline, run, command: str) -> None:
         _log(f"elf-jax {command}: dataset {run.config.dataset}, pool {list(run.config.eval.pool)}, "
              f"workdir {run.workdir}")
     stage = {"train-teacher": pipeline.stage_teachers, "distill": pipeline.stage_synset,
-             "features": pipeline.stage_features, "evaluate": pipeline.stage_evaluate,
+             "features": pipeline.stage_features,
+             # the table as `report` prints it (and results.md/png), from the fresh results
+             "evaluate": lambda r: pipeline.stage_report(r, pipeline.stage_evaluate(r)),
              "report": pipeline.stage_report,
              "sweep": pipeline.stage_sweep}.get(command, pipeline.run_all)
     stage(run)

@@ -1,4 +1,4 @@
-"""The defaults every `configs/*.py` file starts from: the reference's settings (SPEC.md).
+"""The defaults every `configs/*.py` file starts from: the reference's settings (docs/METHOD.md).
 
 A config file calls `base_config()` and changes what its experiment needs; every field is
 overridable on the command line (`--config.eval.repeats=3`), has a one-line description in
@@ -18,6 +18,7 @@ from elf_jax.augment import DEFAULT_STRATEGY
 from elf_jax.distill.settings import FIELD_DOCS as SYNSET_DOCS
 from elf_jax.distill.settings import METHOD_SETTINGS, schema
 from elf_jax.elf.losses import MAX_LAMBDA
+from elf_jax.parallel.mesh import ParallelConfig
 
 # The reference's cross-architecture pool ("cross"); "-IN" names are instance norm.
 CROSS_POOL = ("ConvNet", "ConvNetBN", "ResNet18", "ResNet18BN", "VGG11", "VGG11BN")
@@ -51,7 +52,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.teacher.lr_decay = True  # lr x0.1 once after epoch epochs//2 + 1
     c.teacher.feature_epoch = 100  # the snapshot ELF uses
     # Teacher per feature width: an eval net whose front has C channels uses the teacher
-    # of width C (SPEC: ConvNet fronts are 4x4x128 and take a width-128 ConvNet teacher).
+    # of width C (docs/METHOD.md: ConvNet fronts are 4x4x128 and take a width-128 ConvNet teacher).
     # "" = this rule; otherwise one architecture name for every eval net.
     c.teacher.override_arch = ""
     c.teacher.model_kwargs = {}  # get_model overrides of the teacher, e.g. {"width": 64}
@@ -131,6 +132,15 @@ def base_config() -> ml_collections.ConfigDict:
     # The reference's loss-mode quirks: front_task always uses the channel CE, front_rear
     # ignores lambda_rear (False: eval.kind and both lambdas apply in every mode).
     c.eval.reference_loss_quirks = False
+
+    # Several devices (elf_jax.parallel.ParallelConfig; README "Several devices and hosts"):
+    # "none" trains on one device; "shard_map" trains every step data parallel over a
+    # ("runs", "data") mesh of all devices.
+    c.parallel = ml_collections.ConfigDict(dataclasses.asdict(ParallelConfig()))
+    # Several processes (elf_jax.parallel.distributed): "" / 0 / -1 = from the environment
+    # (ELF_JAX_COORDINATOR, ELF_JAX_NUM_PROCESSES, ELF_JAX_PROCESS_ID); unset = one process.
+    c.distributed = ml_collections.ConfigDict(
+        {"coordinator_address": "", "num_processes": 0, "process_id": -1})
     return c
 
 

@@ -19,13 +19,13 @@ teacher snapshot or a synthetic set they refuse, naming what to run first
     sweep.json, sweep.md, sweep.png
 
 Teachers: an evaluation network whose front outputs C channels gets the teacher
-`config.teacher.arch` with width C (SPEC: ConvNet fronts are 4x4x128 and take a width-128
+`config.teacher.arch` with width C (docs/METHOD.md: ConvNet fronts are 4x4x128 and take a width-128
 ConvNet teacher; ResNet18/VGG11 fronts are 4x4x512 and take ConvNetW512), unless
 `config.teacher.override_arch` names one teacher for all. `config.teacher.reference_buffer`
 (a reference `replay_buffer_<n>.pt`) replaces the trained teachers by one reference teacher
 for the whole pool: nothing is trained and `banks/<arch>` is built from its snapshot.
 
-Parallelism: an optional `config.parallel` section (`elf_jax.parallel.ParallelConfig`:
+Parallelism: the `config.parallel` section (`elf_jax.parallel.ParallelConfig`:
 `parallel = "none" | "shard_map"`, mesh `runs` x `data`, ...) places the one training engine:
 "none" (or no section) trains on one device; "shard_map" trains every step data parallel
 on a `("runs", "data")` mesh (evaluation repeats side by side on `runs`; the teachers on

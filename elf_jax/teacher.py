@@ -10,7 +10,7 @@ reference rebuilds its optimizer).  The epochs run in the one training engine
 stage's key, the per-epoch snapshot is the engine's ``on_chunk`` hook, and ``parallel``
 places it data parallel like any other run.
 
-Defaults are the ELF teacher's (SPEC stage 1: lr 0.01, momentum 0.9, weight decay 5e-4,
+Defaults are the ELF teacher's (docs/METHOD.md stage 1: lr 0.01, momentum 0.9, weight decay 5e-4,
 decay at half).  MTT experts (``buffer.py``) are the same function with
 ``momentum=0, weight_decay=0, lr_decay_at_half=False`` and ``num_experts > 1``:
 ``train_experts`` / ``MTT_EXPERT_DEFAULTS``.

@@ -176,3 +176,50 @@ def test_every_shipped_config_is_declared_documented_and_valid(path):
     extra = {k for k in fields(config) if k not in fields(base_config())}
     assert all(k.split(".")[0] in ("parallel", "distributed") for k in extra), extra
     check_config(config)
+
+
+def _docstring_commands(text: str) -> list[list[str]]:
+    """Every `elf-jax ...` command line of a docstring, continuation lines joined, as words
+    (comments and `...` placeholders dropped)."""
+    import re
+    import shlex
+
+    text = text.replace("\\\n", " ")
+    commands = []
+    for match in re.finditer(r"elf-jax [^`\n]*", text):
+        words = shlex.split(match.group(0).split("#")[0], posix=True)
+        commands.append([w for w in words if w != "..."])
+    return commands
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.py")), ids=lambda p: p.stem)
+def test_every_config_docstring_command_runs_as_written(path):
+    """Each command a config's docstring gives names a real command, this file and fields
+    that exist with values check_config accepts (parsed as the CLI would, not run)."""
+    import ast
+    import importlib.util
+
+    from elf_jax.cli import COMMANDS
+    from elf_jax.config import check_config
+
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    commands = _docstring_commands(module.__doc__)
+    assert commands, "the docstring gives no `elf-jax` command"
+    for words in commands:
+        assert all(c in COMMANDS for c in words[1].split("|")), words
+        config = module.get_config()
+        for i, w in enumerate(words):
+            if w == "--config":
+                assert (ROOT / words[i + 1]).resolve() == path, words
+            elif w.startswith("--config="):
+                assert (ROOT / w.split("=", 1)[1]).resolve() == path, words
+            elif w.startswith("--config."):
+                name, _, value = w[len("--config."):].partition("=")
+                try:
+                    value = ast.literal_eval(value)
+                except (ValueError, SyntaxError):
+                    pass  # a bare string, as absl reads it
+                config.update_from_flattened_dict({name: value})
+        check_config(config)

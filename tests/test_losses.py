@@ -1,4 +1,4 @@
-"""ELF losses against hand-computed numpy values (SPEC.md stage 4)."""
+"""ELF losses against hand-computed numpy values (docs/METHOD.md stage 4)."""
 
 import numpy as np
 import pytest

@@ -30,7 +30,7 @@ REQUIRED = (
        "ResNet18BN_Layered", "ResNet18ImageNet_L4", "VGG11ImageNet_L6", "ConvNetD4_L4", "ViT"]
 )
 
-# SPEC.md parity targets: (name, classes, input HWC, count)
+# the reference models' parameter counts: (name, classes, input HWC, count)
 COUNTS = [
     ("MLP", 10, (32, 32, 3), 411_146),
     ("LeNet", 10, (32, 32, 3), 62_006),
@@ -51,7 +51,7 @@ COUNTS = [
     ("ConvNetD4W256", 200, (64, 64, 3), 2_598_856),
 ]
 
-# SPEC.md split table: (name, input HWC, front output HWC)
+# docs/METHOD.md "Where each network is cut": (name, input HWC, front output HWC)
 SPLITS = [
     ("ResNet18", (32, 32, 3), (4, 4, 512)),
     ("ResNet18BN", (32, 32, 3), (4, 4, 512)),

@@ -54,7 +54,7 @@ def test_all_stages_then_report_again(tmp_path):
         assert (tmp_path / "run" / name).stat().st_size > 0
     # the stages reuse what the workdir holds: evaluate again resumes finished runs
     again = _cli("evaluate", "--workdir", wd, *TINY).stdout
-    assert "reusing" in again
+    assert "reusing" in again and "ELF gain" in again  # evaluate prints the table too
     rerun = json.loads((tmp_path / "run" / "results.json").read_text())["results"]
     assert {a: {m: e["accs"] for m, e in r.items()} for a, r in rerun.items()} == \
         {a: {m: e["accs"] for m, e in r.items()} for a, r in results["results"].items()}

@@ -5,7 +5,7 @@ runs the teacher (inference mode, no gradient) on the un-augmented synthetic ima
 fixed-size jitted batches and records, through flax's ``capture_intermediates``,
 
 * ``layer=None`` (default): the teacher's ``front`` output, i.e. the last conv block after
-  norm -> relu -> pool (SPEC: ``[N, 4, 4, 512]`` for ConvNetW512 on 32x32 input), recorded
+  norm -> relu -> pool (docs/METHOD.md: ``[N, 4, 4, 512]`` for ConvNetW512 on 32x32 input), recorded
   as layer ``"front"``;
 * ``layer="block2"`` / ``"stage3"`` / ``"pre_logits"`` / ``"stage4/block0"``: the output of
   that named submodule (a ``/``-separated module path) in the full forward pass.

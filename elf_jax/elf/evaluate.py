@@ -45,7 +45,7 @@ ADAPTER_CHOICES = ("auto", "off")  # auto: an adapter where the bank and front s
 
 
 _SPLITS = (
-    # (canonical name prefix, description) -- SPEC.md "Front/rear splits"; first match wins
+    # (canonical name prefix, description) -- docs/METHOD.md "Where each network is cut"; first match wins
     ("ResNet18ImageNet", "front = 7x7/2 stem, maxpool, stages 64/128/256; rear = 512 stage, pool, dense"),
     ("ResNet18BNImageNet", "front = 7x7/2 stem, maxpool, stages 64/128/256; rear = 512 stage, pool, dense"),
     ("ResNet18", "front = stem, stages 64/128/256 and the first 512 block; rear = second 512 block, avg-pool, dense"),
@@ -483,10 +483,10 @@ def cross_evaluate(
     test_images_h = _host(test_images, "test images")
     resolved = resolve_pool(pool, modes, images_h, labels_h, test_images_h, test_labels_h,
                             features, k, protocol, overrides, adapter)
-    for arch, name, net, feats, _ in resolved:
-        if placement.mesh is not None:
-            _check_memory(name, net, feats, modes, protocol, placement, images_h, labels_h, k,
-                          repeats, log)
+    if placement.mesh is not None:
+        log_memory([e for arch, name, net, feats, _ in resolved
+                    for e in _check_memory(name, net, feats, modes, protocol, placement,
+                                           images_h, labels_h, k, repeats)], placement, log)
 
     results: dict = {}
     for arch, name, net, feats, logits in resolved:
@@ -518,10 +518,26 @@ def cross_evaluate(
     }
 
 
-def _check_memory(name, net, feats, modes, protocol, placement, images, labels, k, repeats, log):
-    """Prints the per-device memory estimate of every mode and raises if one will not fit."""
+def log_memory(estimates, placement, log) -> None:
+    """The memory estimates of a run's trainings in one log entry: a line with every
+    (network, mode) total, then the largest one's breakdown (once, not per training)."""
+    from elf_jax.parallel.memory import format_bytes
+
+    if not estimates:
+        return
+    totals = ", ".join(f"{name} {mode} {format_bytes(est.total)}" for name, mode, est in estimates)
+    largest = max(estimates, key=lambda e: e[2].total)
+    log(f"[memory] per device, {placement.describe()}: {totals}; the largest ({largest[0]} "
+        f"{largest[1]}) in full:\n{largest[2]}")
+
+
+def _check_memory(name, net, feats, modes, protocol, placement, images, labels, k,
+                  repeats) -> list:
+    """``[(name, mode, estimate)]``: the per-device memory estimate of every mode; raises
+    (with the estimate) if one will not fit."""
     from elf_jax.parallel import memory
 
+    out = []
     for mode in modes:
         f = feats if mode_needs_features(mode) else None
         est = memory.estimate_for(
@@ -531,4 +547,5 @@ def _check_memory(name, net, feats, modes, protocol, placement, images, labels, 
             repeats=repeats, n_data=placement.n_data, n_runs=placement.n_runs,
             soft_labels=labels.ndim == 2)
         memory.check_fits(est)  # ValueError (with the estimate) if too big
-        log(f"[evaluate] {name} {mode}, {placement.describe()}: {est}")
+        out.append((name, mode, est))
+    return out

@@ -1,4 +1,4 @@
-"""The ELF objective as pure functions (SPEC.md, pipeline stage 4).
+"""The ELF objective as pure functions (docs/METHOD.md, stage 4).
 
 Everything here is a pure ``jnp`` function: jittable, vmappable, differentiable. Inputs may be
 any float dtype; the losses are computed in float32.

@@ -22,7 +22,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 import jax
 import numpy as np
 
-from elf_jax.elf.evaluate import (_check_memory, _train_and_test, net_for_mode,
+from elf_jax.elf.evaluate import (_check_memory, _train_and_test, log_memory, net_for_mode,
                                   prepare_inputs, training_lr)
 from elf_jax.elf.losses import MAX_LAMBDA, mode_needs_features
 from elf_jax.elf.summary import BASELINE_MODE, paired_gain
@@ -111,8 +111,8 @@ def lambda_sweep(
     placement = Placement.of(parallel)
     nf, nl, r = len(lf), len(lr_axis), int(repeats)
     if placement.mesh is not None:
-        _check_memory(name, net, features, [protocol.mode], protocol, placement, images, labels,
-                      k, nf * nl * r, log)
+        log_memory(_check_memory(name, net, features, [protocol.mode], protocol, placement,
+                                 images, labels, k, nf * nl * r), placement, log)
     lr = training_lr(protocol, learned_lr)
     # run (f, l, r) is number (f * nl + l) * r + r: the grid point's lambdas, repeat index r
     hparams = {"lr": lr,

@@ -82,7 +82,7 @@ class TrainingDiverged(FloatingPointError):
 def default_repeat_strategy(backend: Optional[str] = None, arch: str = "", dtype: str = "float32") -> str:
     """The measured default (BENCHMARKS.md, "Evaluation training").
 
-    CPU: ``sequential`` (ConvNet batch 100, 5 repeats: vmap 3.7x slower). GPU (SPEC numbers,
+    CPU: ``sequential`` (ConvNet batch 100, 5 repeats: vmap 3.7x slower). GPU (the project brief's numbers,
     H200): sequential is faster for ResNet18 in tf32 and bf16 and for ConvNet in tf32; vmap
     wins only for ConvNet in bf16 (5.8 vs 8.2 ms).
     """
