@@ -74,13 +74,43 @@ def usage(command: str | None = None) -> str:
     """The help text: every command, or one command in detail."""
     if command in COMMANDS:
         what, example = COMMANDS[command]
-        return f"usage: elf-jax {command} [flags]\n\n{what}.\n\nexample:\n  {example}\n\n{FLAGS_HELP}\n"
+        reads = f"config fields it reads:\n{_fields_read(command)}\n\n" if command != "config" else ""
+        return (f"usage: elf-jax {command} [flags]\n\n{what}.\n\nexample:\n  {example}\n\n"
+                f"{reads}{FLAGS_HELP}\n")
     width = max(map(len, COMMANDS))
     rows = "\n".join(f"  {name:<{width}}  {what}" for name, (what, _) in COMMANDS.items())
     return (f"usage: elf-jax COMMAND [--config FILE] [--workdir DIR] [--config.FIELD=VALUE ...]\n\n"
             f"commands:\n{rows}\n\n{FLAGS_HELP}\n\nexamples:\n  elf-jax demo\n"
             f"  {COMMANDS['all'][1]} --config.eval.repeats=3\n"
             "  elf-jax evaluate --help\n")
+
+
+# The config sections (or single fields) each command reads; the data and run settings
+# (dataset, data_dir, data_mode, stream_above_gb, zca, stats, seed, dtype) are read by all
+# that train or load data.
+_DATA = ("dataset", "data_dir", "data_mode", "stream_above_gb", "zca", "stats", "seed", "dtype")
+_READS = {
+    "train-teacher": _DATA + ("teacher", "parallel", "distributed"),
+    "distill": _DATA + ("synset",),
+    "features": _DATA + ("teacher", "synset", "bank", "eval.pool", "eval.modes", "eval.width",
+                         "eval.model_kwargs", "eval.adapter"),
+    "evaluate": _DATA + ("teacher", "synset", "bank", "eval", "parallel", "distributed"),
+    "sweep": _DATA + ("teacher", "synset", "bank", "eval", "sweep", "parallel", "distributed"),
+    "report": ("(results.json, and the config to say whether the results are its own: the "
+               "evaluate fields)",),
+}
+_READS["all"] = _READS["demo"] = _DATA + ("teacher", "synset", "bank", "eval", "parallel",
+                                          "distributed")
+
+
+def _fields_read(command: str) -> str:
+    """The config fields `command` reads, wrapped: a section name stands for its fields
+    (`elf-jax config` prints each with its value and meaning)."""
+    import textwrap
+
+    names = [n if n.startswith("(") or "." in n or n in _DATA else f"{n}.*"
+             for n in _READS[command]]
+    return textwrap.fill(", ".join(names), 92, initial_indent="  ", subsequent_indent="  ")
 
 
 class UsageError(ValueError):
@@ -260,9 +290,10 @@ def _run(pipeline, run, command: str) -> None:
 
 def _user_errors() -> tuple:
     """Exceptions that mean bad input or a state the user must act on (not our bugs)."""
+    from elf_jax.interop.torch import TorchNotInstalled
     from elf_jax.train.runner import TrainingDiverged
 
-    return (ValueError, OSError, zipfile.BadZipFile, TrainingDiverged)
+    return (ValueError, OSError, zipfile.BadZipFile, TrainingDiverged, TorchNotInstalled)
 
 
 def _on_interrupt(signum, frame) -> None:

@@ -494,9 +494,44 @@ def load_report(path: str) -> dict:
         raise FileNotFoundError(f"No results file at {path}: run `elf-jax evaluate` first.")
     with open(path) as f:
         try:
-            return json.load(f)
+            report = json.load(f)
         except json.JSONDecodeError as err:
             raise ValueError(f"{path} is not valid JSON ({err}); re-run `elf-jax evaluate`.")
+    bad = _malformed(report)
+    if bad:
+        raise ValueError(f"{path} is malformed ({bad}): edited or damaged? Re-run `elf-jax "
+                         "evaluate` (finished runs are read back from their checkpoints).")
+    return report
+
+
+# What each part of a results/sweep file must be (the reader indexes into them).
+_SHAPE = {"results": "dict of dicts", "request": "dict", "provenance": "dict", "synset": "dict",
+          "teachers": "dict"}
+
+
+def _malformed(report: Any) -> str:
+    """What is wrong with the structure of a loaded results.json / sweep.json ("" if
+    nothing): a part of another type, or per-repeat accuracies that are not numbers."""
+    if not isinstance(report, dict):
+        return f"a {type(report).__name__} instead of a JSON object"
+    for key, shape in _SHAPE.items():
+        value = report.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, dict) or (shape == "dict of dicts" and not all(
+                isinstance(v, dict) for v in value.values())):
+            return f"'{key}' is not a {shape}"
+    prov = report.get("provenance") or {}
+    for key in ("teachers", "synset"):
+        if prov.get(key) is not None and not isinstance(prov[key], dict):
+            return f"'provenance.{key}' is not a dict"
+    for arch, by_mode in (report.get("results") or {}).items():
+        for mode, entry in by_mode.items():
+            accs = entry.get("accs") if isinstance(entry, dict) else None
+            if isinstance(entry, dict) and "accs" in entry and not (
+                    isinstance(accs, list) and all(isinstance(a, (int, float)) for a in accs)):
+                return f"'results.{arch}.{mode}.accs' is not a list of numbers"
+    return ""
 
 
 # ------------------------------------------------------------------ lambda sweeps

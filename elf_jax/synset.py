@@ -343,6 +343,9 @@ def from_npz(path) -> SyntheticSet:
         meta = json.loads(str(z["metadata_json"])) if "metadata_json" in z else {}
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: its metadata_json is not valid JSON ({e}); re-export it") from e
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: its metadata_json holds a {type(meta).__name__}, not a JSON "
+                         "object ({\"key\": value, ...}); re-export it")
     images = z["images"]
     if images.dtype == np.uint8:  # raw 0..255 pixels: the importer checks and converts them
         images = images.astype(np.float32)

@@ -6,6 +6,7 @@ cases in test_synset, test_pipeline and test_report; this file holds the config 
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ import pytest
 from elf_jax.config import FIELD_RANGES, check_config, demo_config
 
 ENV = dict(os.environ, JAX_PLATFORMS="cpu")
+DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo_mnist5k.py"
 
 
 def _config(**changes):
@@ -310,3 +312,62 @@ def test_uint8_and_nchw_npz_imports_are_converted_or_named(tmp_path):
     np.savez(tmp_path / "nchw.npz", images=x.transpose(0, 3, 1, 2), labels=y)
     with pytest.raises(ValueError, match=r"looks NCHW.*transpose\(0, 2, 3, 1\)"):
         _stage_synset(_import_config(tmp_path / "nchw.npz"), tmp_path / "c")
+
+
+# ------------------------------------------------------------------ no bare tracebacks
+def test_npz_metadata_that_is_not_an_object_is_one_clear_error(tmp_path):
+    from elf_jax.synset import from_npz
+
+    x, y = _normalized_digits()
+    np.savez(tmp_path / "m.npz", images=x, labels=y, metadata_json=np.asarray("[1, 2]"))
+    with pytest.raises(ValueError, match="metadata_json holds a list, not a JSON object"):
+        from_npz(tmp_path / "m.npz")
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda r: r.update(request=["a"]), "'request' is not a dict"),
+    (lambda r: r.update(results={"ConvNet": ["task"]}), "'results' is not a dict of dicts"),
+    (lambda r: r["results"]["ConvNet"]["task"].update(accs="0.5"), "accs' is not a list"),
+    (lambda r: r.update(provenance={"teachers": []}), "'provenance.teachers' is not a dict"),
+])
+def test_a_results_file_edited_out_of_shape_is_one_clear_error(tmp_path, edit, words):
+    import json
+
+    from elf_jax import report
+
+    r = {"dataset": "mnist5k", "results": {"ConvNet": {"task": {"accs": [0.5, 0.6]}}},
+         "request": {"dataset": "mnist5k"}}
+    edit(r)
+    (tmp_path / "results.json").write_text(json.dumps(r))
+    with pytest.raises(ValueError, match="is malformed") as err:
+        report.load_report(str(tmp_path / "results.json"))
+    assert words in str(err.value)
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    ({"heads": 0}, "heads=0 must be an int >= 1"), ({"dim": -64}, "dim=-64 must be an int >= 1"),
+    ({"dim": 64, "heads": 3}, "divisible by heads=3"), ({"split_block": 9}, "split_block"),
+])
+def test_model_sizes_are_checked_where_the_model_is_built(kwargs, words):
+    c = _config(**{"eval.model_kwargs": {"ViT": kwargs}})
+    with pytest.raises(ValueError, match="config.eval.model_kwargs.ViT") as err:
+        check_config(c)
+    assert words in str(err.value)
+
+
+def test_a_pt_import_without_torch_is_one_line(tmp_path):
+    torch = pytest.importorskip("torch")
+    x, y = _normalized_digits()
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    torch.save(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()), ref / "images_best.pt")
+    torch.save(torch.from_numpy(y), ref / "labels_best.pt")
+    hide = tmp_path / "no_torch"
+    hide.mkdir()
+    (hide / "torch.py").write_text("raise ImportError('no torch here')\n")  # torch absent
+    env = dict(ENV, PYTHONPATH=str(hide))
+    proc = subprocess.run(
+        [sys.executable, "-m", "elf_jax.cli", "evaluate", "--workdir", str(tmp_path / "wd"),
+         "--config", str(DEMO), "--config.synset.source=import", f"--config.synset.path={ref}",
+         "--config.eval.modes=('task',)"], capture_output=True, text=True, env=env, timeout=120)
+    _one_line(proc, "needs torch", "pip install")

@@ -223,3 +223,17 @@ def test_every_config_docstring_command_runs_as_written(path):
                     pass  # a bare string, as absl reads it
                 config.update_from_flattened_dict({name: value})
         check_config(config)
+
+
+def test_each_commands_help_lists_fields_that_exist():
+    from elf_jax import cli
+    from elf_jax.config import base_config, fields
+
+    declared = fields(base_config())
+    for command in cli.COMMANDS:
+        if command == "config":
+            continue
+        assert "config fields it reads:" in cli.usage(command)
+        for name in cli._READS[command]:
+            assert name.startswith("(") or name in declared or any(
+                f.startswith(name + ".") for f in declared), (command, name)

@@ -154,3 +154,25 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(data, tmp_path, ca
     assert again["accs"] == first["accs"]
     for a, b in zip(jax.tree.leaves(first["states"].params), jax.tree.leaves(again["states"].params)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_a_workdir_grows_with_the_repeats(data, tmp_path):
+    """Issue 27: 1 -> 3 repeats keeps repeat 0 and trains repeats 1-2 as a new part, with
+    the results a fresh 3-repeat run gives (repeat r depends on r alone; the CPU's
+    sequential repeats run one executable per repeat); 2 reads the first two back."""
+    x, y, tx, ty, _ = data
+    kw = dict(modes=("task",), protocol=TINY, key=jax.random.PRNGKey(3), model_overrides=W8,
+              strategy="sequential", progress=False, checkpoint_every=1)
+    one = cross_evaluate(["ConvNet"], x, y, tx, ty, repeats=1, workdir=tmp_path / "grow", **kw)
+    three = cross_evaluate(["ConvNet"], x, y, tx, ty, repeats=3, workdir=tmp_path / "grow", **kw)
+    fresh = cross_evaluate(["ConvNet"], x, y, tx, ty, repeats=3, workdir=tmp_path / "new", **kw)
+    got = three["results"]["ConvNet"]["task"]
+    assert got["accs"][:1] == one["results"]["ConvNet"]["task"]["accs"]
+    assert got["accs"] == fresh["results"]["ConvNet"]["task"]["accs"]
+    assert got["final_train_loss"] == fresh["results"]["ConvNet"]["task"]["final_train_loss"]
+    assert got["repeat_parts"] == [[0, 1], [1, 2]]
+    assert (tmp_path / "grow" / "ConvNet" / "task" / "repeats_1-3" / "checkpoints").is_dir()
+    two = cross_evaluate(["ConvNet"], x, y, tx, ty, repeats=2, workdir=tmp_path / "grow", **kw)
+    assert two["results"]["ConvNet"]["task"]["accs"] == got["accs"][:2]
+    assert not any(p.name.startswith("repeats_") and p.name != "repeats_1-3"
+                   for p in (tmp_path / "grow" / "ConvNet" / "task").iterdir())

@@ -220,3 +220,37 @@ def test_interrupted_evaluation_is_reported_as_partial_and_old_results_go(tmp_pa
         assert "repeats: results 2, config 3" in (wd / "results.md").read_text()
     finally:
         pipeline.set_logger(print)
+
+
+def test_an_imported_sets_learned_lr_survives_an_earlier_import_of_its_pixels(tmp_path):
+    """Issue 27 item 1 through the CLI: an .npz, then a reference .pt folder with the same
+    pixels and lr_best.pt 0.05, into one workdir; with eval.use_learned_lr the evaluation
+    trains with 0.05 and results.json names the .pt folder (it reused the .npz: lr 0.01)."""
+    import numpy as np
+    import pytest
+
+    torch = pytest.importorskip("torch")
+    from elf_jax.data import load
+    from elf_jax.synset import SyntheticSet, to_npz
+
+    ds = load("mnist5k", "train")
+    labels = np.asarray(ds.labels)
+    rows = np.concatenate([np.flatnonzero(labels == k)[:2] for k in range(10)])
+    x, y = np.asarray(ds.images)[rows], labels[rows]
+    to_npz(tmp_path / "set.npz", SyntheticSet(x, y))
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    torch.save(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()), ref / "images_best.pt")
+    torch.save(torch.from_numpy(y.astype(np.int64)), ref / "labels_best.pt")
+    torch.save(torch.tensor(0.05), ref / "lr_best.pt")
+    wd = str(tmp_path / "wd")
+    common = [*TINY, "--config.synset.source=import", "--config.eval.modes=('task',)",
+              "--config.eval.pool=('ConvNet',)"]
+    _cli("evaluate", "--workdir", wd, *common, f"--config.synset.path={tmp_path / 'set.npz'}")
+    out = _cli("evaluate", "--workdir", wd, *common, f"--config.synset.path={ref}",
+               "--config.synset.import_stats=dc", "--config.eval.use_learned_lr=True",
+               "--overwrite=evaluate").stdout  # another lr: the finished run is not this one
+    assert "replacing" in out, out
+    results = json.loads((tmp_path / "wd" / "results.json").read_text())
+    assert results["results"]["ConvNet"]["task"]["lr"] == pytest.approx(0.05)  # float32 file
+    assert results["provenance"]["synset"]["path"] == str(ref)

@@ -429,6 +429,62 @@ def _train_and_test(name, net, protocol, images, labels, test_images, test_label
     return out
 
 
+# ------------------------------------------------------------------ repeats that grow
+def _stored_repeats(run_dir: Path) -> Optional[int]:
+    """The repeat count of the evaluation checkpointed in `run_dir` (None: none there)."""
+    from elf_jax.checkpoint import StepCheckpoints
+
+    if not (run_dir / "checkpoints").is_dir():
+        return None
+    ck = StepCheckpoints(run_dir / "checkpoints")
+    latest = ck.latest_step()
+    return None if latest is None else int(ck.read_meta(latest).get("repeats", 0)) or None
+
+
+def repeat_parts(run_dir: Path, repeats: int) -> list[tuple[int, int, Path]]:
+    """``[(first repeat, count, directory)]``: the runs that give repeats ``0..repeats-1`` of
+    one (architecture, mode) in `run_dir`. Repeat r's weights and data order depend on r
+    alone (:func:`elf_jax.train.runner.init_states`), so a workdir grows with the study: the
+    run already there (any count) is kept, and the repeats beyond it train as a new part in
+    ``repeats_<first>-<end>/`` (asking for fewer repeats reads the first ones back)."""
+    stored = _stored_repeats(run_dir)
+    if stored is None:
+        return [(0, int(repeats), run_dir)]
+    parts = [(0, stored, run_dir)]
+    extra = sorted((int(a), int(b), d) for d in run_dir.glob("repeats_*-*") if d.is_dir()
+                   for a, b in [d.name[len("repeats_"):].split("-")])
+    for a, b, d in extra:
+        if a == parts[-1][0] + parts[-1][1]:  # contiguous: an earlier addition
+            parts.append((a, b - a, d))
+    end = parts[-1][0] + parts[-1][1]
+    if repeats > end:
+        parts.append((end, int(repeats) - end, run_dir / f"repeats_{end}-{int(repeats)}"))
+    return [p for p in parts if p[0] < repeats]
+
+
+def _train_in_parts(name, net, protocol, *args, repeats: int, workdir, **kw) -> dict:
+    """`_train_and_test` of repeats ``0..repeats-1`` over the parts of :func:`repeat_parts`
+    (one part, the plain run, without a workdir or on a fresh one); the parts' per-repeat
+    results are joined and cut to `repeats`."""
+    if workdir is None:
+        return _train_and_test(name, net, protocol, *args, repeats=repeats, workdir=None, **kw)
+    parts = repeat_parts(Path(workdir), repeats)
+    outs = [_train_and_test(name, net, protocol, *args, repeats=count, workdir=d,
+                            repeat_index=None if first == 0 else range(first, first + count), **kw)
+            for first, count, d in parts]
+    if len(outs) == 1 and len(outs[0]["accs"]) == repeats:
+        return outs[0]
+    out = dict(outs[0])
+    out["accs"] = [a for o in outs for a in o["accs"]][:repeats]
+    out["train_loss"] = np.concatenate([np.asarray(o["train_loss"]) for o in outs])[:repeats]
+    out["mean"], out["std"] = float(np.mean(out["accs"])), float(np.std(out["accs"]))
+    out["seconds"] = sum(o["seconds"] for o in outs)
+    totals = [o.get("total_seconds") for o in outs]
+    out["total_seconds"] = None if None in totals else sum(totals)
+    out["repeat_parts"] = [[first, count] for first, count, _ in parts]
+    return out
+
+
 def cross_evaluate(
     pool: Sequence[str],
     images,
@@ -492,7 +548,7 @@ def cross_evaluate(
     for arch, name, net, feats, logits in resolved:
         results[arch] = {}
         for mode in modes:
-            r = _train_and_test(
+            r = _train_in_parts(
                 name, net, dataclasses.replace(protocol, mode=mode), images_h, labels_h,
                 test_images_h, test_labels_h, feats, k, learned_lr, teacher_logits=logits,
                 repeats=repeats, key=key,
@@ -502,6 +558,8 @@ def cross_evaluate(
             entry = {kk: r[kk] for kk in ("accs", "mean", "std", "seconds", "total_seconds",
                                           "strategy", "lr", "resumed_from", "adapter_params")}
             entry["final_train_loss"] = np.asarray(r["train_loss"])[:, -1].tolist()
+            if "repeat_parts" in r:  # grown or cut: which runs the repeats came from
+                entry["repeat_parts"] = r["repeat_parts"]
             results[arch][mode] = entry
             if on_result is not None:
                 on_result(arch, mode, entry)

@@ -70,12 +70,17 @@ INSTALL_HINT = ("pip install 'elf_jax[torch]' (or pip install torch==2.13.0 for 
                 "build)")
 
 
+class TorchNotInstalled(ImportError):
+    """A reference file needs torch to be read and it is not installed (bad setup, not a
+    bug: the CLI prints it as one line)."""
+
+
 def require_torch():
-    """Import torch or raise ImportError saying how to install it."""
+    """Import torch or raise `TorchNotInstalled` (an ImportError) saying how to install it."""
     try:
         import torch  # noqa: WPS433 (absolute import of the real package)
     except ImportError as err:  # pragma: no cover - exercised only without torch
-        raise ImportError(
+        raise TorchNotInstalled(
             f"PyTorch interop needs torch, which is not installed: {INSTALL_HINT}") from err
     return torch
 

@@ -197,7 +197,29 @@ def get_model(name: str, num_classes: int, **overrides):
                 kwargs["bn_chunks"] = int(val)
         else:
             kwargs[key] = val
+    _check_sizes(name, spec, kwargs)
     return spec.cls(num_classes=int(num_classes), **kwargs)
+
+
+# Size hyperparameters: ints >= 1 (split_block: >= 0), checked where the model is built, not
+# when Flax first runs its setup (a ZeroDivisionError deep in a trace otherwise).
+_SIZES = ("width", "depth", "patch", "dim", "heads", "mlp_dim")
+
+
+def _check_sizes(name: str, spec: ModelSpec, kwargs: dict) -> None:
+    for key in _SIZES + ("split_block",):
+        if key in kwargs and key in spec.extra_overrides:
+            val, low = kwargs[key], 0 if key == "split_block" else 1
+            if isinstance(val, bool) or not isinstance(val, (int, np.integer)) or val < low:
+                raise ValueError(f"{name}: {key}={val!r} must be an int >= {low}")
+    if spec.cls is ViT:
+        dim = kwargs.get("dim", ViT.dim)
+        heads = kwargs.get("heads", ViT.heads)
+        depth = kwargs.get("depth", ViT.depth)
+        if dim % heads:
+            raise ValueError(f"{name}: dim={dim} must be divisible by heads={heads}")
+        if not 0 <= kwargs.get("split_block", ViT.split_block) <= depth:
+            raise ValueError(f"{name}: split_block must lie in 0..depth={depth}")
 
 
 def count_params(variables_or_params) -> int:

@@ -168,10 +168,12 @@ class TrainProtocol:
 
     def run_record(self) -> dict:
         """:meth:`to_dict` less the fields this mode's training never reads (the feature
-        distance, the lambdas and the reference's loss quirks in the task and KD modes): what
-        an evaluation checkpoint is keyed by, so a baseline run is not invalidated by a
-        change that only the ELF modes see."""
+        distance, the lambdas and the reference's loss quirks in the task and KD modes) and
+        `use_learned_lr` (the lr a run trains with is keyed itself, in its hparams): what an
+        evaluation checkpoint is keyed by, so a baseline run is not invalidated by a change
+        that only the ELF modes see."""
         d = self.to_dict()
+        d.pop("use_learned_lr")
         if self.mode in ("task", KD_MODE):
             for name in ("kind", "lambda_front", "lambda_rear", "reference_loss_quirks"):
                 d.pop(name, None)
