@@ -171,13 +171,18 @@ def test_raw_pixels_are_accepted_once_their_space_is_declared(tmp_path):
         assert any("renormalized" in line for line in logs)
 
 
-def test_boolean_labels_in_a_reference_folder_are_refused(tmp_path):
+def _reference_folder(path, images, labels):
+    """A reference repository's set folder: images_best.pt (NCHW), labels_best.pt."""
     torch = pytest.importorskip("torch")
+    path.mkdir()
+    torch.save(torch.from_numpy(images.transpose(0, 3, 1, 2).copy()), path / "images_best.pt")
+    torch.save(torch.from_numpy(labels), path / "labels_best.pt")
+    return path
+
+
+def test_boolean_labels_in_a_reference_folder_are_refused(tmp_path):
     x, y = _normalized_digits()
-    ref = tmp_path / "ref"
-    ref.mkdir()
-    torch.save(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()), ref / "images_best.pt")
-    torch.save(torch.from_numpy(y % 2 == 1), ref / "labels_best.pt")
+    ref = _reference_folder(tmp_path / "ref", x, y % 2 == 1)
     with pytest.raises(ValueError, match="labels are booleans"):
         _stage_synset(_import_config(ref, **{"synset.import_stats": "dc"}), tmp_path / "wd")
 
@@ -356,12 +361,7 @@ def test_model_sizes_are_checked_where_the_model_is_built(kwargs, words):
 
 
 def test_a_pt_import_without_torch_is_one_line(tmp_path):
-    torch = pytest.importorskip("torch")
-    x, y = _normalized_digits()
-    ref = tmp_path / "ref"
-    ref.mkdir()
-    torch.save(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()), ref / "images_best.pt")
-    torch.save(torch.from_numpy(y), ref / "labels_best.pt")
+    ref = _reference_folder(tmp_path / "ref", *_normalized_digits())
     hide = tmp_path / "no_torch"
     hide.mkdir()
     (hide / "torch.py").write_text("raise ImportError('no torch here')\n")  # torch absent
