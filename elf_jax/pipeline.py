@@ -14,7 +14,7 @@ teacher snapshot or a synthetic set they refuse, naming what to run first
     synset/               an imported or real_random set (orbax, elf_jax.synset format)
     banks/<arch>/         feature bank of teacher <arch> on the synthetic set
     eval/<arch>/<mode>/   evaluation checkpoints (elf_jax.train.runner)
-    results.json, results.md, results.png
+    results.json, results.md, results.png, results_synset.png (the set, one row per class)
     sweep/<arch>/         `elf-jax sweep`: checkpoints of the lambda grid and its baseline
     sweep.json, sweep.md, sweep.png
 
@@ -212,7 +212,8 @@ def check_prerequisites(run: Run, command: str, removing=()) -> None:
 # they would be stale).
 STAGE_PATHS = {"teacher": ("teachers",), "synset": ("distill", "synset"),
                "features": ("banks",),
-               "evaluate": ("eval", "results.json", "results.md", "results.png"),
+               "evaluate": ("eval", "results.json", "results.md", "results.png",
+                            "results_synset.png"),
                "sweep": ("sweep", "sweep.json", "sweep.md", "sweep.png")}
 DOWNSTREAM = {"teacher": ("features", "evaluate", "sweep"),
               "synset": ("features", "evaluate", "sweep"),
@@ -861,6 +862,10 @@ def stage_evaluate(run: Run, synset=None, banks=None) -> dict:
                             "devices": jax.device_count(), "processes": jax.process_count()}
     full = {**meta, **out, "partial": False}
     write_json_atomic(results_path, full)
+    m = synset.metadata
+    report_lib.synset_grid(synset.images, synset.labels, str(run.workdir / "results_synset.png"),
+                           m.get("normalization"), f"{m.get('method')} set, IPC {synset.ipc}, "
+                           f"{config.dataset} (rows: classes)")
     return full
 
 

@@ -488,6 +488,49 @@ def write_report(report: Mapping[str, Any], outdir: str, title: str = "",
     return paths
 
 
+def synset_grid(images, labels, path: str, normalization=None, title: str = "",
+                per_class: int = 10) -> str:
+    """A PNG of the synthetic set: one row per class, its first `per_class` images (as
+    MTT and DC-BENCH show a set). `normalization` (the set's record: mean/std) maps the
+    images back to pixels; without one, or for ZCA-whitened images (no inverse kept), each
+    image is min-max scaled on its own (the title says so)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers and CI
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    images, labels = np.asarray(images, np.float32), np.asarray(labels)
+    hard = labels if labels.ndim == 1 else labels.argmax(-1)
+    classes = sorted(set(int(c) for c in hard))
+    exact = bool(normalization) and not normalization.get("zca")
+    if exact:
+        images = np.clip(images * np.asarray(normalization["std"], np.float32)
+                         + np.asarray(normalization["mean"], np.float32), 0.0, 1.0)
+    else:
+        lo = images.min(axis=(1, 2, 3), keepdims=True)
+        hi = images.max(axis=(1, 2, 3), keepdims=True)
+        images = (images - lo) / np.maximum(hi - lo, 1e-12)
+    cols = min(per_class, max(int(np.sum(hard == c)) for c in classes))
+    fig, axes = plt.subplots(len(classes), cols, figsize=(cols * 0.8, len(classes) * 0.8),
+                             squeeze=False)
+    for i, c in enumerate(classes):
+        rows = np.flatnonzero(hard == c)[:cols]
+        for j in range(cols):
+            ax = axes[i][j]
+            ax.axis("off")
+            if j < len(rows):
+                img = images[rows[j]]
+                ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=1)
+            if j == 0:
+                ax.set_title(str(c), fontsize=6, loc="left")
+    how = "" if exact else " (each image min-max scaled)"
+    fig.suptitle(f"{title}{how}", fontsize=8)
+    fig.savefig(path, dpi=100, metadata={"Title": title})
+    plt.close(fig)
+    return path
+
+
 def load_report(path: str) -> dict:
     """Read a results.json written by `write_report` or by the evaluation stage."""
     if not os.path.exists(path):

@@ -50,7 +50,7 @@ def test_all_stages_then_report_again(tmp_path):
     md = (tmp_path / "run" / "results.md").read_text()
     assert "## Settings" in md and "config.eval.width=32" in md and "PARTIAL" not in md
     assert "(n=1)" in out and "± 0.00" not in out  # one repeat: no spread printed
-    for name in ("results.md", "results.png"):
+    for name in ("results.md", "results.png", "results_synset.png"):
         assert (tmp_path / "run" / name).stat().st_size > 0
     # the stages reuse what the workdir holds: evaluate again resumes finished runs
     again = _cli("evaluate", "--workdir", wd, *TINY).stdout

@@ -206,3 +206,15 @@ def test_gain_panel_shows_elf_minus_kd_beside_elf_minus_task():
         heights = sorted(round(p.get_height(), 6) for p in ax.patches)
         assert heights[0] == (-10.0 if vs_kd else 10.0) and heights[-1] == 10.0  # ELF-KD = -10
         plt.close(fig)
+
+
+def test_synset_grid_shows_each_class_in_pixels(tmp_path):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(6, 8, 8, 3)).astype(np.float32)
+    record = {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "zca": False}
+    for name, norm in (("exact.png", record), ("scaled.png", None)):
+        path = report.synset_grid(images, np.arange(6) % 3, str(tmp_path / name), norm, "t")
+        with open(path, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
