@@ -55,6 +55,11 @@ def test_the_sweep_grid_takes_the_same_lambda_bound():
         check_config(c)
 
 
+def test_a_choice_lists_the_empty_option_visibly():
+    with pytest.raises(ValueError, match=r"choose one of '', dc, mtt, pixels, pixels255"):
+        check_config(_config(**{"synset.import_stats": "foo"}))
+
+
 def test_empty_modes_are_refused():
     with pytest.raises(ValueError, match="eval.modes is empty"):
         check_config(_config(**{"eval.modes": ()}))

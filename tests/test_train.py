@@ -206,6 +206,8 @@ def test_checkpoints_are_keyed_by_what_the_runs_mode_reads(tiny, tmp_path):
         run_evaluation(net, p.replace(lr=0.02), x, y, x, y, workdir=wd, **kw)
     assert "lr 0.01 vs 0.02" in str(err.value)
     assert "`elf-jax evaluate --overwrite=evaluate`" in str(err.value)
+    with pytest.raises(ValueError, match="another data .hash of the training set: synthetic"):
+        run_evaluation(net, p, x[::-1].copy(), y[::-1].copy(), x, y, workdir=wd, **kw)
 
 
 def test_bf16_and_soft_labels_and_lambda_sweep(tiny):
