@@ -13,7 +13,8 @@ teacher snapshot or a synthetic set they refuse, naming what to run first
     distill/              distillation checkpoints; distill/synset_best is the set used
     synset/               an imported or real_random set (orbax, elf_jax.synset format)
     banks/<arch>/         feature bank of teacher <arch> on the synthetic set
-    eval/<arch>/<mode>/   evaluation checkpoints (elf_jax.train.runner)
+    eval/<arch>/<mode>/   evaluation checkpoints (elf_jax.train.runner); repeats added
+                          later in repeats_<first>-<end>/ (elf_jax.elf.evaluate.repeat_parts)
     results.json, results.md, results.png, results_synset.png (the set, one row per class)
     sweep/<arch>/         `elf-jax sweep`: checkpoints of the lambda grid and its baseline
     sweep.json, sweep.md, sweep.png
