@@ -753,7 +753,7 @@ def _teacher_provenance(run: Run, teacher: str, users: list, bank) -> dict:
         return out
     m = read_manifest(tdir)
     out.update({k: m.get(k) for k in ("epochs", "lr", "momentum", "weight_decay", "batch_size",
-                                       "seed")})
+                                       "seed", "num_train")})
     try:  # the accuracy is measured after the last epoch (and others when asked)
         out["test_acc"] = recorded_test_accuracy(tdir)
         out["snapshot_test_acc"] = recorded_test_accuracy(tdir, epoch)
@@ -862,12 +862,38 @@ def stage_evaluate(run: Run, synset=None, banks=None) -> dict:
         meta["parallel"] = {"mode": pc.parallel, "mesh": [pl.n_runs, pl.n_data],
                             "devices": jax.device_count(), "processes": jax.process_count()}
     full = {**meta, **out, "partial": False}
+    full["budget"] = budget(synset, banks, full)
     write_json_atomic(results_path, full)
     m = synset.metadata
     report_lib.synset_grid(synset.images, synset.labels, str(run.workdir / "results_synset.png"),
                            m.get("normalization"), f"{m.get('method')} set, IPC {synset.ipc}, "
                            f"{config.dataset} (rows: classes)")
     return full
+
+
+def budget(synset, banks, results: dict) -> dict:
+    """What the results cost beside their scores (issue 29): the bytes of the synthetic set,
+    its soft labels and each teacher's bank (features and logits, float32 as stored), the
+    teacher's forward passes (one per set image for its bank; training: epochs x real
+    images, as its trajectory records), and the evaluation's SGD steps, seconds and device."""
+    entries = [e for by_mode in results.get("results", {}).values() for e in by_mode.values()]
+    labels = np.asarray(synset.labels)
+    teachers = (results.get("provenance") or {}).get("teachers") or {}
+    by_teacher = {b.metadata.get("teacher"): b for b in (banks or {}).values()}
+    return {
+        "synset_bytes": int(np.asarray(synset.images, np.float32).nbytes),
+        "soft_label_bytes": int(labels.astype(np.float32).nbytes) if labels.ndim == 2 else 0,
+        "bank_bytes": {t: int(b.features.nbytes + (0 if b.logits is None else b.logits.nbytes))
+                       for t, b in by_teacher.items()},
+        "teacher_forward_passes": {t: {"bank": len(synset.images),
+                                       "training": (int(p["epochs"]) * int(p["num_train"])
+                                                    if p.get("epochs") and p.get("num_train")
+                                                    else None)}
+                                   for t, p in teachers.items()},
+        "eval_steps": int(sum(e.get("steps", 0) for e in entries)),
+        "eval_seconds": float(sum(e.get("seconds", 0.0) for e in entries)),
+        "devices": sorted({e["device"] for e in entries if e.get("device")}),
+    }
 
 
 # ------------------------------------------------------------------ stage 5: report

@@ -319,9 +319,28 @@ def settings_lines(report: Mapping[str, Any]) -> list[str]:
         lines.append(adapters)
     if report.get("results") and "seconds" in _first_entry(report["results"]):
         lines.append(_time_line(report["results"]))
+    if report.get("budget"):
+        lines.append(_budget_line(report["budget"]))
     if prov:
         lines.append(f"produced by elf_jax {prov.get('elf_jax')} on {prov.get('date')}")
     return lines
+
+
+def _mb(n: Any) -> str:
+    return f"{n / 1e6:.2f} MB" if isinstance(n, (int, float)) else "?"
+
+
+def _budget_line(b: Mapping[str, Any]) -> str:
+    """What the numbers cost: storage, teacher passes, evaluation steps and time."""
+    banks = ", ".join(f"{t} {_mb(n)}" for t, n in (b.get("bank_bytes") or {}).items()) or "none"
+    passes = "; ".join(
+        f"{t}: {p.get('bank')} for the bank" + (f", {p['training']:,} training"
+                                                 if p.get("training") else "")
+        for t, p in (b.get("teacher_forward_passes") or {}).items())
+    return (f"budget: synthetic set {_mb(b.get('synset_bytes'))}, soft labels "
+            f"{_mb(b.get('soft_label_bytes'))}, banks {banks}; teacher image passes "
+            f"{passes or 'none'}; evaluation {b.get('eval_steps', 0):,} SGD steps in "
+            f"{b.get('eval_seconds', 0):.0f} s on {', '.join(b.get('devices') or ['?'])}")
 
 
 def _adapters_line(results: Mapping[str, Any]) -> str:
@@ -351,6 +370,9 @@ def plot_subtitle(report: Mapping[str, Any]) -> str:
              (teachers, f"teacher {', '.join(teachers)}"),
              (p, f"{p.get('epochs')} ep, lr {p.get('lr')}"),
              (req.get("width_override"), f"width {req.get('width_override')}"),
+             (report.get("budget"), "budget: set "
+              f"{_mb((report.get('budget') or {}).get('synset_bytes'))}, "
+              f"{(report.get('budget') or {}).get('eval_steps', 0):,} eval steps"),
              (prov, f"elf_jax {prov.get('elf_jax')} {str(prov.get('date'))[:10]}")]
     # a part only when its source is recorded (older files lack some)
     return "; ".join(text for have, text in parts

@@ -49,6 +49,13 @@ def test_all_stages_then_report_again(tmp_path):
     assert results["request"]["widths"] == {"ConvNet": 32, "ConvNetBN": 32}
     md = (tmp_path / "run" / "results.md").read_text()
     assert "## Settings" in md and "config.eval.width=32" in md and "PARTIAL" not in md
+    # the budget beside the scores (issue 29): storage, teacher passes, steps, device
+    b = results["budget"]
+    assert b["synset_bytes"] == 20 * 28 * 28 * 4 and b["soft_label_bytes"] == 0
+    assert b["bank_bytes"]["ConvNetW32"] > 0 and b["eval_seconds"] > 0 and b["devices"]
+    assert b["teacher_forward_passes"]["ConvNetW32"] == {"bank": 20, "training": 4000}
+    # 2 archs x 2 modes, epochs 0..2 of one 20-image batch, 1 repeat
+    assert b["eval_steps"] == 4 * 3 and "budget: synthetic set 0.06 MB" in md
     assert "(n=1)" in out and "± 0.00" not in out  # one repeat: no spread printed
     for name in ("results.md", "results.png", "results_synset.png"):
         assert (tmp_path / "run" / name).stat().st_size > 0

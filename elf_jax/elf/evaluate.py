@@ -558,6 +558,11 @@ def cross_evaluate(
             entry = {kk: r[kk] for kk in ("accs", "mean", "std", "seconds", "total_seconds",
                                           "strategy", "lr", "resumed_from", "adapter_params")}
             entry["final_train_loss"] = np.asarray(r["train_loss"])[:, -1].tolist()
+            # the cost of the result: SGD steps over all repeats (epochs 0..E, as trained)
+            # and the kind of device they ran on
+            entry["steps"] = ((protocol.epochs + 1) * protocol.steps_per_epoch(len(images_h))
+                              * len(entry["accs"]))
+            entry["device"] = jax.devices()[0].device_kind
             if "repeat_parts" in r:  # grown or cut: which runs the repeats came from
                 entry["repeat_parts"] = r["repeat_parts"]
             results[arch][mode] = entry
