@@ -292,7 +292,7 @@ def reference_preset(config) -> ml_collections.ConfigDict:
 
 # ------------------------------------------------------------------ the schema, documented
 FIELD_DOCS = {
-    "dataset": "dataset name (elf_jax.data registry: mnist5k, cifar10, cifar100, ...)",
+    "dataset": "elf_jax.data registry name (mnist5k, cifar10, ...) or folder:PATH[@HxW]",
     "data_dir": "TFDS data dir ('' = the TFDS default, ~/tensorflow_datasets)",
     "data_mode": "real splits in memory or streamed from their files: auto | memory | stream",
     "stream_above_gb": "data_mode=auto streams a split whose float32 images exceed this (GB)",

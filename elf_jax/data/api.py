@@ -9,13 +9,17 @@ from typing import Optional
 
 import numpy as np
 
-from elf_jax.data import embedded
+from elf_jax.data import embedded, folder
 from elf_jax.data.dataset import ArrayDataset
 from elf_jax.data.registry import DatasetInfo, dataset_info
 from elf_jax.data.zca import DEFAULT_EPS, zca_for
 
 
 def resolve_info(name: str, *, stats: str = "dc", image_size=None) -> DatasetInfo:
+    if folder.is_folder(name):  # a researcher's own images (elf_jax.data.folder)
+        if image_size is not None:
+            raise ValueError(f"image_size: give the size in the name, {name}@HxW")
+        return folder.folder_info(name)
     info = dataset_info(name, stats=stats)
     if info.name == "digits":
         s = embedded._check_digits_size(image_size)
@@ -37,6 +41,9 @@ def _array_cache_path(info: DatasetInfo, split: str, data_dir) -> Path:
 def load_unit(info: DatasetInfo, split: str, *, data_dir=None, download: bool = True,
               manual_dir=None, limit: Optional[int] = None, cache: bool = True):
     """Images in [0, 1] (float32 NHWC) and int32 labels, before normalization."""
+    if info.source == "folder":
+        x, y = folder.load_folder(info.name, split)
+        return (x[:limit], y[:limit]) if limit is not None else (x, y)
     if info.source == "embedded":
         if info.name == "mnist5k":
             x, y = embedded.load_mnist5k(split)
@@ -108,7 +115,7 @@ def load(name: str, split: str = "train", *, data_dir=None, zca: bool = False,
             if normalize:
                 xt = (xt - mean) / std
         zobj = zca_for(info.name, xt, eps=zca_eps, cache_dir=zca_cache_dir,
-                       data_dir=data_dir if info.source != "embedded" else None,
+                       data_dir=data_dir if info.source not in ("embedded", "folder") else None,
                        tag=("norm" if normalize else "unit") + f"_{info.image_shape[0]}px"
                        + (f"_{stats}" if normalize else ""))
         x = zobj.apply(x)

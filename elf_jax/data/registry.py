@@ -40,7 +40,8 @@ IMAGENET_SUBSETS: dict[str, tuple[int, ...]] = {
 class DatasetInfo:
     """What is known about a dataset without loading it.
 
-    `source`: "embedded" (shipped with a dependency, offline), "tfds" (a TFDS catalog
+    `source`: "embedded" (shipped in this package, offline), "folder" (a folder of the
+    user's images, `elf_jax.data.folder`), "tfds" (a TFDS catalog
     dataset, downloaded and prepared to array_record), "manual" (an elf_jax TFDS builder
     that reads files the user downloaded into the manual dir).
     `tfds_name`: name (with config) of the TFDS dataset read for this entry.

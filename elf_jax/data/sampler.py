@@ -220,7 +220,7 @@ class StreamingClassSampler:
         from elf_jax.data.api import resolve_info
 
         self.info = resolve_info(name, stats=stats)
-        if self.info.source == "embedded":
+        if self.info.source in ("embedded", "folder"):
             raise ValueError(f"{self.info.name} is in memory: use ClassIndex(load(...))")
         self._ts = tfds_source
         self.source = tfds_source.open_source(self.info, split, data_dir, download=download,
@@ -360,7 +360,7 @@ def make_loader(name: str, split: str, batch_size: int, seed: int = 0,
     if normalize is None:
         normalize = zca is None
     info = resolve_info(name, stats=stats, image_size=image_size)
-    if info.source == "embedded":
+    if info.source in ("embedded", "folder"):
         from elf_jax.data.api import load_unit
 
         x, y = load_unit(info, split)

@@ -256,10 +256,11 @@ def open_split(name: str, split: str = "train", *, mode: str = "auto",
     if mode not in DATA_MODES:
         raise ValueError(f"data mode {mode!r}: choose one of {DATA_MODES}")
     info = resolve_info(name, stats=stats, image_size=image_size)
-    streamable = info.source != "embedded"
+    streamable = info.source not in ("embedded", "folder")
     if mode == "stream" and not streamable:
-        raise ValueError(f"{info.name} is embedded in the package (in memory by nature): use "
-                         "data mode 'auto' or 'memory' for it")
+        what = "embedded in the package" if info.source == "embedded" else "a folder of images"
+        raise ValueError(f"{info.name} is {what} (read into memory): use data mode 'auto' or "
+                         "'memory' for it")
     labels = None
     if mode == "auto" and streamable:
         from elf_jax.data import tfds_source
