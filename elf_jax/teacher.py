@@ -51,7 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from elf_jax.checkpoint import StepCheckpoints, fingerprint, write_json_atomic
-from elf_jax.data.stream import is_streamed
+from elf_jax.data.stream import is_streamed, split_hash
 from elf_jax.keys import stage_key
 from elf_jax.models import get_model
 from elf_jax.parallel.wrappers import host_copy
@@ -130,15 +130,6 @@ def _dataset_arrays(ds):
     if labels.shape != (images.shape[0],):
         raise ValueError(f"dataset labels must be [N] ints, got shape {labels.shape}")
     return images, labels.astype(np.int32)
-
-
-def _data_hash(train, images, labels) -> str:
-    """The training split's identity: a hash of its arrays, or of a streamed split's
-    ``fingerprint`` (labels, files, sampled records: hashing all of ImageNet would take
-    minutes). The two differ for one split: a trajectory is resumed only as it started."""
-    if is_streamed(train):
-        return fingerprint("streamed", train.fingerprint)[:16]
-    return fingerprint(images, labels)[:16]
 
 
 # ----------------------------------------------------------------------------- results
@@ -242,7 +233,7 @@ def train_teacher(
         "dtype": str(jnp.dtype(dtype)), "dataset": dataset_name,
         "zca": getattr(train, "zca", None) is not None,
         # the training data itself, not just its name: a changed split is never resumed
-        "data_hash": _data_hash(train, images_np, labels_np),
+        "data_hash": split_hash(train),
         "image_shape": list(train.image_shape if is_streamed(train) else images_np.shape[1:]),
         "num_train": len(labels_np),
         "epochs": int(epochs), "lr": float(lr), "momentum": float(momentum),

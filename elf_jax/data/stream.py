@@ -50,6 +50,19 @@ def is_streamed(dataset) -> bool:
     return isinstance(dataset, StreamedSplit)
 
 
+def split_hash(dataset) -> str:
+    """A split's identity for resume checks (16 hex digits): its float32 images and int32
+    labels in memory, or a streamed split's `fingerprint` (labels, files, sampled records:
+    hashing all of ImageNet would take minutes). The two differ for one split, so a run is
+    resumed only from the kind of split it started on."""
+    from elf_jax.checkpoint import fingerprint
+
+    if is_streamed(dataset):
+        return fingerprint("streamed", dataset.fingerprint)[:16]
+    return fingerprint(np.asarray(dataset.images, np.float32),
+                       np.asarray(dataset.labels).astype(np.int32))[:16]
+
+
 def images_of(dataset):
     """What the engine and the test passes take as a split's images: the in-memory array, or
     the streamed split itself (read while they run)."""

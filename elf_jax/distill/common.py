@@ -32,7 +32,7 @@ import optax
 from elf_jax.checkpoint import StepCheckpoints, _normalize_meta, check_expect, fingerprint
 from elf_jax.augment import DEFAULT_STRATEGY
 from elf_jax.data.sampler import take_rows
-from elf_jax.data.stream import images_of, is_streamed
+from elf_jax.data.stream import images_of, is_streamed, split_hash
 from elf_jax.distill.settings import METHOD_SETTINGS, Settings
 from elf_jax.keys import raw_key, stage_key, typed_key
 from elf_jax.synset import SyntheticSet, dataset_normalization, load_synset, save_synset
@@ -134,15 +134,6 @@ def image_shape_of(dataset) -> tuple:
     return tuple(shape) if shape is not None else tuple(np.shape(dataset.images)[1:])
 
 
-def data_hash(dataset) -> str:
-    """What identifies the real data of a run for its resume check: the images and labels
-    of an in-memory split, a ``StreamedSplit``'s fingerprint (hashing every image of a
-    split that does not fit in memory would read it all)."""
-    if is_streamed(dataset):
-        return fingerprint("streamed", dataset.fingerprint)[:16]
-    return fingerprint(np.asarray(dataset.images), np.asarray(dataset.labels))[:16]
-
-
 def real_batch_size(dataset, wanted: int) -> int:
     """The reference takes ``permutation(class)[:n]``, i.e. all images of a class smaller
     than ``n``; with static shapes every class gives ``min(n, smallest class)``."""
@@ -196,10 +187,6 @@ def apply_grads(state: DistillState, grads, optimizer) -> DistillState:
     updates, opt_state = optimizer.update(grads, state.opt_state, state.syn)
     syn = optax.apply_updates(state.syn, updates)
     return state._replace(syn=syn, opt_state=opt_state, iteration=state.iteration + 1)
-
-
-def all_finite(tree) -> jax.Array:
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -514,7 +501,7 @@ def distill(method: str, dataset, settings: Optional[Settings] = None, *, workdi
     run_meta = {**base, "lr_img": s.lr_img, "momentum": s.momentum, "init": s.init,
                 "dsa_strategy": s.dsa_strategy, **plan.meta, "key": raw_key(k_run).tolist(),
                 # the real images themselves: another split or normalization is never resumed
-                "data_hash": data_hash(train)}
+                "data_hash": split_hash(train)}
     set_meta = {"method": method, **base, "zca": getattr(train, "zca", None) is not None,
                 **plan.extra}
     if dataset_normalization(train):  # the space the images live in (elf_jax.synset)

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 
 from elf_jax.data.sampler import class_index
 from elf_jax.distill import common as C
+from elf_jax.train.step import all_finite
 from elf_jax.distill.settings import DMSettings
 
 __all__ = ["make_dm_step", "run_dm"]
@@ -60,7 +61,7 @@ def make_dm_step(net, *, lr_img: float = 1.0, momentum: float = 0.5,
 
         loss, grads = jax.value_and_grad(loss_fn)(state.syn)
         state = C.apply_grads(state, grads, optimizer)
-        return state, {"loss": loss / real.shape[0], "finite": C.all_finite(state.syn)}
+        return state, {"loss": loss / real.shape[0], "finite": all_finite(state.syn)}
 
     step.optimizer = optimizer
     return step

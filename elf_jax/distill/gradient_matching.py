@@ -42,6 +42,7 @@ from elf_jax.data.sampler import (ClassArrays, StreamedClassIndex, class_index,
                                   sample_all_classes)
 from elf_jax import loops
 from elf_jax.distill import common as C
+from elf_jax.train.step import all_finite
 from elf_jax.distill.settings import GradientMatchingSettings
 
 __all__ = ["get_loops", "gradient_distance", "make_gm_step", "run_dc", "run_dsa",
@@ -226,7 +227,7 @@ def make_gm_step(net, *, num_classes: int, ipc: int, outer_loop: int, inner_loop
 
     def finish(state, syn, opt_state, losses):
         state = state._replace(syn=syn, opt_state=opt_state, iteration=state.iteration + 1)
-        return state, {"loss": jnp.mean(losses) / k, "finite": C.all_finite(syn)}
+        return state, {"loss": jnp.mean(losses) / k, "finite": all_finite(syn)}
 
     if host_loop:
         j_init = jax.jit(init_net)

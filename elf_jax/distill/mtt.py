@@ -60,6 +60,7 @@ from jax.flatten_util import ravel_pytree
 
 from elf_jax import loops
 from elf_jax.distill import common as C
+from elf_jax.train.step import all_finite
 from elf_jax.checkpoint import fingerprint
 from elf_jax.distill.settings import TrajectorySettings
 
@@ -315,7 +316,7 @@ def _make_step(net, unravel, *, num_classes, syn_steps, lrs, momentum, batch_syn
             loss, grads = jax.value_and_grad(unrolled_loss)(state.syn, start, target, key)
         state = C.apply_grads(state, grads, optimizer)
         return state, {"loss": loss, "syn_lr": state.syn["lr"],
-                       "finite": C.all_finite(state.syn)}
+                       "finite": all_finite(state.syn)}
 
     step.optimizer = optimizer
     return step

@@ -56,7 +56,8 @@ from elf_jax.parallel.placement import Placement, global_rows, local_rows, place
 from elf_jax.parallel.wrappers import (check_divisible, fold_key, global_augment, host_copy,
                                        with_bn_axis)
 from elf_jax.train.protocol import TrainProtocol
-from elf_jax.train.step import TrainState, default_hparams, init_state, make_variables, train_step
+from elf_jax.train.step import (TrainState, all_finite, default_hparams, init_state,
+                                make_variables, train_step)
 from elf_jax.train.streaming import (DEFAULT_STREAM_STEPS, MAX_IN_FLIGHT, check_streamable,
                                      is_row_source, make_stream_chunk_fn, stream_batches,
                                      stream_test_batches)
@@ -169,17 +170,12 @@ def end_epoch(state: TrainState, k_next, protocol: TrainProtocol) -> TrainState:
     return state._replace(opt_state=opt_state, key=k_next, epoch=state.epoch + 1)
 
 
-def _all_finite(state: TrainState):
-    """1.0 if every parameter / BN statistic is still finite after this epoch (the loss of an
-    epoch is computed before its last update, so the state can break first)."""
-    leaves = jax.tree.leaves((state.params, state.batch_stats))
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(l)) for l in leaves])).astype(jnp.float32)
-
-
 def _close_epoch(state, sums, k_next, rows, protocol):
     metrics = {k: v / rows for k, v in sums.items()}
     state = end_epoch(state, k_next, protocol)
-    metrics["finite"] = _all_finite(state)
+    # the parameters and BN statistics after the epoch (its loss is computed before its last
+    # update, so the state can break first): 1.0 while finite
+    metrics["finite"] = all_finite((state.params, state.batch_stats)).astype(jnp.float32)
     return state, metrics
 
 

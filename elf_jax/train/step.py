@@ -46,7 +46,14 @@ from elf_jax.keys import typed_key
 from elf_jax.models.adapter import Adapted, init_variables
 from elf_jax.train.protocol import TrainProtocol
 
-__all__ = ["TrainState", "init_state", "train_step", "jit_train_step", "make_variables", "augment"]
+__all__ = ["TrainState", "init_state", "train_step", "jit_train_step", "make_variables", "augment",
+           "all_finite"]
+
+
+def all_finite(tree) -> jax.Array:
+    """True (a bool scalar) when every leaf of `tree` holds only finite values: the check
+    behind every NaN stop (the engine's states, distillation's synthetic parameters)."""
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
 class TrainState(NamedTuple):
