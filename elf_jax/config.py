@@ -292,7 +292,7 @@ def reference_preset(config) -> ml_collections.ConfigDict:
 
 # ------------------------------------------------------------------ the schema, documented
 FIELD_DOCS = {
-    "dataset": "elf_jax.data registry name (mnist5k, cifar10, ...) or folder:PATH[@HxW]",
+    "dataset": "registry name (mnist5k, cifar10, ...), tfds:NAME[@HxW] or folder:PATH[@HxW]",
     "data_dir": "TFDS data dir ('' = the TFDS default, ~/tensorflow_datasets)",
     "data_mode": "real splits in memory or streamed from their files: auto | memory | stream",
     "stream_above_gb": "data_mode=auto streams a split whose float32 images exceed this (GB)",
@@ -488,7 +488,7 @@ def check_config(config) -> None:
     from elf_jax.data.stream import DATA_MODES
 
     _check_known_fields(config)
-    resolve_info(config.dataset)
+    resolve_info(config.dataset, data_dir=config.get("data_dir") or None)
     _one_of("dtype", config.dtype, ("float32", "bfloat16"))
     _check_ranges(config)
     _one_of("data_mode", config.get("data_mode", "auto"), DATA_MODES)

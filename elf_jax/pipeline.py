@@ -61,6 +61,12 @@ def set_logger(fn: Callable[[str], None]) -> None:
     _log = fn
 
 
+def _info(config, stats: str = "dc"):
+    """The config's dataset facts (`elf_jax.data.resolve_info`; a `tfds:` dataset from the
+    config's data_dir)."""
+    return resolve_info(config.dataset, stats=stats, data_dir=config.get("data_dir") or None)
+
+
 def _model_overrides(config, arch: str) -> dict:
     """A pool net's `get_model` overrides: `config.eval.width` (demo only) sets the width of
     ConvNet-family nets, `config.eval.model_kwargs[arch]` anything else, and bn_chunks."""
@@ -164,7 +170,7 @@ class Run:
     def teachers(self) -> dict[str, str]:
         """{pool arch: teacher arch} for every pool net whose modes need teacher features
         (the image shape comes from the dataset registry: no data loaded)."""
-        c, info = self.config, resolve_info(self.config.dataset)
+        c, info = self.config, _info(self.config)
         if all(m == "task" for m in c.eval.modes):
             return {}
         return {a: teacher_for(c, a, info.image_shape, info.num_classes) for a in c.eval.pool}
@@ -406,9 +412,9 @@ def run_normalization(config, stats: Optional[str] = None) -> dict:
     from elf_jax.synset import normalization_record
 
     if stats in PIXEL_SPACES:
-        channels = resolve_info(config.dataset).image_shape[-1]
+        channels = _info(config).image_shape[-1]
         return normalization_record([0.0] * channels, [PIXEL_SPACES[stats]] * channels, False)
-    info = resolve_info(config.dataset, stats=stats or _stats(config))
+    info = _info(config, stats=stats or _stats(config))
     if config.zca:
         return normalization_record([0.0] * len(info.mean), [1.0] * len(info.std), True)
     return normalization_record(info.mean, info.std, False)
@@ -420,7 +426,7 @@ def _import(config):
     from elf_jax.synset import conform_normalization
 
     path = config.synset.path
-    s = check_import(import_synset(path), resolve_info(config.dataset, stats=_stats(config)), path)
+    s = check_import(import_synset(path), _info(config, stats=_stats(config)), path)
     named = config.synset.get("import_stats", "") or ""
     if named:
         assumed, why = run_normalization(config, named), f"config.synset.import_stats={named!r}"
@@ -570,7 +576,7 @@ def _teacher_settings(config) -> dict:
     trained by `stage_teachers` with this config records (elf_jax.teacher's manifest)."""
     t = config.teacher
     kwargs = {**dict(t.get("model_kwargs", {}) or {}), **_bn_chunks(t)}
-    return {"dataset": (resolve_info(config.dataset).name, "dataset"),
+    return {"dataset": (_info(config).name, "dataset"),
             "zca": (bool(config.zca), "zca"),
             "dtype": (config.dtype, "dtype"), "seed": (int(config.seed), "seed"),
             "epochs": (int(t.epochs), "teacher.epochs"), "lr": (float(t.lr), "teacher.lr"),
@@ -660,7 +666,7 @@ def _reference_bank(run: Run, path: Path, synset, teacher: str, epoch: int, laye
     bank = _saved_bank(path, synset, teacher, epoch, layer, None, source)
     if bank is not None:
         return bank
-    info, kwargs = resolve_info(run.config.dataset), dict(t.get("model_kwargs", {}) or {})
+    info, kwargs = _info(run.config), dict(t.get("model_kwargs", {}) or {})
     variables = load_reference_teacher(ref, teacher, info.num_classes, synset.image_shape,
                                        epoch=epoch, trajectory=int(t.reference_trajectory),
                                        **kwargs)
@@ -694,7 +700,7 @@ def eval_request(config, synset_hash: Optional[str]) -> dict:
     compared by `stage_report`: dataset, pool and its widths, modes, repeats, seed, dtype,
     protocol, teacher settings, the synthetic set asked for and the content hash of the one
     used (None: unknown, left out)."""
-    t, info = config.teacher, resolve_info(config.dataset)
+    t, info = config.teacher, _info(config)
     synset = _request(config)
     if config.synset.source == "distill":
         synset.update({k: config.synset.get(k) for k in ("method", "arch", "ipc", "iterations")})

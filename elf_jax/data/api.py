@@ -9,17 +9,22 @@ from typing import Optional
 
 import numpy as np
 
-from elf_jax.data import embedded, folder
+from elf_jax.data import embedded, folder, tfds_any
 from elf_jax.data.dataset import ArrayDataset
 from elf_jax.data.registry import DatasetInfo, dataset_info
 from elf_jax.data.zca import DEFAULT_EPS, zca_for
 
 
-def resolve_info(name: str, *, stats: str = "dc", image_size=None) -> DatasetInfo:
-    if folder.is_folder(name):  # a researcher's own images (elf_jax.data.folder)
+def resolve_info(name: str, *, stats: str = "dc", image_size=None, data_dir=None) -> DatasetInfo:
+    """What is known of dataset `name` (registered, `folder:PATH`, `tfds:NAME`) without
+    loading it. `data_dir`: where a `tfds:` dataset is prepared (its statistics are computed
+    from it once)."""
+    if folder.is_folder(name) or tfds_any.is_tfds_any(name):
         if image_size is not None:
             raise ValueError(f"image_size: give the size in the name, {name}@HxW")
-        return folder.folder_info(name)
+        if folder.is_folder(name):  # a researcher's own images (elf_jax.data.folder)
+            return folder.folder_info(name)
+        return tfds_any.tfds_any_info(name, None if data_dir is None else str(data_dir))
     info = dataset_info(name, stats=stats)
     if info.name == "digits":
         s = embedded._check_digits_size(image_size)
@@ -99,7 +104,7 @@ def load(name: str, split: str = "train", *, data_dir=None, zca: bool = False,
     """
     if normalize is None:
         normalize = not zca
-    info = resolve_info(name, stats=stats, image_size=image_size)
+    info = resolve_info(name, stats=stats, image_size=image_size, data_dir=data_dir)
     kw = dict(data_dir=data_dir, download=download, manual_dir=manual_dir, cache=cache)
     x, y = load_unit(info, split, limit=limit, **kw)
     mean = np.asarray(info.mean, np.float32)

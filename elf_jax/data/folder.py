@@ -16,18 +16,16 @@ kept for the process (keyed by every file's path, size and mtime).
 from __future__ import annotations
 
 import functools
-import re
 from pathlib import Path
 
 import numpy as np
 
-from elf_jax.data.registry import DatasetInfo
+from elf_jax.data.registry import DatasetInfo, split_size
 
 PREFIX = "folder:"
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 SPLIT_SEED = 0
 TRAIN_FRACTION = 0.8
-_SIZE = re.compile(r"@(\d+)x(\d+)$")
 
 
 def is_folder(name: str) -> bool:
@@ -35,12 +33,8 @@ def is_folder(name: str) -> bool:
 
 
 def _parse(name: str) -> tuple[Path, tuple[int, int] | None]:
-    spec = name[len(PREFIX):]
-    m = _SIZE.search(spec)
-    size = (int(m.group(1)), int(m.group(2))) if m else None
-    if size is not None and min(size) < 1:
-        raise ValueError(f"dataset {name!r}: the size after @ must be HxW with H, W >= 1")
-    return Path(spec[: m.start()] if m else spec).expanduser().absolute(), size
+    path, size = split_size(name[len(PREFIX):], name)
+    return Path(path).expanduser().absolute(), size
 
 
 def _class_files(root: Path, name: str) -> dict[str, list[Path]]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 from typing import Optional
 
 MNIST_STATS = ((0.1307,), (0.3081,))
@@ -59,6 +60,7 @@ class DatasetInfo:
     class_names: Optional[tuple[str, ...]] = None
     prepare_hint: str = ""
     num_examples: Optional[dict] = None
+    resize: Optional[tuple[int, int]] = None  # (H, W) every decoded image is resized to
 
     def tfds_split(self, split: str) -> str:
         mapping = dict(self.splits)
@@ -161,6 +163,21 @@ ALIASES = {
 }
 for _s in IMAGENET_SUBSETS:
     ALIASES[f"{_s}_128"] = _s
+
+
+_SIZE_SUFFIX = re.compile(r"@(\d+)x(\d+)$")
+
+
+def split_size(spec: str, name: str) -> tuple[str, Optional[tuple[int, int]]]:
+    """`base@HxW` -> (base, (H, W)); `base` -> (base, None): the size suffix of the
+    `folder:` and `tfds:` dataset names (`name`: the whole name, for the error)."""
+    m = _SIZE_SUFFIX.search(spec)
+    if m is None:
+        return spec, None
+    size = (int(m.group(1)), int(m.group(2)))
+    if min(size) < 1:
+        raise ValueError(f"dataset {name!r}: the size after @ must be HxW with H, W >= 1")
+    return spec[: m.start()], size
 
 
 def list_datasets() -> list[str]:

@@ -219,7 +219,7 @@ class StreamingClassSampler:
         from elf_jax.data import tfds_source
         from elf_jax.data.api import resolve_info
 
-        self.info = resolve_info(name, stats=stats)
+        self.info = resolve_info(name, stats=stats, data_dir=data_dir)
         if self.info.source in ("embedded", "folder"):
             raise ValueError(f"{self.info.name} is in memory: use ClassIndex(load(...))")
         self._ts = tfds_source
@@ -249,7 +249,8 @@ class StreamingClassSampler:
             raise ValueError(f"class {c} has {self.counts[c]} images, cannot draw {n}")
         idx = np.sort(rng.choice(self.indices[c], size=n, replace=False))
         recs = self.source.__getitems__([int(i) for i in idx])
-        u8, _ = self._ts.decode_records(recs, self.info.image_shape[-1], self._lmap)
+        u8, _ = self._ts.decode_records(recs, self.info.image_shape[-1], self._lmap,
+                                        self.info.resize)
         return self._to_space(u8)
 
     def sample_all_classes(self, rng: np.random.Generator, n: int) -> np.ndarray:
@@ -311,7 +312,7 @@ def _make_ops(info, normalize, zca, channels, lmap, batch_size, drop_remainder, 
             from elf_jax.data import tfds_source
 
             data, lab = tfds_source.parse_record(rec)
-            img = tfds_source.decode_image(data, channels)
+            img = tfds_source.decode_image(data, channels, info.resize)
             if lmap is not None:
                 lab = int(lmap[lab])
             return {"image": img, "label": np.int32(lab)}
@@ -359,7 +360,7 @@ def make_loader(name: str, split: str, batch_size: int, seed: int = 0,
         raise ValueError(f"shard_index {shard_index} not in [0, {shard_count})")
     if normalize is None:
         normalize = zca is None
-    info = resolve_info(name, stats=stats, image_size=image_size)
+    info = resolve_info(name, stats=stats, image_size=image_size, data_dir=data_dir)
     if info.source in ("embedded", "folder"):
         from elf_jax.data.api import load_unit
 

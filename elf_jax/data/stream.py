@@ -133,7 +133,7 @@ class StreamedSplit:
         from elf_jax.data import tfds_source
 
         recs = self._source().__getitems__([int(i) for i in idx])
-        u8, _ = tfds_source.decode_records(recs, self.image_shape[-1])
+        u8, _ = tfds_source.decode_records(recs, self.image_shape[-1], size=self.info.resize)
         if u8.shape[1:] != self.image_shape:
             raise ValueError(f"{self.name}: records have image shape {u8.shape[1:]}, the "
                              f"registry says {self.image_shape}")
@@ -268,7 +268,7 @@ def open_split(name: str, split: str = "train", *, mode: str = "auto",
 
     if mode not in DATA_MODES:
         raise ValueError(f"data mode {mode!r}: choose one of {DATA_MODES}")
-    info = resolve_info(name, stats=stats, image_size=image_size)
+    info = resolve_info(name, stats=stats, image_size=image_size, data_dir=data_dir)
     streamable = info.source not in ("embedded", "folder")
     if mode == "stream" and not streamable:
         what = "embedded in the package" if info.source == "embedded" else "a folder of images"

@@ -76,11 +76,15 @@ def png_bytes(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def decode_image(data: bytes, channels: int) -> np.ndarray:
+def decode_image(data: bytes, channels: int, size=None) -> np.ndarray:
+    """Encoded bytes -> uint8 [H, W, channels]; `size` (H, W): resized to it (bilinear), as
+    a `tfds:NAME@HxW` dataset asks."""
     from PIL import Image
 
     with Image.open(io.BytesIO(data)) as im:
         im = im.convert("L" if channels == 1 else "RGB")
+        if size is not None and im.size != (size[1], size[0]):
+            im = im.resize((size[1], size[0]), Image.BILINEAR)
         a = np.asarray(im, dtype=np.uint8)
     return a[..., None] if channels == 1 else a
 
@@ -524,10 +528,10 @@ def parse_label(raw: bytes) -> int:
     return int(tf_example_pb2.Example.FromString(raw).features.feature["label"].int64_list.value[0])
 
 
-def decode_records(recs: Sequence[bytes], channels: int, label_map=None):
-    """Serialized records -> (uint8 [n,H,W,C], int32 [n])."""
+def decode_records(recs: Sequence[bytes], channels: int, label_map=None, size=None):
+    """Serialized records -> (uint8 [n,H,W,C], int32 [n]); `size`: see `decode_image`."""
     parsed = [parse_record(r) for r in recs]
-    imgs = np.stack([decode_image(b, channels) for b, _ in parsed])
+    imgs = np.stack([decode_image(b, channels, size) for b, _ in parsed])
     labels = np.asarray([lab for _, lab in parsed], np.int32)
     if label_map is not None:
         labels = label_map[labels]
@@ -546,7 +550,7 @@ def read_split(info: DatasetInfo, split: str, data_dir=None, *, download: bool =
     labels = np.empty((n,), np.int32)
     for s in range(0, n, chunk):
         idx = list(range(s, min(n, s + chunk)))
-        x, y = decode_records(src.__getitems__(idx), c, lmap)
+        x, y = decode_records(src.__getitems__(idx), c, lmap, info.resize)
         if x.shape[1:] != tuple(info.image_shape):
             raise ValueError(f"{info.name}: records have image shape {x.shape[1:]}, registry "
                              f"says {info.image_shape}")
