@@ -286,6 +286,8 @@ def _run(pipeline, run, command: str) -> None:
              "sweep": pipeline.stage_sweep}.get(command, pipeline.run_all)
     stage(run)
     _log(f"elf-jax {command}: finished in {time.perf_counter() - start:.0f} s")
+    if (run.workdir / "tb").is_dir() and command != "report":
+        _log(f"curves: tensorboard --logdir {run.workdir / 'tb'}")
 
 
 def _user_errors() -> tuple:

@@ -141,6 +141,8 @@ def base_config() -> ml_collections.ConfigDict:
     # (ELF_JAX_COORDINATOR, ELF_JAX_NUM_PROCESSES, ELF_JAX_PROCESS_ID); unset = one process.
     c.distributed = ml_collections.ConfigDict(
         {"coordinator_address": "", "num_processes": 0, "process_id": -1})
+    # Curves (elf_jax.metrics): TensorBoard event files under <workdir>/tb/<stage>/.
+    c.log = ml_collections.ConfigDict({"tensorboard": True})
     return c
 
 
@@ -358,6 +360,7 @@ FIELD_DOCS = {
     "distributed.coordinator_address": "jax.distributed coordinator ('' = environment)",
     "distributed.num_processes": "number of processes (0 = environment)",
     "distributed.process_id": "this process's index (-1 = environment)",
+    "log.tensorboard": "write training curves as TensorBoard files in <workdir>/tb/<stage>/",
     **{f"synset.{k}": v for k, v in SYNSET_DOCS.items()},
 }
 

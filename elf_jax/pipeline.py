@@ -217,10 +217,10 @@ def check_prerequisites(run: Run, command: str, removing=()) -> None:
 # ------------------------------------------------------------------ --overwrite
 # What each stage writes in the workdir, and the stages computed from it (removed with it:
 # they would be stale).
-STAGE_PATHS = {"teacher": ("teachers",), "synset": ("distill", "synset"),
+STAGE_PATHS = {"teacher": ("teachers", "tb/teacher"), "synset": ("distill", "synset", "tb/distill"),
                "features": ("banks",),
                "evaluate": ("eval", "results.json", "results.md", "results.png",
-                            "results_synset.png"),
+                            "results_synset.png", "tb/evaluate"),
                "sweep": ("sweep", "sweep.json", "sweep.md", "sweep.png")}
 DOWNSTREAM = {"teacher": ("features", "evaluate", "sweep"),
               "synset": ("features", "evaluate", "sweep"),
@@ -285,16 +285,35 @@ def overwrite(run: Run, stages, command: str) -> list[Path]:
     return removed
 
 
+def curves_for(run: Run, stage: str):
+    """The stage's curve writer (`elf_jax.metrics.Curves`): `<workdir>/tb/<stage>/`, or a
+    no-op with `config.log.tensorboard = False`."""
+    from elf_jax.metrics import Curves
+
+    on = bool((run.config.get("log", None) or {}).get("tensorboard", True))
+    return Curves(run.workdir / "tb" / stage if on else None)
+
+
 # ------------------------------------------------------------------ stage 1: teachers
 def stage_teachers(run: Run) -> dict[str, str]:
     """Trains every needed teacher on the real training set (resumable)."""
-    from elf_jax.teacher import train_teacher
-
     config, t = run.config, run.config.teacher
     if _reference_buffer(config) is not None and run.teachers:
         _log(f"[teacher] none to train: the bank comes from the reference buffer "
              f"{_reference_buffer(config)} (teacher.reference_buffer)")
         return run.teachers
+    curves = curves_for(run, "teacher")
+    try:
+        _train_teachers(run, curves)
+    finally:
+        curves.close()
+    return run.teachers
+
+
+def _train_teachers(run: Run, curves) -> None:
+    from elf_jax.teacher import train_teacher
+
+    config, t = run.config, run.config.teacher
     for teacher in sorted(set(run.teachers.values())):
         _log(f"[teacher] {teacher} on {config.dataset}: {t.epochs} epochs "
              f"(ELF uses the snapshot after epoch {t.feature_epoch})")
@@ -307,10 +326,12 @@ def stage_teachers(run: Run) -> dict[str, str]:
             model_kwargs={**dict(t.get("model_kwargs", {}) or {}), **_bn_chunks(t)},
             test_dataset=run.test,
             parallel=_teacher_placement(config),
+            callback=lambda expert, done, m, name=teacher: curves.write(name, done - 1, {
+                "train/loss": m["train_loss"], "train/acc": m["train_acc"], "train/lr": m["lr"],
+                "test/acc": m.get("test_acc")}),
         )
         _log(f"[teacher] {teacher}: test accuracy {100 * traj.test_acc[-1]:.2f}% "
              f"({time.perf_counter() - start:.0f} s)")
-    return run.teachers
 
 
 def _teacher_placement(config):
@@ -353,8 +374,17 @@ def stage_synset(run: Run):
              f"{config.synset.ipc}, {config.synset.iterations} iterations (a run in "
              f"{run.workdir / 'distill'} with these settings is resumed or reused)")
         evaluates = int(config.synset.get("eval_every", 0) or 0) > 0
-        return distill_from_config(config, run.workdir / "distill", train=run.train,
-                                   test=run.test if evaluates else None)
+        curves, method = curves_for(run, "distill"), config.synset.method
+        try:
+            s = distill_from_config(
+                config, run.workdir / "distill", train=run.train,
+                test=run.test if evaluates else None,
+                callback=lambda it, m: curves.write(method, it, {"distill/loss": float(m["loss"])}))
+            for h in s.metadata.get("history") or []:  # the evaluations of the set
+                curves.write(method, int(h["iteration"]), {"distill/eval_acc": h.get("acc")})
+        finally:
+            curves.close()
+        return s
     old = load_synset(saved) if saved.exists() else None
     if old is not None and source == "real_random" and old.metadata.get("request") == want:
         _log(f"[synset] reusing {saved} ({old.metadata.get('method')}, IPC {old.ipc})")
@@ -853,14 +883,20 @@ def stage_evaluate(run: Run, synset=None, banks=None) -> dict:
         _log(f"[evaluate] {arch:<12} {mode:<16} {acc}  ({entry['seconds']:.0f} s{earlier}, "
              f"{entry['strategy']}) {eta.tick()}")
 
-    out = cross_evaluate(
-        list(config.eval.pool), synset.images, synset.labels, images_of(run.test), run.test.labels,
-        features=banks, modes=tuple(config.eval.modes), protocol=_protocol(config),
-        repeats=int(config.eval.repeats), key=jax.random.PRNGKey(config.seed),
-        workdir=run.workdir / "eval", num_classes=synset.num_classes,
-        learned_lr=synset.lr, model_overrides=lambda a: _model_overrides(config, a),
-        strategy=config.eval.repeat_strategy, checkpoint_every=int(config.eval.checkpoint_every),
-        parallel=pc, on_result=on_result, log=_log, adapter=config.eval.adapter)
+    curves = curves_for(run, "evaluate")
+    try:
+        out = cross_evaluate(
+            list(config.eval.pool), synset.images, synset.labels, images_of(run.test),
+            run.test.labels, features=banks, modes=tuple(config.eval.modes),
+            protocol=_protocol(config), repeats=int(config.eval.repeats),
+            key=jax.random.PRNGKey(config.seed), workdir=run.workdir / "eval",
+            num_classes=synset.num_classes, learned_lr=synset.lr,
+            model_overrides=lambda a: _model_overrides(config, a),
+            strategy=config.eval.repeat_strategy,
+            checkpoint_every=int(config.eval.checkpoint_every), parallel=pc,
+            on_result=on_result, log=_log, adapter=config.eval.adapter, curves=curves)
+    finally:
+        curves.close()
     if pc.parallel != "none":
         from elf_jax.parallel import Placement
 

@@ -37,6 +37,11 @@ def test_all_stages_then_report_again(tmp_path):
     wd = str(tmp_path / "run")
     out = _cli("all", "--workdir", wd, *TINY).stdout
     assert "ConvNetBN" in out and "ELF gain" in out
+    # the curves of every stage (tests/test_metrics.py reads them back)
+    assert f"curves: tensorboard --logdir {tmp_path / 'run' / 'tb'}" in out
+    for run in ("teacher/ConvNetW32", "evaluate/ConvNet_task_r0",
+                "evaluate/ConvNetBN_front_rear_task_r0"):
+        assert list((tmp_path / "run" / "tb" / run).glob("events.out.tfevents.*")), run
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert set(results["results"]) == {"ConvNet", "ConvNetBN"}
     for by_mode in results["results"].values():
@@ -161,6 +166,7 @@ def test_stages_refuse_without_prerequisites(tmp_path):
     distill = [*TINY, "--config.synset.source=distill", "--config.synset.iterations=2",
                "--config.synset.batch_real=8"]
     _cli("distill", "--workdir", str(wd), *distill)
+    assert list((wd / "tb" / "distill" / "dm").glob("events.out.tfevents.*"))  # its loss curve
     # another IPC on a workdir holding an IPC-2 distillation: refused, never reused
     proc = _cli("distill", "--workdir", str(wd), *distill, "--config.synset.ipc=3", check=False)
     assert proc.returncode != 0 and "another run's (saved vs asked): ipc 2 vs 3" in proc.stderr, proc.stderr[-2000:]

@@ -59,7 +59,7 @@ def distill(method: str, dataset, settings=None, **kwargs):
     return driver(method, dataset, settings, **kwargs)
 
 
-def distill_from_config(config, workdir, *, train=None, test=None):
+def distill_from_config(config, workdir, *, train=None, test=None, callback=None):
     """Runs the distillation a config describes and returns the ``SyntheticSet``.
 
     Reads ``config.dataset``, ``config.data_dir``, ``config.zca``, ``config.stats``, ``config.seed``,
@@ -87,4 +87,4 @@ def distill_from_config(config, workdir, *, train=None, test=None):
         test = open_split(config.dataset, "test", **data_kw)
     return distill(method, train, settings, workdir=Path(workdir),
                    key=jax.random.key(int(config.get("seed", 0))),
-                   test_dataset=test if settings.eval_every > 0 else None)
+                   test_dataset=test if settings.eval_every > 0 else None, callback=callback)

@@ -31,6 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from elf_jax.metrics import epoch_logger
+
 from elf_jax.elf.losses import KD_MODE, mode_needs_features, mode_needs_logits
 from elf_jax.elf.summary import BASELINE_MODE, ELF_MODE, summarize
 from elf_jax.parallel.placement import Placement
@@ -412,13 +414,21 @@ def evaluate_synset(
 
 
 def _train_and_test(name, net, protocol, images, labels, test_images, test_labels, features, k,
-                    learned_lr, *, hparams=None, teacher_logits=None, **kw) -> dict:
-    """``run_evaluation`` of inputs already validated (:func:`validate_inputs`)."""
+                    learned_lr, *, hparams=None, teacher_logits=None, curves=None, **kw) -> dict:
+    """``run_evaluation`` of inputs already validated (:func:`validate_inputs`); `curves`
+    (`elf_jax.metrics.Curves`): each repeat's per-epoch metrics as `<arch>_<mode>_r<k>`."""
     from elf_jax.models.adapter import adapter_params
 
     net = net_for_mode(net, protocol.mode, features, images.shape[1:])
     labels = labels.astype(np.int32 if labels.ndim == 1 else np.float32)
     lr = training_lr(protocol, learned_lr)
+    runs = None
+    if curves is not None:
+        index = kw.get("repeat_index")
+        runs = [f"{name}_{protocol.mode}_r{int(r)}"
+                for r in (range(kw.get("repeats", 1)) if index is None else index)]
+        kw["on_chunk"] = epoch_logger(curves, runs, len(images),
+                                      lambda e: lr * float(protocol.lr_factor(e)))
     out = run_evaluation(net, protocol, images, labels, test_images, test_labels,
                          features if mode_needs_features(protocol.mode) else None,
                          teacher_logits=teacher_logits if mode_needs_logits(protocol.mode) else None,
@@ -426,6 +436,10 @@ def _train_and_test(name, net, protocol, images, labels, test_images, test_label
                          desc=f"{name} {protocol.mode}", run_info={"arch": name}, **kw)
     out.update(arch=name, mode=protocol.mode, accs=[float(a) for a in out["accs"]], lr=lr,
                num_classes=k, adapter_params=adapter_params(net))
+    for run, acc in zip(runs or [], out["accs"]):
+        curves.write(run, protocol.num_epochs - 1, {"test/acc": acc})
+    if curves is not None:
+        curves.flush()
     return out
 
 
@@ -509,6 +523,7 @@ def cross_evaluate(
     on_result: Optional[Callable[[str, str, dict], None]] = None,
     log: Callable[[str], None] = print,
     adapter: str = "auto",
+    curves=None,
 ) -> dict:
     """Every architecture of ``pool`` x every loss mode of ``modes``.
 
@@ -519,6 +534,7 @@ def cross_evaluate(
     Inputs are validated for every (arch, mode) BEFORE any training starts; on a mesh
     (``parallel``) the memory estimate of each is printed with ``log`` and checked too.
     ``on_result(arch, mode, result)`` is called after each run (for incremental reports).
+    ``curves``: an :class:`elf_jax.metrics.Curves` for every run's per-epoch metrics.
     Returns the dict described in the module docstring.
     """
     pool = list(pool)
@@ -554,7 +570,7 @@ def cross_evaluate(
                 repeats=repeats, key=key,
                 workdir=None if workdir is None else Path(workdir) / arch / mode,
                 strategy=strategy, chunk_epochs=chunk_epochs, checkpoint_every=checkpoint_every,
-                placement=placement, progress=progress)
+                placement=placement, progress=progress, curves=curves)
             entry = {kk: r[kk] for kk in ("accs", "mean", "std", "seconds", "total_seconds",
                                           "strategy", "lr", "resumed_from", "adapter_params")}
             entry["final_train_loss"] = np.asarray(r["train_loss"])[:, -1].tolist()

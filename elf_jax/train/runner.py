@@ -753,7 +753,7 @@ def run_evaluation(net, protocol: TrainProtocol, images, labels, test_images, te
                    hparams: Optional[Mapping[str, Any]] = None, placement: Any = None, mesh=None,
                    progress: bool = True, desc: str = "eval",
                    run_info: Optional[Mapping[str, Any]] = None,
-                   return_states: bool = False, repeat_index=None) -> dict:
+                   return_states: bool = False, repeat_index=None, on_chunk=None) -> dict:
     """Trains ``repeats`` fresh copies of ``net`` on ``(images, features, labels)`` with
     ``protocol`` and returns their test accuracies.
 
@@ -773,6 +773,7 @@ def run_evaluation(net, protocol: TrainProtocol, images, labels, test_images, te
         step data parallel.
       workdir: checkpoints go to ``workdir/checkpoints``; an existing run there is resumed.
       hparams: per-repeat ``lr``/``lambda_front``/``lambda_rear`` (scalars or ``[R]``).
+      on_chunk: the engine's hook after each chunk (:func:`fit`), e.g. a curve writer.
       repeat_index: ``[R]`` ints, the repeat (key) index of each run (default ``0..R-1``):
         runs with one index start from the same weights and data stream (a lambda sweep).
       run_info: extra JSON metadata that must match on resume (e.g. the architecture name).
@@ -812,7 +813,7 @@ def run_evaluation(net, protocol: TrainProtocol, images, labels, test_images, te
         net, protocol, data, states, placement=placement, engine=engine, strategy=strategy,
         chunk_epochs=chunk_epochs, workdir=None if workdir is None else Path(workdir) / "checkpoints",
         checkpoint_every=checkpoint_every, max_to_keep=max_to_keep, meta=meta,
-        progress=progress, desc=desc)
+        progress=progress, desc=desc, on_chunk=on_chunk)
     accs = repeat_accuracies(info["net"], states, test_images, test_labels, protocol.test_batch_size)
     out = {"accs": accs, "mean": float(np.mean(accs)), "std": float(np.std(accs)),
            "train_loss": history["loss"], "train_acc": history["acc"], "history": history,
