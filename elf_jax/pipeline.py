@@ -789,7 +789,7 @@ def _teacher_provenance(run: Run, teacher: str, users: list, bank) -> dict:
         return out
     m = read_manifest(tdir)
     out.update({k: m.get(k) for k in ("epochs", "lr", "momentum", "weight_decay", "batch_size",
-                                       "seed", "num_train")})
+                                       "seed", "num_train", "data_hash")})
     try:  # the accuracy is measured after the last epoch (and others when asked)
         out["test_acc"] = recorded_test_accuracy(tdir)
         out["snapshot_test_acc"] = recorded_test_accuracy(tdir, epoch)
@@ -818,7 +818,17 @@ def _provenance(run: Run, synset, banks) -> dict:
         "teachers": {t: _teacher_provenance(run, t, users, (banks or {}).get(users[0]))
                      for t, users in teachers.items()},
         "cross_architecture": cross_architecture(run.config.eval.pool, m.get("arch")),
+        "dataset": _dataset_record(run.config),
     }
+
+
+def _dataset_record(config) -> dict:
+    """The dataset as this run saw it: its name, shape, classes and the mean/std its images
+    were normalized with (computed from the train split for `folder:` and `tfds:` data; the
+    teachers' `data_hash` is the train split's content fingerprint)."""
+    info = _info(config, stats=_stats(config))
+    return {"name": info.name, "source": info.source, "image_shape": list(info.image_shape),
+            "num_classes": info.num_classes, "mean": list(info.mean), "std": list(info.std)}
 
 
 def cross_architecture(pool, distill_arch) -> Optional[dict]:

@@ -59,6 +59,13 @@ def test_one_folder_is_split_by_seed_and_sizes_are_resized_or_refused(tmp_path):
         open_split(name, "train", mode="stream")
 
 
+def test_a_corrupt_image_file_is_named(tmp_path):
+    _write(tmp_path, ["a", "b"], 2)
+    (tmp_path / "b" / "1.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match=r"b/1.png is not a readable image"):
+        resolve_info(f"folder:{tmp_path}")
+
+
 def test_a_folder_without_class_subfolders_is_one_clear_error(tmp_path):
     (tmp_path / "a").mkdir()
     with pytest.raises(ValueError, match="one subfolder per class holding images.*empty: a"):
@@ -86,3 +93,7 @@ def test_the_pipeline_runs_on_a_folder(tmp_path):
     teacher = json.loads((tmp_path / "wd" / "teachers" / "ConvNetW32" / "trajectory.json")
                          .read_text())
     assert teacher["num_train"] == 18 and teacher["image_shape"] == [16, 16, 3]
+    # the statistics and the train split's fingerprint are recorded with the results
+    recorded = results["provenance"]["dataset"]
+    assert recorded["source"] == "folder" and recorded["mean"] == list(resolve_info(dataset).mean)
+    assert results["provenance"]["teachers"]["ConvNetW32"]["data_hash"] == teacher["data_hash"]

@@ -67,3 +67,30 @@ def test_curves_off_write_nothing(tmp_path):
     finally:
         pipeline.set_logger(print)
     assert (tmp_path / "results.json").exists() and not (tmp_path / "tb").exists()
+
+
+def test_the_curve_hook_adds_no_device_transfer(tmp_path):
+    """The hook runs at the engine's existing once-per-chunk sync on host arrays: under
+    JAX's transfer guard it must not move anything between host and device."""
+    from elf_jax.metrics import epoch_logger
+    from elf_jax.models import get_model
+    from elf_jax.train.runner import run_evaluation
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(8, 16, 16, 3)).astype(np.float32)
+    y = (np.arange(8) % 2).astype(np.int32)
+    p = TrainProtocol(epochs=3, batch_size=4, dsa_strategy="none", mode="task")
+    curves = Curves(tmp_path / "tb")
+    hook = epoch_logger(curves, ["r0"], len(x), lambda e: p.lr_at(e))
+    calls = []
+
+    def guarded(done, states, metrics):
+        calls.append(done)
+        with jax.transfer_guard("disallow"):
+            hook(done, states, metrics)
+
+    run_evaluation(get_model("ConvNet", 2, width=8), p, x, y, x, y, repeats=1,
+                   key=jax.random.PRNGKey(0), chunk_epochs=2, progress=False, on_chunk=guarded)
+    curves.close()
+    assert calls == [2, 4]  # one call per chunk of 2 epochs (epochs 0..3)
+    assert [s for s, _ in read_scalars(tmp_path / "tb" / "r0")["train/loss"]] == [0, 1, 2, 3]

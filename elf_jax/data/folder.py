@@ -90,9 +90,21 @@ def _decoded(name: str, signature: tuple) -> dict:
     items = {s: [(k, f) for k, c in enumerate(classes) for f in layout[s].get(c, [])]
              for s in ("train", "test")}
 
-    def header(f):  # mode and size without decoding the pixels
-        with Image.open(f) as im:
-            return im.mode, im.size
+    def read(f, mode=None, wh=None):  # header only without `mode`; else the pixels
+        try:
+            with Image.open(f) as im:
+                if mode is None:
+                    return im.mode, im.size
+                im = im.convert(mode)
+                if im.size != wh and size is not None:
+                    im = im.resize(wh, Image.BILINEAR)
+                return np.asarray(im, np.uint8).reshape(im.size[1], im.size[0], -1)
+        except (OSError, ValueError) as e:  # not an image, truncated, unknown format
+            raise ValueError(f"dataset {name!r}: {f} is not a readable image ({e}); remove "
+                             "or replace it") from None
+
+    def header(f):
+        return read(f)
 
     first = items["train"][0][1]
     gray = all(header(f)[0] in ("1", "L", "I", "I;16", "F")
@@ -102,16 +114,13 @@ def _decoded(name: str, signature: tuple) -> dict:
     for split, files in items.items():
         arrays = []
         for _, f in files:
-            with Image.open(f) as im:
-                im = im.convert(mode)
-                if im.size != wh:
-                    if size is None:
-                        raise ValueError(
-                            f"dataset {name!r}: {f} is {im.size[0]}x{im.size[1]} but {first} is "
-                            f"{wh[0]}x{wh[1]} (W x H): give a size to resize all to, e.g. "
-                            f"{PREFIX}{_parse(name)[0]}@{wh[1]}x{wh[0]}")
-                    im = im.resize(wh, Image.BILINEAR)
-                arrays.append(np.asarray(im, np.uint8).reshape(wh[1], wh[0], -1))
+            a = read(f, mode, wh)
+            if a.shape[:2] != (wh[1], wh[0]):  # only without a size to resize to
+                raise ValueError(
+                    f"dataset {name!r}: {f} is {a.shape[1]}x{a.shape[0]} but {first} is "
+                    f"{wh[0]}x{wh[1]} (W x H): give a size to resize all to, e.g. "
+                    f"{PREFIX}{_parse(name)[0]}@{wh[1]}x{wh[0]}")
+            arrays.append(a)
         out[split] = (np.stack(arrays) if arrays else
                       np.zeros((0, wh[1], wh[0], out["channels"]), np.uint8),
                       np.asarray([k for k, _ in files], np.int32))

@@ -428,7 +428,7 @@ def _train_and_test(name, net, protocol, images, labels, test_images, test_label
         runs = [f"{name}_{protocol.mode}_r{int(r)}"
                 for r in (range(kw.get("repeats", 1)) if index is None else index)]
         kw["on_chunk"] = epoch_logger(curves, runs, len(images),
-                                      lambda e: lr * float(protocol.lr_factor(e)))
+                                      lambda e: protocol.lr_at(e, lr))
     out = run_evaluation(net, protocol, images, labels, test_images, test_labels,
                          features if mode_needs_features(protocol.mode) else None,
                          teacher_logits=teacher_logits if mode_needs_logits(protocol.mode) else None,

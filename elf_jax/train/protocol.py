@@ -139,6 +139,13 @@ class TrainProtocol:
     def compute_dtype(self):
         return jnp.dtype(self.dtype)
 
+    def lr_at(self, epoch: int, lr: Optional[float] = None) -> float:
+        """The lr of ``epoch`` as a Python float (no device op: for logging on the host);
+        ``lr``: the base lr (default ``self.lr``)."""
+        base = self.lr if lr is None else lr
+        decayed = self.decay_epoch is not None and int(epoch) > self.decay_epoch
+        return float(base) * (float(self.decay_factor) if decayed else 1.0)
+
     def lr_factor(self, epoch) -> jax.Array:
         """Multiplier of the base lr during ``epoch`` (traced or Python int)."""
         if self.decay_epoch is None:
