@@ -63,22 +63,26 @@ def test_unknown_or_unusable_tfds_names_are_one_clear_error(data_dir):
         resolve_info("tfds:", data_dir=data_dir)
 
 
-def test_the_pipeline_runs_on_a_tfds_name(data_dir, tmp_path):
-    from elf_jax import pipeline
-    from elf_jax.config import demo_config
-
-    c = demo_config()
-    c.dataset, c.data_dir = "tfds:elf_test_tiny@16x16", str(data_dir)
-    c.synset.source, c.synset.ipc = "real_random", 2
-    c.teacher.epochs = c.teacher.feature_epoch = 1
-    c.eval.pool, c.eval.epochs, c.eval.repeats = ("ConvNet",), 1, 1
-    pipeline.set_logger(lambda line: None)
-    try:
-        pipeline.run_all(pipeline.Run(c, tmp_path / "wd"))
-    finally:
-        pipeline.set_logger(print)
+def test_elf_jax_all_runs_on_a_tfds_name(data_dir, tmp_path):
+    """Through the CLI in a child process, which knows no builder class for it: TFDS reads
+    the dataset this module prepared from its files in data_dir."""
     import json
+    import os
+    import subprocess
 
+    resolve_info("tfds:elf_test_tiny", data_dir=data_dir)  # prepared (the other tests may not run)
+    dataset = "tfds:elf_test_tiny@16x16"
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, "-m", "elf_jax.cli", "all", "--workdir", str(tmp_path / "wd"),
+         "--config", str(root / "configs" / "demo_mnist5k.py"), f"--config.dataset={dataset}",
+         f"--config.data_dir={data_dir}", "--config.synset.source=real_random",
+         "--config.synset.ipc=2", "--config.teacher.epochs=1", "--config.teacher.feature_epoch=1",
+         "--config.eval.pool=('ConvNet',)", "--config.eval.epochs=1", "--config.eval.repeats=1"],
+        capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((tmp_path / "wd" / "results.json").read_text())
-    assert results["dataset"] == c.dataset and len(results["results"]["ConvNet"]["task"]["accs"]) == 1
+    assert results["dataset"] == dataset and len(results["results"]["ConvNet"]["task"]["accs"]) == 1
     assert results["budget"]["synset_bytes"] == 2 * fx.NUM_CLASSES * 16 * 16 * 3 * 4
+    recorded = results["provenance"]["dataset"]  # the statistics computed from train
+    assert recorded["mean"] == list(resolve_info(dataset, data_dir=data_dir).mean)

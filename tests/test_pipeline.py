@@ -9,6 +9,7 @@ from pathlib import Path
 
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).parent))  # test_metrics' event reader
 TINY = [
     "--config", str(ROOT / "configs" / "demo_mnist5k.py"),
     "--config.synset.source=real_random",
@@ -39,9 +40,13 @@ def test_all_stages_then_report_again(tmp_path):
     assert "ConvNetBN" in out and "ELF gain" in out
     # the curves of every stage (tests/test_metrics.py reads them back)
     assert f"curves: tensorboard --logdir {tmp_path / 'run' / 'tb'}" in out
-    for run in ("teacher/ConvNetW32", "evaluate/ConvNet_task_r0",
-                "evaluate/ConvNetBN_front_rear_task_r0"):
-        assert list((tmp_path / "run" / "tb" / run).glob("events.out.tfevents.*")), run
+    from test_metrics import read_scalars
+
+    teacher_curve = read_scalars(tmp_path / "run" / "tb" / "teacher" / "ConvNetW32")
+    assert [step for step, _ in teacher_curve["train/loss"]] == [0]  # its one epoch
+    for run in ("evaluate/ConvNet_task_r0", "evaluate/ConvNetBN_front_rear_task_r0"):
+        curve = read_scalars(tmp_path / "run" / "tb" / run)
+        assert [step for step, _ in curve["train/loss"]] == [0, 1, 2], run  # epochs 0..2
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert set(results["results"]) == {"ConvNet", "ConvNetBN"}
     for by_mode in results["results"].values():
@@ -166,7 +171,10 @@ def test_stages_refuse_without_prerequisites(tmp_path):
     distill = [*TINY, "--config.synset.source=distill", "--config.synset.iterations=2",
                "--config.synset.batch_real=8"]
     _cli("distill", "--workdir", str(wd), *distill)
-    assert list((wd / "tb" / "distill" / "dm").glob("events.out.tfevents.*"))  # its loss curve
+    from test_metrics import read_scalars
+
+    curve = read_scalars(wd / "tb" / "distill" / "dm")  # the loss of each of its 2 iterations
+    assert [step for step, _ in curve["distill/loss"]] == [1, 2]
     # another IPC on a workdir holding an IPC-2 distillation: refused, never reused
     proc = _cli("distill", "--workdir", str(wd), *distill, "--config.synset.ipc=3", check=False)
     assert proc.returncode != 0 and "another run's (saved vs asked): ipc 2 vs 3" in proc.stderr, proc.stderr[-2000:]
