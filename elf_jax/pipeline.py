@@ -326,12 +326,29 @@ def _train_teachers(run: Run, curves) -> None:
             model_kwargs={**dict(t.get("model_kwargs", {}) or {}), **_bn_chunks(t)},
             test_dataset=run.test,
             parallel=_teacher_placement(config),
-            callback=lambda expert, done, m, name=teacher: curves.write(name, done - 1, {
-                "train/loss": m["train_loss"], "train/acc": m["train_acc"], "train/lr": m["lr"],
-                "test/acc": m.get("test_acc")}),
+            callback=_teacher_epochs(teacher, int(t.epochs), curves),
         )
         _log(f"[teacher] {teacher}: test accuracy {100 * traj.test_acc[-1]:.2f}% "
              f"({time.perf_counter() - start:.0f} s)")
+
+
+def _teacher_epochs(name: str, epochs: int, curves):
+    """The teacher's per-epoch hook: its curves, and a log line that stays every tenth of the
+    training (epoch, loss, accuracy, lr, time left) where the progress bar vanishes."""
+    start, every = time.perf_counter(), max(1, epochs // 10)
+    first: dict = {}
+
+    def callback(expert, done, m):
+        curves.write(name, done - 1, {"train/loss": m["train_loss"], "train/acc": m["train_acc"],
+                                      "train/lr": m["lr"], "test/acc": m.get("test_acc")})
+        first.setdefault("epoch", done - 1)  # a resumed run starts later
+        if done % every == 0 or done == epochs:
+            rate = (time.perf_counter() - start) / max(done - first["epoch"], 1)
+            _log(f"[teacher] {name} epoch {done}/{epochs}: loss {m['train_loss']:.4f}, train "
+                 f"accuracy {100 * m['train_acc']:.2f}%, lr {m['lr']:g}, "
+                 f"~{rate * (epochs - done) / 60:.1f} min left")
+
+    return callback
 
 
 def _teacher_placement(config):

@@ -40,6 +40,7 @@ def test_all_stages_then_report_again(tmp_path):
     assert "ConvNetBN" in out and "ELF gain" in out
     # the curves of every stage (tests/test_metrics.py reads them back)
     assert f"curves: tensorboard --logdir {tmp_path / 'run' / 'tb'}" in out
+    assert "[teacher] ConvNetW32 epoch 1/1: loss" in out  # a progress line that stays
     from test_metrics import read_scalars
 
     teacher_curve = read_scalars(tmp_path / "run" / "tb" / "teacher" / "ConvNetW32")
