@@ -189,10 +189,10 @@ def check_expect(metadata: Mapping[str, Any], expect: Optional[Mapping[str, Any]
         if have != want:
             what = f"{key} ({names[key]})" if names and key in names else key
             raise ValueError(f"{where}: made with another {what} (saved vs asked): "
-                             f"{_what_differs(have, want)}")
+                             f"{what_differs(have, want)}")
 
 
-def _what_differs(have: Any, want: Any, limit: int = 6) -> str:
+def what_differs(have: Any, want: Any, limit: int = 6) -> str:
     """`a 0.01 vs 0.05; b ...` for the entries of two dicts that differ (the values
     themselves, shortened, otherwise)."""
     def short(v):

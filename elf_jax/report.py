@@ -19,6 +19,8 @@ import math
 import os
 from typing import Any, Mapping, Sequence
 
+import numpy as np
+
 from elf_jax.elf.summary import BASELINE_MODE, ELF_MODE, KD_MODE, paired_gains, summarize  # noqa: F401
 
 _LABELS = {BASELINE_MODE: "baseline (task)", ELF_MODE: "ELF", KD_MODE: "KD (teacher logits)"}
@@ -520,7 +522,6 @@ def synset_grid(images, labels, path: str, normalization=None, title: str = "",
 
     matplotlib.use("Agg")  # no display on servers and CI
     import matplotlib.pyplot as plt
-    import numpy as np
 
     images, labels = np.asarray(images, np.float32), np.asarray(labels)
     hard = labels if labels.ndim == 1 else labels.argmax(-1)

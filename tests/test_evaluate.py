@@ -167,9 +167,15 @@ def test_a_workdir_grows_with_the_repeats(data, tmp_path):
     three = cross_evaluate(["ConvNet"], x, y, tx, ty, repeats=3, workdir=tmp_path / "grow", **kw)
     fresh = cross_evaluate(["ConvNet"], x, y, tx, ty, repeats=3, workdir=tmp_path / "new", **kw)
     got = three["results"]["ConvNet"]["task"]
-    assert got["accs"][:1] == one["results"]["ConvNet"]["task"]["accs"]
-    assert got["accs"] == fresh["results"]["ConvNet"]["task"]["accs"]
-    assert got["final_train_loss"] == fresh["results"]["ConvNet"]["task"]["final_train_loss"]
+    assert got["accs"][:1] == one["results"]["ConvNet"]["task"]["accs"]  # read back, not rerun
+    # Bit for bit only where it holds by construction: the CPU's host engine runs each
+    # repeat by itself with ONE step executable, whatever the repeat count (the scan engine
+    # compiles the repeats into the program, a different one per count).
+    from elf_jax.loops import default_engine
+
+    if default_engine() == "host":
+        assert got["accs"] == fresh["results"]["ConvNet"]["task"]["accs"]
+        assert got["final_train_loss"] == fresh["results"]["ConvNet"]["task"]["final_train_loss"]
     assert got["repeat_parts"] == [[0, 1], [1, 2]]
     assert (tmp_path / "grow" / "ConvNet" / "task" / "repeats_1-3" / "checkpoints").is_dir()
     two = cross_evaluate(["ConvNet"], x, y, tx, ty, repeats=2, workdir=tmp_path / "grow", **kw)

@@ -25,6 +25,7 @@ from typing import Optional
 
 import numpy as np
 
+from elf_jax.checkpoint import fingerprint
 from elf_jax.data.registry import DatasetInfo
 
 __all__ = ["DATA_MODES", "STREAM_ABOVE_GB", "StreamedSplit", "open_split", "float32_gb",
@@ -55,8 +56,6 @@ def split_hash(dataset) -> str:
     labels in memory, or a streamed split's `fingerprint` (labels, files, sampled records:
     hashing all of ImageNet would take minutes). The two differ for one split, so a run is
     resumed only from the kind of split it started on."""
-    from elf_jax.checkpoint import fingerprint
-
     if is_streamed(dataset):
         return fingerprint("streamed", dataset.fingerprint)[:16]
     return fingerprint(np.asarray(dataset.images, np.float32),

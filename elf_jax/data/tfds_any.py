@@ -12,6 +12,7 @@ array_record (network needed for a catalog dataset), in memory or streamed by si
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import re
@@ -80,8 +81,6 @@ def tfds_any_info(name: str, data_dir: Optional[str] = None) -> DatasetInfo:
                        resize=size, prepare_hint=f"`tfds build {tfds_name} --file_format="
                        "array_record --data_dir=<data_dir>` on a machine with network")
     mean, std = _train_stats(info, data_dir, version)
-    import dataclasses
-
     return dataclasses.replace(info, mean=mean, std=std)
 
 
@@ -94,12 +93,10 @@ def _train_stats(info: DatasetInfo, data_dir: str, version: str) -> tuple[tuple,
     if path.exists():
         stored = json.loads(path.read_text())
         return tuple(stored["mean"]), tuple(stored["std"])
-    src = tfds_source.open_source(info, "train", data_dir, raw=True)
+    n, chunks = tfds_source.decoded_chunks(info, "train", data_dir)
     c = info.image_shape[-1]
     total, total_sq, count = np.zeros(c), np.zeros(c), 0
-    for s in range(0, len(src), 2048):
-        x, _ = tfds_source.decode_records(src.__getitems__(list(range(s, min(len(src), s + 2048)))),
-                                          c, size=info.resize)
+    for _, x, _ in chunks:
         px = x.reshape(-1, c).astype(np.float64) / 255.0
         total, total_sq, count = total + px.sum(0), total_sq + (px ** 2).sum(0), count + len(px)
     mean = total / count
@@ -107,7 +104,7 @@ def _train_stats(info: DatasetInfo, data_dir: str, version: str) -> tuple[tuple,
     out = (tuple(float(v) for v in mean), tuple(float(v) for v in std))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"mean": out[0], "std": out[1], "images": len(src)}))
+        path.write_text(json.dumps({"mean": out[0], "std": out[1], "images": n}))
     except OSError:
         pass  # read-only data dir: computed again next time
     return out

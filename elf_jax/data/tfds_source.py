@@ -538,24 +538,38 @@ def decode_records(recs: Sequence[bytes], channels: int, label_map=None, size=No
     return imgs, labels
 
 
-def read_split(info: DatasetInfo, split: str, data_dir=None, *, download: bool = True,
-               manual_dir=None, limit: Optional[int] = None, chunk: int = 2048):
-    """Whole split in memory: (uint8 images [N,H,W,C], int32 labels [N])."""
+def decoded_chunks(info: DatasetInfo, split: str, data_dir=None, *, download: bool = True,
+                   manual_dir=None, limit: Optional[int] = None, chunk: int = 2048):
+    """``(n, chunks)``: the split's first ``n`` rows (all, or ``limit``) and an iterator of
+    ``(start, uint8 images, int32 labels)`` over them in file order, ``chunk`` rows at a time
+    (a pass over a split that need not fit in memory, e.g. its statistics)."""
     src = open_source(info, split, data_dir, download=download, manual_dir=manual_dir,
                       raw=True)
     n = len(src) if limit is None else min(limit, len(src))
-    c = info.image_shape[-1]
     lmap = label_map_for(info)
+
+    def chunks():
+        for s in range(0, n, chunk):
+            x, y = decode_records(src.__getitems__(list(range(s, min(n, s + chunk)))),
+                                  info.image_shape[-1], lmap, info.resize)
+            if x.shape[1:] != tuple(info.image_shape):
+                raise ValueError(f"{info.name}: records have image shape {x.shape[1:]}, "
+                                 f"registry says {info.image_shape}")
+            yield s, x, y
+
+    return n, chunks()
+
+
+def read_split(info: DatasetInfo, split: str, data_dir=None, *, download: bool = True,
+               manual_dir=None, limit: Optional[int] = None, chunk: int = 2048):
+    """Whole split in memory: (uint8 images [N,H,W,C], int32 labels [N])."""
+    n, chunks = decoded_chunks(info, split, data_dir, download=download, manual_dir=manual_dir,
+                               limit=limit, chunk=chunk)
     images = np.empty((n,) + tuple(info.image_shape), np.uint8)
     labels = np.empty((n,), np.int32)
-    for s in range(0, n, chunk):
-        idx = list(range(s, min(n, s + chunk)))
-        x, y = decode_records(src.__getitems__(idx), c, lmap, info.resize)
-        if x.shape[1:] != tuple(info.image_shape):
-            raise ValueError(f"{info.name}: records have image shape {x.shape[1:]}, registry "
-                             f"says {info.image_shape}")
-        images[s:s + len(idx)] = x
-        labels[s:s + len(idx)] = y
+    for s, x, y in chunks:
+        images[s:s + len(y)] = x
+        labels[s:s + len(y)] = y
     return images, labels
 
 

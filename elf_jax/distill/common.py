@@ -29,7 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from elf_jax.checkpoint import StepCheckpoints, _normalize_meta, check_expect, fingerprint
+from elf_jax.checkpoint import (StepCheckpoints, _normalize_meta, check_expect, fingerprint,
+                                what_differs)
 from elf_jax.augment import DEFAULT_STRATEGY
 from elf_jax.data.sampler import take_rows
 from elf_jax.data.stream import images_of, is_streamed, split_hash
@@ -321,14 +322,13 @@ def run_loop(
                     f"{meta.get('kind')!r}, but this version writes {DISTILL_FORMAT!r} (the "
                     "random streams changed, so they cannot be continued exactly); delete that "
                     "directory or use another workdir to start over")
-            differ = [f"{k} {meta.get(k, '(absent)')!r} vs {v!r}"
-                      for k, v in _normalize_meta(run_meta).items()
-                      if k != "settings_hash" and meta.get(k) != v]
-            if meta.get("settings_hash") != run_meta["settings_hash"] and differ:
+            asked = {k: v for k, v in _normalize_meta(run_meta).items() if k != "settings_hash"}
+            saved = {k: meta.get(k, "(absent)") for k in asked}
+            if meta.get("settings_hash") != run_meta["settings_hash"] and saved != asked:
                 raise ValueError(
                     f"distillation checkpoints in {ck.directory} are another run's (saved vs "
-                    f"asked): {'; '.join(differ)}; use another workdir, or start over with "
-                    "`elf-jax distill --overwrite=synset` (deletes that run)")
+                    f"asked): {what_differs(saved, asked)}; use another workdir, or start over "
+                    "with `elf-jax distill --overwrite=synset` (deletes that run)")
             check_expect(meta, {k: run_meta[k] for k in ("kind", "method", "settings_hash")},
                          where=f"distillation checkpoints in {ck.directory} (another run's "
                                "settings; use another workdir or delete it to start over)")

@@ -31,10 +31,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from elf_jax.checkpoint import StepCheckpoints
 from elf_jax.metrics import epoch_logger
 
 from elf_jax.elf.losses import KD_MODE, mode_needs_features, mode_needs_logits
 from elf_jax.elf.summary import BASELINE_MODE, ELF_MODE, summarize
+from elf_jax.parallel.memory import format_bytes
 from elf_jax.parallel.placement import Placement
 from elf_jax.train.protocol import TrainProtocol
 from elf_jax.train.runner import run_evaluation
@@ -446,8 +448,6 @@ def _train_and_test(name, net, protocol, images, labels, test_images, test_label
 # ------------------------------------------------------------------ repeats that grow
 def _stored_repeats(run_dir: Path) -> Optional[int]:
     """The repeat count of the evaluation checkpointed in `run_dir` (None: none there)."""
-    from elf_jax.checkpoint import StepCheckpoints
-
     if not (run_dir / "checkpoints").is_dir():
         return None
     ck = StepCheckpoints(run_dir / "checkpoints")
@@ -600,8 +600,6 @@ def cross_evaluate(
 def log_memory(estimates, placement, log) -> None:
     """The memory estimates of a run's trainings in one log entry: a line with every
     (network, mode) total, then the largest one's breakdown (once, not per training)."""
-    from elf_jax.parallel.memory import format_bytes
-
     if not estimates:
         return
     totals = ", ".join(f"{name} {mode} {format_bytes(est.total)}" for name, mode, est in estimates)

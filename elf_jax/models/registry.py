@@ -32,6 +32,7 @@ from elf_jax.models.mlp import MLP
 from elf_jax.models.resnet import ResNet
 from elf_jax.models.vgg import VGG
 from elf_jax.models.vit import ViT
+from elf_jax.models.vit import check_sizes as check_vit_sizes
 
 
 @dataclass(frozen=True)
@@ -213,13 +214,8 @@ def _check_sizes(name: str, spec: ModelSpec, kwargs: dict) -> None:
             if isinstance(val, bool) or not isinstance(val, (int, np.integer)) or val < low:
                 raise ValueError(f"{name}: {key}={val!r} must be an int >= {low}")
     if spec.cls is ViT:
-        dim = kwargs.get("dim", ViT.dim)
-        heads = kwargs.get("heads", ViT.heads)
-        depth = kwargs.get("depth", ViT.depth)
-        if dim % heads:
-            raise ValueError(f"{name}: dim={dim} must be divisible by heads={heads}")
-        if not 0 <= kwargs.get("split_block", ViT.split_block) <= depth:
-            raise ValueError(f"{name}: split_block must lie in 0..depth={depth}")
+        check_vit_sizes(*(kwargs.get(k, getattr(ViT, k)) for k in ("dim", "heads", "depth",
+                                                                    "split_block")), where=name)
 
 
 def count_params(variables_or_params) -> int:

@@ -89,6 +89,15 @@ class EncoderBlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+def check_sizes(dim: int, heads: int, depth: int, split_block: int, where: str = "ViT") -> None:
+    """`ValueError` unless the heads divide `dim` and the split lies in 0..depth (checked
+    when the model is built: `elf_jax.models.get_model`, and by `setup`)."""
+    if dim % heads:
+        raise ValueError(f"{where}: dim={dim} must be divisible by heads={heads}")
+    if not 0 <= split_block <= depth:
+        raise ValueError(f"{where}: split_block must lie in 0..depth={depth}")
+
+
 class ViT(nn.Module):
     num_classes: int = 10
     patch: int = 4
@@ -104,10 +113,7 @@ class ViT(nn.Module):
 
     def setup(self):
         L.check_init(self.init_mode)
-        if self.dim % self.heads:
-            raise ValueError(f"ViT dim {self.dim} not divisible by heads {self.heads}")
-        if not 0 <= self.split_block <= self.depth:
-            raise ValueError(f"ViT split_block must be in 0..{self.depth}")
+        check_sizes(self.dim, self.heads, self.depth, self.split_block)
         kw = dict(dtype=self.dtype, init_mode=self.init_mode)
         self.patch_embed = L.Conv(self.dim, self.patch, stride=self.patch, padding=0, **kw)
         self.pos_embed = PosEmbed()
