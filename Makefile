@@ -35,15 +35,17 @@ $(STAMP): $(BASE)
 demo: $(BASE)
 	$(VENV)/bin/elf-jax demo --workdir $(WORKDIR)
 
+# worksteal: a worker that runs out of tests takes queued ones from the other (with the
+# longest tests first, tests/conftest.py, both finish together)
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not slow" -n 2 $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "not slow" -n 2 --dist worksteal $(PYTEST_ARGS)
 
 # The rounding-sensitive tests (marker `numerics`) as an AVX2-only CPU (AMD EPYC) compiles
 # them, on a CPU with AVX-512: XLA's instruction-set cap (tests/_xla.py). CI runs it after
 # `make test` (.ci/run); on a CPU without AVX-512 there is nothing to add.
 test-avx2: $(STAMP)
 	@if grep -qw avx512f /proc/cpuinfo 2>/dev/null; then \
-	ELF_JAX_TEST_MAX_ISA=AVX2 $(PY) -m pytest -q -m "numerics and not slow" -n 2 $(PYTEST_ARGS); \
+	ELF_JAX_TEST_MAX_ISA=AVX2 $(PY) -m pytest -q -m "numerics and not slow" -n 2 --dist worksteal $(PYTEST_ARGS); \
 	else echo "make test-avx2: this CPU has no AVX-512; make test already ran as AVX2 compiles"; fi
 
 test-slow: $(STAMP)

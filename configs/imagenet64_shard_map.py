@@ -21,8 +21,9 @@ Several hosts: start one process per host with the same coordinator, e.g.
 Data: streamed from the array_record files as in configs/imagenet64.py (its docstring gives
 the memory per host); on several hosts each process reads only the rows of its own devices
 of every teacher minibatch (tests/test_multihost.py), so a host's share of the reading is
-1 / number of hosts. Tested end to end, shrunk, on a two-device stand-in
-(tests/test_memory_cap.py).
+1 / number of hosts. Tested end to end, shrunk, on a local stand-in dataset
+(tests/test_parallel_e2e.py: 8 simulated devices, streamed; tests/test_memory_cap.py,
+marked slow: two devices).
 """
 
 from elf_jax.config import imagenet64_config

@@ -19,6 +19,8 @@ import sys
 import threading
 from pathlib import Path
 
+import pytest
+
 HERE = Path(__file__).resolve()
 ROOT = HERE.parent.parent
 sys.path.insert(0, str(HERE.parent))
@@ -143,6 +145,7 @@ def _mesh_child(data_dir: str, workdir: str) -> None:
                                   "strategy": results["ConvNetD4BN"]["task"]["strategy"]}))
 
 
+@pytest.mark.slow  # tests/test_parallel_e2e.py runs this config streamed on 8 devices
 def test_imagenet64_shard_map_config_streams_on_a_mesh(tmp_path):
     """configs/imagenet64_shard_map.py, shrunk, streamed, end to end on two devices."""
     from elf_jax.data import tfds_source

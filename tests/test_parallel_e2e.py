@@ -1,7 +1,8 @@
 """configs/imagenet64_shard_map.py end to end through the one CLI and pipeline
 (`elf-jax all --config ... --workdir ...`) on a tiny locally built 64x64 stand-in dataset
 (TFDS builder, array_record, no network), parallel="shard_map" over 8 simulated devices
-(mesh runs=2 x data=4): real-random synthetic set, teacher, feature bank, then the ELF
+(mesh runs=2 x data=4), the real splits streamed from their files (`data_mode=stream`, as
+the config runs ImageNet): real-random synthetic set, teacher, feature bank, then the ELF
 evaluation data parallel with the bank in bfloat16 sharded over the devices and two repeats
 side by side; then `elf-jax evaluate` again reuses the finished runs.
 Each command runs in a subprocess (the 8-device flag must precede JAX's start; the stand-in
@@ -41,6 +42,8 @@ def test_imagenet64_shard_map_config_end_to_end(tmp_path):
     assert r["strategy"] == "sequential (mesh runs=2 x data=4)"
     assert "memory estimate per device (mesh runs=2 x data=4" in res["log"]
     assert "feature bank (bfloat16)" in res["log"]
+    for split in ("train", "test"):  # streamed on the mesh, not loaded
+        assert f"[data] elf_test_imnet64 {split}: streamed" in res["log"], res["log"]
     assert (tmp_path / "run" / "results.md").stat().st_size > 0
     assert r["resumed_from"] is None
     # `elf-jax evaluate` again: the finished runs resume at their last epoch, same results
@@ -106,7 +109,7 @@ def _e2e(tmp, command):
     flags = [
         "--config", str(config), "--workdir", wd,
         "--config.dataset=elf_test_imnet64", f"--config.data_dir={tmp / 'data'}",
-        "--config.dtype=float32",
+        "--config.dtype=float32", "--config.data_mode=stream",
         "--config.parallel.runs=2",
         "--config.synset.source=real_random", "--config.synset.ipc=2",
         "--config.teacher.epochs=2", "--config.teacher.feature_epoch=1",
