@@ -88,7 +88,8 @@ def usage(command: str | None = None) -> str:
 # The config sections (or single fields) each command reads; the data and run settings
 # (dataset, data_dir, data_mode, stream_above_gb, zca, stats, seed, dtype) are read by all
 # that train or load data.
-_DATA = ("dataset", "data_dir", "data_mode", "stream_above_gb", "zca", "stats", "seed", "dtype")
+_DATA = ("dataset", "data_dir", "data_mode", "stream_above_gb", "zca", "stats", "seed", "dtype",
+         "validation")
 _READS = {
     "train-teacher": _DATA + ("teacher", "parallel", "distributed"),
     "distill": _DATA + ("synset",),

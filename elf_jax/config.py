@@ -27,6 +27,10 @@ IMAGENET_CROSS_POOL = ("ConvNetD4", "ConvNetD4BN", "ResNet18ImageNet", "ResNet18
                        "VGG11ImageNet", "VGG11BNImageNet")
 
 
+#: Share of each class of the real training split held out to choose on (`validation`).
+VALIDATION_FRACTION = 0.1
+
+
 def base_config() -> ml_collections.ConfigDict:
     """Reference settings for CIFAR-10 with a ConvNetW512 teacher and the cross pool."""
     c = ml_collections.ConfigDict()
@@ -39,6 +43,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.zca = False
     c.seed = 0
     c.dtype = "float32"  # compute dtype of the networks: float32 | bfloat16
+
+    # Real training images held out for every choice a run makes (the distillation's best
+    # set, the sweep's lambdas), never trained on: elf_jax.data.validation. fraction 0 holds
+    # nothing out and chooses on the test split, as the reference does (reference_preset).
+    c.validation = ml_collections.ConfigDict()
+    c.validation.fraction = VALIDATION_FRACTION
+    c.validation.seed = 0
 
     # Stage 1: the teacher ("feature model") trained on the full real training set.
     c.teacher = ml_collections.ConfigDict()
@@ -245,6 +256,15 @@ def imagenet64_config() -> ml_collections.ConfigDict:
 REFERENCE_GPUS = 4
 
 
+def validation_settings(config) -> tuple[float, int]:
+    """``(fraction, seed)`` of the validation split; a config without the section (a file
+    not built on `base_config`) holds out the default share."""
+    v = config.get("validation", None)
+    if v is None:
+        return VALIDATION_FRACTION, 0
+    return float(v.get("fraction", VALIDATION_FRACTION)), int(v.get("seed", 0))
+
+
 def reference_preset(config) -> ml_collections.ConfigDict:
     """A copy of `config` with the reference's behaviours on, where they differ from ours
     (issue 13; each stays a named option). So far:
@@ -261,7 +281,9 @@ def reference_preset(config) -> ml_collections.ConfigDict:
     * `synset.syn_batch_remainder = "reference"`: an MTT/TESLA `batch_syn` that does not
       divide the set uses the short chunk, and first;
     * `synset.eval_learned_lr = True`: MTT/TESLA keep the best set by evaluations trained
-      with the learned lr (`distill_MTT.py`; also our default).
+      with the learned lr (`distill_MTT.py`; also our default);
+    * `validation.fraction = 0`: the whole training split trains, and the best set is chosen
+      on the test split, as the reference's `images_best.pt` is (every report says so).
 
     The hyperparameters of each script (iterations, evaluation schedules, expert counts,
     `dis_metric`, ...) are in the `configs/reference_*.py` files, which apply this preset.
@@ -279,6 +301,8 @@ def reference_preset(config) -> ml_collections.ConfigDict:
     c.eval.reference_loss_quirks = True
     c.synset.syn_batch_remainder = "reference"
     c.synset.eval_learned_lr = True
+    if "validation" in c:
+        c.validation.fraction = 0.0
     if "parallel" in c:
         c.parallel.sync_bn = False
         if c.parallel.get("parallel", "none") != "none":
@@ -300,6 +324,10 @@ FIELD_DOCS = {
     "stream_above_gb": "data_mode=auto streams a split whose float32 images exceed this (GB)",
     "zca": "ZCA-whiten the images (as the reference does for some MTT runs)",
     "seed": "base seed; each stage draws its own stream from it (elf_jax.keys)",
+    "validation.fraction": "share of each class of the real training split held out to choose "
+                           "on (best set, sweep); 0: choose on the test split (reference)",
+    "validation.seed": "seed of the held-out images (not the run's seed: every run of a study "
+                       "holds out the same ones)",
     "dtype": "compute dtype of every network: float32 | bfloat16",
     "teacher.arch": "teacher architecture; its width follows each pool net's front (override_arch)",
     "teacher.epochs": "teacher training epochs on the real training set",
@@ -422,6 +450,7 @@ _LAMBDA = Range(0.0, MAX_LAMBDA)
 # the same MAX_LAMBDA).
 FIELD_RANGES = {
     "stream_above_gb": Range(0.0),
+    "validation.fraction": Range(0.0, 0.5),
     "teacher.lr": _POSITIVE, "teacher.momentum": _MOMENTUM, "teacher.weight_decay": Range(0.0),
     "eval.lr": _POSITIVE, "eval.momentum": _MOMENTUM, "eval.weight_decay": Range(0.0),
     "eval.lambda_front": _LAMBDA, "eval.lambda_rear": _LAMBDA,

@@ -48,8 +48,10 @@ import numpy as np
 
 from elf_jax import report as report_lib
 from elf_jax.checkpoint import write_json_atomic
+from elf_jax.config import check_config, validation_settings
 from elf_jax.data import resolve_info
 from elf_jax.data.stream import STREAM_ABOVE_GB, float32_gb, images_of, is_streamed, open_split
+from elf_jax.data.validation import HeldOut, hold_out
 from elf_jax.models import front_shape, get_model, list_models
 from elf_jax.parallel.mesh import ParallelConfig
 
@@ -139,13 +141,15 @@ def teacher_for(config, arch: str, image_shape, num_classes: int) -> str:
     return shared or config.teacher.arch
 
 
+#: What the validation split held out (elf_jax.data.validation.hold_out's record).
+VALIDATION_RECORD = "validation.json"
+
+
 class Run:
     """One command over `workdir`: the config and what its stages share, each made once and
     only when a stage asks for it (`elf-jax report` loads no data)."""
 
     def __init__(self, config, workdir):
-        from elf_jax.config import check_config
-
         check_config(config)  # bad settings fail here, before any stage runs
         _protocol(config)
         self.config = config
@@ -163,8 +167,28 @@ class Run:
                  f"{c.get('data_mode', 'auto')}, stream_above_gb={limit:g})")
         return ds
 
-    train = functools.cached_property(lambda self: self._load("train"))
+    @functools.cached_property
+    def _held_out(self) -> HeldOut:
+        """The training split cut into what trains and what chooses (`config.validation`)."""
+        fraction, seed = validation_settings(self.config)
+        held = hold_out(self._load("train"), fraction, seed)
+        if held.validation is not None:
+            r = held.record
+            _log(f"[data] validation: {r['size']:,} training images held out to choose on "
+                 f"({fraction:g} of each class, seed {seed}; {r['train_size']:,} train)")
+        if self.workdir.is_dir():  # for the report's provenance (`elf-jax report` loads no data)
+            write_json_atomic(self.workdir / VALIDATION_RECORD, held.record)
+        return held
+
+    train = functools.cached_property(lambda self: self._held_out.train)
     test = functools.cached_property(lambda self: self._load("test"))
+
+    @property
+    def chooser(self):
+        """The split every choice reads: the validation split, or the test split when none
+        is held out (`validation.fraction = 0`, the reference's way)."""
+        held = self._held_out
+        return held.validation if held.validation is not None else self.test
 
     @functools.cached_property
     def teachers(self) -> dict[str, str]:
@@ -364,8 +388,9 @@ def _request(config) -> dict:
     want = {"source": s.source, "dataset": config.dataset, "zca": bool(config.zca)}
     if _stats(config) != "dc":  # recorded only when set (requests made before read the same)
         want["stats"] = _stats(config)
-    if s.source == "real_random":
-        want.update(ipc=int(s.ipc), seed=int(config.seed))
+    if s.source == "real_random":  # drawn from the training images the validation split left
+        want.update(ipc=int(s.ipc), seed=int(config.seed),
+                    validation=dict(zip(("fraction", "seed"), validation_settings(config))))
     elif s.source == "import":
         want["path"] = str(Path(s.path).absolute()) if s.path else ""
     return want
@@ -395,7 +420,7 @@ def stage_synset(run: Run):
         try:
             s = distill_from_config(
                 config, run.workdir / "distill", train=run.train,
-                test=run.test if evaluates else None,
+                choose_on=run.chooser if evaluates else None,
                 callback=lambda it, m: curves.write(method, it, {"distill/loss": float(m["loss"])}))
             for h in s.metadata.get("history") or []:  # the evaluations of the set
                 curves.write(method, int(h["iteration"]), {"distill/eval_acc": h.get("acc")})
@@ -764,6 +789,7 @@ def eval_request(config, synset_hash: Optional[str]) -> dict:
         "widths": {a: getattr(get_model(a, info.num_classes, **_model_overrides(config, a)),
                               "width", None) for a in config.eval.pool},
         "protocol": _request_protocol(config), "synset": synset, **_bn_chunks(config.eval),
+        "validation": dict(zip(("fraction", "seed"), validation_settings(config))),
         "teacher": {"arch": t.arch, "override_arch": t.get("override_arch", ""),
                     "epochs": int(t.epochs), "lr": t.lr, "momentum": t.momentum,
                     "weight_decay": t.weight_decay, "batch_size": int(t.batch_size),
@@ -836,7 +862,23 @@ def _provenance(run: Run, synset, banks) -> dict:
                      for t, users in teachers.items()},
         "cross_architecture": cross_architecture(run.config.eval.pool, m.get("arch")),
         "dataset": _dataset_record(run.config),
+        "validation": _validation_record(run),
+        # what each choice was made on: None = nothing was chosen (e.g. the final set)
+        "chosen_on": {"synset": m.get("best_chosen_on")},
     }
+
+
+def _validation_record(run: Run) -> dict:
+    """What the validation split held out: the workdir's record when this config's (size and
+    a hash of its rows), else the config's fraction and seed."""
+    import json
+
+    fraction, seed = validation_settings(run.config)
+    path = run.workdir / VALIDATION_RECORD
+    saved = json.loads(path.read_text()) if path.is_file() else {}
+    if saved.get("fraction") == fraction and saved.get("seed") == seed:
+        return saved
+    return {"fraction": fraction, "seed": seed}
 
 
 def _dataset_record(config) -> dict:
@@ -1061,8 +1103,14 @@ def sweep_request(config, synset_hash: Optional[str]) -> dict:
     req.update(pool=pool, modes=(["task"] if baseline else []) + [mode],
                widths={a: req["widths"][a] for a in pool},
                protocol={**req["protocol"], "mode": mode, "lambda_front": lf, "lambda_rear": lr},
-               sweep={"lambda_front": lf, "lambda_rear": lr, "mode": mode, "baseline": baseline})
+               sweep={"lambda_front": lf, "lambda_rear": lr, "mode": mode, "baseline": baseline,
+                      "evaluated_on": choice_split(config)})
     return req
+
+
+def choice_split(config) -> str:
+    """The split choices read: "validation", or "test" with `validation.fraction` 0."""
+    return "validation" if validation_settings(config)[0] > 0 else "test"
 
 
 def _sweep_entry(out: dict) -> dict:
@@ -1124,7 +1172,8 @@ def stage_sweep(run: Run, synset=None, banks=None) -> dict:
     eta = _Eta(len(pool))
     for arch in pool:
         out = lambda_sweep(
-            arch, synset.images, synset.labels, images_of(run.test), run.test.labels, banks[arch],
+            arch, synset.images, synset.labels, images_of(run.chooser), run.chooser.labels,
+            banks[arch],
             lambda_front=request["sweep"]["lambda_front"],
             lambda_rear=request["sweep"]["lambda_rear"],
             protocol=_protocol(config).replace(mode=mode), repeats=int(config.eval.repeats),
@@ -1134,7 +1183,7 @@ def stage_sweep(run: Run, synset=None, banks=None) -> dict:
             checkpoint_every=int(config.eval.checkpoint_every),
             model_overrides=_model_overrides(config, arch), parallel=pc, log=_log,
             adapter=config.eval.adapter)
-        results[arch] = _sweep_entry(out)
+        results[arch] = {**_sweep_entry(out), "evaluated_on": choice_split(config)}
         write_json_atomic(path, {**meta, "results": results, "partial": True})
         points = len(out["lambda_front"]) * len(out["lambda_rear"])
         start, epochs = out["resumed_from"], int(config.eval.epochs) + 1

@@ -313,6 +313,8 @@ def settings_lines(report: Mapping[str, Any]) -> list[str]:
         lines.append(_widths_line(req))
     if prov.get("synset"):
         lines.append(_synset_line(prov["synset"]))
+    if prov.get("validation"):
+        lines.append(_choices_line(prov["validation"], prov.get("chosen_on") or {}))
     lines += [_teacher_line(n, t) for n, t in (prov.get("teachers") or {}).items()]
     if prov.get("cross_architecture"):
         lines.append(_cross_line(prov["cross_architecture"], (prov.get("synset") or {}).get("arch")))
@@ -326,6 +328,25 @@ def settings_lines(report: Mapping[str, Any]) -> list[str]:
     if prov:
         lines.append(f"produced by elf_jax {prov.get('elf_jax')} on {prov.get('date')}")
     return lines
+
+
+def _choices_line(validation: Mapping[str, Any], chosen_on: Mapping[str, Any]) -> str:
+    """Which split each choice read, and what the validation split held out."""
+    split = chosen_on.get("synset")
+    if split is None:
+        chose = "nothing chosen (the final set, an import or a random subset)"
+    elif split == "test":
+        chose = "the best set chosen on the TEST split (the reference's way)"
+    else:
+        chose = f"the best set chosen on the {split} split"
+    if not validation.get("fraction"):
+        held = "no validation split (validation.fraction 0: the test split chooses)"
+    else:
+        size = f"{validation['size']:,} training images" if "size" in validation else "images"
+        rows = f", rows #{validation['rows_sha256'][:8]}" if validation.get("rows_sha256") else ""
+        held = (f"validation: {size} held out ({validation['fraction']:g} of each class, seed "
+                f"{validation.get('seed')}{rows}), never trained on")
+    return f"choices: {chose}; {held}; the test split reports"
 
 
 def _mb(n: Any) -> str:
@@ -616,7 +637,8 @@ def _sweep_grids(arch: str, e: Mapping[str, Any]) -> list[tuple[str, list, list[
     n = int(e.get("repeats") or len(e["accs"][0][0]))
     acc = [[_lam(f)] + [format_accuracy(m, s, n, n) for m, s in zip(e["mean"][i], e["std"][i])]
            for i, f in enumerate(e["lambda_front"])]
-    out = [(f"{arch}, mode {e['mode']}: test accuracy % (mean ± std, n={n})", header, acc)]
+    split = e.get("evaluated_on", "test")  # sweeps before the validation split: test
+    out = [(f"{arch}, mode {e['mode']}: {split} accuracy % (mean ± std, n={n})", header, acc)]
     b = e.get("baseline")
     if b:
         gains = [[_lam(f)] + [_gain_cell({"gain": g["mean"], "gain_ci95": g.get("ci95"),

@@ -64,7 +64,12 @@ def test_all_stages_then_report_again(tmp_path):
     b = results["budget"]
     assert b["synset_bytes"] == 20 * 28 * 28 * 4 and b["soft_label_bytes"] == 0
     assert b["bank_bytes"]["ConvNetW32"] > 0 and b["eval_seconds"] > 0 and b["devices"]
-    assert b["teacher_forward_passes"]["ConvNetW32"] == {"bank": 20, "training": 4000}
+    # one epoch over the 3,600 training images the validation split (10%) left
+    assert b["teacher_forward_passes"]["ConvNetW32"] == {"bank": 20, "training": 3600}
+    v = results["provenance"]["validation"]
+    assert (v["fraction"], v["seed"], v["size"], v["train_size"]) == (0.1, 0, 400, 3600)
+    assert results["provenance"]["chosen_on"] == {"synset": None}  # a random subset: no choice
+    assert "choices: nothing chosen" in md and "validation: 400 training images held out" in md
     # 2 archs x 2 modes, epochs 0..2 of one 20-image batch, 1 repeat
     assert b["eval_steps"] == 4 * 3 and "budget: synthetic set 0.06 MB" in md
     assert "(n=1)" in out and "± 0.00" not in out  # one repeat: no spread printed

@@ -206,6 +206,7 @@ PRESET_REFERENCE = {
     "eval.reference_loss_quirks": True,
     "synset.syn_batch_remainder": "reference",  # distill_MTT.py: short chunk used, first
     "synset.eval_learned_lr": True,  # distill_MTT.py: args.lr_net = syn_lr.item() (our default)
+    "validation.fraction": 0.0,  # images_best.pt is kept by test accuracy
 }
 
 

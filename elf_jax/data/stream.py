@@ -85,6 +85,9 @@ class StreamedSplit:
     manual_dir: Optional[str] = None
     normalized: bool = True
     workers: int = 4
+    #: the file's rows this split is (`labels` are theirs): a held-out part of a split or the
+    #: rest of it (elf_jax.data.validation); None: every row in file order
+    rows: Optional[np.ndarray] = None
 
     zca = None
 
@@ -92,6 +95,9 @@ class StreamedSplit:
         if self.labels.dtype != np.int32 or self.labels.ndim != 1:
             raise ValueError(f"StreamedSplit labels must be int32 [N], got {self.labels.dtype} "
                              f"{self.labels.shape}")
+        if self.rows is not None and (self.rows.ndim != 1 or len(self.rows) != len(self.labels)):
+            raise ValueError(f"StreamedSplit rows must be [N] like its labels, got "
+                             f"{self.rows.shape} for {self.labels.shape}")
         object.__setattr__(self, "_local", threading.local())
 
     # ---------------------------------------------------------------- ArrayDataset-like
@@ -148,6 +154,8 @@ class StreamedSplit:
         out = np.empty((idx.size,) + self.image_shape, np.uint8)
         if not idx.size:
             return out
+        if self.rows is not None:
+            idx = self.rows[idx]
         order = np.argsort(idx, kind="stable")
         sorted_idx = idx[order]
         parts = np.array_split(np.arange(idx.size), max(1, min(self.workers, idx.size // 16)))
@@ -224,10 +232,14 @@ class StreamedSplit:
         h.update(f"{self.info.name}|{self.info.tfds_name}|{self.split}|{self.normalized}|"
                  f"{self.image_shape}|{len(self)}".encode())
         h.update(self.labels.tobytes())
+        if self.rows is not None:
+            h.update(b"rows" + np.asarray(self.rows, np.int64).tobytes())
         for size in _file_sizes(self):
             h.update(str(size).encode())
         n = len(self)
         rows = np.unique(np.linspace(0, n - 1, min(n, FINGERPRINT_RECORDS)).astype(np.int64))
+        if self.rows is not None:
+            rows = self.rows[rows]
         for rec in self._source().__getitems__([int(i) for i in rows]):
             h.update(hashlib.sha256(rec).digest())
         return h.hexdigest()

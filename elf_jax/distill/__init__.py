@@ -59,19 +59,24 @@ def distill(method: str, dataset, settings=None, **kwargs):
     return driver(method, dataset, settings, **kwargs)
 
 
-def distill_from_config(config, workdir, *, train=None, test=None, callback=None):
+def distill_from_config(config, workdir, *, train=None, choose_on=None, callback=None):
     """Runs the distillation a config describes and returns the ``SyntheticSet``.
 
     Reads ``config.dataset``, ``config.data_dir``, ``config.zca``, ``config.stats``, ``config.seed``,
-    ``config.synset.method`` and the method's settings from ``config.synset``
-    (:func:`elf_jax.distill.settings.from_config`; unset fields keep the method's
-    defaults). Checkpoints, ``synset_best`` and ``synset_final`` are written under
-    ``workdir`` (the pipeline passes ``<run>/distill``); a killed run resumes there.
-    ``train``/``test``: the config's splits when the caller has loaded them already.
+    ``config.validation``, ``config.synset.method`` and the method's settings from
+    ``config.synset`` (:func:`elf_jax.distill.settings.from_config`; unset fields keep the
+    method's defaults). Checkpoints, ``synset_best`` and ``synset_final`` are written under
+    ``workdir`` (the pipeline passes ``<run>/distill``); a killed run resumes there. With
+    ``synset.eval_every`` the best set is chosen on the validation split held out of the
+    training split (:mod:`elf_jax.data.validation`), or on the test split when
+    ``validation.fraction`` is 0 (the reference's way).
+    ``train``/``choose_on``: those splits when the caller has made them already.
     """
     import jax
 
+    from elf_jax.config import validation_settings
     from elf_jax.data.stream import STREAM_ABOVE_GB, open_split
+    from elf_jax.data.validation import hold_out
     from elf_jax.distill.settings import from_config
 
     method = method_name(config.synset.method)
@@ -82,9 +87,10 @@ def distill_from_config(config, workdir, *, train=None, test=None, callback=None
     data_kw["mode"] = config.get("data_mode", "auto")
     data_kw["stream_above_gb"] = float(config.get("stream_above_gb", STREAM_ABOVE_GB))
     if train is None:
-        train = open_split(config.dataset, "train", **data_kw)
-    if settings.eval_every > 0 and test is None:
-        test = open_split(config.dataset, "test", **data_kw)
+        train, choose_on, _ = hold_out(open_split(config.dataset, "train", **data_kw),
+                                       *validation_settings(config))
+    if settings.eval_every > 0 and choose_on is None:
+        choose_on = open_split(config.dataset, "test", **data_kw)
     return distill(method, train, settings, workdir=Path(workdir),
                    key=jax.random.key(int(config.get("seed", 0))),
-                   test_dataset=test if settings.eval_every > 0 else None, callback=callback)
+                   test_dataset=choose_on if settings.eval_every > 0 else None, callback=callback)

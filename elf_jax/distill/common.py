@@ -365,7 +365,8 @@ def run_loop(
                             "acc": jnp.asarray(mean, jnp.float32),
                             "iteration": jnp.asarray(it, jnp.int32)}
                 if bar is not None:
-                    bar.write(f"[{method}] iteration {it}: eval acc {mean:.4f} +- {std:.4f} "
+                    split = getattr(test, "split", None) or "eval"
+                    bar.write(f"[{method}] iteration {it}: {split} acc {mean:.4f} +- {std:.4f} "
                               f"(best {float(best['acc']):.4f} @ {int(best['iteration'])})")
             if it % checkpoint_every == 0 or it == iterations:
                 save(it)
@@ -463,7 +464,9 @@ def distill(method: str, dataset, settings: Optional[Settings] = None, *, workdi
     and the iterations'.
     evaluation: the periodic evaluation's protocol (default: the settings' ``eval_epochs``
     and ``eval_repeats``; ``eval_every``, when set, replaces its ``every``); test_dataset:
-    its test set (default: the test split of the dataset's name). workdir, progress,
+    the split the evaluations choose the best set on (default: the test split of the
+    dataset's name; `distill_from_config` gives a held-out validation split; its ``split``
+    name is recorded in the set's ``best_chosen_on``). workdir, progress,
     callback: see :func:`run_loop`. The method's module adds ``setup(method, settings,
     Prelude) -> Plan``. Returns the best set (evaluation on) or the final one.
     """
@@ -506,6 +509,10 @@ def distill(method: str, dataset, settings: Optional[Settings] = None, *, workdi
                 **plan.extra}
     if dataset_normalization(train):  # the space the images live in (elf_jax.synset)
         set_meta["normalization"] = dataset_normalization(train)
+    if test is not None:  # what chooses the best set: a held-out validation split or the test split
+        chosen_on = getattr(test, "split", None) or "test"
+        run_meta["chosen_on"] = {"split": chosen_on, "data_hash": split_hash(test)}
+        set_meta["best_chosen_on"] = chosen_on
     labels = labels0 if plan.labels is None else plan.labels
 
     def to_synset(syn, meta):
