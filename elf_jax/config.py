@@ -104,6 +104,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.lambda_front = 1.0
     c.eval.lambda_rear = 1.0
     c.eval.repeat_strategy = "auto"  # auto | sequential | vmap | devices
+    # The same evaluation on a random real subset of the set's IPC (same seeds: paired), its
+    # rows and set-minus-random beside the set's (issue 29); doubles the evaluation's time.
+    c.eval.random_reference = False
     # A learned adapter where a pool net's front and its teacher feature differ in shape
     # (beyond the reference, which needs them equal); "off" refuses such pool nets.
     c.eval.adapter = "auto"
@@ -359,6 +362,8 @@ FIELD_DOCS = {
     "eval.lambda_front": "weight of ELF's front (feature) loss",
     "eval.lambda_rear": "weight of ELF's rear (teacher feature -> rear) loss",
     "eval.repeat_strategy": "how repeats run: auto | sequential | vmap | devices",
+    "eval.random_reference": "also evaluate a random real subset of the same IPC (paired seeds): "
+                             "set minus random, ELF's gain on each",
     "eval.adapter": "auto: a learned adapter where front and teacher feature shapes differ | off",
     "eval.checkpoint_every": "epochs between evaluation checkpoints",
     "eval.width": "> 0: width of ConvNet-family pool nets and their teacher (demo only)",

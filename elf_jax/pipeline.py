@@ -244,7 +244,8 @@ def check_prerequisites(run: Run, command: str, removing=()) -> None:
 STAGE_PATHS = {"teacher": ("teachers", "tb/teacher"), "synset": ("distill", "synset", "tb/distill"),
                "features": ("banks",),
                "evaluate": ("eval", "results.json", "results.md", "results.png",
-                            "results_synset.png", "tb/evaluate"),
+                            "results_synset.png", "tb/evaluate", "reference",
+                            "tb/evaluate_random"),
                "sweep": ("sweep", "sweep.json", "sweep.md", "sweep.png")}
 DOWNSTREAM = {"teacher": ("features", "evaluate", "sweep"),
               "synset": ("features", "evaluate", "sweep"),
@@ -382,16 +383,18 @@ def _teacher_placement(config):
 
 
 # ------------------------------------------------------------------ stage 2: synthetic set
-def _request(config) -> dict:
-    """What the config asks of the synthetic-set stage (stored with a made or imported set)."""
+def _request(config, source: Optional[str] = None, ipc: Optional[int] = None) -> dict:
+    """What the config asks of the synthetic-set stage (stored with a made or imported set);
+    `source`/`ipc`: another set's (the random reference of `stage_random_reference`)."""
     s = config.synset
-    want = {"source": s.source, "dataset": config.dataset, "zca": bool(config.zca)}
+    source = source or s.source
+    want = {"source": source, "dataset": config.dataset, "zca": bool(config.zca)}
     if _stats(config) != "dc":  # recorded only when set (requests made before read the same)
         want["stats"] = _stats(config)
-    if s.source == "real_random":  # drawn from the training images the validation split left
-        want.update(ipc=int(s.ipc), seed=int(config.seed),
+    if source == "real_random":  # drawn from the training images the validation split left
+        want.update(ipc=int(s.ipc if ipc is None else ipc), seed=int(config.seed),
                     validation=dict(zip(("fraction", "seed"), validation_settings(config))))
-    elif s.source == "import":
+    elif source == "import":
         want["path"] = str(Path(s.path).absolute()) if s.path else ""
     return want
 
@@ -401,7 +404,7 @@ def stage_synset(run: Run):
     `distill/`, which refuses other settings; an import is read again and replaces the saved
     set when its content differs; a random real subset is reused when its settings match.
     Every replacement is logged."""
-    from elf_jax.synset import load_synset, random_real_subset, save_synset
+    from elf_jax.synset import load_synset
 
     config, saved = run.config, run.workdir / "synset"
     source, want = config.synset.source, _request(config)
@@ -427,13 +430,10 @@ def stage_synset(run: Run):
         finally:
             curves.close()
         return s
-    old = load_synset(saved) if saved.exists() else None
-    if old is not None and source == "real_random" and old.metadata.get("request") == want:
-        _log(f"[synset] reusing {saved} ({old.metadata.get('method')}, IPC {old.ipc})")
-        return old
     if source == "real_random":
-        s = random_real_subset(jax.random.PRNGKey(config.seed), run.train, int(config.synset.ipc))
-    elif source == "import":
+        return _random_subset(run, saved, int(config.synset.ipc))
+    old = load_synset(saved) if saved.exists() else None
+    if source == "import":
         s = _import(config)
     else:
         raise ValueError(f"config.synset.source={source!r}: choose distill, import or real_random")
@@ -441,12 +441,33 @@ def stage_synset(run: Run):
     if old is not None and _same_set(old, s):
         _log(f"[synset] reusing {saved}: the import is unchanged")
         return old
+    return _save_set(saved, old, s)
+
+
+def _save_set(saved: Path, old, s):
+    """Saves the set `s` at `saved`, logging what it replaces (`old`, None for nothing)."""
+    from elf_jax.synset import save_synset
+
     if old is not None:
         _log(f"[synset] replacing {saved} (made for {old.metadata.get('request')}) with the set "
-             f"the config asks for ({want})")
+             f"the config asks for ({s.metadata.get('request')})")
     save_synset(saved, s)
     _log(f"[synset] {s.metadata.get('method')} set with {len(s.images)} images -> {saved}")
     return s
+
+
+def _random_subset(run: Run, saved: Path, ipc: int):
+    """`ipc` random real training images per class, saved at `saved`; the saved one is
+    reused when it was drawn for the same request (dataset, ipc, seed, validation split)."""
+    from elf_jax.synset import load_synset, random_real_subset
+
+    want = _request(run.config, "real_random", ipc)
+    old = load_synset(saved) if saved.exists() else None
+    if old is not None and old.metadata.get("request") == want:
+        _log(f"[synset] reusing {saved} ({old.metadata.get('method')}, IPC {old.ipc})")
+        return old
+    s = random_real_subset(jax.random.PRNGKey(run.config.seed), run.train, ipc)
+    return _save_set(saved, old, s.replace(metadata={"request": want}))
 
 
 def _same_set(old, new) -> bool:
@@ -607,11 +628,12 @@ def import_synset(path: str):
 
 
 # ------------------------------------------------------------------ stage 3: banks
-def stage_features(run: Run, synset=None) -> dict[str, Any]:
+def stage_features(run: Run, synset=None, banks_dir: Optional[Path] = None) -> dict[str, Any]:
     """One feature bank per needed teacher, from its `feature_epoch` snapshot. A saved bank
     is reused only when it was built from this synthetic set and these teacher weights
     (content hashes); otherwise it is rebuilt, and the log says why. Without `synset` (the
-    `features` command) the prerequisites are checked first."""
+    `features` command) the prerequisites are checked first. `banks_dir`: where the banks
+    live (default `<workdir>/banks`; the random reference keeps its own)."""
     from elf_jax.elf.bank import build_bank, save_bank
     from elf_jax.teacher import load_teacher
 
@@ -622,7 +644,7 @@ def stage_features(run: Run, synset=None) -> dict[str, Any]:
     layer = run.config.bank.layer or None
     banks = {}
     for teacher in sorted(set(run.teachers.values())):
-        path = run.workdir / "banks" / teacher
+        path = (banks_dir or run.workdir / "banks") / teacher
         if _reference_buffer(run.config) is not None:
             banks[teacher] = _reference_bank(run, path, synset, teacher, epoch, layer)
             continue
@@ -790,6 +812,7 @@ def eval_request(config, synset_hash: Optional[str]) -> dict:
                               "width", None) for a in config.eval.pool},
         "protocol": _request_protocol(config), "synset": synset, **_bn_chunks(config.eval),
         "validation": dict(zip(("fraction", "seed"), validation_settings(config))),
+        **({"random_reference": True} if config.eval.get("random_reference", False) else {}),
         "teacher": {"arch": t.arch, "override_arch": t.get("override_arch", ""),
                     "epochs": int(t.epochs), "lr": t.lr, "momentum": t.momentum,
                     "weight_decay": t.weight_decay, "batch_size": int(t.batch_size),
@@ -921,8 +944,9 @@ def stage_evaluate(run: Run, synset=None, banks=None) -> dict:
     results.json is replaced at the start by one with this request and no results, so an
     earlier run's file is never reported for this one (even when this one fails before its
     first result); finished (arch, mode) runs are read back from their checkpoints in
-    seconds and written again one by one, and the file is marked `partial` until the end."""
-    from elf_jax.elf.evaluate import cross_evaluate
+    seconds and written again one by one, and the file is marked `partial` until the end.
+    With `eval.random_reference` the same evaluation of a random real subset follows
+    (`stage_random_reference`), under results.json's `reference.random`."""
     config, results_path = run.config, run.workdir / "results.json"
     if synset is None:
         check_prerequisites(run, "evaluate")
@@ -941,38 +965,36 @@ def stage_evaluate(run: Run, synset=None, banks=None) -> dict:
     pc = ParallelConfig.from_config(config.get("parallel", None))  # absent: one device
     partial: dict = {}
     write_json_atomic(results_path, {**meta, "results": partial, "partial": True})
-    eta = _Eta(len(config.eval.pool) * len(config.eval.modes))
+    reference = bool(config.eval.get("random_reference", False))
+    eta = _Eta(len(config.eval.pool) * len(config.eval.modes) * (2 if reference else 1))
 
-    def on_result(arch, mode, entry):
-        partial.setdefault(arch, {})[mode] = entry
-        write_json_atomic(results_path, {**meta, "results": partial, "partial": True})
-        total = entry.get("total_seconds")
-        earlier = f", {total:.0f} s with earlier runs" if entry.get("resumed_from") and total else ""
-        acc = report_lib.format_accuracy(entry["mean"], entry["std"], len(entry["accs"]))
-        _log(f"[evaluate] {arch:<12} {mode:<16} {acc}  ({entry['seconds']:.0f} s{earlier}, "
-             f"{entry['strategy']}) {eta.tick()}")
+    def logger(into: dict, extra: Callable[[], dict], label: str = ""):
+        def on_result(arch, mode, entry):
+            into.setdefault(arch, {})[mode] = entry
+            write_json_atomic(results_path, {**meta, "results": partial, **extra(),
+                                             "partial": True})
+            total = entry.get("total_seconds")
+            earlier = (f", {total:.0f} s with earlier runs" if entry.get("resumed_from") and total
+                       else "")
+            acc = report_lib.format_accuracy(entry["mean"], entry["std"], len(entry["accs"]))
+            _log(f"[evaluate{label}] {arch:<12} {mode:<16} {acc}  ({entry['seconds']:.0f} s"
+                 f"{earlier}, {entry['strategy']}) {eta.tick()}")
+        return on_result
 
-    curves = curves_for(run, "evaluate")
-    try:
-        out = cross_evaluate(
-            list(config.eval.pool), synset.images, synset.labels, images_of(run.test),
-            run.test.labels, features=banks, modes=tuple(config.eval.modes),
-            protocol=_protocol(config), repeats=int(config.eval.repeats),
-            key=jax.random.PRNGKey(config.seed), workdir=run.workdir / "eval",
-            num_classes=synset.num_classes, learned_lr=synset.lr,
-            model_overrides=lambda a: _model_overrides(config, a),
-            strategy=config.eval.repeat_strategy,
-            checkpoint_every=int(config.eval.checkpoint_every), parallel=pc,
-            on_result=on_result, log=_log, adapter=config.eval.adapter, curves=curves)
-    finally:
-        curves.close()
+    out = _evaluate_pool(run, synset, banks, run.workdir / "eval", "evaluate",
+                         logger(partial, dict), pc)
+    full = {**meta, **out, "partial": False}
+    if reference:
+        ref: dict = {}
+        extra = lambda: {"reference": {"random": {"results": ref}}}  # noqa: E731
+        full["reference"] = {"random": stage_random_reference(
+            run, synset, pc, logger(ref, extra, " random"))}
     if pc.parallel != "none":
         from elf_jax.parallel import Placement
 
         pl = Placement.of(pc)
-        meta["parallel"] = {"mode": pc.parallel, "mesh": [pl.n_runs, pl.n_data],
+        full["parallel"] = {"mode": pc.parallel, "mesh": [pl.n_runs, pl.n_data],
                             "devices": jax.device_count(), "processes": jax.process_count()}
-    full = {**meta, **out, "partial": False}
     full["budget"] = budget(synset, banks, full)
     write_json_atomic(results_path, full)
     m = synset.metadata
@@ -980,6 +1002,45 @@ def stage_evaluate(run: Run, synset=None, banks=None) -> dict:
                            m.get("normalization"), f"{m.get('method')} set, IPC {synset.ipc}, "
                            f"{config.dataset} (rows: classes)")
     return full
+
+
+def _evaluate_pool(run: Run, synset, banks, workdir: Path, stage: str, on_result, pc) -> dict:
+    """`cross_evaluate` of the config's pool, modes, protocol and repeats on `synset`, its
+    checkpoints in `workdir`, its curves in `<workdir>/tb/<stage>`."""
+    from elf_jax.elf.evaluate import cross_evaluate
+
+    config, curves = run.config, curves_for(run, stage)
+    try:
+        return cross_evaluate(
+            list(config.eval.pool), synset.images, synset.labels, images_of(run.test),
+            run.test.labels, features=banks, modes=tuple(config.eval.modes),
+            protocol=_protocol(config), repeats=int(config.eval.repeats),
+            key=jax.random.PRNGKey(config.seed), workdir=workdir,
+            num_classes=synset.num_classes, learned_lr=synset.lr,
+            model_overrides=lambda a: _model_overrides(config, a),
+            strategy=config.eval.repeat_strategy,
+            checkpoint_every=int(config.eval.checkpoint_every), parallel=pc,
+            on_result=on_result, log=_log, adapter=config.eval.adapter, curves=curves)
+    finally:
+        curves.close()
+
+
+def stage_random_reference(run: Run, synset, pc, on_result) -> dict:
+    """The evaluation again on a random real subset of the set's IPC (`eval.random_reference`,
+    issue 29): the same pool, modes, protocol (the set's learned lr too), repeats and key, so
+    repeat r of every (arch, mode) starts from the weights and data order of the set's repeat
+    r and the set-minus-random differences are paired. The subset is drawn from the training
+    images the validation split left; it, its banks and its checkpoints live in
+    `<workdir>/reference/random/`."""
+    where = run.workdir / "reference" / "random"
+    subset = _random_subset(run, where / "synset", int(synset.ipc))
+    if synset.lr is not None:
+        subset = subset.replace(lr=synset.lr)
+    banks = (stage_features(run, subset, banks_dir=where / "banks")
+             if any(m != "task" for m in run.config.eval.modes) else None)
+    out = _evaluate_pool(run, subset, banks, where / "eval", "evaluate_random", on_result, pc)
+    return {**out, "synset": {"content_hash": subset.content_hash(), "ipc": subset.ipc,
+                              "images": len(subset.images), "lr": subset.lr}}
 
 
 def budget(synset, banks, results: dict) -> dict:

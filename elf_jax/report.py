@@ -21,7 +21,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from elf_jax.elf.summary import BASELINE_MODE, ELF_MODE, KD_MODE, paired_gains, summarize  # noqa: F401
+from elf_jax.elf.summary import (BASELINE_MODE, ELF_MODE, KD_MODE, paired_gain,  # noqa: F401
+                                 paired_gains, summarize)
 
 _LABELS = {BASELINE_MODE: "baseline (task)", ELF_MODE: "ELF", KD_MODE: "KD (teacher logits)"}
 
@@ -220,18 +221,74 @@ def _table_args(report: Mapping[str, Any]) -> tuple:
     return summary_of(report), missing_cells(report), _request(report).get("repeats")
 
 
+def _random_results(report: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The random reference's per-repeat results ({} when it was not run)."""
+    return (((report.get("reference") or {}).get("random")) or {}).get("results") or {}
+
+
+#: The random reference's tables: its own accuracies, then the set against it.
+RANDOM_TITLE = "Random real subset of the same IPC (same protocol and seeds)"
+VS_RANDOM_TITLE = ("Set minus random, points [paired 95% CI, * excludes 0]; ELF's gain on the "
+                   "set and on the random subset")
+
+
+def vs_random_cells(report: Mapping[str, Any]) -> tuple[list, list[list]]:
+    """Per architecture: the set's accuracy minus the random subset's in each mode (repeat r
+    of both from the same weights: paired), then ELF's gain on the set and on the subset.
+    Cells of runs not (yet) there read "-"."""
+    rand, mine = _random_results(report), report.get("results") or {}
+    modes = _dedupe([m for by_mode in mine.values() for m in by_mode])
+    mine_sum, rand_sum = summarize(mine), summarize(rand)
+    header = ["architecture"] + [f"{m}: set - random" for m in modes] + [
+        "ELF gain on the set", "ELF gain on random"]
+    body = []
+    for arch in mine:
+        cells = [arch]
+        for m in modes:
+            a, b = (rand.get(arch) or {}).get(m), mine[arch].get(m)
+            if a is None or b is None:
+                cells.append("-")
+                continue
+            g = paired_gain(a["accs"], b["accs"])
+            cells.append(_gain_cell({"d": g["mean"], "d_ci95": g["ci95"],
+                                     "d_significant": g["significant"]}, "d"))
+        for summary in (mine_sum, rand_sum):
+            row = summary.get(arch) or {}
+            cells.append(_gain_cell(row) if "gain" in row else "-")
+        body.append(cells)
+    return header, body
+
+
+def _random_parts(report: Mapping[str, Any], markdown: bool) -> list[str]:
+    """The random reference's two tables ([] without one)."""
+    rand = _random_results(report)
+    if not rand:
+        return []
+    repeats = _request(report).get("repeats")
+    header, body = vs_random_cells(report)
+    if markdown:
+        rows = [header, ["---"] * len(header)] + body
+        vs = "\n".join("| " + " | ".join(r) + " |" for r in rows)
+        return [f"\n## {RANDOM_TITLE}\n", markdown_table(summarize(rand), (), repeats),
+                f"\n## {VS_RANDOM_TITLE}\n", vs]
+    return [f"\n{RANDOM_TITLE}", text_table(summarize(rand), (), repeats),
+            f"\n{VS_RANDOM_TITLE}", _aligned(header, body)]
+
+
 def text_report(report: Mapping[str, Any], title: str = "", notes: Sequence[str] = ()) -> str:
-    """What a terminal shows: the loud lines (partial, notes), title, table and settings."""
+    """What a terminal shows: the loud lines (partial, notes), title, table(s) and settings."""
     loud = [line for line in (partial_line(report), *notes) if line]
     settings = [f"  {line}" for line in settings_lines(report)]
     parts = loud + ([title] if title else []) + [text_table(*_table_args(report))]
+    parts += _random_parts(report, markdown=False)
     return "\n".join(parts + (["settings:"] + settings if settings else []))
 
 
 def markdown_report(report: Mapping[str, Any], title: str = "", notes: Sequence[str] = ()) -> str:
-    """results.md: the loud lines first, the title, the table and a Settings section."""
+    """results.md: the loud lines first, the title, the table(s) and a Settings section."""
     loud = [f"**{line}**\n" for line in (partial_line(report), *notes) if line]
     parts = loud + ([f"# {title}\n"] if title else []) + [markdown_table(*_table_args(report))]
+    parts += _random_parts(report, markdown=True)
     settings = settings_lines(report)
     if settings:
         parts.append("\n## Settings\n\n" + "\n".join(f"- {line}" for line in settings))
@@ -612,12 +669,23 @@ def _malformed(report: Any) -> str:
     for key in ("teachers", "synset"):
         if prov.get(key) is not None and not isinstance(prov[key], dict):
             return f"'provenance.{key}' is not a dict"
-    for arch, by_mode in (report.get("results") or {}).items():
+    ref = report.get("reference")
+    if ref is not None and not (isinstance(ref, dict) and isinstance(ref.get("random", {}), dict)
+                                and isinstance(ref.get("random", {}).get("results", {}), dict)):
+        return "'reference' is not a dict holding 'random.results'"
+    return (_malformed_results(report.get("results") or {}, "results")
+            or _malformed_results(_random_results(report), "reference.random.results"))
+
+
+def _malformed_results(results: Mapping[str, Any], where: str) -> str:
+    for arch, by_mode in results.items():
+        if not isinstance(by_mode, dict):
+            return f"'{where}.{arch}' is not a dict"
         for mode, entry in by_mode.items():
             accs = entry.get("accs") if isinstance(entry, dict) else None
             if isinstance(entry, dict) and "accs" in entry and not (
                     isinstance(accs, list) and all(isinstance(a, (int, float)) for a in accs)):
-                return f"'results.{arch}.{mode}.accs' is not a list of numbers"
+                return f"'{where}.{arch}.{mode}.accs' is not a list of numbers"
     return ""
 
 

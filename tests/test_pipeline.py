@@ -281,3 +281,42 @@ def test_an_imported_sets_learned_lr_survives_an_earlier_import_of_its_pixels(tm
     results = json.loads((tmp_path / "wd" / "results.json").read_text())
     assert results["results"]["ConvNet"]["task"]["lr"] == pytest.approx(0.05)  # float32 file
     assert results["provenance"]["synset"]["path"] == str(ref)
+
+
+def test_the_random_reference_shares_the_sets_seeds_and_never_sees_validation(tmp_path):
+    """`eval.random_reference`: the pool evaluated again on a random real subset of the set's
+    IPC, with the set's seeds. Here the set IS that subset (source real_random, same seed and
+    IPC), so each reference run is the set's run again: one program on the same inputs, equal
+    bit for bit, set minus random exactly 0. The subset is drawn from the training images the
+    validation split left."""
+    import numpy as np
+
+    from elf_jax.data import load
+    from elf_jax.data.validation import hold_out
+    from elf_jax.report import RANDOM_TITLE, VS_RANDOM_TITLE
+    from elf_jax.synset import load_synset
+
+    wd = tmp_path / "run"
+    args = [*TINY, "--config.eval.pool=('ConvNet',)", "--config.eval.repeats=2",
+            "--config.eval.random_reference=True"]
+    out = _cli("all", "--workdir", str(wd), *args).stdout
+    assert RANDOM_TITLE in out and VS_RANDOM_TITLE in out and "[evaluate random]" in out, out
+    results = json.loads((wd / "results.json").read_text())
+    ref = results["reference"]["random"]
+    assert results["request"]["random_reference"] is True
+    for mode in ("task", "front_rear_task"):
+        mine, theirs = results["results"]["ConvNet"][mode], ref["results"]["ConvNet"][mode]
+        assert len(mine["accs"]) == 2 and mine["accs"] == theirs["accs"], (mode, mine, theirs)
+    assert ref["synset"]["content_hash"] == results["provenance"]["synset"]["content_hash"]
+    row = next(ln for ln in out.splitlines()[::-1] if ln.startswith("ConvNet "))
+    assert row.split()[1:3] == ["+0.00", "[+0.00,"], row  # set - random, task mode
+    md = (wd / "results.md").read_text()
+    assert f"## {RANDOM_TITLE}" in md and f"## {VS_RANDOM_TITLE}" in md
+    assert RANDOM_TITLE in _cli("report", "--workdir", str(wd), *args).stdout
+    # the subset's images are training images, none of them held out for validation
+    held = hold_out(load("mnist5k", "train"), 0.1, 0)
+    subset = load_synset(wd / "reference" / "random" / "synset")
+    validation = {x.tobytes() for x in held.validation.images}
+    train = {x.tobytes() for x in held.train.images}
+    assert all(x.tobytes() in train and x.tobytes() not in validation for x in subset.images)
+    assert subset.images.shape[0] == 20 and np.isfinite(subset.images).all()

@@ -218,3 +218,28 @@ def test_synset_grid_shows_each_class_in_pixels(tmp_path):
         path = report.synset_grid(images, np.arange(6) % 3, str(tmp_path / name), norm, "t")
         with open(path, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_set_minus_random_is_paired_and_beside_elfs_gain_on_each():
+    """The random reference's tables: set - random per mode from the per-repeat pairs (repeat
+    r of both from the same weights), ELF's gain on the set and on the subset; a damaged
+    reference is named."""
+    res = {"ConvNet": {"task": {"accs": [0.80, 0.82, 0.84]},
+                       "front_rear_task": {"accs": [0.85, 0.86, 0.87]}}}
+    rand = {"ConvNet": {"task": {"accs": [0.70, 0.73, 0.72]},
+                        "front_rear_task": {"accs": [0.71, 0.72, 0.76]}}}
+    rep = {"results": res, "reference": {"random": {"results": rand}}, "request": {"repeats": 3}}
+    header, body = report.vs_random_cells(rep)
+    assert header[1:] == ["task: set - random", "front_rear_task: set - random",
+                          "ELF gain on the set", "ELF gain on random"]
+    d = report.paired_gain([0.70, 0.73, 0.72], [0.80, 0.82, 0.84])  # +10.33 points
+    assert body[0][1] == report._gain_cell({"g": d["mean"], "g_ci95": d["ci95"],
+                                            "g_significant": d["significant"]}, "g")
+    assert body[0][1].startswith("+10.33 [") and body[0][1].endswith("*")
+    assert body[0][3].startswith("+4.00") and body[0][4].startswith("+1.33")
+    md = report.markdown_report(rep)
+    assert report.RANDOM_TITLE in md and "71.67" in md.split(report.RANDOM_TITLE)[1]
+    assert report.RANDOM_TITLE not in report.markdown_report({"results": res})
+    bad = {"results": res, "reference": {"random": {"results": {"ConvNet": {"task": {
+        "accs": ["x"]}}}}}}
+    assert "reference.random.results.ConvNet.task.accs" in report._malformed(bad)
