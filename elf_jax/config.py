@@ -107,6 +107,10 @@ def base_config() -> ml_collections.ConfigDict:
     # The same evaluation on a random real subset of the set's IPC (same seeds: paired), its
     # rows and set-minus-random beside the set's (issue 29); doubles the evaluation's time.
     c.eval.random_reference = False
+    # An lr per (architecture, mode) chosen on the validation split from this grid (every lr
+    # x lr_grid_repeats runs in one program), then eval.repeats at the chosen lr; () = eval.lr
+    c.eval.lr_grid = ()
+    c.eval.lr_grid_repeats = 1
     # A learned adapter where a pool net's front and its teacher feature differ in shape
     # (beyond the reference, which needs them equal); "off" refuses such pool nets.
     c.eval.adapter = "auto"
@@ -362,6 +366,9 @@ FIELD_DOCS = {
     "eval.lambda_front": "weight of ELF's front (feature) loss",
     "eval.lambda_rear": "weight of ELF's rear (teacher feature -> rear) loss",
     "eval.repeat_strategy": "how repeats run: auto | sequential | vmap | devices",
+    "eval.lr_grid": "lrs to choose each (arch, mode)'s evaluation lr from, on the validation "
+                    "split (() = eval.lr for all)",
+    "eval.lr_grid_repeats": "networks trained per lr of eval.lr_grid (same seeds for every lr)",
     "eval.random_reference": "also evaluate a random real subset of the same IPC (paired seeds): "
                              "set minus random, ELF's gain on each",
     "eval.adapter": "auto: a learned adapter where front and teacher feature shapes differ | off",
@@ -579,6 +586,24 @@ def check_config(config) -> None:
     _one_of("eval.reference_loss_quirks", e.get("reference_loss_quirks", False), (False, True))
     _one_of("synset.syn_batch_remainder", s.get("syn_batch_remainder", "drop"),
             ("drop", "reference"))
+    _check_lr_grid(e)
+
+
+def _check_lr_grid(e) -> None:
+    """`eval.lr_grid`: () or distinct lrs > 0, not with `use_learned_lr` (which lr would
+    train?); `lr_grid_repeats` >= 1."""
+    from elf_jax.elf.evaluate import check_lr_grid
+
+    grid = tuple(e.get("lr_grid", ()) or ())
+    if not grid:
+        return
+    check_lr_grid(grid)
+    if e.use_learned_lr:
+        raise ValueError("config.eval.lr_grid with eval.use_learned_lr=True: choose one (the "
+                         "grid chooses the lr on the validation split; the learned lr is the set's)")
+    repeats = e.get("lr_grid_repeats", 1)
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"config.eval.lr_grid_repeats={repeats!r}: must be an integer >= 1")
 
 
 def _check_pool_kwargs(e) -> None:

@@ -813,6 +813,9 @@ def eval_request(config, synset_hash: Optional[str]) -> dict:
         "protocol": _request_protocol(config), "synset": synset, **_bn_chunks(config.eval),
         "validation": dict(zip(("fraction", "seed"), validation_settings(config))),
         **({"random_reference": True} if config.eval.get("random_reference", False) else {}),
+        **({"lr_grid": {"lrs": list(config.eval.lr_grid), "on": choice_split(config),
+                        "repeats": int(config.eval.get("lr_grid_repeats", 1))}}
+           if config.eval.get("lr_grid", ()) else {}),
         "teacher": {"arch": t.arch, "override_arch": t.get("override_arch", ""),
                     "epochs": int(t.epochs), "lr": t.lr, "momentum": t.momentum,
                     "weight_decay": t.weight_decay, "batch_size": int(t.batch_size),
@@ -1007,9 +1010,13 @@ def stage_evaluate(run: Run, synset=None, banks=None) -> dict:
 def _evaluate_pool(run: Run, synset, banks, workdir: Path, stage: str, on_result, pc) -> dict:
     """`cross_evaluate` of the config's pool, modes, protocol and repeats on `synset`, its
     checkpoints in `workdir`, its curves in `<workdir>/tb/<stage>`."""
-    from elf_jax.elf.evaluate import cross_evaluate
+    from elf_jax.elf.evaluate import LrGrid, cross_evaluate
 
     config, curves = run.config, curves_for(run, stage)
+    grid = tuple(config.eval.get("lr_grid", ()) or ())
+    lr_grid = None if not grid else LrGrid(
+        grid, images_of(run.chooser), run.chooser.labels,
+        int(config.eval.get("lr_grid_repeats", 1)), choice_split(config))
     try:
         return cross_evaluate(
             list(config.eval.pool), synset.images, synset.labels, images_of(run.test),
@@ -1020,7 +1027,8 @@ def _evaluate_pool(run: Run, synset, banks, workdir: Path, stage: str, on_result
             model_overrides=lambda a: _model_overrides(config, a),
             strategy=config.eval.repeat_strategy,
             checkpoint_every=int(config.eval.checkpoint_every), parallel=pc,
-            on_result=on_result, log=_log, adapter=config.eval.adapter, curves=curves)
+            on_result=on_result, log=_log, adapter=config.eval.adapter, curves=curves,
+            lr_grid=lr_grid)
     finally:
         curves.close()
 
@@ -1064,6 +1072,10 @@ def budget(synset, banks, results: dict) -> dict:
                                    for t, p in teachers.items()},
         "eval_steps": int(sum(e.get("steps", 0) for e in entries)),
         "eval_seconds": float(sum(e.get("seconds", 0.0) for e in entries)),
+        # choosing the lr (eval.lr_grid): its runs on the validation split
+        "lr_grid_steps": int(sum((e.get("lr_tuning") or {}).get("steps", 0) for e in entries)),
+        "lr_grid_seconds": float(sum((e.get("lr_tuning") or {}).get("seconds", 0.0)
+                                     for e in entries)),
         "devices": sorted({e["device"] for e in entries if e.get("device")}),
     }
 

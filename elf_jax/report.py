@@ -378,6 +378,9 @@ def settings_lines(report: Mapping[str, Any]) -> list[str]:
     adapters = _adapters_line(report.get("results") or {})
     if adapters:
         lines.append(adapters)
+    lrs = _lr_grid_line(report.get("results") or {})
+    if lrs:
+        lines.append(lrs)
     if report.get("results") and "seconds" in _first_entry(report["results"]):
         lines.append(_time_line(report["results"]))
     if report.get("budget"):
@@ -406,6 +409,22 @@ def _choices_line(validation: Mapping[str, Any], chosen_on: Mapping[str, Any]) -
     return f"choices: {chose}; {held}; the test split reports"
 
 
+def _lr_grid_line(results: Mapping[str, Any]) -> str:
+    """The lr each (arch, mode) chose from `eval.lr_grid`, and on which split ("" when none
+    was chosen)."""
+    chosen = {(a, m): e["lr_tuning"] for a, by_mode in results.items()
+              for m, e in by_mode.items() if isinstance(e.get("lr_tuning"), Mapping)}
+    if not chosen:
+        return ""
+    t = next(iter(chosen.values()))
+    per_arch: dict[str, list] = {}
+    for (a, m), tu in chosen.items():
+        per_arch.setdefault(a, []).append(f"{m} {tu['chosen']:g}")
+    return (f"evaluation lr chosen on the {t.get('on')} split from {tuple(t['grid'])} "
+            f"({t.get('repeats')} run(s) per lr, each mode its own): "
+            + "; ".join(f"{a} {', '.join(v)}" for a, v in per_arch.items()))
+
+
 def _mb(n: Any) -> str:
     return f"{n / 1e6:.2f} MB" if isinstance(n, (int, float)) else "?"
 
@@ -420,7 +439,9 @@ def _budget_line(b: Mapping[str, Any]) -> str:
     return (f"budget: synthetic set {_mb(b.get('synset_bytes'))}, soft labels "
             f"{_mb(b.get('soft_label_bytes'))}, banks {banks}; teacher image passes "
             f"{passes or 'none'}; evaluation {b.get('eval_steps', 0):,} SGD steps in "
-            f"{b.get('eval_seconds', 0):.0f} s on {', '.join(b.get('devices') or ['?'])}")
+            f"{b.get('eval_seconds', 0):.0f} s on {', '.join(b.get('devices') or ['?'])}"
+            + (f"; choosing the lr {b['lr_grid_steps']:,} steps in {b.get('lr_grid_seconds', 0):.0f} s"
+               if b.get("lr_grid_steps") else ""))
 
 
 def _adapters_line(results: Mapping[str, Any]) -> str:

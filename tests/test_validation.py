@@ -94,3 +94,45 @@ def test_the_best_set_is_chosen_on_validation_and_the_preset_chooses_on_test(tmp
     assert "held out" not in out and "test acc" in out, out
     best = load_synset(tmp_path / "t" / "distill" / "synset_best")
     assert best.metadata["best_chosen_on"] == "test"
+
+
+def test_each_architecture_and_mode_chooses_its_lr_on_validation(tmp_path):
+    """`eval.lr_grid`: every lr of the grid trains (one program) and is tested on the 400
+    held-out images; the best mean is chosen per (arch, mode), then the repeats train at it
+    and are tested on the test split; results, report and budget say so."""
+    wd = tmp_path / "run"
+    args = ["--config", str(ROOT / "configs" / "demo_mnist5k.py"),
+            "--config.synset.source=real_random", "--config.synset.ipc=2",
+            "--config.teacher.epochs=1", "--config.teacher.feature_epoch=1",
+            "--config.eval.pool=('ConvNet',)", "--config.eval.width=32",
+            "--config.eval.epochs=2", "--config.eval.repeats=1",
+            "--config.eval.lr_grid=(0.0001, 0.05)", "--config.eval.lr_grid_repeats=2"]
+    out = _cli("all", "--workdir", str(wd), *args)
+    assert "evaluation lr chosen on the validation split from (0.0001, 0.05)" in out, out
+    results = json.loads((wd / "results.json").read_text())
+    assert results["request"]["lr_grid"] == {"lrs": [0.0001, 0.05], "on": "validation",
+                                             "repeats": 2}
+    for mode, e in results["results"]["ConvNet"].items():
+        t = e["lr_tuning"]
+        assert t["on"] == "validation" and t["grid"] == [0.0001, 0.05]
+        assert len(t["accs"]) == 2 and all(len(a) == 2 for a in t["accs"])
+        assert t["chosen"] == t["grid"][int(np.argmax(t["mean"]))] == e["lr"], (mode, t, e)
+        for a in (x for row in t["accs"] for x in row):  # of the 400 validation images
+            assert abs(a * 400 - round(a * 400)) < 1e-3
+        assert abs(e["accs"][0] * 1000 - round(e["accs"][0] * 1000)) < 1e-3  # of the test split
+    # 2 lrs x 2 runs x 3 epochs (0..2) of one batch, per mode
+    assert results["budget"]["lr_grid_steps"] == 2 * 2 * 3 * 2
+    assert "choosing the lr 24 steps" in (wd / "results.md").read_text()
+
+
+def test_a_bad_lr_grid_is_refused_before_anything_runs():
+    from elf_jax.config import check_config, demo_config
+
+    c = demo_config()
+    for grid, words in (((0.01, 0.01), "repeated"), ((0.01, -1.0), "> 0"), (("a",), "> 0")):
+        c.eval.lr_grid = grid
+        with pytest.raises(ValueError, match=words):
+            check_config(c)
+    c.eval.lr_grid, c.eval.use_learned_lr = (0.01, 0.03), True
+    with pytest.raises(ValueError, match="use_learned_lr"):
+        check_config(c)

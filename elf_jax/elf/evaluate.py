@@ -43,7 +43,7 @@ from elf_jax.train.runner import run_evaluation
 from elf_jax.train.streaming import is_row_source
 
 __all__ = ["evaluate_synset", "cross_evaluate", "validate_inputs", "describe_split",
-           "net_for_mode", "ADAPTER_CHOICES"]
+           "net_for_mode", "ADAPTER_CHOICES", "LrGrid", "check_lr_grid", "choose_lr"]
 
 ADAPTER_CHOICES = ("auto", "off")  # auto: an adapter where the bank and front shapes differ
 
@@ -476,6 +476,55 @@ def repeat_parts(run_dir: Path, repeats: int) -> list[tuple[int, int, Path]]:
     return [p for p in parts if p[0] < repeats]
 
 
+@dataclasses.dataclass(frozen=True)
+class LrGrid:
+    """An evaluation lr chosen per (architecture, mode) from ``lrs`` on held-out images
+    (``images``/``labels``: the validation split, or the test split for the reference's way,
+    named by ``split``): each lr trains ``repeats`` networks, all G x R runs in one program."""
+
+    lrs: tuple
+    images: Any
+    labels: Any
+    repeats: int = 1
+    split: str = "validation"
+
+
+def check_lr_grid(values) -> tuple[float, ...]:
+    """The grid as floats; ``ValueError`` unless a non-empty tuple of distinct numbers > 0."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values:
+        raise ValueError(f"eval.lr_grid={values!r}: give a non-empty tuple of lrs, e.g. "
+                         "(0.003, 0.01, 0.03)")
+    out = []
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v) or v <= 0:
+            raise ValueError(f"eval.lr_grid={tuple(values)!r}: {v!r} is not a number > 0")
+        out.append(float(v))
+    if len(set(out)) != len(out):
+        raise ValueError(f"eval.lr_grid={tuple(values)!r}: an lr is repeated")
+    return tuple(out)
+
+
+def choose_lr(name, net, protocol, images, labels, features, k, grid: LrGrid, *,
+              teacher_logits=None, **kw) -> dict:
+    """Trains every lr of ``grid`` ``grid.repeats`` times (repeat r of each lr from the same
+    weights) as one program and tests them on ``grid.images``. Returns ``{"grid", "accs"
+    [G][R], "mean" [G], "chosen" (the lr of the best mean; the first of equal ones), "on",
+    "repeats", "seconds", "steps"}``."""
+    lrs, r = check_lr_grid(grid.lrs), int(grid.repeats)
+    out = _train_and_test(
+        name, net, dataclasses.replace(protocol, use_learned_lr=False), images, labels,
+        _host(grid.images, f"{grid.split} images"), _host(grid.labels, f"{grid.split} labels"),
+        features, k, None, teacher_logits=teacher_logits,
+        hparams={"lr": np.repeat(np.asarray(lrs, np.float32), r)}, repeats=len(lrs) * r,
+        repeat_index=np.tile(np.arange(r), len(lrs)), **kw)
+    accs = np.asarray(out["accs"], np.float64).reshape(len(lrs), r)
+    mean = accs.mean(1)
+    return {"grid": list(lrs), "accs": accs.tolist(), "mean": mean.tolist(),
+            "chosen": lrs[int(np.argmax(mean))], "on": grid.split, "repeats": r,
+            "seconds": out["seconds"],
+            "steps": (protocol.epochs + 1) * protocol.steps_per_epoch(len(images)) * len(lrs) * r}
+
+
 def _train_in_parts(name, net, protocol, *args, repeats: int, workdir, **kw) -> dict:
     """`_train_and_test` of repeats ``0..repeats-1`` over the parts of :func:`repeat_parts`
     (one part, the plain run, without a workdir or on a fresh one); the parts' per-repeat
@@ -524,6 +573,7 @@ def cross_evaluate(
     log: Callable[[str], None] = print,
     adapter: str = "auto",
     curves=None,
+    lr_grid: Optional[LrGrid] = None,
 ) -> dict:
     """Every architecture of ``pool`` x every loss mode of ``modes``.
 
@@ -535,6 +585,9 @@ def cross_evaluate(
     (``parallel``) the memory estimate of each is printed with ``log`` and checked too.
     ``on_result(arch, mode, result)`` is called after each run (for incremental reports).
     ``curves``: an :class:`elf_jax.metrics.Curves` for every run's per-epoch metrics.
+    ``lr_grid``: the lr of each (arch, mode) is chosen from it first (:func:`choose_lr`; the
+    baseline and ELF each get their best), recorded in its entry's ``lr_tuning``; the grid's
+    checkpoints live in ``workdir/lr_grid/<arch>/<mode>``.
     Returns the dict described in the module docstring.
     """
     pool = list(pool)
@@ -564,15 +617,25 @@ def cross_evaluate(
     for arch, name, net, feats, logits in resolved:
         results[arch] = {}
         for mode in modes:
+            p, lr_from, tuning = dataclasses.replace(protocol, mode=mode), learned_lr, None
+            run_kw = dict(key=key, strategy=strategy, chunk_epochs=chunk_epochs,
+                          checkpoint_every=checkpoint_every, placement=placement,
+                          progress=progress)
+            if lr_grid is not None:
+                tuning = choose_lr(
+                    name, net, p, images_h, labels_h, feats, k, lr_grid, teacher_logits=logits,
+                    workdir=None if workdir is None else Path(workdir) / "lr_grid" / arch / mode,
+                    **run_kw)
+                p, lr_from = dataclasses.replace(p, lr=tuning["chosen"], use_learned_lr=False), None
             r = _train_in_parts(
-                name, net, dataclasses.replace(protocol, mode=mode), images_h, labels_h,
-                test_images_h, test_labels_h, feats, k, learned_lr, teacher_logits=logits,
-                repeats=repeats, key=key,
-                workdir=None if workdir is None else Path(workdir) / arch / mode,
-                strategy=strategy, chunk_epochs=chunk_epochs, checkpoint_every=checkpoint_every,
-                placement=placement, progress=progress, curves=curves)
+                name, net, p, images_h, labels_h, test_images_h, test_labels_h, feats, k,
+                lr_from, teacher_logits=logits, repeats=repeats,
+                workdir=None if workdir is None else Path(workdir) / arch / mode, curves=curves,
+                **run_kw)
             entry = {kk: r[kk] for kk in ("accs", "mean", "std", "seconds", "total_seconds",
                                           "strategy", "lr", "resumed_from", "adapter_params")}
+            if tuning is not None:
+                entry["lr_tuning"] = tuning
             entry["final_train_loss"] = np.asarray(r["train_loss"])[:, -1].tolist()
             # the cost of the result: SGD steps over all repeats (epochs 0..E, as trained)
             # and the kind of device they ran on
