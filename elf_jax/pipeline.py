@@ -483,7 +483,7 @@ def _same_set(old, new) -> bool:
 def check_learned_lr(config, synset) -> None:
     """Refuses `eval.use_learned_lr` with a set that has no learned lr (before any training:
     it used to train with eval.lr and record `use_learned_lr True`)."""
-    from elf_jax.elf.evaluate import NO_LEARNED_LR
+    from elf_jax.train.protocol import NO_LEARNED_LR
 
     if config.eval.use_learned_lr and synset.lr is None:
         raise ValueError(NO_LEARNED_LR)

@@ -227,29 +227,33 @@ class EvalSettings:
         return it % self.every == 0 or it == iterations
 
 
-def eval_lr(learned_lr, settings: EvalSettings) -> float:
-    """The lr an evaluation of a set trains with: its learned lr (MTT/TESLA) where
-    ``settings.use_learned_lr`` and the set has one, else ``settings.lr``."""
-    return float(learned_lr) if (settings.use_learned_lr and learned_lr is not None) else \
-        float(settings.lr)
+def eval_protocol(settings: EvalSettings, learned_lr) -> "TrainProtocol":
+    """The protocol a periodic evaluation of a set trains with; its base lr
+    (`TrainProtocol.base_lr`) is the set's learned lr (MTT/TESLA) where
+    ``settings.use_learned_lr`` and the set has one, else ``settings.lr`` (a DM set under
+    the reference preset's `eval_learned_lr` has none)."""
+    from elf_jax.train import TrainProtocol
+
+    return TrainProtocol(lr=settings.lr, epochs=settings.epochs, batch_size=settings.batch_size,
+                         use_learned_lr=settings.use_learned_lr and learned_lr is not None,
+                         dsa_strategy=settings.dsa_strategy or "none", mode="task")
 
 
 def evaluate_set(images, labels, lr, test, settings: EvalSettings, arch: str, model_kwargs,
                  key) -> tuple:
     """``(mean, std)`` test accuracy of ConvNet-style evaluation training on the set."""
     from elf_jax.models import get_model
-    from elf_jax.train import TrainProtocol, run_evaluation
+    from elf_jax.train import run_evaluation
 
     labels = np.asarray(labels)
     k = labels.shape[1] if labels.ndim == 2 else num_classes_of(test)
     kw = dict(settings.model_kwargs) if settings.model_kwargs is not None else dict(model_kwargs)
     net = get_model(settings.arch or arch, k, **kw)
-    protocol = TrainProtocol(lr=eval_lr(lr, settings), epochs=settings.epochs,
-                             batch_size=settings.batch_size,
-                             dsa_strategy=settings.dsa_strategy or "none", mode="task")
+    protocol = eval_protocol(settings, lr)
     out = run_evaluation(net, protocol, np.asarray(images), labels, images_of(test),
                          np.asarray(test.labels), repeats=settings.repeats, key=key,
-                         strategy="sequential", progress=False, desc="distill-eval")
+                         strategy="sequential", progress=False, desc="distill-eval",
+                         hparams={"lr": protocol.base_lr(lr)})
     return float(out["mean"]), float(out["std"])
 
 
@@ -359,7 +363,7 @@ def run_loop(
                 mean, std = evaluate_set(s.images, s.labels, s.lr, test, eval_settings, arch,
                                          model_kwargs, ekey)
                 history.append({"iteration": it, "acc": mean, "std": std,
-                                "eval_lr": eval_lr(s.lr, eval_settings)})
+                                "eval_lr": eval_protocol(eval_settings, s.lr).base_lr(s.lr)})
                 if it > 0 and mean > float(best["acc"]):
                     best = {"syn": {k: jnp.asarray(v) for k, v in syn_host.items()},
                             "acc": jnp.asarray(mean, jnp.float32),

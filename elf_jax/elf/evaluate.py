@@ -38,7 +38,7 @@ from elf_jax.elf.losses import KD_MODE, mode_needs_features, mode_needs_logits
 from elf_jax.elf.summary import BASELINE_MODE, ELF_MODE, summarize
 from elf_jax.parallel.memory import format_bytes
 from elf_jax.parallel.placement import Placement
-from elf_jax.train.protocol import TrainProtocol
+from elf_jax.train.protocol import NO_LEARNED_LR, TrainProtocol  # noqa: F401 (re-exported)
 from elf_jax.train.runner import run_evaluation
 from elf_jax.train.streaming import is_row_source
 
@@ -277,25 +277,6 @@ def _resolve_net(arch, num_classes: int, protocol: TrainProtocol, model_override
     return type(arch).__name__, arch
 
 
-NO_LEARNED_LR = ("eval.use_learned_lr is on but the synthetic set carries no learned lr (MTT/"
-                 "TESLA sets do; a reference folder's lr_best.pt): set it off to train with "
-                 "eval.lr, or import the set with its lr")
-
-
-def training_lr(protocol: TrainProtocol, learned_lr) -> float:
-    """The base lr of a run: the protocol's, or the set's learned lr when
-    ``protocol.use_learned_lr`` (which must then be a positive finite number; a set without
-    one is refused, never trained with ``protocol.lr`` in its place)."""
-    if not protocol.use_learned_lr:
-        return protocol.lr
-    if learned_lr is None:
-        raise ValueError(NO_LEARNED_LR)
-    lr = float(np.asarray(learned_lr))
-    if not np.isfinite(lr) or lr <= 0:
-        raise ValueError(f"the synthetic set's learned lr is {lr}; expected a positive number")
-    return lr
-
-
 def resolve_pool(pool, modes, images, labels, test_images, test_labels, features, k: int,
                  protocol: TrainProtocol, overrides: Callable[[str], Mapping[str, Any]],
                  adapter: str = "auto") -> list:
@@ -423,7 +404,7 @@ def _train_and_test(name, net, protocol, images, labels, test_images, test_label
 
     net = net_for_mode(net, protocol.mode, features, images.shape[1:])
     labels = labels.astype(np.int32 if labels.ndim == 1 else np.float32)
-    lr = training_lr(protocol, learned_lr)
+    lr = protocol.base_lr(learned_lr)
     runs = None
     if curves is not None:
         index = kw.get("repeat_index")

@@ -23,7 +23,7 @@ import jax
 import numpy as np
 
 from elf_jax.elf.evaluate import (_check_memory, _train_and_test, log_memory, net_for_mode,
-                                  prepare_inputs, training_lr)
+                                  prepare_inputs)
 from elf_jax.elf.losses import MAX_LAMBDA, mode_needs_features
 from elf_jax.elf.summary import BASELINE_MODE, paired_gain
 from elf_jax.parallel.placement import Placement
@@ -113,7 +113,7 @@ def lambda_sweep(
     if placement.mesh is not None:
         log_memory(_check_memory(name, net, features, [protocol.mode], protocol, placement,
                                  images, labels, k, nf * nl * r), placement, log)
-    lr = training_lr(protocol, learned_lr)
+    lr = protocol.base_lr(learned_lr)
     # run (f, l, r) is number (f * nl + l) * r + r: the grid point's lambdas, repeat index r
     hparams = {"lr": lr,
                "lambda_front": np.repeat(np.asarray(lf, np.float32), nl * r),

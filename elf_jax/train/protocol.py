@@ -26,6 +26,7 @@ from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from elf_jax.augment import DEFAULT_STRATEGY
@@ -56,6 +57,11 @@ def torch_sgd(
     if learning_rate is not None:
         parts.append(optax.scale_by_learning_rate(learning_rate))
     return optax.chain(*parts) if parts else optax.identity()
+
+
+NO_LEARNED_LR = ("eval.use_learned_lr is on but the synthetic set carries no learned lr (MTT/"
+                 "TESLA sets do; a reference folder's lr_best.pt): set it off to train with "
+                 "eval.lr, or import the set with its lr")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,6 +144,19 @@ class TrainProtocol:
     @property
     def compute_dtype(self):
         return jnp.dtype(self.dtype)
+
+    def base_lr(self, learned_lr=None) -> float:
+        """The base lr of a run (the one resolver of the evaluation lr): ``lr``, or the set's
+        learned lr when ``use_learned_lr`` (then a positive finite number; a set without one
+        is refused, never trained with ``lr`` in its place)."""
+        if not self.use_learned_lr:
+            return self.lr
+        if learned_lr is None:
+            raise ValueError(NO_LEARNED_LR)
+        lr = float(np.asarray(learned_lr))
+        if not np.isfinite(lr) or lr <= 0:
+            raise ValueError(f"the synthetic set's learned lr is {lr}; expected a positive number")
+        return lr
 
     def lr_at(self, epoch: int, lr: Optional[float] = None) -> float:
         """The lr of ``epoch`` as a Python float (no device op: for logging on the host);
