@@ -31,13 +31,15 @@ args = ap.parse_args()
 if "XLA_FLAGS" not in os.environ and args.sim:
     os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.sim}"
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from elf_jax.models import get_model  # noqa: E402
-from elf_jax.parallel import DataParallel, ParallelConfig, make_mesh  # noqa: E402
+from elf_jax.parallel import ParallelConfig, make_mesh  # noqa: E402
+from _data_parallel import DataParallel  # noqa: E402  (tests/: the single-step wrappers)
 from elf_jax.train.protocol import TrainProtocol  # noqa: E402
 from elf_jax.train.step import init_state  # noqa: E402
 

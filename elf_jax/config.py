@@ -15,6 +15,7 @@ import math
 import ml_collections
 
 from elf_jax.augment import DEFAULT_STRATEGY
+from elf_jax.data.validation import VALIDATION_FRACTION, validation_settings  # noqa: F401
 from elf_jax.distill.settings import FIELD_DOCS as SYNSET_DOCS
 from elf_jax.distill.settings import METHOD_SETTINGS, schema
 from elf_jax.elf.losses import MAX_LAMBDA
@@ -25,10 +26,6 @@ CROSS_POOL = ("ConvNet", "ConvNetBN", "ResNet18", "ResNet18BN", "VGG11", "VGG11B
 # Its 64x64 pool ("cross_imagenet": the _L4/_L6 split names of these nets).
 IMAGENET_CROSS_POOL = ("ConvNetD4", "ConvNetD4BN", "ResNet18ImageNet", "ResNet18BNImageNet",
                        "VGG11ImageNet", "VGG11BNImageNet")
-
-
-#: Share of each class of the real training split held out to choose on (`validation`).
-VALIDATION_FRACTION = 0.1
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -261,15 +258,6 @@ def imagenet64_config() -> ml_collections.ConfigDict:
 # ------------------------------------------------------------------ the reference preset
 # The published runs of the reference scripts ran on 4 GPUs with nn.DataParallel.
 REFERENCE_GPUS = 4
-
-
-def validation_settings(config) -> tuple[float, int]:
-    """``(fraction, seed)`` of the validation split; a config without the section (a file
-    not built on `base_config`) holds out the default share."""
-    v = config.get("validation", None)
-    if v is None:
-        return VALIDATION_FRACTION, 0
-    return float(v.get("fraction", VALIDATION_FRACTION)), int(v.get("seed", 0))
 
 
 def reference_preset(config) -> ml_collections.ConfigDict:

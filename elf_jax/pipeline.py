@@ -48,10 +48,10 @@ import numpy as np
 
 from elf_jax import report as report_lib
 from elf_jax.checkpoint import write_json_atomic
-from elf_jax.config import check_config, validation_settings
+from elf_jax.config import check_config
 from elf_jax.data import resolve_info
 from elf_jax.data.stream import STREAM_ABOVE_GB, float32_gb, images_of, is_streamed, open_split
-from elf_jax.data.validation import HeldOut, hold_out
+from elf_jax.data.validation import HeldOut, hold_out, validation_settings
 from elf_jax.models import front_shape, get_model, list_models
 from elf_jax.parallel.mesh import ParallelConfig
 

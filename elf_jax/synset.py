@@ -44,6 +44,7 @@ import jax
 import numpy as np
 
 from elf_jax import checkpoint
+from elf_jax.hashing import fingerprint
 from elf_jax.data.sampler import take_rows
 
 __all__ = [
@@ -201,7 +202,7 @@ class SyntheticSet:
 
     def content_hash(self) -> str:
         """sha256 hex digest of the images and labels (shapes, dtypes and bytes)."""
-        return checkpoint.fingerprint(self.images, self.labels)
+        return fingerprint(self.images, self.labels)
 
     def replace(self, **changes) -> "SyntheticSet":
         """A copy with fields changed (re-validated); ``metadata`` entries are merged."""
@@ -250,7 +251,7 @@ def _stored_hash(images, labels) -> str:
     """``SyntheticSet.content_hash`` of stored arrays, computed before validation so a damaged
     set is reported as damaged, not as invalid (e.g. NaN read as a diverged distillation)."""
     labels = np.asarray(labels)
-    return checkpoint.fingerprint(np.asarray(images, np.float32),
+    return fingerprint(np.asarray(images, np.float32),
                                   labels.astype(np.int32 if labels.ndim == 1 else np.float32))
 
 
@@ -386,7 +387,7 @@ def random_real_subset(key, dataset, ipc: int) -> SyntheticSet:
         "zca": bool(getattr(dataset, "zca", False)),
         "iteration": 0,
         "seed_key": _host(checkpoint._prepare_tree(key)).tolist(),  # typed key: its data
-        "indices_hash": checkpoint.fingerprint(sel.astype(np.int64))[:16],
+        "indices_hash": fingerprint(sel.astype(np.int64))[:16],
     }
     return SyntheticSet(images, labels[sel].astype(np.int32), metadata=meta, num_classes=k)
 

@@ -50,11 +50,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from elf_jax.checkpoint import StepCheckpoints, fingerprint, write_json_atomic
+from elf_jax.checkpoint import StepCheckpoints, write_json_atomic
+from elf_jax.hashing import fingerprint
 from elf_jax.data.stream import is_streamed, split_hash
 from elf_jax.keys import stage_key
 from elf_jax.models import get_model
-from elf_jax.parallel.wrappers import host_copy
+from elf_jax.parallel.collectives import host_copy
 from elf_jax.augment import DEFAULT_STRATEGY
 from elf_jax.train.protocol import TrainProtocol
 from elf_jax.train.runner import fit, init_states, test_accuracy

@@ -119,7 +119,9 @@ def _train(batches_fn):
     import jax
 
     from elf_jax.models import get_model
-    from elf_jax.parallel import DataParallel, ParallelConfig
+    from _data_parallel import DataParallel
+
+    from elf_jax.parallel import ParallelConfig
     from elf_jax.train.protocol import TrainProtocol
     from elf_jax.train.step import init_state
 

@@ -190,7 +190,9 @@ def _case_equiv(name, hw, steps):
     import jax.numpy as jnp
 
     from elf_jax.models import get_model
-    from elf_jax.parallel import DataParallel, ParallelConfig
+    from _data_parallel import DataParallel
+
+    from elf_jax.parallel import ParallelConfig
     from elf_jax.train.protocol import TrainProtocol
     from elf_jax.train.step import init_state
 
@@ -302,7 +304,9 @@ def _case_adapter_kd():
 
 def _case_errors(net, proto, st0, batch):
 
-    from elf_jax.parallel import DataParallel, ParallelConfig, make_mesh
+    from _data_parallel import DataParallel
+
+    from elf_jax.parallel import ParallelConfig, make_mesh
     from elf_jax.train.runner import run_evaluation
 
     errs = {}

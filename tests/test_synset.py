@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from elf_jax import checkpoint
+from elf_jax.hashing import fingerprint
 from elf_jax.synset import (SyntheticSet, from_npz, load_synset, random_real_subset,
                             save_synset, to_npz)
 
@@ -194,7 +195,7 @@ def test_damage_is_corruption_not_divergence(tmp_path):
              metadata_json=json.dumps(meta))
     with pytest.raises(ValueError, match=r"flipped.npz is corrupt \(content hash mismatch"):
         from_npz(tmp_path / "flipped.npz")
-    meta["content_hash"] = checkpoint.fingerprint(nan_images, s.labels)
+    meta["content_hash"] = fingerprint(nan_images, s.labels)
     np.savez(tmp_path / "nan.npz", images=nan_images, labels=s.labels,
              metadata_json=json.dumps(meta))
     with pytest.raises(ValueError, match="diverged"):

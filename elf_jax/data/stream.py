@@ -25,7 +25,7 @@ from typing import Optional
 
 import numpy as np
 
-from elf_jax.checkpoint import fingerprint
+from elf_jax.hashing import fingerprint
 from elf_jax.data.registry import DatasetInfo
 
 __all__ = ["DATA_MODES", "STREAM_ABOVE_GB", "StreamedSplit", "open_split", "float32_gb",

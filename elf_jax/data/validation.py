@@ -23,10 +23,21 @@ import numpy as np
 
 from elf_jax.data.stream import is_streamed
 
-__all__ = ["HeldOut", "hold_out", "validation_rows"]
+__all__ = ["HeldOut", "hold_out", "validation_rows", "validation_settings"]
 
 #: `config.validation.fraction`'s range: at most half of every class is held out.
 MAX_FRACTION = 0.5
+#: Share of each class of the real training split held out by default.
+VALIDATION_FRACTION = 0.1
+
+
+def validation_settings(config) -> tuple[float, int]:
+    """``(fraction, seed)`` of a config's `validation` section; a config without one (a file
+    not built on `base_config`) holds out the default share."""
+    v = config.get("validation", None)
+    if v is None:
+        return VALIDATION_FRACTION, 0
+    return float(v.get("fraction", VALIDATION_FRACTION)), int(v.get("seed", 0))
 
 
 def validation_rows(labels: np.ndarray, num_classes: int, fraction: float,

@@ -74,9 +74,8 @@ def distill_from_config(config, workdir, *, train=None, choose_on=None, callback
     """
     import jax
 
-    from elf_jax.config import validation_settings
     from elf_jax.data.stream import STREAM_ABOVE_GB, open_split
-    from elf_jax.data.validation import hold_out
+    from elf_jax.data.validation import hold_out, validation_settings
     from elf_jax.distill.settings import from_config
 
     method = method_name(config.synset.method)

@@ -29,11 +29,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from elf_jax.checkpoint import (StepCheckpoints, _normalize_meta, check_expect, fingerprint,
-                                what_differs)
+from elf_jax.checkpoint import StepCheckpoints, _normalize_meta, check_expect, what_differs
 from elf_jax.augment import DEFAULT_STRATEGY
 from elf_jax.data.sampler import take_rows
 from elf_jax.data.stream import images_of, is_streamed, split_hash
+from elf_jax.hashing import fingerprint
 from elf_jax.distill.settings import METHOD_SETTINGS, Settings
 from elf_jax.keys import raw_key, stage_key, typed_key
 from elf_jax.synset import SyntheticSet, dataset_normalization, load_synset, save_synset

@@ -61,7 +61,7 @@ from jax.flatten_util import ravel_pytree
 from elf_jax import loops
 from elf_jax.distill import common as C
 from elf_jax.train.step import all_finite
-from elf_jax.checkpoint import fingerprint
+from elf_jax.hashing import fingerprint
 from elf_jax.distill.settings import TrajectorySettings
 
 __all__ = ["GRADIENTS", "load_expert_array", "make_mtt_step", "run_mtt", "run_tesla"]

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from elf_jax import checkpoint
+from elf_jax.hashing import fingerprint
 from elf_jax.synset import SyntheticSet
 
 __all__ = ["FeatureBank", "build_bank", "save_bank", "load_bank", "teacher_features",
@@ -283,7 +284,7 @@ def teacher_hash(variables) -> str:
     """Content hash of a teacher snapshot's weights (and BatchNorm statistics): a bank is
     reused only for the weights that made it, whatever the teacher's name and epoch say."""
     v = {k: val for k, val in dict(variables).items() if k in ("params", "batch_stats") and val}
-    return checkpoint.fingerprint(*(np.asarray(x) for x in jax.tree.leaves(v)))
+    return fingerprint(*(np.asarray(x) for x in jax.tree.leaves(v)))
 
 
 def build_bank(teacher_net, teacher_variables, synset: SyntheticSet, *, teacher_name: str,
@@ -320,10 +321,10 @@ def save_bank(path, bank: FeatureBank) -> Path:
     """Writes ``bank`` atomically with orbax."""
     if not isinstance(bank, FeatureBank):
         raise ValueError(f"save_bank expects a FeatureBank, got {type(bank).__name__}")
-    meta = {**dict(bank.metadata), "features_hash": checkpoint.fingerprint(bank.features)}
+    meta = {**dict(bank.metadata), "features_hash": fingerprint(bank.features)}
     tree = {"features": bank.features}
     if bank.logits is not None:  # the logits are part of the bank's content hash
-        meta["logits_hash"] = checkpoint.fingerprint(bank.logits)
+        meta["logits_hash"] = fingerprint(bank.logits)
         tree["logits"] = bank.logits
     return checkpoint.save_tree(path, tree, meta)
 
@@ -355,7 +356,7 @@ def load_bank(path, expect_synset: Union[SyntheticSet, str, None] = None,
         header.check_synset(expect_synset, where)
     tree, meta = checkpoint.load_tree(path)
     feats = np.asarray(tree["features"])
-    if "features_hash" in meta and checkpoint.fingerprint(feats) != meta["features_hash"]:
+    if "features_hash" in meta and fingerprint(feats) != meta["features_hash"]:
         raise ValueError(f"{where} is corrupt: its features do not match the content hash "
                          "saved with them; delete it and rebuild it (elf-jax features)")
     if list(feats.shape[1:]) != list(meta.get("feature_shape", feats.shape[1:])):
@@ -364,7 +365,7 @@ def load_bank(path, expect_synset: Union[SyntheticSet, str, None] = None,
     logits = tree.get("logits")  # absent in banks saved before banks stored logits
     if logits is not None:
         logits = np.asarray(logits)
-        if checkpoint.fingerprint(logits) != meta.get("logits_hash"):
+        if fingerprint(logits) != meta.get("logits_hash"):
             raise ValueError(f"{where} is corrupt: its teacher logits do not match the content "
                              "hash saved with them; delete it and rebuild it (elf-jax features)")
     return FeatureBank(feats, {k: v for k, v in meta.items() if k not in _STORAGE_KEYS}, logits)

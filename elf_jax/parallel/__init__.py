@@ -6,14 +6,13 @@ for a :class:`~elf_jax.parallel.placement.Placement`.
 * :mod:`~elf_jax.parallel.mesh`: ``("runs", "data")`` meshes, the ``parallel`` config section.
 * :mod:`~elf_jax.parallel.placement`: runs and the training set on a mesh; minibatch gathers
   inside ``shard_map``.
-* :mod:`~elf_jax.parallel.wrappers`: the per-device step under ``pmap``/``shard_map`` for
-  single steps (``pmap_step``, ``shard_map_step``, ``DataParallel``).
+* :mod:`~elf_jax.parallel.collectives`: rows per device, per-device keys, synchronized
+  BatchNorm, values placed from every process, host copies gathered over processes.
 * :mod:`~elf_jax.parallel.distributed`: ``jax.distributed`` from config or environment.
 * :mod:`~elf_jax.parallel.memory`: memory estimate for large synthetic sets and banks.
 """
 
+from elf_jax.parallel.collectives import check_divisible, with_bn_axis  # noqa: F401
 from elf_jax.parallel.mesh import (DATA, PARALLEL_MODES, RUNS, ParallelConfig, data_size,  # noqa: F401
                                    make_mesh, runs_size)
 from elf_jax.parallel.placement import Placement  # noqa: F401
-from elf_jax.parallel.wrappers import (DataParallel, check_divisible, global_augment,  # noqa: F401
-                                       pmap_step, shard_map_step, with_bn_axis)

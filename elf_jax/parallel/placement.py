@@ -27,7 +27,7 @@ from jax import lax
 from jax.sharding import Mesh, PartitionSpec as P
 
 from elf_jax.parallel.mesh import DATA, RUNS, ParallelConfig, data_size, make_mesh, runs_size
-from elf_jax.parallel.wrappers import replicate_global
+from elf_jax.parallel.collectives import replicate_global
 
 __all__ = ["Placement", "place_rows", "local_rows", "global_rows"]
 

@@ -47,17 +47,17 @@ import numpy as np
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from elf_jax.checkpoint import StepCheckpoints, check_expect, fingerprint
+from elf_jax.checkpoint import StepCheckpoints, check_expect
+from elf_jax.hashing import fingerprint
 from elf_jax.elf.losses import mode_needs_features, mode_needs_logits
 from elf_jax.keys import raw_key, stage_key, typed_key
 from elf_jax.loops import default_engine
 from elf_jax.parallel.mesh import DATA, RUNS
 from elf_jax.parallel.placement import Placement, global_rows, local_rows, place_rows
-from elf_jax.parallel.wrappers import (check_divisible, fold_key, global_augment, host_copy,
-                                       with_bn_axis)
+from elf_jax.parallel.collectives import check_divisible, fold_key, host_copy, with_bn_axis
 from elf_jax.train.protocol import TrainProtocol
-from elf_jax.train.step import (TrainState, all_finite, default_hparams, init_state,
-                                make_variables, train_step)
+from elf_jax.train.step import (TrainState, all_finite, default_hparams, global_augment,
+                                init_state, make_variables, train_step)
 from elf_jax.train.streaming import (DEFAULT_STREAM_STEPS, MAX_IN_FLIGHT, check_streamable,
                                      is_row_source, make_stream_chunk_fn, stream_batches,
                                      stream_test_batches)

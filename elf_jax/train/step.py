@@ -47,7 +47,7 @@ from elf_jax.models.adapter import Adapted, init_variables
 from elf_jax.train.protocol import TrainProtocol
 
 __all__ = ["TrainState", "init_state", "train_step", "jit_train_step", "make_variables", "augment",
-           "all_finite"]
+           "all_finite", "global_augment"]
 
 
 def all_finite(tree) -> jax.Array:
@@ -235,3 +235,13 @@ def train_step(
 def jit_train_step(state, batch, key, *, net, protocol, axis_name=None):
     """``train_step`` under ``jax.jit`` with the state donated."""
     return train_step(state, batch, key, net=net, protocol=protocol, axis_name=axis_name)
+
+
+def global_augment(batch: Mapping[str, Any], key, protocol) -> dict:
+    """The DSA draw the per-device step would make on one device, applied to the GLOBAL
+    batch: ``train_step`` splits its key into ``(k_aug, k_drop_img, k_drop_feat)`` and
+    augments with ``k_aug``; so do we. The step then runs with ``dsa_strategy="none"``."""
+    k_aug = jax.random.split(typed_key(key), 3)[0]
+    out = dict(batch)
+    out["images"] = augment(k_aug, batch["images"], protocol)
+    return out

@@ -36,7 +36,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from elf_jax import loops
 from elf_jax.parallel.mesh import DATA
-from elf_jax.parallel.wrappers import host_copy
+from elf_jax.parallel.collectives import host_copy
 
 __all__ = ["is_row_source", "check_streamable", "make_stream_chunk_fn", "stream_batches",
            "DEFAULT_STREAM_STEPS", "PREFETCH", "MAX_IN_FLIGHT"]

@@ -1,4 +1,5 @@
-"""ONE per-device step, three ways to run it: ``jit`` ("none"), ``jax.pmap`` and
+"""The single-step data-parallel wrappers, kept for the tests and benchmarks/bench_scaling.py
+(the engine, `elf_jax.train.runner.fit`, places its own programs): ONE per-device step, three ways to run it: ``jit`` ("none"), ``jax.pmap`` and
 ``jax.shard_map`` over the ``data`` axis.
 
 The per-device step is ``elf_jax.train.step.train_step(state, batch, key, *, net, protocol,
@@ -36,89 +37,17 @@ import numpy as np
 from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from elf_jax.keys import raw_key, typed_key
+from elf_jax.keys import raw_key
+from elf_jax.parallel.collectives import (check_divisible, fold_key, host_copy, replicate_global,
+                                          with_bn_axis)
 from elf_jax.parallel.mesh import DATA, ParallelConfig, data_size, make_mesh, runs_size
-
-__all__ = [
-    "check_divisible", "fold_key", "global_augment", "with_bn_axis", "pmap_step",
-    "shard_map_step", "DataParallel", "replicate_global", "host_copy",
-]
-
-
-# ----------------------------------------------------------------------------- helpers
-def check_divisible(global_batch: int, n: int, what: str = "global batch") -> int:
-    """Rows per device; ``ValueError`` when ``global_batch`` does not divide over ``n``."""
-    global_batch, n = int(global_batch), int(n)
-    if n < 1:
-        raise ValueError(f"device count must be >= 1, got {n}")
-    if global_batch % n:
-        lo = (global_batch // n) * n
-        hi = lo + n
-        raise ValueError(
-            f"{what} of {global_batch} rows does not divide over the {n} devices of the 'data' "
-            f"axis ({global_batch / n:.2f} per device); use a batch that is a multiple of {n} "
-            f"(e.g. {lo or hi} or {hi}), or change the number of devices (parallel.data)")
-    return global_batch // n
-
-
-def fold_key(key, axis_name: str = DATA):
-    """``fold_in(key, axis_index(axis_name))`` as raw key data (inside pmap/shard_map)."""
-    return jax.random.key_data(jax.random.fold_in(typed_key(key), lax.axis_index(axis_name)))
-
-
-def global_augment(batch: Mapping[str, Any], key, protocol) -> dict:
-    """The DSA draw the per-device step would make on one device, applied to the GLOBAL
-    batch: ``train_step`` splits its key into ``(k_aug, k_drop_img, k_drop_feat)`` and
-    augments with ``k_aug``; so do we. The step then runs with ``dsa_strategy="none"``."""
-    from elf_jax.train.step import augment
-
-    k_aug = jax.random.split(typed_key(key), 3)[0]
-    out = dict(batch)
-    out["images"] = augment(k_aug, batch["images"], protocol)
-    return out
+from elf_jax.train.step import global_augment, train_step
 
 
 def _dsa_on(protocol) -> bool:
     return getattr(protocol, "dsa_strategy", "none") not in ("", "none", None)
 
 
-def with_bn_axis(net, axis_name: Optional[str] = DATA):
-    """``net`` with its BatchNorm layers synchronized over ``axis_name`` (the model zoo's
-    ``bn_axis_name`` hook; a no-op for nets without it)."""
-    if hasattr(net, "bn_axis_name") and getattr(net, "bn_axis_name") != axis_name:
-        return net.clone(bn_axis_name=axis_name)
-    return net
-
-
-def replicate_global(tree, mesh, spec=P()):
-    """Places host values on ``mesh`` with ``spec`` (works with several processes: every
-    process passes the same full value)."""
-    def put(x):
-        x = np.asarray(x)
-        sh = NamedSharding(mesh, spec)
-        if jax.process_count() == 1:
-            return jax.device_put(x, sh)
-        return jax.make_array_from_callback(x.shape, sh, lambda idx: x[idx])
-
-    return jax.tree.map(put, tree)
-
-
-def host_copy(tree):
-    """Numpy copy of a pytree of arrays; arrays spread over several processes are gathered
-    first. The local copies are started together (one ``device_get``), not leaf by leaf."""
-    def local(x):
-        if isinstance(x, jax.Array) and not x.is_fully_addressable:
-            if x.sharding.is_fully_replicated:
-                return x.addressable_data(0)
-            from jax.experimental import multihost_utils
-
-            return multihost_utils.process_allgather(x, tiled=True)
-        return x
-
-    return jax.tree.map(np.asarray, jax.device_get(jax.tree.map(local, tree)))
-
-
-# ----------------------------------------------------------------------------- wrappers
 def _per_device(step_fn, axis_name, fold):
     def fn(state, batch, key):
         k = fold_key(key, axis_name) if fold else key
@@ -188,8 +117,6 @@ class DataParallel:
 
     def __init__(self, net, protocol, config: Any = None, *, mesh=None, step_fn=None,
                  donate: bool = False):
-        from elf_jax.train.step import train_step
-
         pc = config if isinstance(config, ParallelConfig) else ParallelConfig.from_config(config)
         self.config = pc
         self.mode = pc.parallel
