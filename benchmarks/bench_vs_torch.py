@@ -157,7 +157,7 @@ def bench_net(name, args, torch, ctx):
 
     from bench_dsa import torch_dsa, torch_dsa_groups
     from elf_jax.augment import DEFAULT_STRATEGY
-    from elf_jax.elf.losses import task_loss
+    from elf_jax.losses import task_loss
     from elf_jax.interop.torch import from_torch_state_dict, to_torch_state_dict
     from elf_jax.models import get_model
     from elf_jax.parallel.placement import Placement

@@ -18,7 +18,7 @@ from elf_jax.augment import DEFAULT_STRATEGY
 from elf_jax.data.validation import VALIDATION_FRACTION, validation_settings  # noqa: F401
 from elf_jax.distill.settings import FIELD_DOCS as SYNSET_DOCS
 from elf_jax.distill.settings import METHOD_SETTINGS, schema
-from elf_jax.elf.losses import MAX_LAMBDA
+from elf_jax.losses import MAX_LAMBDA
 from elf_jax.parallel.mesh import ParallelConfig
 
 # The reference's cross-architecture pool ("cross"); "-IN" names are instance norm.
@@ -511,7 +511,7 @@ def check_config(config) -> None:
     from elf_jax.augment import parse_strategy
     from elf_jax.data import resolve_info
     from elf_jax.elf.evaluate import ADAPTER_CHOICES
-    from elf_jax.elf.losses import FEATURE_KINDS, LOSS_MODES
+    from elf_jax.losses import FEATURE_KINDS, LOSS_MODES
     from elf_jax.models.registry import canonical_name
     from elf_jax.parallel.mesh import ParallelConfig
     from elf_jax.train.protocol import TrainProtocol

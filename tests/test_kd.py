@@ -10,7 +10,7 @@ import torch
 from elf_jax import report
 from elf_jax.elf import evaluate_synset
 from elf_jax.elf.bank import FeatureBank, build_bank, load_bank, save_bank
-from elf_jax.elf.losses import kd_loss, kd_objective
+from elf_jax.losses import kd_loss, kd_objective
 from elf_jax.models import get_model
 from elf_jax.synset import SyntheticSet
 from elf_jax.train import TrainProtocol

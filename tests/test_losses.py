@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from elf_jax.elf import elf_objective, feature_loss, task_loss
-from elf_jax.elf.losses import ELF_MODES
+from elf_jax.losses import ELF_MODES
 
 pytestmark = pytest.mark.numerics  # rounding-sensitive: make test-avx2 reruns it
 

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 
 from elf_jax import pipeline
 from elf_jax.config import base_config, check_config
-from elf_jax.elf.losses import elf_objective, feature_loss, task_loss
+from elf_jax.losses import elf_objective, feature_loss, task_loss
 from elf_jax.train.protocol import TrainProtocol
 
 

@@ -4,7 +4,7 @@
 points and the feature bank load on first use so that importing the losses stays cheap.
 """
 
-from elf_jax.elf.losses import (  # noqa: F401
+from elf_jax.losses import (  # noqa: F401
     FEATURE_KINDS,
     LOSS_MODES,
     elf_objective,

@@ -12,7 +12,7 @@ fixed-size jitted batches and records, through flax's ``capture_intermediates``,
 
 The bank also holds the teacher's logits of the same clean images (a full forward pass in
 inference mode, float32 ``[N, K]``): the targets of the ``kd`` loss mode, a
-knowledge-distillation control for ELF (``elf_jax.elf.losses.kd_loss``). Banks saved before
+knowledge-distillation control for ELF (``elf_jax.losses.kd_loss``). Banks saved before
 they were stored load with ``logits=None``.
 
 Storage (``save_bank``/``load_bank``): a ``checkpoint.save_tree`` directory with tree

@@ -10,7 +10,7 @@ dicts; ``cross_evaluate``'s result is the input of :mod:`elf_jax.report`::
                         "gain_vs_kd": ELF mean - KD mean (with mode kd), ...}},
      "pool", "modes", "repeats", "protocol", "num_classes", "placement"}
 
-Mode ``kd`` (a knowledge-distillation control, ``elf_jax.elf.losses.kd_loss``) trains on the
+Mode ``kd`` (a knowledge-distillation control, ``elf_jax.losses.kd_loss``) trains on the
 teacher's logits that a ``FeatureBank`` holds next to its features: pass banks, not bare
 feature arrays, to evaluate it; the summary then also gives ELF's gain over it.
 
@@ -34,7 +34,7 @@ import numpy as np
 from elf_jax.checkpoint import StepCheckpoints
 from elf_jax.metrics import epoch_logger
 
-from elf_jax.elf.losses import KD_MODE, mode_needs_features, mode_needs_logits
+from elf_jax.losses import KD_MODE, mode_needs_features, mode_needs_logits
 from elf_jax.elf.summary import BASELINE_MODE, ELF_MODE, summarize
 from elf_jax.parallel.memory import format_bytes
 from elf_jax.parallel.placement import Placement

@@ -16,7 +16,7 @@ __all__ = ["BASELINE_MODE", "ELF_MODE", "KD_MODE", "paired_gain", "paired_gains"
 
 BASELINE_MODE = "task"
 ELF_MODE = "front_rear_task"
-KD_MODE = "kd"  # elf_jax.elf.losses.KD_MODE (not imported: the report needs no jax)
+KD_MODE = "kd"  # elf_jax.losses.KD_MODE (not imported: the report needs no jax)
 
 
 def _mean_std(accs: Sequence[float]) -> tuple[float, float]:

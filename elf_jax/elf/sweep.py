@@ -24,7 +24,7 @@ import numpy as np
 
 from elf_jax.elf.evaluate import (_check_memory, _train_and_test, log_memory, net_for_mode,
                                   prepare_inputs)
-from elf_jax.elf.losses import MAX_LAMBDA, mode_needs_features
+from elf_jax.losses import MAX_LAMBDA, mode_needs_features
 from elf_jax.elf.summary import BASELINE_MODE, paired_gain
 from elf_jax.parallel.placement import Placement
 from elf_jax.train.protocol import TrainProtocol

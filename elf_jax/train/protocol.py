@@ -30,7 +30,7 @@ import numpy as np
 import optax
 
 from elf_jax.augment import DEFAULT_STRATEGY
-from elf_jax.elf.losses import DEFAULT_KD_TEMPERATURE, FEATURE_KINDS, KD_MODE, LOSS_MODES
+from elf_jax.losses import DEFAULT_KD_TEMPERATURE, FEATURE_KINDS, KD_MODE, LOSS_MODES
 
 
 __all__ = ["TrainProtocol", "torch_sgd"]
@@ -83,12 +83,12 @@ class TrainProtocol:
       dtype: compute dtype of the evaluation network, ``"float32"`` or ``"bfloat16"``
         (parameters and optimizer state stay float32; losses are computed in float32).
       test_batch_size: batch for the final test pass (does not change results).
-      kd_temperature: the temperature ``T`` of the ``kd`` mode (``elf_jax.elf.losses.kd_loss``);
+      kd_temperature: the temperature ``T`` of the ``kd`` mode (``elf_jax.losses.kd_loss``);
         recorded by :meth:`to_dict` only in that mode, so the other modes' records (and
         their checkpoints) read as before the option existed.
       reference_loss_quirks: the reference's loss-mode quirks (``front_task`` always uses the
         channel CE; ``front_rear`` ignores ``lambda_rear``); False = ``kind`` and both
-        lambdas in every mode (:func:`elf_jax.elf.losses.reference_loss_quirks`).
+        lambdas in every mode (:func:`elf_jax.losses.reference_loss_quirks`).
     """
 
     lr: float = 0.01

@@ -49,7 +49,7 @@ from jax.sharding import PartitionSpec as P
 
 from elf_jax.checkpoint import StepCheckpoints, check_expect
 from elf_jax.hashing import fingerprint
-from elf_jax.elf.losses import mode_needs_features, mode_needs_logits
+from elf_jax.losses import mode_needs_features, mode_needs_logits
 from elf_jax.keys import raw_key, stage_key, typed_key
 from elf_jax.loops import default_engine
 from elf_jax.parallel.mesh import DATA, RUNS

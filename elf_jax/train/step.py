@@ -41,7 +41,7 @@ from typing import Any, Mapping, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from elf_jax.elf.losses import elf_objective, kd_objective, mode_needs_features, mode_needs_logits
+from elf_jax.losses import elf_objective, kd_objective, mode_needs_features, mode_needs_logits
 from elf_jax.keys import typed_key
 from elf_jax.models.adapter import Adapted, init_variables
 from elf_jax.train.protocol import TrainProtocol
