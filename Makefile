@@ -15,7 +15,7 @@ install: $(STAMP)
 # pip byte-compiles every file of every wheel (torch: 10 of its 15 s); --no-compile leaves
 # that to the first import, which compiles only the modules a run imports, and an empty
 # PYTHONDONTWRITEBYTECODE (off) keeps that bytecode for the later processes: pytest's
-# workers and the tests' subprocesses (BENCHMARKS.md, "Install time").
+# workers and the tests' subprocesses (docs/benchmarks_notes.md, "Install time").
 PIP := $(PY) -m pip install -q --no-compile
 export PYTHONDONTWRITEBYTECODE =
 

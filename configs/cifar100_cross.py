@@ -6,7 +6,7 @@ Command (CIFAR-100 prepared by TFDS; an MTT set from the PyTorch repository or o
 
 Expected: teacher ~55-60% after 100 epochs; ELF improves ResNet18/VGG11 over the baseline
 on MTT sets (paper). The full protocol (ResNet18, 5 repeats, 1001 epochs) targets < 60 s on
-one H100/H200 (BENCHMARKS.md).
+one H100/H200 (docs/benchmarks_notes.md).
 """
 
 from elf_jax.config import base_config

@@ -9,7 +9,7 @@ flags. Import a set made with the PyTorch repositories instead of distilling wit
 Expected: the teacher reaches ~85% test accuracy after 100 epochs; with an MTT set the
 paper reports ELF gains on ResNet18/VGG11 of several points (12.19 on VGG11 for MTT CIFAR-10
 IPC 10). Wall time on one H100: teacher ~10 min, evaluation of 6 nets x 2 modes x 5
-repeats a few minutes (see BENCHMARKS.md).
+repeats a few minutes (see docs/benchmarks_notes.md).
 """
 
 from elf_jax.config import base_config

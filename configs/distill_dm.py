@@ -12,7 +12,7 @@ batch_real 256, init from real images, DSA (siamese per class), a fresh ConvNet 
 iteration; evaluation every 2000 iterations, best set kept.
 
 Expected (DM paper, ConvNet): CIFAR-10 26.0 / 48.9 / 63.0 %, CIFAR-100 11.4 / 29.7 /
-43.6 % at IPC 1 / 10 / 50. One IPC-10 iteration takes ~5 ms on an H100 (BENCHMARKS.md):
+43.6 % at IPC 1 / 10 / 50. One IPC-10 iteration takes ~5 ms on an H100 (docs/benchmarks_notes.md):
 20000 iterations ~2 minutes plus evaluations.
 """
 

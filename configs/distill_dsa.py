@@ -13,7 +13,7 @@ Reference settings: 1000 iterations, lr_img 0.1 (momentum 0.5), lr_net 0.01, bat
 the IPC: (1, 1), (10, 50), (50, 10); evaluation every 500 iterations, best set kept.
 
 Expected (DSA paper, ConvNet): CIFAR-10 28.8 / 52.1 / 60.6 %, CIFAR-100 13.9 / 32.3 /
-42.8 % at IPC 1 / 10 / 50. One IPC-10 iteration takes ~0.5 s on an H100 (BENCHMARKS.md),
+42.8 % at IPC 1 / 10 / 50. One IPC-10 iteration takes ~0.5 s on an H100 (docs/benchmarks_notes.md),
 so 1000 iterations are ~8 minutes plus evaluations.
 """
 

@@ -10,7 +10,7 @@ The whole ELF pipeline on this set:
 ``elf-jax all --config configs/distill_mnist5k_dc.py --workdir ...``.
 
 Expected: ~45 s of distillation on a 2-core CPU, measured 2026-11-26 (~13 s compile, then
-2.9 s per iteration; was 43-75 s with rolled loops, BENCHMARKS.md, Distillation), plus
+2.9 s per iteration; was 43-75 s with rolled loops, docs/benchmarks_notes.md, Distillation), plus
 the two evaluations (no augmentation while distilling, as DC).
 """
 

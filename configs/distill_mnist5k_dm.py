@@ -9,7 +9,7 @@ Command:
 The whole ELF pipeline on this set:
 ``elf-jax all --config configs/distill_mnist5k_dm.py --workdir ...``.
 
-Expected: ~1 minute of distillation (4.8 it/s measured) plus two short evaluations; measured 93.23 +- 0.21 % vs 91.17 +- 0.29 % for a random real subset of the same size (BENCHMARKS.md, Distillation).
+Expected: ~1 minute of distillation (4.8 it/s measured) plus two short evaluations; measured 93.23 +- 0.21 % vs 91.17 +- 0.29 % for a random real subset of the same size (docs/benchmarks_notes.md, Distillation).
 """
 
 from elf_jax.config import mnist5k_distill_config

@@ -10,8 +10,8 @@ The whole ELF pipeline on this set:
 ``elf-jax all --config configs/distill_mnist5k_dsa.py --workdir ...``.
 
 Expected: ~45 s of distillation on a 2-core CPU, measured 2026-11-26 (~15 s compile, then
-2.9 s per iteration; was 43-75 s with rolled loops, BENCHMARKS.md, Distillation), plus
-the two evaluations; measured 92.70 +- 0.22 % vs 91.17 +- 0.29 % for a random real subset (300-epoch width-32 ConvNet evaluation, BENCHMARKS.md, Distillation).
+2.9 s per iteration; was 43-75 s with rolled loops, docs/benchmarks_notes.md, Distillation), plus
+the two evaluations; measured 92.70 +- 0.22 % vs 91.17 +- 0.29 % for a random real subset (300-epoch width-32 ConvNet evaluation, docs/benchmarks_notes.md, Distillation).
 """
 
 from elf_jax.config import mnist5k_distill_config

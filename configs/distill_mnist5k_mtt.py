@@ -11,7 +11,7 @@ The whole ELF pipeline on this set:
 
 Expected: ~6 minutes of distillation on a 2-core CPU, measured 2026-11-26: the 2 experts
 (~2 minutes), ~20 s compile, then 2.3 s per iteration (100 iterations; was 37 s with
-rolled student loops, BENCHMARKS.md, Distillation); plus two short evaluations.
+rolled student loops, docs/benchmarks_notes.md, Distillation); plus two short evaluations.
 """
 
 from elf_jax.config import mnist5k_distill_config

@@ -11,8 +11,8 @@ The whole ELF pipeline on this set:
 
 Expected: ~6 minutes of distillation on a 2-core CPU, measured 2026-11-26: the 2 experts
 (~2 minutes), ~25 s compile, then 2.2 s per iteration (100 iterations; was 26 s with
-rolled student loops, BENCHMARKS.md, Distillation); plus two short evaluations; memory
-constant in syn_steps (BENCHMARKS.md).
+rolled student loops, docs/benchmarks_notes.md, Distillation); plus two short evaluations; memory
+constant in syn_steps (docs/benchmarks_notes.md).
 """
 
 from elf_jax.config import mnist5k_distill_config

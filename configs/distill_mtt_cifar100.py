@@ -16,7 +16,7 @@ MTT's buffer.py) into ``<workdir>/distill/experts``.
 
 Expected (reference papers, 5 evaluations of ConvNet): MTT CIFAR-100 IPC 10 about 40%
 test accuracy (Cazenavette et al. report 40.1 +- 0.4 with ZCA). Time per distillation
-iteration on one H100 (CIFAR-10 shape, IPC 10, syn_steps 20): ~52 ms (BENCHMARKS.md), so
+iteration on one H100 (CIFAR-10 shape, IPC 10, syn_steps 20): ~52 ms (docs/benchmarks_notes.md), so
 5000 iterations take a few minutes plus the experts and the periodic evaluations.
 """
 

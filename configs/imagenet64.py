@@ -30,7 +30,7 @@ would need over 63 GB per host.
 
 Wall time per teacher epoch (5,005 steps of 256): about 82 h on the 2-core Intel Sapphire
 Rapids CPU this project is developed on (58.8 s per step, benchmarks/bench_input.py,
-BENCHMARKS.md); on a GPU not measured yet.
+docs/benchmarks_notes.md); on a GPU not measured yet.
 """
 
 from elf_jax.config import imagenet64_config

@@ -1,8 +1,8 @@
 """The one XLA:CPU loop policy.
 
 On the CPU, XLA does not canonicalise the backward convolutions inside a ``while`` loop body
-and falls onto a naive emitter (10-30x slower; BENCHMARKS.md, "Evaluation training"). So on
-the CPU, code whose loop bodies hold convolutions keeps them out of loops: the training
+and falls onto a naive emitter (10-30x slower; docs/benchmarks_notes.md, "Evaluation training"). So
+on the CPU, code whose loop bodies hold convolutions keeps them out of loops: the training
 engine dispatches one jitted step per minibatch (:func:`default_engine`), and the
 distillation methods unroll their short scans (:func:`scan`) or drive their rounds from
 the host (``elf_jax.distill.gradient_matching``, when :func:`cpu_loops`).
@@ -19,9 +19,9 @@ __all__ = ["CPU_UNROLL_MAX", "cpu_loops", "default_engine", "loop_unroll", "scan
 
 #: Longest ``lax.scan`` with convolutions in its body that :func:`scan` fully unrolls on
 #: XLA:CPU. On the CPU a convolution inside a ``while`` loop body (a rolled scan) falls to a
-#: naive path, 10-30x slower in the backward pass (BENCHMARKS.md, "Evaluation training");
+#: naive path, 10-30x slower in the backward pass (docs/benchmarks_notes.md, "Evaluation training");
 #: a full unroll (no while loop) keeps the fast path, for compile time that grows with the
-#: length (BENCHMARKS.md, "Distillation"); a partial unroll does not help.
+#: length (docs/benchmarks_notes.md, "Distillation"); a partial unroll does not help.
 CPU_UNROLL_MAX = 24
 
 

@@ -5,11 +5,11 @@ the project's 2-core Intel machine a 32x32 64->64 convolution's forward took 84 
 core and 82 on two, while PyTorch went from 99 to 56 ms. Without YNNPACK's convolutions
 (``--xla_cpu_experimental_ynn_fusion_type=-individual_convolution``) XLA runs its own
 multi-threaded convolutions: forward 53 ms (72 with YNNPACK), input gradient 39 (80),
-filter gradient 95 (291) (BENCHMARKS.md, "XLA:CPU's convolutions on every core"). Only the
-CPU backend reads the flag; the values are the same up to float reassociation, and closer
+filter gradient 95 (291) (docs/benchmarks_notes.md, "XLA:CPU's convolutions on every core"). Only
+the CPU backend reads the flag; the values are the same up to float reassociation, and closer
 to float64 on the Intel machine: YNNPACK's filter gradients are ~10x further from float64
-than XLA's, VGG11's whole gradient 1.1e-3 against 2.2e-5 (BENCHMARKS.md, "float32 gradients
-against float64 on the Intel machine").
+than XLA's, VGG11's whole gradient 1.1e-3 against 2.2e-5 (docs/benchmarks_notes.md, "float32
+gradients against float64 on the Intel machine").
 
 The flag is added to ``XLA_FLAGS`` unless that already names a YNN fusion setting (the
 user's choice wins) or ``ELF_JAX_XLA_CPU_DEFAULTS=0``. XLA reads ``XLA_FLAGS`` once, when

@@ -2,7 +2,7 @@
 
 On the tests' tiny shapes compiling is most of the time, and three XLA:CPU settings cut it
 (``pytest -n 2 tests/test_train.py tests/test_evaluate.py`` on the project's 2-core Intel
-machine, 2026-12-02; BENCHMARKS.md, "The test suite's time"):
+machine, 2026-12-02; docs/benchmarks_notes.md, "The test suite's time"):
 
 - backend optimization level 0, LLVM without its optimizations: 86 -> 58 s;
 - XLA:CPU's classic elemental emitters instead of its MLIR fusion emitters, which build an

@@ -116,7 +116,7 @@ def make_gm_step(net, *, num_classes: int, ipc: int, outer_loop: int, inner_loop
     same result to float reassociation). ``dsa_strategy=None``: DC. ``class_loop``:
     ``"map"`` (classes one after another under ``lax.map``) or ``"vmap"`` (vectorised: the
     per-class weight gradients become batched/grouped convolutions, measured slower on the
-    CPU, see BENCHMARKS.md).
+    CPU, see docs/benchmarks_notes.md).
 
     ``host_loop`` (default: on XLA:CPU): the outer rounds and inner epochs are a Python
     loop dispatching jitted pieces (one round's matching + image update, one training

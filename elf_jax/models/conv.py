@@ -2,7 +2,7 @@
 
 XLA:CPU's convolution emitters are slow for the backward pass of small feature maps: a
 3x3 512->512 convolution on 2x2 maps (VGG11's last layers) takes 30x PyTorch's time for
-its input+filter gradient (BENCHMARKS.md, "Convolutions on the CPU"). The ``im2col``
+its input+filter gradient (docs/benchmarks_notes.md, "Convolutions on the CPU"). The ``im2col``
 implementation writes the convolution and both of its gradients as one matrix product
 each, around shifted slices of the (padded) input: patches ``[N*H'*W', k*k*Cin]`` times the
 kernel ``[k*k*Cin, Cout]`` forward; ``patches^T @ dy`` for the filter; ``dy @ kernel^T``
@@ -25,7 +25,7 @@ ones) ``lax`` is the fastest there, filter gradient included. Only where a proce
 YNNPACK's convolutions does ``auto`` take ``chunked`` for outputs of at least 8x8 positions
 whose whole-batch patch matrix is at least ``CHUNKED_MIN_CHUNKS`` chunks (on small batches
 ``chunked`` is no faster while its gradient takes twice as long to compile), and ``lax`` on
-4x4 maps (BENCHMARKS.md, "Convolutions on the CPU"). GPU/TPU always use ``lax``.
+4x4 maps (docs/benchmarks_notes.md, "Convolutions on the CPU"). GPU/TPU always use ``lax``.
 ``ELF_JAX_CONV=lax|im2col|chunked`` forces one everywhere.
 
 On the CPU the ``lax`` convolution saves its input for the backward pass as a buffer of its
@@ -35,12 +35,12 @@ input (norm, shortcut add, ReLU, up to three residual blocks deep) and recompute
 in the transpose's strided order instead of reading the activation it already stored:
 ResNet18's gradient spent ~570 ms of ~2 s per step in these transposes. From a stored input
 the gradient takes 8-14% less time for ResNet18(BN), VGG11(BN) and AlexNet (ConvNet(BN),
-whose convolutions read pooled maps: within 3%), with the same values (BENCHMARKS.md, "The
-convolution's input, stored"). Its input gradient at a stride of 2 or more is one stride-1
+whose convolutions read pooled maps: within 3%), with the same values (docs/benchmarks_notes.md,
+"The convolution's input, stored"). Its input gradient at a stride of 2 or more is one stride-1
 convolution per phase of the input (:func:`_strided_input_grad`) instead of XLA's
 convolution of the stride-dilated output gradient, three quarters of whose products are
-with zeros at stride 2: ResNet18's 32x32 64->128 stride-2 layer, 64 -> 18 ms (BENCHMARKS.md,
-"Strided input gradients by phase").
+with zeros at stride 2: ResNet18's 32x32 64->128 stride-2 layer, 64 -> 18 ms
+(docs/benchmarks_notes.md, "Strided input gradients by phase").
 """
 
 from __future__ import annotations

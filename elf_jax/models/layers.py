@@ -401,8 +401,8 @@ def avg_pool2(x):
     no reduce_window, and no reduction either. XLA:CPU hands a reduction, with the ReLU
     before it, to a YNNPACK fusion, which first writes the ReLU's zero and the mean's 1/4 out
     as full-size arrays (ConvNet: a [100, 32, 32, 128] array of zeros, 16 ms a step);
-    elementwise adds stay in XLA's own fusion (BENCHMARKS.md, "Average pooling"). The sum's
-    order differs from the reduction's: equal to 1 ulp."""
+    elementwise adds stay in XLA's own fusion (docs/benchmarks_notes.md, "Average pooling"). The
+    sum's order differs from the reduction's: equal to 1 ulp."""
     h, w = x.shape[1:3]
     if h // 2 == 0 or w // 2 == 0:
         raise ValueError(f"cannot 2x2-pool a {h}x{w} feature map (input too small)")

@@ -81,7 +81,7 @@ class TrainingDiverged(FloatingPointError):
 
 
 def default_repeat_strategy(backend: Optional[str] = None, arch: str = "", dtype: str = "float32") -> str:
-    """The measured default (BENCHMARKS.md, "Evaluation training").
+    """The measured default (docs/benchmarks_notes.md, "Evaluation training").
 
     CPU: ``sequential`` (ConvNet batch 100, 5 repeats: vmap 3.7x slower). GPU (the project brief's numbers,
     H200): sequential is faster for ResNet18 in tf32 and bf16 and for ConvNet in tf32; vmap
