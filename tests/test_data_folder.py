@@ -93,7 +93,8 @@ def test_the_pipeline_runs_on_a_folder(tmp_path):
         "task", "front_rear_task"}
     teacher = json.loads((tmp_path / "wd" / "teachers" / "ConvNetW32" / "trajectory.json")
                          .read_text())
-    assert teacher["num_train"] == 18 and teacher["image_shape"] == [16, 16, 3]
+    # 18 images, one per class held out as the validation split
+    assert teacher["num_train"] == 15 and teacher["image_shape"] == [16, 16, 3]
     # the statistics and the train split's fingerprint are recorded with the results
     recorded = results["provenance"]["dataset"]
     assert recorded["source"] == "folder" and recorded["mean"] == list(resolve_info(dataset).mean)

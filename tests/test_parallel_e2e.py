@@ -18,7 +18,8 @@ ROOT = HERE.parent.parent
 sys.path.insert(0, str(HERE.parent))
 from test_parallel import run_case  # noqa: E402
 
-SHAPE, K, SIZES = (64, 64, 3), 4, {"train": 32, "test": 16}
+# 36 train images: the validation split holds 4 out (one per class), 32 train
+SHAPE, K, SIZES = (64, 64, 3), 4, {"train": 36, "test": 16}
 
 # what the real config cannot take from --config.* flags (new keys): a width-8 teacher
 STANDIN_CONFIG = f'''

@@ -57,6 +57,8 @@ def test_streamed_parts_read_the_rows_of_the_in_memory_parts(tmp_path, monkeypat
     memory = open_split("elf_test_tiny", "train", mode="memory", data_dir=tmp_path)
     s, m = hold_out(streamed, 0.25, seed=3), hold_out(memory, 0.25, seed=3)
     assert s.record == m.record and s.record["size"] == 12
+    assert (s.train.role, s.validation.role, m.validation.role) == ("train", "validation",
+                                                                    "validation")
     for a, b in ((s.train, m.train), (s.validation, m.validation)):
         assert is_streamed(a) and np.array_equal(a.labels, b.labels)
         assert np.array_equal(a.to_space(a.read(np.arange(len(a)))), b.images)

@@ -111,6 +111,11 @@ class ArrayDataset:
     def check(self, images, what: str = "images") -> None:
         check_images(images, self.image_shape, what=what)
 
+    @property
+    def role(self) -> Optional[str]:
+        """The name of what these rows are ("train", "validation", "test")."""
+        return self.split
+
     def subset(self, indices) -> "ArrayDataset":
         idx = np.asarray(indices)
         return dataclasses.replace(self, images=self.images[idx], labels=self.labels[idx])

@@ -88,8 +88,16 @@ class StreamedSplit:
     #: the file's rows this split is (`labels` are theirs): a held-out part of a split or the
     #: rest of it (elf_jax.data.validation); None: every row in file order
     rows: Optional[np.ndarray] = None
+    #: what the rows are for when they are a part of the split ("validation"); the file's
+    #: split name (`split`) stays the one its records are read from
+    part: str = ""
 
     zca = None
+
+    @property
+    def role(self) -> str:
+        """The name of what these rows are: `part`, else the split's name."""
+        return self.part or self.split
 
     def __post_init__(self):
         if self.labels.dtype != np.int32 or self.labels.ndim != 1:

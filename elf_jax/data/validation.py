@@ -71,7 +71,8 @@ class HeldOut(NamedTuple):
 def _part(split, rows: np.ndarray, name: str):
     if is_streamed(split):
         base = split.rows if split.rows is not None else np.arange(len(split))
-        return dataclasses.replace(split, labels=split.labels[rows], rows=base[rows])
+        return dataclasses.replace(split, labels=split.labels[rows], rows=base[rows],
+                                   part=name if name != split.split else "")
     return dataclasses.replace(split.subset(rows), split=name)
 
 

@@ -369,7 +369,7 @@ def run_loop(
                             "acc": jnp.asarray(mean, jnp.float32),
                             "iteration": jnp.asarray(it, jnp.int32)}
                 if bar is not None:
-                    split = getattr(test, "split", None) or "eval"
+                    split = getattr(test, "role", None) or "eval"
                     bar.write(f"[{method}] iteration {it}: {split} acc {mean:.4f} +- {std:.4f} "
                               f"(best {float(best['acc']):.4f} @ {int(best['iteration'])})")
             if it % checkpoint_every == 0 or it == iterations:
@@ -514,7 +514,7 @@ def distill(method: str, dataset, settings: Optional[Settings] = None, *, workdi
     if dataset_normalization(train):  # the space the images live in (elf_jax.synset)
         set_meta["normalization"] = dataset_normalization(train)
     if test is not None:  # what chooses the best set: a held-out validation split or the test split
-        chosen_on = getattr(test, "split", None) or "test"
+        chosen_on = getattr(test, "role", None) or "test"
         run_meta["chosen_on"] = {"split": chosen_on, "data_hash": split_hash(test)}
         set_meta["best_chosen_on"] = chosen_on
     labels = labels0 if plan.labels is None else plan.labels
