@@ -104,6 +104,9 @@ def base_config() -> ml_collections.ConfigDict:
     # The same evaluation on a random real subset of the set's IPC (same seeds: paired), its
     # rows and set-minus-random beside the set's (issue 29); doubles the evaluation's time.
     c.eval.random_reference = False
+    # ... and on every training image the validation split left (in memory; costly): the
+    # full-data row, the same protocol
+    c.eval.full_reference = False
     # An lr per (architecture, mode) chosen on the validation split from this grid (every lr
     # x lr_grid_repeats runs in one program), then eval.repeats at the chosen lr; () = eval.lr
     c.eval.lr_grid = ()
@@ -357,6 +360,8 @@ FIELD_DOCS = {
     "eval.lr_grid": "lrs to choose each (arch, mode)'s evaluation lr from, on the validation "
                     "split (() = eval.lr for all)",
     "eval.lr_grid_repeats": "networks trained per lr of eval.lr_grid (same seeds for every lr)",
+    "eval.full_reference": "also evaluate on the whole training split (same protocol and seeds): "
+                           "the full-data row",
     "eval.random_reference": "also evaluate a random real subset of the same IPC (paired seeds): "
                              "set minus random, ELF's gain on each",
     "eval.adapter": "auto: a learned adapter where front and teacher feature shapes differ | off",

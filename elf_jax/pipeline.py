@@ -245,7 +245,7 @@ STAGE_PATHS = {"teacher": ("teachers", "tb/teacher"), "synset": ("distill", "syn
                "features": ("banks",),
                "evaluate": ("eval", "results.json", "results.md", "results.png",
                             "results_synset.png", "tb/evaluate", "reference",
-                            "tb/evaluate_random"),
+                            "tb/evaluate_random", "tb/evaluate_full"),
                "sweep": ("sweep", "sweep.json", "sweep.md", "sweep.png")}
 DOWNSTREAM = {"teacher": ("features", "evaluate", "sweep"),
               "synset": ("features", "evaluate", "sweep"),
@@ -812,7 +812,7 @@ def eval_request(config, synset_hash: Optional[str]) -> dict:
                               "width", None) for a in config.eval.pool},
         "protocol": _request_protocol(config), "synset": synset, **_bn_chunks(config.eval),
         "validation": dict(zip(("fraction", "seed"), validation_settings(config))),
-        **({"random_reference": True} if config.eval.get("random_reference", False) else {}),
+        **{f"{k}_reference": True for k in references_asked(config)},
         **({"lr_grid": {"lrs": list(config.eval.lr_grid), "on": choice_split(config),
                         "repeats": int(config.eval.get("lr_grid_repeats", 1))}}
            if config.eval.get("lr_grid", ()) else {}),
@@ -948,8 +948,9 @@ def stage_evaluate(run: Run, synset=None, banks=None) -> dict:
     earlier run's file is never reported for this one (even when this one fails before its
     first result); finished (arch, mode) runs are read back from their checkpoints in
     seconds and written again one by one, and the file is marked `partial` until the end.
-    With `eval.random_reference` the same evaluation of a random real subset follows
-    (`stage_random_reference`), under results.json's `reference.random`."""
+    With `eval.random_reference` / `eval.full_reference` the same evaluation of a random real
+    subset / of the whole training split follows (`stage_reference`), under results.json's
+    `reference.random` / `reference.full`."""
     config, results_path = run.config, run.workdir / "results.json"
     if synset is None:
         check_prerequisites(run, "evaluate")
@@ -968,8 +969,8 @@ def stage_evaluate(run: Run, synset=None, banks=None) -> dict:
     pc = ParallelConfig.from_config(config.get("parallel", None))  # absent: one device
     partial: dict = {}
     write_json_atomic(results_path, {**meta, "results": partial, "partial": True})
-    reference = bool(config.eval.get("random_reference", False))
-    eta = _Eta(len(config.eval.pool) * len(config.eval.modes) * (2 if reference else 1))
+    kinds = references_asked(config)
+    eta = _Eta(len(config.eval.pool) * len(config.eval.modes) * (1 + len(kinds)))
 
     def logger(into: dict, extra: Callable[[], dict], label: str = ""):
         def on_result(arch, mode, entry):
@@ -987,11 +988,13 @@ def stage_evaluate(run: Run, synset=None, banks=None) -> dict:
     out = _evaluate_pool(run, synset, banks, run.workdir / "eval", "evaluate",
                          logger(partial, dict), pc)
     full = {**meta, **out, "partial": False}
-    if reference:
+    done: dict = {}
+    for kind in kinds:  # each reference's results are written as they come
         ref: dict = {}
-        extra = lambda: {"reference": {"random": {"results": ref}}}  # noqa: E731
-        full["reference"] = {"random": stage_random_reference(
-            run, synset, pc, logger(ref, extra, " random"))}
+        extra = lambda: {"reference": {**done, kind: {"results": ref}}}  # noqa: E731
+        done[kind] = stage_reference(run, synset, kind, pc, logger(ref, extra, f" {kind}"))
+    if done:
+        full["reference"] = done
     if pc.parallel != "none":
         from elf_jax.parallel import Placement
 
@@ -1033,22 +1036,48 @@ def _evaluate_pool(run: Run, synset, banks, workdir: Path, stage: str, on_result
         curves.close()
 
 
-def stage_random_reference(run: Run, synset, pc, on_result) -> dict:
-    """The evaluation again on a random real subset of the set's IPC (`eval.random_reference`,
-    issue 29): the same pool, modes, protocol (the set's learned lr too), repeats and key, so
-    repeat r of every (arch, mode) starts from the weights and data order of the set's repeat
-    r and the set-minus-random differences are paired. The subset is drawn from the training
-    images the validation split left; it, its banks and its checkpoints live in
-    `<workdir>/reference/random/`."""
-    where = run.workdir / "reference" / "random"
-    subset = _random_subset(run, where / "synset", int(synset.ipc))
+#: The reference sets the evaluation can add (`eval.random_reference`, `eval.full_reference`).
+REFERENCES = ("random", "full")
+
+
+def references_asked(config) -> list[str]:
+    return [k for k in REFERENCES if config.eval.get(f"{k}_reference", False)]
+
+
+def stage_reference(run: Run, synset, kind: str, pc, on_result) -> dict:
+    """The evaluation again on a reference set (issue 29): `random`, a random real subset of
+    the set's IPC, or `full`, every image of the training split the validation split left
+    (in memory). The same pool, modes, protocol (the set's learned lr too), repeats and key,
+    so repeat r of every (arch, mode) starts from the weights of the set's repeat r and the
+    differences are paired. The reference, its banks and its checkpoints live in
+    `<workdir>/reference/<kind>/`."""
+    where = run.workdir / "reference" / kind
+    ref = (_random_subset(run, where / "synset", int(synset.ipc)) if kind == "random"
+           else _full_set(run))
     if synset.lr is not None:
-        subset = subset.replace(lr=synset.lr)
-    banks = (stage_features(run, subset, banks_dir=where / "banks")
+        ref = ref.replace(lr=synset.lr)
+    banks = (stage_features(run, ref, banks_dir=where / "banks")
              if any(m != "task" for m in run.config.eval.modes) else None)
-    out = _evaluate_pool(run, subset, banks, where / "eval", "evaluate_random", on_result, pc)
-    return {**out, "synset": {"content_hash": subset.content_hash(), "ipc": subset.ipc,
-                              "images": len(subset.images), "lr": subset.lr}}
+    out = _evaluate_pool(run, ref, banks, where / "eval", f"evaluate_{kind}", on_result, pc)
+    return {**out, "synset": {"content_hash": ref.content_hash(), "ipc": ref.metadata.get("ipc"),
+                              "images": len(ref.images), "lr": ref.lr}}
+
+
+def _full_set(run: Run):
+    """The training split (what the validation split left) as a set to evaluate on."""
+    from elf_jax.synset import SyntheticSet, dataset_normalization
+
+    train = run.train
+    if is_streamed(train):
+        raise ValueError("config.eval.full_reference=True trains on the whole training split, "
+                         "which is streamed here (too big for memory): set it off, or "
+                         "data_mode=memory if it fits")
+    space = dataset_normalization(train)
+    counts = np.bincount(train.labels, minlength=train.num_classes)
+    meta = {**({"normalization": space} if space else {}), "method": "real_full",
+            "dataset": train.name, "ipc": int(counts.min()), "arch": None,
+            "zca": train.zca is not None, "iteration": 0}
+    return SyntheticSet(train.images, train.labels, metadata=meta, num_classes=train.num_classes)
 
 
 def budget(synset, banks, results: dict) -> dict:

@@ -221,13 +221,18 @@ def _table_args(report: Mapping[str, Any]) -> tuple:
     return summary_of(report), missing_cells(report), _request(report).get("repeats")
 
 
+def _reference_results(report: Mapping[str, Any], kind: str = "random") -> Mapping[str, Any]:
+    """A reference's per-repeat results ({} when it was not run)."""
+    return (((report.get("reference") or {}).get(kind)) or {}).get("results") or {}
+
+
 def _random_results(report: Mapping[str, Any]) -> Mapping[str, Any]:
-    """The random reference's per-repeat results ({} when it was not run)."""
-    return (((report.get("reference") or {}).get("random")) or {}).get("results") or {}
+    return _reference_results(report, "random")
 
 
-#: The random reference's tables: its own accuracies, then the set against it.
+#: The references' tables: the random subset's accuracies, the set against it, the full data.
 RANDOM_TITLE = "Random real subset of the same IPC (same protocol and seeds)"
+FULL_TITLE = "Full real training set (same protocol and seeds)"
 VS_RANDOM_TITLE = ("Set minus random, points [paired 95% CI, * excludes 0]; ELF's gain on the "
                    "set and on the random subset")
 
@@ -260,19 +265,25 @@ def vs_random_cells(report: Mapping[str, Any]) -> tuple[list, list[list]]:
 
 
 def _random_parts(report: Mapping[str, Any], markdown: bool) -> list[str]:
-    """The random reference's two tables ([] without one)."""
-    rand = _random_results(report)
-    if not rand:
-        return []
+    """The references' tables ([] without any): the random subset's and the set against it,
+    the full data's."""
+    rand, full = _random_results(report), _reference_results(report, "full")
     repeats = _request(report).get("repeats")
-    header, body = vs_random_cells(report)
-    if markdown:
-        rows = [header, ["---"] * len(header)] + body
-        vs = "\n".join("| " + " | ".join(r) + " |" for r in rows)
-        return [f"\n## {RANDOM_TITLE}\n", markdown_table(summarize(rand), (), repeats),
-                f"\n## {VS_RANDOM_TITLE}\n", vs]
-    return [f"\n{RANDOM_TITLE}", text_table(summarize(rand), (), repeats),
-            f"\n{VS_RANDOM_TITLE}", _aligned(header, body)]
+    out = []
+    if rand:
+        header, body = vs_random_cells(report)
+        if markdown:
+            rows = [header, ["---"] * len(header)] + body
+            vs = "\n".join("| " + " | ".join(r) + " |" for r in rows)
+            out += [f"\n## {RANDOM_TITLE}\n", markdown_table(summarize(rand), (), repeats),
+                    f"\n## {VS_RANDOM_TITLE}\n", vs]
+        else:
+            out += [f"\n{RANDOM_TITLE}", text_table(summarize(rand), (), repeats),
+                    f"\n{VS_RANDOM_TITLE}", _aligned(header, body)]
+    if full:
+        out += ([f"\n## {FULL_TITLE}\n", markdown_table(summarize(full), (), repeats)] if markdown
+                else [f"\n{FULL_TITLE}", text_table(summarize(full), (), repeats)])
+    return out
 
 
 def text_report(report: Mapping[str, Any], title: str = "", notes: Sequence[str] = ()) -> str:
@@ -691,11 +702,12 @@ def _malformed(report: Any) -> str:
         if prov.get(key) is not None and not isinstance(prov[key], dict):
             return f"'provenance.{key}' is not a dict"
     ref = report.get("reference")
-    if ref is not None and not (isinstance(ref, dict) and isinstance(ref.get("random", {}), dict)
-                                and isinstance(ref.get("random", {}).get("results", {}), dict)):
-        return "'reference' is not a dict holding 'random.results'"
+    if ref is not None and not (isinstance(ref, dict) and all(
+            isinstance(v, dict) and isinstance(v.get("results", {}), dict) for v in ref.values())):
+        return "'reference' is not a dict of {'results': ...} per reference"
     return (_malformed_results(report.get("results") or {}, "results")
-            or _malformed_results(_random_results(report), "reference.random.results"))
+            or next((m for kind in (ref or {}) for m in [_malformed_results(
+                _reference_results(report, kind), f"reference.{kind}.results")] if m), ""))
 
 
 def _malformed_results(results: Mapping[str, Any], where: str) -> str:

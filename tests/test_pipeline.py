@@ -283,7 +283,7 @@ def test_an_imported_sets_learned_lr_survives_an_earlier_import_of_its_pixels(tm
     assert results["provenance"]["synset"]["path"] == str(ref)
 
 
-def test_the_random_reference_shares_the_sets_seeds_and_never_sees_validation(tmp_path):
+def test_the_references_share_the_sets_seeds_and_never_see_validation(tmp_path):
     """`eval.random_reference`: the pool evaluated again on a random real subset of the set's
     IPC, with the set's seeds. Here the set IS that subset (source real_random, same seed and
     IPC), so each reference run is the set's run again: one program on the same inputs, equal
@@ -308,7 +308,8 @@ def test_the_random_reference_shares_the_sets_seeds_and_never_sees_validation(tm
         mine, theirs = results["results"]["ConvNet"][mode], ref["results"]["ConvNet"][mode]
         assert len(mine["accs"]) == 2 and mine["accs"] == theirs["accs"], (mode, mine, theirs)
     assert ref["synset"]["content_hash"] == results["provenance"]["synset"]["content_hash"]
-    row = next(ln for ln in out.splitlines()[::-1] if ln.startswith("ConvNet "))
+    vs = out.split(VS_RANDOM_TITLE)[1]
+    row = next(ln for ln in vs.splitlines() if ln.startswith("ConvNet "))
     assert row.split()[1:3] == ["+0.00", "[+0.00,"], row  # set - random, task mode
     md = (wd / "results.md").read_text()
     assert f"## {RANDOM_TITLE}" in md and f"## {VS_RANDOM_TITLE}" in md
@@ -319,3 +320,23 @@ def test_the_random_reference_shares_the_sets_seeds_and_never_sees_validation(tm
     train = {x.tobytes() for x in held.train.images}
     assert all(x.tobytes() in train and x.tobytes() not in validation for x in subset.images)
     assert subset.images.shape[0] == 20 and np.isfinite(subset.images).all()
+
+
+def test_the_full_data_reference_trains_on_every_training_image_left(tmp_path):
+    """`eval.full_reference`: the pool trained on the whole training split the validation
+    split left (digits: its 1,438 training images less the held-out ones), in its own table."""
+    from elf_jax.report import FULL_TITLE
+
+    wd = tmp_path / "run"
+    out = _cli("all", "--workdir", str(wd), "--config", str(ROOT / "configs" / "demo_mnist5k.py"),
+               "--config.dataset=digits", "--config.synset.source=real_random",
+               "--config.synset.ipc=2", "--config.eval.pool=('MLP',)",
+               "--config.eval.modes=('task',)", "--config.eval.epochs=2",
+               "--config.eval.repeats=2", "--config.eval.full_reference=True").stdout
+    assert FULL_TITLE in out and "[evaluate full]" in out, out
+    results = json.loads((wd / "results.json").read_text())
+    full = results["reference"]["full"]
+    assert results["request"]["full_reference"] is True and "random" not in results["reference"]
+    held = results["provenance"]["validation"]
+    assert full["synset"]["images"] == held["train_size"] > 20
+    assert len(full["results"]["MLP"]["task"]["accs"]) == 2
