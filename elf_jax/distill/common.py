@@ -242,18 +242,18 @@ def eval_protocol(settings: EvalSettings, learned_lr) -> "TrainProtocol":
 def evaluate_set(images, labels, lr, test, settings: EvalSettings, arch: str, model_kwargs,
                  key) -> tuple:
     """``(mean, std)`` test accuracy of ConvNet-style evaluation training on the set."""
+    from elf_jax.elf.evaluate import evaluate_synset
     from elf_jax.models import get_model
-    from elf_jax.train import run_evaluation
 
     labels = np.asarray(labels)
     k = labels.shape[1] if labels.ndim == 2 else num_classes_of(test)
     kw = dict(settings.model_kwargs) if settings.model_kwargs is not None else dict(model_kwargs)
     net = get_model(settings.arch or arch, k, **kw)
-    protocol = eval_protocol(settings, lr)
-    out = run_evaluation(net, protocol, np.asarray(images), labels, images_of(test),
-                         np.asarray(test.labels), repeats=settings.repeats, key=key,
-                         strategy="sequential", progress=False, desc="distill-eval",
-                         hparams={"lr": protocol.base_lr(lr)})
+    # the one evaluation of a set on one architecture, as the pool's and the CLI's
+    out = evaluate_synset(net, np.asarray(images), labels, images_of(test),
+                          np.asarray(test.labels), protocol=eval_protocol(settings, lr),
+                          repeats=settings.repeats, key=key, num_classes=k, learned_lr=lr,
+                          strategy="sequential", progress=False)
     return float(out["mean"]), float(out["std"])
 
 
