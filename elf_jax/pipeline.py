@@ -205,12 +205,18 @@ def check_prerequisites(run: Run, command: str, removing=()) -> None:
     """Refuses (`FileNotFoundError`, one line naming what to run first) to start `command`
     when an expensive earlier stage has not run: a needed teacher lacks the `feature_epoch`
     snapshot (and its bank does not exist yet), or there is no synthetic set and the
-    config's source is `distill` (import and real_random sets are made on the way).
+    config's source is `distill` (import and real_random sets are made on the way); and
+    (`ValueError`) when a teacher in the workdir was trained with other settings than the
+    config's (`check_teacher_settings`), before any set or bank is made.
     `removing`: workdir entries (`banks`, `distill`, ...) to judge as already removed (what
     `--overwrite` is about to remove)."""
     wd, epoch = run.workdir, int(run.config.teacher.feature_epoch)
     args = f"--config ... --workdir {wd}"
     todo = []
+    if "teachers" not in removing and _reference_buffer(run.config) is None:
+        for t in sorted(set(run.teachers.values())):  # before any set or bank is made
+            if (wd / "teachers" / t / "trajectory.json").is_file():  # elf_jax.teacher's manifest
+                check_teacher_settings(run, t)
 
     def present(rel: str, is_dir: bool = False) -> bool:
         path = wd / rel
@@ -349,7 +355,7 @@ def _train_teachers(run: Run, curves) -> None:
             batch_size=int(t.batch_size), dsa_strategy=t.dsa_strategy,
             lr_decay_at_half=bool(t.lr_decay), seed=int(config.seed), dtype=config.dtype,
             model_kwargs={**dict(t.get("model_kwargs", {}) or {}), **_bn_chunks(t)},
-            test_dataset=run.test,
+            test_dataset=run.test, held_out=_held_out_settings(config),
             parallel=_teacher_placement(config),
             callback=_teacher_epochs(teacher, int(t.epochs), curves),
         )
@@ -393,7 +399,7 @@ def _request(config, source: Optional[str] = None, ipc: Optional[int] = None) ->
         want["stats"] = _stats(config)
     if source == "real_random":  # drawn from the training images the validation split left
         want.update(ipc=int(s.ipc if ipc is None else ipc), seed=int(config.seed),
-                    validation=dict(zip(("fraction", "seed"), validation_settings(config))))
+                    validation=_held_out_settings(config))
     elif source == "import":
         want["path"] = str(Path(s.path).absolute()) if s.path else ""
     return want
@@ -682,6 +688,10 @@ def _teacher_settings(config) -> dict:
             "model_kwargs": (kwargs, "teacher.model_kwargs / teacher.bn_chunks")}
 
 
+def _held_out_settings(config) -> dict:
+    return dict(zip(("fraction", "seed"), validation_settings(config)))
+
+
 def check_teacher_settings(run: Run, teacher: str) -> None:
     """Refuses (one-line `ValueError`) to use the teacher in the workdir when it was trained
     with other settings than the config's: its features would be reused for a config that
@@ -693,6 +703,10 @@ def check_teacher_settings(run: Run, teacher: str) -> None:
     differ = [f"{field} {have.get(key)!r} vs {want!r}"
               for key, (want, field) in _teacher_settings(run.config).items()
               if key in have and have[key] != want]
+    # a teacher trained before the validation split existed saw every training image
+    held, want = have.get("validation", {"fraction": 0.0, "seed": 0}), _held_out_settings(run.config)
+    if "num_train" in have and held != want and (held["fraction"] or want["fraction"]):
+        differ.append(f"validation {held} vs {want} (the images it trained on)")
     if differ:
         raise ValueError(
             f"teacher {teacher} in {tdir} was trained with other settings than the config's "
@@ -811,7 +825,7 @@ def eval_request(config, synset_hash: Optional[str]) -> dict:
         "widths": {a: getattr(get_model(a, info.num_classes, **_model_overrides(config, a)),
                               "width", None) for a in config.eval.pool},
         "protocol": _request_protocol(config), "synset": synset, **_bn_chunks(config.eval),
-        "validation": dict(zip(("fraction", "seed"), validation_settings(config))),
+        "validation": _held_out_settings(config),
         **{f"{k}_reference": True for k in references_asked(config)},
         **({"lr_grid": {"lrs": list(config.eval.lr_grid), "on": choice_split(config),
                         "repeats": int(config.eval.get("lr_grid_repeats", 1))}}

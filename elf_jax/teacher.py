@@ -188,6 +188,7 @@ def train_teacher(
     engine: str = "auto",
     parallel: Any = None,
     stage: str = "teacher",
+    held_out: Optional[Mapping[str, Any]] = None,
 ) -> Trajectories:
     """Trains ``num_experts`` networks ``net_name`` on the real ``dataset`` with the one
     training engine (``elf_jax.train.runner.fit``) and snapshots parameters (and BatchNorm
@@ -214,6 +215,9 @@ def train_teacher(
       callback: ``callback(expert, epoch, metadata)`` after each saved epoch.
       engine, parallel: the engine (``auto``/``scan``/``host``) and its placement (None: one
         device; a ``parallel`` section with ``shard_map`` trains data parallel).
+      held_out: what ``dataset`` leaves out of its split (the pipeline's validation settings),
+        kept in the manifest so that a teacher is never reused for a config that holds out
+        other images (``elf_jax.pipeline.check_teacher_settings``).
     Returns: ``Trajectories``.
     """
     if epochs < 1:
@@ -244,6 +248,8 @@ def train_teacher(
         "num_experts": int(num_experts),
         "snapshot": "step k = parameters after k training epochs (0 = initialization)",
     }
+    if held_out is not None:  # what `dataset` leaves out of its split (a validation split)
+        manifest["validation"] = dict(held_out)
     workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     manifest["num_experts"] = _check_resume(workdir, manifest)

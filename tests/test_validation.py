@@ -150,3 +150,23 @@ def test_a_bad_lr_grid_is_refused_before_anything_runs():
     c.eval.lr_grid, c.eval.use_learned_lr = (0.01, 0.03), True
     with pytest.raises(ValueError, match="use_learned_lr"):
         check_config(c)
+
+
+def test_a_teacher_that_saw_the_validation_images_is_refused(tmp_path):
+    """A teacher trained on the whole split (validation.fraction 0, or before the split
+    existed) is not reused by `features` for a config that holds images out: one line naming
+    the validation settings and the --overwrite that retrains it."""
+    wd = str(tmp_path / "run")
+    args = ["--config", str(ROOT / "configs" / "demo_mnist5k.py"), "--workdir", wd,
+            "--config.synset.source=real_random", "--config.synset.ipc=1",
+            "--config.teacher.epochs=1", "--config.teacher.feature_epoch=1",
+            "--config.eval.pool=('ConvNet',)"]
+    _cli("train-teacher", *args, "--config.validation.fraction=0")
+    proc = subprocess.run([sys.executable, "-m", "elf_jax.cli", "features", *args],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+    line = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and "validation {'fraction': 0.0, 'seed': 0} vs " \
+        "{'fraction': 0.1, 'seed': 0}" in line and "--overwrite=teacher" in line, proc.stderr
+    assert not (tmp_path / "run" / "synset").exists()  # refused before making anything
+    assert "[features] ConvNetW32 epoch 1: bank" in _cli("features", *args,
+                                                         "--config.validation.fraction=0")
