@@ -26,7 +26,7 @@ LONGEST_FIRST = (
     "test_data_tfds_any.py::test_elf_jax_all", "test_data_folder.py::test_the_pipeline",
     "test_parallel.py::test_adapter_and_kd", "test_pipeline.py::test_imports_are_checked",
     "test_pipeline.py::test_the_references", "test_validation.py::test_the_best_set",
-    "test_validation.py::test_each_architecture",
+    "test_validation.py::test_each_architecture", "test_validation.py::test_a_teacher",
 )
 
 
