@@ -391,7 +391,7 @@ def _teacher_placement(config):
 # ------------------------------------------------------------------ stage 2: synthetic set
 def _request(config, source: Optional[str] = None, ipc: Optional[int] = None) -> dict:
     """What the config asks of the synthetic-set stage (stored with a made or imported set);
-    `source`/`ipc`: another set's (the random reference of `stage_random_reference`)."""
+    `source`/`ipc`: another set's (a reference set of `stage_reference`)."""
     s = config.synset
     source = source or s.source
     want = {"source": source, "dataset": config.dataset, "zca": bool(config.zca)}
@@ -704,7 +704,8 @@ def check_teacher_settings(run: Run, teacher: str) -> None:
               for key, (want, field) in _teacher_settings(run.config).items()
               if key in have and have[key] != want]
     # a teacher trained before the validation split existed saw every training image
-    held, want = have.get("validation", {"fraction": 0.0, "seed": 0}), _held_out_settings(run.config)
+    held = have.get("validation", {"fraction": 0.0, "seed": 0})
+    want = _held_out_settings(run.config)
     if "num_train" in have and held != want and (held["fraction"] or want["fraction"]):
         differ.append(f"validation {held} vs {want} (the images it trained on)")
     if differ:

@@ -1,6 +1,7 @@
 """The single-step data-parallel wrappers, kept for the tests and benchmarks/bench_scaling.py
-(the engine, `elf_jax.train.runner.fit`, places its own programs): ONE per-device step, three ways to run it: ``jit`` ("none"), ``jax.pmap`` and
-``jax.shard_map`` over the ``data`` axis.
+(the engine, `elf_jax.train.runner.fit`, places its own programs): ONE per-device step,
+three ways to run it: ``jit`` ("none"), ``jax.pmap`` and ``jax.shard_map`` over the ``data``
+axis.
 
 The per-device step is ``elf_jax.train.step.train_step(state, batch, key, *, net, protocol,
 axis_name)`` (or any function with that calling convention): it computes the loss of its

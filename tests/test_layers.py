@@ -63,7 +63,8 @@ def test_no_module_imports_a_higher_layer():
 def test_the_check_sees_an_upward_import(tmp_path):
     """The reader finds a function-local import of a higher layer (the check can fail)."""
     src = tmp_path / "x.py"
-    src.write_text("def f():\n    from elf_jax.pipeline import Run\n    import elf_jax.train.step\n")
+    src.write_text("def f():\n    from elf_jax.pipeline import Run\n"
+                   "    import elf_jax.train.step\n")
     found = list(_imports(src))
     assert found == [(2, "elf_jax.pipeline"), (3, "elf_jax.train.step")]
     assert _layer("elf_jax.pipeline") > _layer("elf_jax.train.step") > _layer("elf_jax.losses")
