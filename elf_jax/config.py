@@ -15,7 +15,7 @@ import math
 import ml_collections
 
 from elf_jax.augment import DEFAULT_STRATEGY
-from elf_jax.data.validation import VALIDATION_FRACTION, validation_settings  # noqa: F401
+from elf_jax.data.validation import VALIDATION_FRACTION
 from elf_jax.distill.settings import FIELD_DOCS as SYNSET_DOCS
 from elf_jax.distill.settings import METHOD_SETTINGS, schema
 from elf_jax.losses import MAX_LAMBDA

@@ -1034,7 +1034,7 @@ def _evaluate_pool(run: Run, synset, banks, workdir: Path, stage: str, on_result
     grid = tuple(config.eval.get("lr_grid", ()) or ())
     lr_grid = None if not grid else LrGrid(
         grid, images_of(run.chooser), run.chooser.labels,
-        int(config.eval.get("lr_grid_repeats", 1)), choice_split(config))
+        int(config.eval.get("lr_grid_repeats", 1)), run.chooser.role)
     try:
         return cross_evaluate(
             list(config.eval.pool), synset.images, synset.labels, images_of(run.test),
@@ -1300,7 +1300,7 @@ def stage_sweep(run: Run, synset=None, banks=None) -> dict:
             checkpoint_every=int(config.eval.checkpoint_every),
             model_overrides=_model_overrides(config, arch), parallel=pc, log=_log,
             adapter=config.eval.adapter)
-        results[arch] = {**_sweep_entry(out), "evaluated_on": choice_split(config)}
+        results[arch] = {**_sweep_entry(out), "evaluated_on": run.chooser.role}
         write_json_atomic(path, {**meta, "results": results, "partial": True})
         points = len(out["lambda_front"]) * len(out["lambda_rear"])
         start, epochs = out["resumed_from"], int(config.eval.epochs) + 1

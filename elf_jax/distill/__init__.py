@@ -86,8 +86,10 @@ def distill_from_config(config, workdir, *, train=None, choose_on=None, callback
     data_kw["mode"] = config.get("data_mode", "auto")
     data_kw["stream_above_gb"] = float(config.get("stream_above_gb", STREAM_ABOVE_GB))
     if train is None:
-        train, choose_on, _ = hold_out(open_split(config.dataset, "train", **data_kw),
-                                       *validation_settings(config))
+        held = hold_out(open_split(config.dataset, "train", **data_kw),
+                        *validation_settings(config))
+        train = held.train
+        choose_on = held.validation if choose_on is None else choose_on
     if settings.eval_every > 0 and choose_on is None:
         choose_on = open_split(config.dataset, "test", **data_kw)
     return distill(method, train, settings, workdir=Path(workdir),

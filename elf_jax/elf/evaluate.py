@@ -470,19 +470,28 @@ class LrGrid:
     split: str = "validation"
 
 
-def check_lr_grid(values) -> tuple[float, ...]:
-    """The grid as floats; ``ValueError`` unless a non-empty tuple of distinct numbers > 0."""
+def check_grid(name: str, values, holds: Callable[[float], bool], allowed: str,
+               example: str) -> tuple[float, ...]:
+    """One grid axis (a sweep's lambdas, an lr grid) as floats; ``ValueError`` naming
+    ``name`` unless a non-empty sequence of distinct finite numbers that each ``holds``
+    (``allowed`` says which, ``example`` shows one)."""
     if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values:
-        raise ValueError(f"eval.lr_grid={values!r}: give a non-empty tuple of lrs, e.g. "
-                         "(0.003, 0.01, 0.03)")
+        raise ValueError(f"{name}={values!r}: give a non-empty tuple of numbers {allowed}, "
+                         f"e.g. {example}")
     out = []
     for v in values:
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v) or v <= 0:
-            raise ValueError(f"eval.lr_grid={tuple(values)!r}: {v!r} is not a number > 0")
+        if (isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v)
+                or not holds(v)):
+            raise ValueError(f"{name}={tuple(values)!r}: {v!r} is not a number {allowed}")
         out.append(float(v))
     if len(set(out)) != len(out):
-        raise ValueError(f"eval.lr_grid={tuple(values)!r}: an lr is repeated")
+        raise ValueError(f"{name}={tuple(values)!r}: a value is repeated")
     return tuple(out)
+
+
+def check_lr_grid(values) -> tuple[float, ...]:
+    """An lr grid as floats: distinct numbers > 0 (`check_grid`)."""
+    return check_grid("eval.lr_grid", values, lambda v: v > 0, "> 0", "(0.003, 0.01, 0.03)")
 
 
 def choose_lr(name, net, protocol, images, labels, features, k, grid: LrGrid, *,

@@ -15,15 +15,14 @@ gain over the task-mode baseline) are paired.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import jax
 import numpy as np
 
-from elf_jax.elf.evaluate import (_check_memory, _train_and_test, log_memory, net_for_mode,
-                                  prepare_inputs)
+from elf_jax.elf.evaluate import (_check_memory, _train_and_test, check_grid, log_memory,
+                                  net_for_mode, prepare_inputs)
 from elf_jax.losses import MAX_LAMBDA, mode_needs_features
 from elf_jax.elf.summary import BASELINE_MODE, paired_gain
 from elf_jax.parallel.placement import Placement
@@ -34,21 +33,9 @@ __all__ = ["check_axis", "lambda_sweep"]
 
 
 def check_axis(name: str, values) -> tuple[float, ...]:
-    """One grid axis as floats; ``ValueError`` naming ``name`` unless it is a non-empty
-    sequence of distinct numbers in [0, MAX_LAMBDA]."""
-    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values:
-        raise ValueError(f"{name}={values!r}: give a non-empty tuple of numbers >= 0, "
-                         "e.g. (0.0, 1.0)")
-    out = []
-    for v in values:
-        if (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
-                or not 0 <= v <= MAX_LAMBDA):
-            raise ValueError(f"{name}={tuple(values)!r}: {v!r} is not a number in "
-                             f"[0, {MAX_LAMBDA:g}]")
-        out.append(float(v))
-    if len(set(out)) != len(out):
-        raise ValueError(f"{name}={tuple(values)!r}: a value is repeated")
-    return tuple(out)
+    """One lambda axis as floats: distinct numbers in [0, MAX_LAMBDA] (`check_grid`)."""
+    return check_grid(name, values, lambda v: 0 <= v <= MAX_LAMBDA, f"in [0, {MAX_LAMBDA:g}]",
+                      "(0.0, 1.0)")
 
 
 def lambda_sweep(
