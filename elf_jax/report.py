@@ -199,6 +199,11 @@ def markdown_table(summary: Mapping[str, dict], missing: Sequence = (),
     """Accuracy in percent (mean ± std over n repeats) per architecture and mode, plus gain."""
     header, body = _cells(summary, "ELF gain (points) [95% CI, * excludes 0]", missing, repeats,
                           "ELF - KD (points) [95% CI, * excludes 0]")
+    return _markdown(header, body)
+
+
+def _markdown(header: list, body: list[list]) -> str:
+    """A Markdown table of ``header`` and ``body`` cells."""
     lines = [header, ["---"] * len(header)] + body
     return "\n".join("| " + " | ".join(cells) + " |" for cells in lines)
 
@@ -264,7 +269,7 @@ def vs_random_cells(report: Mapping[str, Any]) -> tuple[list, list[list]]:
     return header, body
 
 
-def _random_parts(report: Mapping[str, Any], markdown: bool) -> list[str]:
+def _reference_parts(report: Mapping[str, Any], markdown: bool) -> list[str]:
     """The references' tables ([] without any): the random subset's and the set against it,
     the full data's."""
     rand, full = _random_results(report), _reference_results(report, "full")
@@ -273,10 +278,8 @@ def _random_parts(report: Mapping[str, Any], markdown: bool) -> list[str]:
     if rand:
         header, body = vs_random_cells(report)
         if markdown:
-            rows = [header, ["---"] * len(header)] + body
-            vs = "\n".join("| " + " | ".join(r) + " |" for r in rows)
             out += [f"\n## {RANDOM_TITLE}\n", markdown_table(summarize(rand), (), repeats),
-                    f"\n## {VS_RANDOM_TITLE}\n", vs]
+                    f"\n## {VS_RANDOM_TITLE}\n", _markdown(header, body)]
         else:
             out += [f"\n{RANDOM_TITLE}", text_table(summarize(rand), (), repeats),
                     f"\n{VS_RANDOM_TITLE}", _aligned(header, body)]
@@ -291,7 +294,7 @@ def text_report(report: Mapping[str, Any], title: str = "", notes: Sequence[str]
     loud = [line for line in (partial_line(report), *notes) if line]
     settings = [f"  {line}" for line in settings_lines(report)]
     parts = loud + ([title] if title else []) + [text_table(*_table_args(report))]
-    parts += _random_parts(report, markdown=False)
+    parts += _reference_parts(report, markdown=False)
     return "\n".join(parts + (["settings:"] + settings if settings else []))
 
 
@@ -299,7 +302,7 @@ def markdown_report(report: Mapping[str, Any], title: str = "", notes: Sequence[
     """results.md: the loud lines first, the title, the table(s) and a Settings section."""
     loud = [f"**{line}**\n" for line in (partial_line(report), *notes) if line]
     parts = loud + ([f"# {title}\n"] if title else []) + [markdown_table(*_table_args(report))]
-    parts += _random_parts(report, markdown=True)
+    parts += _reference_parts(report, markdown=True)
     settings = settings_lines(report)
     if settings:
         parts.append("\n## Settings\n\n" + "\n".join(f"- {line}" for line in settings))
@@ -801,9 +804,7 @@ def sweep_markdown(report: Mapping[str, Any], title: str = "", notes: Sequence[s
     parts += [f"# {title}\n"] if title else []
     for arch, e in (report.get("results") or {}).items():
         for t, header, body in _sweep_grids(arch, e):
-            rows = [header, ["---"] * len(header)] + body
-            table = "\n".join("| " + " | ".join(r) + " |" for r in rows)
-            parts.append(f"## {t}\n\n{table}\n")
+            parts.append(f"## {t}\n\n{_markdown(header, body)}\n")
     settings = _sweep_settings(report)
     if settings:
         parts.append("## Settings\n\n" + "\n".join(f"- {s}" for s in settings))
